@@ -63,13 +63,91 @@ def check_data(
         raise typer.Exit(1)
 
 
+@app.command("train-stage1")
+def train_stage1(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (thin, fast)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0),
+    width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
+    input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    init_weights: Optional[Path] = typer.Option(
+        None, "--init-weights", help="MXNet ilsvrc .params, a ResNet38 state_dict .pth, or a wsss checkpoint."),
+    pda: Optional[bool] = typer.Option(None, "--pda/--no-pda", help="Progressive dropout attention."),
+    pda_start: Optional[float] = typer.Option(None, "--pda-start"),
+    pda_decay: Optional[float] = typer.Option(None, "--pda-decay", help="γ ← decay·γ after each epoch (code 0.98, paper text 0.985)."),
+    pda_floor: Optional[float] = typer.Option(None, "--pda-floor"),
+    pda_first_epoch: Optional[int] = typer.Option(None, "--pda-first-epoch", help="0-based epoch PDA starts at."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
+    force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+) -> None:
+    """Train the ResNet38 classifier (stage 1) with PDA, then evaluate its CAMs on val and test."""
+    from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
+    from wsss.stages.stage1 import train
+
+    cfg = resolve(
+        Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
+        batch_size=batch_size, lr=lr, width=width, image_size=image_size, input_norm=input_norm,
+        init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
+        pda_first_epoch=pda_first_epoch, device=device, amp=amp, workers=workers, seed=seed,
+    )
+    summary = train(cfg, resume=resume, force=force)
+    if "cam_metrics" in summary:
+        typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
+
+
+@app.command("eval-cam")
+def eval_cam(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
+    split: str = typer.Option("test", "--split", help="val or test."),
+    threshold: float = typer.Option(0.25, "--threshold", help="Classes with probability <= this are dropped."),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(0, "--workers", min=0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
+) -> None:
+    """Segment a split with the stage-1 CAMs and score it against the masks."""
+    from wsss.data.specs import get_spec
+    from wsss.metrics import format_table, write_json
+    from wsss.runtime import resolve_device
+    from wsss.stages.stage1 import evaluate_cams, load_classifier
+
+    if split not in ("val", "test"):
+        raise WsssError(f"--split must be val or test, not {split!r}")
+    spec = get_spec(dataset)
+    clf = load_classifier(checkpoint, spec.num_classes)
+    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
+                            threshold, batch_size, workers)
+    typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
+    if json_out is not None:
+        write_json(json_out, metrics)
+
+
+def _one_line(exc: WsssError) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(exc).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1].split("WsssError: ", 1)[-1]
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main() -> None:
     """Entry point: user errors become one ``error:`` line and exit status 1, never a traceback."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         app()
     except WsssError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)

@@ -1,0 +1,131 @@
+"""PyTorch datasets over the split listings of :mod:`wsss.data.layout`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from wsss.data.layout import MaskedSample, TrainSample
+from wsss.data.png import read_mask, read_rgb
+from wsss.errors import WsssError
+
+
+@dataclass(frozen=True)
+class InputNorm:
+    """Input scaling ``(x / 255 - mean) / std``; recorded in every checkpoint and reapplied later.
+
+    The reference feeds ``[0, 1]`` RGB with no mean/std (``none``).
+    """
+
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "InputNorm":
+        """``None`` (e.g. a published plain state_dict) means the reference's ``[0, 1]`` input."""
+        if not d:
+            return cls()
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+
+INPUT_NORMS = {
+    "none": InputNorm(),
+    "imagenet": InputNorm((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+def get_input_norm(name: str) -> InputNorm:
+    try:
+        return INPUT_NORMS[name]
+    except KeyError:
+        raise WsssError(f"unknown input normalisation {name!r}; use {' or '.join(INPUT_NORMS)}") from None
+
+
+def to_tensor(image: np.ndarray, norm: InputNorm) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → normalised ``(3, H, W)`` float32."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
+    mean = torch.tensor(norm.mean).view(3, 1, 1)
+    std = torch.tensor(norm.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def resize_rgb(image: np.ndarray, size: int | None) -> np.ndarray:
+    """Bilinear resize of ``(H, W, 3)`` to ``(size, size, 3)``; ``None`` keeps the image as it is."""
+    if size is None or image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
+    """Nearest-neighbour resize of ``(H, W)`` class indices (never invents a class)."""
+    if size is None or mask.shape == (size, size):
+        return mask
+    return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
+
+
+class ClassificationDataset(Dataset):
+    """Training patches with their multi-hot labels, for stage 1.
+
+    Item: ``(image (3, S, S) float, label (C,) float, index)``; random horizontal and vertical
+    flips when ``augment``.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[TrainSample],
+        image_size: int | None,
+        norm: InputNorm,
+        augment: bool = False,
+    ) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.norm = norm
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = resize_rgb(read_rgb(sample.path), self.image_size)
+        if self.augment:
+            # torch's RNG is seeded per worker by the DataLoader, so flips are reproducible.
+            if torch.rand(()) < 0.5:
+                image = image[:, ::-1]
+            if torch.rand(()) < 0.5:
+                image = image[::-1]
+        label = torch.tensor(sample.label, dtype=torch.float32)
+        return to_tensor(image, self.norm), label, index
+
+
+class MaskedDataset(Dataset):
+    """Evaluation patches with their masks.
+
+    Item: ``(image (3, S, S) float, mask (H, W) long at the mask's own size, index)``. The model
+    input may be resized to ``image_size``; metrics are always computed at the mask's resolution.
+    """
+
+    def __init__(self, samples: Sequence[MaskedSample], image_size: int | None, norm: InputNorm) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+        self.norm = norm
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = read_rgb(sample.image)
+        mask = read_mask(sample.mask)
+        if image.shape[:2] != mask.shape:
+            raise WsssError(f"size mismatch between {sample.image} and its mask")
+        x = to_tensor(resize_rgb(image, self.image_size), self.norm)
+        return x, torch.from_numpy(mask.astype(np.int64)), index

@@ -1,0 +1,384 @@
+"""Stage 1: train the ResNet38 multi-label classifier with PDA, then evaluate its CAMs.
+
+Outputs in ``OUT`` (``<d>`` is the dataset name):
+
+* ``stage1_checkpoint_trained_on_<d>.pth`` — the trained classifier (what later stages load)
+* ``stage1_<d>_last.pth`` — resumable state after the last finished epoch
+* ``stage1_<d>_config.json`` — the resolved configuration
+* ``stage1_<d>_cam_metrics.json`` — CAM segmentation metrics on the evaluation splits
+* ``runs/stage1_<d>/`` — tensorboardX scalars
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from wsss import config as cfglib
+from wsss.cam.cam import cam_to_segmentation, cams_from_features, upsample_cams
+from wsss.cam.pda import PdaSchedule
+from wsss.config import Stage1Config
+from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
+from wsss.data.layout import list_masked, list_train
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.metrics import ConfusionMeter, format_table, write_json
+from wsss.models.resnet38 import ResNet38Classifier
+from wsss.models.weights import load_stage1_weights
+from wsss.runtime import Distributed, expect_stage, load_checkpoint, save_checkpoint, seed_everything, seed_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage1Paths:
+    out: Path
+    dataset: str
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / f"stage1_checkpoint_trained_on_{self.dataset}.pth"
+
+    @property
+    def last(self) -> Path:
+        return self.out / f"stage1_{self.dataset}_last.pth"
+
+    @property
+    def config(self) -> Path:
+        return self.out / f"stage1_{self.dataset}_config.json"
+
+    @property
+    def cam_metrics(self) -> Path:
+        return self.out / f"stage1_{self.dataset}_cam_metrics.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "runs" / f"stage1_{self.dataset}"
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision: float16 on CUDA, bfloat16 on CPU; a no-op context when disabled."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
+
+
+def poly_lambda(max_step: int, power: float = 0.9):
+    """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``."""
+    return lambda step: max(0.0, 1.0 - step / max_step) ** power
+
+
+def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
+    groups = model.param_groups(cfg.lr, cfg.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps))
+    return optimizer, scheduler
+
+
+def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
+    """The classifier, with ``--init-weights`` loaded and the freeze policy applied."""
+    model = ResNet38Classifier(spec.num_classes, width=cfg.width)
+    if cfg.init_weights is not None:
+        report = load_stage1_weights(model, cfg.init_weights)
+        log.info(report.summary())
+        # Pretrained BN statistics and stem are kept as they are (reference); a random
+        # initialisation must train everything.
+        model.freeze_pretrained()
+        log.info("pretrained weights loaded: BatchNorm and conv1a, b2, b2_1, b2_2 frozen")
+    return model
+
+
+def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
+    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True)
+    # One generator per epoch: a resumed run sees exactly the batches an uninterrupted one would.
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    sampler = None
+    if dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        drop_last=len(dataset) // max(dist.world_size, 1) > cfg.batch_size,
+        pin_memory=dist.device.type == "cuda",
+        persistent_workers=False,
+    )
+
+
+def _progress(iterable, main: bool, **kw):
+    return tqdm(iterable, disable=not main, mininterval=0.5 if sys.stderr.isatty() else 15, **kw)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    exact_match: float  # all labels of a patch right
+    label_acc: float  # fraction of right label bits
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+    model.train()
+    totals = [0.0, 0.0, 0.0, 0.0]  # loss·n, exact, right bits, n
+    steps_done = epoch * len(loader)
+    bar = _progress(loader, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for step, (x, y, _) in enumerate(bar):
+        x = x.to(dist.device, non_blocking=True)
+        y = y.to(dist.device, non_blocking=True)
+        with autocast(dist.device, cfg.amp):
+            logits = model(x, pda_gamma=gamma)
+        loss = F.multilabel_soft_margin_loss(logits.float(), y)
+        _check_finite(loss, dist, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():
+            right = ((logits > 0).float() == y).float()
+            n = x.shape[0]
+            totals[0] += loss.item() * n
+            totals[1] += right.all(dim=1).sum().item()
+            totals[2] += right.mean(dim=1).sum().item()
+            totals[3] += n
+        if dist.is_main:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if writer is not None:
+                writer.add_scalar("train/loss_iter", loss.item(), steps_done + step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], steps_done + step)
+    loss_sum, exact, bits, n = dist.all_reduce_sum(totals)
+    return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
+
+
+def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) -> None:
+    """Stop on a NaN/inf loss; under DDP every process stops together instead of hanging."""
+    bad = float(not torch.isfinite(loss).item())
+    if dist.enabled:
+        bad = dist.all_reduce_sum([bad])[0]
+    if bad:
+        raise WsssError(
+            f"loss is not finite at epoch {epoch + 1}, step {step + 1}; try a lower --lr "
+            "(the last finished epoch is kept and can be resumed)"
+        )
+
+
+def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **extra) -> dict:
+    """Our checkpoint format (STYLE rule 6): everything needed to reuse or resume the model."""
+    return {
+        "stage": 1,
+        "format": 1,
+        "arch": {"name": "resnet38", "width": cfg.width, "num_classes": spec.num_classes},
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "best_metric": None,
+        "config": cfglib.to_dict(cfg),
+        "dataset": spec.name,
+        "class_names": list(spec.classes),
+        "input_norm": get_input_norm(cfg.input_norm).to_dict(),
+        "image_size": cfg.image_size,
+        "frozen_pretrained": model.is_frozen_pretrained,
+        **extra,
+    }
+
+
+def _resume_state(cfg: Stage1Config, paths: Stage1Paths, resume: bool, force: bool):
+    """The configuration to run with and the saved state to continue from (or None)."""
+    if not resume:
+        if paths.last.exists() and not force:
+            raise WsssError(
+                f"{paths.last} holds an earlier stage-1 run; pass --resume to continue it "
+                "or --force to start over"
+            )
+        return cfg, None
+    if not paths.last.exists():
+        log.info("no earlier run in %s: starting from scratch", paths.out)
+        return cfg, None
+    state = load_checkpoint(paths.last)
+    expect_stage(state, paths.last, 1)
+    saved = cfglib.from_dict(Stage1Config, state["config"])
+    # Keep what the run computes; take how it runs (device, workers, ...) from this invocation.
+    runtime = {k: getattr(cfg, k) for k in cfglib.RUNTIME_FIELDS}
+    cfg = replace(saved, **runtime)
+    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
+    return cfg, state
+
+
+def train(cfg: Stage1Config, resume: bool = False, force: bool = False) -> dict:
+    """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary."""
+    spec = get_spec(cfg.dataset)
+    paths = Stage1Paths(Path(cfg.out), spec.name)
+    cfg, state = _resume_state(cfg, paths, resume, force)
+    dist = Distributed(cfg.device)
+    try:
+        return _train(cfg, spec, paths, state, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed) -> dict:
+    if not dist.is_main:
+        logging.getLogger("wsss").setLevel(logging.WARNING)
+    seed_everything(cfg.seed, dist.rank)
+    samples = list_train(cfg.data, spec.num_classes)
+    model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
+    if state is not None and state.get("frozen_pretrained"):
+        model.freeze_pretrained()
+    steps_per_epoch = len(train_loader(cfg, samples, dist, 0))
+    if steps_per_epoch == 0:
+        raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["epoch"] + 1
+    ddp_model = model
+    if dist.enabled:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    schedule = PdaSchedule(cfg.pda_start, cfg.pda_decay, cfg.pda_floor, cfg.pda_first_epoch)
+    writer = _writer(paths.logs) if dist.is_main else None
+    if dist.is_main:
+        cfglib.save_json(cfg, paths.config)
+        log.info("stage 1: %d patches, %d steps/epoch, device %s, world size %d",
+                 len(samples), steps_per_epoch, dist.device, dist.world_size)
+    started = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
+        seed_everything(cfg.seed + 7919 * epoch, dist.rank)
+        gamma = schedule.gamma_at(epoch) if cfg.pda else None
+        loader = train_loader(cfg, samples, dist, epoch)
+        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
+        if dist.is_main:
+            _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
+            save_checkpoint(paths.last, checkpoint_state(
+                model, cfg, spec, epoch, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+        dist.barrier()
+    seconds = time.perf_counter() - started
+    summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
+    if dist.is_main:
+        final_epoch = cfg.epochs - 1
+        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch))
+        if cfg.eval_splits:
+            summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics)
+        if writer is not None:
+            writer.close()
+    return summary
+
+
+def _writer(log_dir: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def _log_epoch(writer, epoch, cfg, stats: EpochStats, gamma, optimizer) -> None:
+    gamma_text = "off" if gamma is None else f"{gamma:.4f}"
+    log.info("epoch %d/%d  loss %.4f  exact-match %.3f  label acc %.3f  PDA gamma %s",
+             epoch + 1, cfg.epochs, stats.loss, stats.exact_match, stats.label_acc, gamma_text)
+    if writer is not None:
+        writer.add_scalar("train/loss", stats.loss, epoch)
+        writer.add_scalar("train/exact_match_acc", stats.exact_match, epoch)
+        writer.add_scalar("train/label_acc", stats.label_acc, epoch)
+        writer.add_scalar("train/lr_epoch_end", optimizer.param_groups[0]["lr"], epoch)
+        writer.add_scalar("train/pda_gamma", 0.0 if gamma is None else gamma, epoch)
+        writer.flush()
+
+
+# --------------------------------------------------------------------------- loading and CAM evaluation
+
+
+@dataclass
+class LoadedClassifier:
+    model: ResNet38Classifier
+    norm: InputNorm
+    image_size: int | None
+    class_names: list[str] | None
+
+
+def load_classifier(path: Path, num_classes: int | None = None) -> LoadedClassifier:
+    """A stage-1 classifier from our checkpoint or a published WSSS-Tissue state_dict (``[0,1]`` input).
+
+    Width and class count come from the file; a mismatch with ``num_classes`` is a user error.
+    """
+    ckpt = load_checkpoint(path)
+    if "stage" in ckpt:
+        expect_stage(ckpt, path, 1, num_classes)
+        arch = ckpt["arch"]
+        model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
+        model.load_state_dict(ckpt["model"])
+        return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
+                                ckpt.get("image_size"), ckpt.get("class_names"))
+    state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if "fc8.weight" not in state or "conv1a.weight" not in state:
+        raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")
+    classes = state["fc8.weight"].shape[0]
+    if num_classes is not None and classes != num_classes:
+        raise WsssError(f"{path} was trained for {classes} classes; this dataset has {num_classes}")
+    model = ResNet38Classifier(classes, width=state["conv1a.weight"].shape[0] / 64)
+    report = load_stage1_weights(model, path)
+    if report.missing or report.shape_mismatch:
+        raise WsssError(f"{path} does not fit a ResNet38 classifier: {report.summary()}")
+    return LoadedClassifier(model.eval(), InputNorm(), None, None)
+
+
+@torch.no_grad()
+def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+    """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``."""
+    features = model.forward_features(x)["bn7"]
+    probs = torch.sigmoid(model.forward_head(features))
+    cams = upsample_cams(cams_from_features(features, model.fc8.weight), size)
+    return cam_to_segmentation(cams.float(), probs.float(), threshold)
+
+
+def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
+                  device: torch.device, threshold: float = 0.25, batch_size: int = 16, workers: int = 0,
+                  amp: bool = False) -> dict:
+    """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
+    samples = list_masked(data, split)
+    loader = DataLoader(MaskedDataset(samples, image_size, norm), batch_size=batch_size, num_workers=workers)
+    meter = ConfusionMeter(spec.num_classes, spec.background_index)
+    model.eval().to(device)
+    for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):
+        with autocast(device, amp):
+            pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold)
+        meter.update(pred.cpu(), mask)
+    return meter.to_json(list(spec.classes))
+
+
+def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path) -> dict:
+    norm = get_input_norm(cfg.input_norm)
+    results = {}
+    for split in cfg.eval_splits:
+        results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
+                                       cfg.cam_threshold, workers=cfg.workers, amp=cfg.amp)
+        log.info(format_table(results[split], f"stage-1 CAM segmentation, {split} split"))
+    write_json(path, results)
+    return results
