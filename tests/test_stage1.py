@@ -140,6 +140,8 @@ class HandMadeCams(nn.Module):
     def forward_head(self, features, attention=None):
         return self.fc8(features.mean(dim=(2, 3), keepdim=True)).flatten(1) + self.bias
 
+    cams_and_logits = ResNet38Classifier.cams_and_logits
+
 
 @pytest.fixture
 def half_and_half(tmp_path) -> Path:

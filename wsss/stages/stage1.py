@@ -26,7 +26,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import config as cfglib
-from wsss.cam.cam import cam_to_segmentation, cams_from_features, upsample_cams
+from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
 from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
@@ -352,10 +352,8 @@ def load_classifier(path: Path, num_classes: int | None = None) -> LoadedClassif
 @torch.no_grad()
 def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
     """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``."""
-    features = model.forward_features(x)["bn7"]
-    probs = torch.sigmoid(model.forward_head(features))
-    cams = upsample_cams(cams_from_features(features, model.fc8.weight), size)
-    return cam_to_segmentation(cams.float(), probs.float(), threshold)
+    cams, logits = model.cams_and_logits(x)
+    return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold)
 
 
 def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
