@@ -1,0 +1,512 @@
+"""Synthetic H&E patches written in the LUAD-HistoSeg layout.
+
+Real LUAD-HistoSeg / BCSS-WSSS data cannot be downloaded on our machines, so every test and
+``make reproduce`` run on patches made here. Each patch is a layout of 1-3 irregular tissue regions
+(classes TE, NEC, LYM, TAS in LUAD order) plus optional white background, rendered with
+Beer-Lambert haematoxylin/eosin optical densities. The classes differ by *texture* (nuclear size,
+density, shape, fibre orientation) while per-patch stain variation makes their mean colours
+overlap, so a colour-only classifier fails and a small CNN has to learn texture.
+
+Layout written by :func:`generate`::
+
+    OUT/train/synth-000123-[1 0 0 1].png      RGB patch, label = classes covering >= 2 %
+    OUT/train_gt/synth-000123-[1 0 0 1].png   its palette mask (never read by training)
+    OUT/val/img/synth-val-000012.png          + OUT/val/mask/<same name>
+    OUT/test/img/synth-test-000012.png        + OUT/test/mask/<same name>
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import multiprocessing
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from wsss.data.labels import format_label
+from wsss.data.png import write_mask, write_rgb
+from wsss.data.specs import BACKGROUND_INDEX, LUAD
+from wsss.errors import WsssError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_KEY = {"train": 0, "val": 1, "test": 2}
+_REF_SIZE = 224.0  # all lengths below are in pixels of a 224-px patch and scale with `size`
+
+# Macenko-style reference optical-density vectors (RGB) of haematoxylin and eosin.
+_H_VEC = np.array([0.5626, 0.7201, 0.4062])
+_E_VEC = np.array([0.2159, 0.8012, 0.5581])
+
+# Per-class multipliers of the rendered (h, e) densities. They pull the class mean colours
+# together so that only texture separates the classes; per-patch stain variation does the rest.
+_CLASS_GAIN = {0: (1.05, 0.95), 1: (0.85, 1.2), 2: (1.3, 0.85), 3: (0.7, 1.05)}
+
+
+# --------------------------------------------------------------------------------------------
+# random fields and nuclei
+# --------------------------------------------------------------------------------------------
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+    """Zero-mean, unit-std random field ``(size, size)`` float32, correlated over ~``scale`` px.
+
+    Isotropic case of :func:`_aniso_noise`.
+    """
+    return _aniso_noise(rng, size, size, scale, scale)
+
+
+def _aniso_noise(
+    rng: np.random.Generator, rows: int, cols: int, row_scale: float, col_scale: float
+) -> np.ndarray:
+    """Unit-std random field ``(rows, cols)`` float32 with separate correlation lengths per axis.
+
+    Coarse white noise (one sample per ~scale/1.5 px), smoothed, then linearly upsampled: much
+    cheaper than filtering full-resolution noise with a wide kernel. No BLAS matrix products:
+    their threads oversubscribe the cores inside a process pool (measured 50x slower).
+    """
+    step = np.maximum([row_scale / 1.5, col_scale / 1.5], 0.5)
+    shape = (int(np.ceil(rows / step[0])) + 4, int(np.ceil(cols / step[1])) + 4)
+    coarse = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.5, mode="wrap")
+    field = _lerp_rows(_lerp_rows(coarse, rows, step[0]).T, cols, step[1]).T
+    return ((field - field.mean()) / (field.std() + 1e-8)).astype(np.float32)
+
+
+def _lerp_rows(coarse: np.ndarray, n: int, step: float) -> np.ndarray:
+    """Linearly resample the rows of ``coarse`` (R, C), one row per ``step`` px, to ``(n, C)``."""
+    q = (np.arange(n) + 0.5) / step + 1.5
+    i0 = q.astype(np.int64)
+    f = (q - i0).astype(np.float32)[:, None]
+    return coarse[i0] * (1.0 - f) + coarse[i0 + 1] * f
+
+
+@functools.lru_cache(maxsize=4)
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column coordinates ``(size, size)`` float32 (cached; treat as read-only)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    return yy, xx
+
+
+def _grid_points(
+    rng: np.random.Generator, size: int, spacing: float, jitter: float, keep: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``(N,), (N,)`` (row, col) of a jittered hexagonal lattice at a random angle.
+
+    A lattice packs cells evenly like real tissue; jitter and rotation hide the regularity.
+    """
+    half = 0.75 * size + spacing
+    g = np.arange(-half, half, spacing)
+    gy, gx = np.meshgrid(g * 0.866, g, indexing="ij")  # hex rows are sqrt(3)/2 apart
+    gx = gx + (np.arange(len(g))[:, None] % 2) * spacing / 2
+    ang = rng.uniform(0, np.pi)
+    y = gy.ravel() * np.cos(ang) - gx.ravel() * np.sin(ang) + size / 2
+    x = gy.ravel() * np.sin(ang) + gx.ravel() * np.cos(ang) + size / 2
+    y = y + rng.normal(0, jitter * spacing, y.shape)
+    x = x + rng.normal(0, jitter * spacing, x.shape)
+    inside = (y > -spacing) & (y < size + spacing) & (x > -spacing) & (x < size + spacing)
+    inside &= rng.random(y.shape) < keep
+    return y[inside], x[inside]
+
+
+def _nuclei(
+    size: int,
+    cy: np.ndarray,
+    cx: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    theta: np.ndarray,
+    rough: np.ndarray,
+    phase: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rasterise N elliptical nuclei with irregular outlines.
+
+    Args: centres ``cy, cx`` (N,), semi-axes ``a >= b`` (N,) px, major-axis angle ``theta`` (N,)
+    from the column axis, outline roughness (N,) and its phase (N,).
+    Returns ``ink`` (H, W) float32 in [0, 1] (anti-aliased coverage) and ``owner`` (H, W) int,
+    the index of the nearest centre (-1 when N == 0). Each pixel belongs to its nearest centre,
+    so touching nuclei are clipped against each other instead of overdrawn.
+    """
+    if len(cy) == 0:
+        return np.zeros((size, size), np.float32), np.full((size, size), -1)
+    pad = int(np.ceil(a.max())) + 2
+    side = size + 2 * pad
+    iy = np.clip(np.round(cy).astype(int) + pad, 0, side - 1)
+    ix = np.clip(np.round(cx).astype(int) + pad, 0, side - 1)
+    lab = np.zeros((side, side), np.int32)
+    lab[iy, ix] = np.arange(1, len(cy) + 1)
+    idx = ndimage.distance_transform_edt(lab == 0, return_distances=False, return_indices=True)
+    owner = lab[idx[0], idx[1]][pad:-pad, pad:-pad] - 1
+    cy, cx, a, b = (np.asarray(t, np.float32) for t in (cy, cx, a, b))
+    yy, xx = _grid(size)
+    dy, dx = yy - cy[owner], xx - cx[owner]
+    ct, st = np.cos(theta).astype(np.float32)[owner], np.sin(theta).astype(np.float32)[owner]
+    u, v = (dx * ct + dy * st) / a[owner], (-dx * st + dy * ct) / b[owner]
+    # two low harmonics of the polar angle make lumpy, pleomorphic outlines
+    phi, ph = np.arctan2(v, u), phase.astype(np.float32)[owner]
+    lumps = 0.6 * np.sin(2.0 * phi + ph) + 0.5 * np.sin(3.0 * phi + 2.3 * ph)
+    wobble = 1.0 + rough.astype(np.float32)[owner] * lumps
+    r = np.sqrt(u * u + v * v) / wobble
+    # (1 - r) * b is roughly the distance inside the edge in px: a 1-px soft edge.
+    ink = np.clip((1.0 - r) * b[owner] + 0.5, 0.0, 1.0)
+    return ink.astype(np.float32), owner
+
+
+def _random_nuclei(
+    rng: np.random.Generator,
+    size: int,
+    centres: tuple[np.ndarray, np.ndarray],
+    radius: tuple[float, float],
+    aspect: tuple[float, float],
+    rough: tuple[float, float],
+    theta: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei with semi-axis ``a ~ U(radius)``, ``b = a * U(aspect)``; see :func:`_nuclei`."""
+    cy, cx = centres
+    n = len(cy)
+    a = rng.uniform(*radius, n)
+    b = a * rng.uniform(*aspect, n)
+    th = rng.uniform(0, np.pi, n) if theta is None else theta
+    return _nuclei(size, cy, cx, a, b, th, rng.uniform(*rough, n), rng.uniform(0, 2 * np.pi, n))
+
+
+def _per_nucleus(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
+    """Broadcast per-nucleus ``values`` (N,) to pixels through ``owner`` (H, W)."""
+    if len(values) == 0:
+        return np.zeros(owner.shape, np.float32)
+    return values.astype(np.float32)[owner]
+
+
+# --------------------------------------------------------------------------------------------
+# class textures: each returns haematoxylin and eosin densities (h, e), both (size, size)
+# --------------------------------------------------------------------------------------------
+
+_Texture = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+
+
+def _tumour(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """TE: sheets of large pleomorphic nuclei (r ~ 4-7 px) with pink cytoplasm between them."""
+    s = size / _REF_SIZE
+    centres = _grid_points(rng, size, rng.uniform(15, 18) * s, 0.22, keep=0.9)
+    ink, owner = _random_nuclei(rng, size, centres, (4.2 * s, 7.0 * s), (0.6, 0.95), (0.04, 0.2))
+    dark = _per_nucleus(rng.uniform(0.7, 1.1, len(centres[0])), owner)
+    # vesicular chromatin: nuclei are mottled, with a darker rim than centre
+    chrom = 1.0 + 0.18 * _smooth_noise(rng, size, 1.5 * s)
+    rim = 1.0 - 0.25 * np.clip(ink - 0.6, 0, 1)
+    membrane = _cell_borders(owner)
+    cyto = 0.52 * (1.0 + 0.12 * _smooth_noise(rng, size, 8 * s)) + 0.12 * membrane
+    h = 0.1 + ink * dark * chrom * rim
+    e = cyto * (1.0 - 0.7 * ink) + 0.1 * ink
+    return h, e
+
+
+def _cell_borders(owner: np.ndarray) -> np.ndarray:
+    """``(H, W)`` float32 in [0, 1]: soft lines where the nearest nucleus changes (cell borders)."""
+    edge = np.zeros(owner.shape, bool)
+    edge[1:, :] |= owner[1:, :] != owner[:-1, :]
+    edge[:, 1:] |= owner[:, 1:] != owner[:, :-1]
+    return ndimage.gaussian_filter(edge.astype(np.float32), 0.8) * 2.0
+
+
+def _necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """NEC: smudgy amorphous eosinophilic background with scattered small nuclear debris."""
+    s = size / _REF_SIZE
+    n_clusters = rng.poisson(22 * s * s) + 1
+    ky, kx = rng.uniform(0, size, n_clusters), rng.uniform(0, size, n_clusters)
+    per = rng.poisson(5, n_clusters) + 1
+    spread = rng.normal(0, 5 * s, (2, per.sum()))
+    n_free = rng.poisson(60 * s * s)
+    cy = np.concatenate([np.repeat(ky, per) + spread[0], rng.uniform(0, size, n_free)])
+    cx = np.concatenate([np.repeat(kx, per) + spread[1], rng.uniform(0, size, n_free)])
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (1.2 * s, 2.6 * s), (0.45, 1.0), (0.1, 0.35))
+    dark = _per_nucleus(rng.uniform(0.6, 1.1, len(cy)), owner)
+    smudge = 0.24 * np.clip(1.0 + 0.6 * _smooth_noise(rng, size, 18 * s), 0.1, None)
+    blotch = 0.2 * _smooth_noise(rng, size, 7 * s) + 0.12 * _smooth_noise(rng, size, 30 * s)
+    e = 0.58 * (1.0 + blotch)
+    return smudge + ink * dark, e * (1.0 - 0.5 * ink)
+
+
+def _lymphocytes(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """LYM: small (r ~ 2-3 px), dark, round nuclei packed tightly with little cytoplasm."""
+    s = size / _REF_SIZE
+    centres = _grid_points(rng, size, rng.uniform(6.8, 7.8) * s, 0.2, keep=0.93)
+    ink, owner = _random_nuclei(rng, size, centres, (2.2 * s, 3.2 * s), (0.8, 1.0), (0.0, 0.08))
+    dark = _per_nucleus(rng.uniform(0.85, 1.15, len(centres[0])), owner)
+    e = 0.45 * (1.0 + 0.15 * _smooth_noise(rng, size, 6 * s))
+    return 0.1 + ink * dark, e * (1.0 - 0.6 * ink)
+
+
+def _stroma(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """TAS: wavy eosinophilic fibres along one random direction, sparse spindle nuclei."""
+    s = size / _REF_SIZE
+    fib, angle = _fibres(rng, size, s)
+    cy, cx = _grid_points(rng, size, rng.uniform(22, 28) * s, 0.3, keep=0.7)
+    theta = angle(cy, cx) + rng.normal(0, 0.12, len(cy))
+    radius, aspect, rough = (6.0 * s, 10.0 * s), (0.2, 0.3), (0.0, 0.1)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), radius, aspect, rough, theta)
+    dark = _per_nucleus(rng.uniform(0.75, 1.05, len(cy)), owner)
+    # the gaps between fibres stay stained: real stroma rarely shows glass-white streaks
+    e = 0.8 * (0.5 + 0.7 * fib) * (1.0 - 0.6 * ink)
+    return 0.09 + 0.1 * fib + ink * dark, e
+
+
+def _fibres(
+    rng: np.random.Generator, size: int, s: float
+) -> tuple[np.ndarray, Callable[[np.ndarray, np.ndarray], np.ndarray]]:
+    """Wavy fibre density ``(size, size)`` in [0, 1] and a function giving the local fibre angle.
+
+    An axis-aligned anisotropic noise (short across, long along) is sampled through rotated and
+    sinusoidally warped coordinates, so streaks follow one direction and undulate.
+    """
+    side = int(np.ceil(size * 1.5 + 20 * s))
+    base = _aniso_noise(rng, side, side, rng.uniform(1.8, 2.4) * s, rng.uniform(14, 22) * s)
+    th = rng.uniform(0, np.pi)
+    amp, wave, ph = rng.uniform(2, 5) * s, rng.uniform(50, 110) * s, rng.uniform(0, 2 * np.pi)
+    yy, xx = (g - size / 2 for g in _grid(size))
+    u = xx * np.cos(th) + yy * np.sin(th)
+    v = -xx * np.sin(th) + yy * np.cos(th) - amp * np.sin(2 * np.pi * u / wave + ph)
+    v = v + 3.0 * s * _smooth_noise(rng, size, 25 * s)  # irregular waviness on top
+    dens = ndimage.map_coordinates(base, [v + side / 2, u + side / 2], order=1, mode="reflect")
+    fib = 1.0 / (1.0 + np.exp(-2.2 * dens))
+
+    def angle(cy: np.ndarray, cx: np.ndarray) -> np.ndarray:
+        uc = (cx - size / 2) * np.cos(th) + (cy - size / 2) * np.sin(th)
+        slope = amp * 2 * np.pi / wave * np.cos(2 * np.pi * uc / wave + ph)
+        return th + np.arctan(slope)
+
+    return fib.astype(np.float32), angle
+
+
+_TEXTURES: tuple[_Texture, ...] = (_tumour, _necrosis, _lymphocytes, _stroma)  # LUAD order
+
+
+# --------------------------------------------------------------------------------------------
+# layout, staining, one patch
+# --------------------------------------------------------------------------------------------
+
+
+def _layout(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Region mask ``(size, size)`` uint8: 1-3 tissue classes (0..3) and optional background (4).
+
+    Voronoi cells of a few random seeds, computed on domain-warped coordinates so that borders
+    are irregular; few seeds keep regions large (typically > 40 px across at 224 px).
+    """
+    k = rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])
+    classes = rng.choice(len(_TEXTURES), size=k, replace=False)
+    seed_cls = np.concatenate([classes, rng.choice(classes, rng.integers(0, 3))])
+    if rng.random() < 0.3:
+        seed_cls = np.append(seed_cls, BACKGROUND_INDEX)
+    pts = rng.uniform(0, size, (len(seed_cls), 2))
+    yy, xx = _grid(size)
+    wy = yy + _warp(rng, size)
+    wx = xx + _warp(rng, size)
+    d2 = (wy[None] - pts[:, 0, None, None]) ** 2 + (wx[None] - pts[:, 1, None, None]) ** 2
+    cell = np.argmin(d2, axis=0)
+    # drop slivers (seeds near a border or squeezed by neighbours) so regions stay large
+    area = np.bincount(cell.ravel(), minlength=len(seed_cls))
+    big = area >= 0.04 * size * size
+    if not big.all():
+        big[np.argmax(area)] = True
+        cell = np.flatnonzero(big)[np.argmin(d2[big], axis=0)]
+    mask = seed_cls[cell].astype(np.uint8)
+    if rng.random() < 0.2:
+        mask[_lumens(rng, size)] = BACKGROUND_INDEX
+    return mask
+
+
+def _lumens(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Boolean ``(size, size)``: a few small round holes (lumens, tears) inside tissue.
+
+    Blobs under ~50 px at 224 are dropped: the pseudo-mask step treats such specks as tissue.
+    """
+    holes = _smooth_noise(rng, size, 0.07 * size) > rng.uniform(1.9, 2.4)
+    blobs, n = ndimage.label(holes)
+    area = np.bincount(blobs.ravel(), minlength=n + 1)
+    keep = area >= 50 * (size / _REF_SIZE) ** 2
+    keep[0] = False
+    return keep[blobs]
+
+
+def _warp(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Displacement field ``(size, size)`` px: broad bends plus finer wiggles of region borders."""
+    coarse = 0.1 * size * _smooth_noise(rng, size, 0.2 * size)
+    return coarse + 0.025 * size * _smooth_noise(rng, size, 0.06 * size)
+
+
+def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Beer-Lambert rendering of densities ``h, e`` (H, W) to RGB ``(H, W, 3)`` uint8.
+
+    Stain vectors, stain strengths and section thickness vary per patch (like different labs,
+    scanners and staining batches); that variation is what makes class mean colours overlap.
+    """
+    size = h.shape[0]
+    h_vec = _unit(_H_VEC + rng.normal(0, 0.05, 3)).astype(np.float32)
+    e_vec = _unit(_E_VEC + rng.normal(0, 0.05, 3)).astype(np.float32)
+    thick = 1.0 + 0.08 * _smooth_noise(rng, size, size / 3)
+    optics = 0.6 * size / _REF_SIZE  # slight optical blur, applied to densities (it is linear)
+    h = ndimage.gaussian_filter(h, optics) * thick * np.float32(rng.uniform(0.7, 1.3))
+    e = ndimage.gaussian_filter(e, optics) * thick * np.float32(rng.uniform(0.7, 1.35))
+    od = h[..., None] * h_vec + e[..., None] * e_vec
+    rgb = 255.0 * np.exp(-od) + 3.0 * rng.standard_normal(od.shape, dtype=np.float32)
+    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.abs(v)
+    return v / np.linalg.norm(v)
+
+
+def make_patch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """One synthetic H&E patch.
+
+    Returns ``image`` (size, size, 3) uint8 RGB and ``mask`` (size, size) uint8 with 0..3 the
+    LUAD tissue classes (TE, NEC, LYM, TAS) and 4 white background. Pure given ``rng``.
+    """
+    mask = _layout(rng, size)
+    h = np.full((size, size), 0.015, np.float32)  # background: near-white glass
+    e = np.full((size, size), 0.03, np.float32)
+    for c in np.unique(mask):
+        if c == BACKGROUND_INDEX:
+            continue
+        hc, ec = _TEXTURES[c](rng, size)
+        gain_h, gain_e = _CLASS_GAIN[int(c)]
+        jitter = rng.uniform(0.85, 1.15, 2)  # regions within one slide differ a little too
+        sel = mask == c
+        h[sel] = (hc * gain_h * jitter[0])[sel]
+        e[sel] = (ec * gain_e * jitter[1])[sel]
+    return _stain(rng, h, e), mask
+
+
+def patch_label(
+    mask: np.ndarray, num_classes: int = 4, min_fraction: float = 0.02
+) -> tuple[int, ...]:
+    """Multi-hot label of a mask ``(H, W)``: class c is present when it covers ``>= min_fraction``
+    of all pixels (background included in the denominator)."""
+    counts = np.bincount(mask.ravel(), minlength=num_classes)[:num_classes]
+    return tuple(int(c >= min_fraction * mask.size) for c in counts)
+
+
+# --------------------------------------------------------------------------------------------
+# writing a data set
+# --------------------------------------------------------------------------------------------
+
+
+def patch_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    """The RNG of one patch, derived from ``(seed, split, index)`` only (not from worker order)."""
+    ss = np.random.SeedSequence(entropy=seed, spawn_key=(_SPLIT_KEY[split], index))
+    return np.random.default_rng(ss)
+
+
+def labelled_patch(
+    rng: np.random.Generator, size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    """:func:`make_patch` redrawn until at least one tissue class covers >= 2 % of the patch.
+
+    Returns ``image`` (size, size, 3) uint8, ``mask`` (size, size) uint8 and its label.
+    """
+    while True:
+        image, mask = make_patch(rng, size)
+        label = patch_label(mask, LUAD.num_classes)
+        if any(label):
+            return image, mask, label
+
+
+def patch_name(split: str, index: int, label: tuple[int, ...]) -> str:
+    """File name of a patch: the label rides in training names only, as in LUAD-HistoSeg."""
+    if split == "train":
+        return f"synth-{index:06d}-{format_label(label)}.png"
+    return f"synth-{split}-{index:06d}.png"
+
+
+def _write_one(task: tuple[Path, str, int, int, int]) -> tuple[str, tuple[int, ...]]:
+    """Make and write patch ``index`` of ``split``; returns ``(split, label)``. Runs in workers."""
+    out, split, index, size, seed = task
+    image, mask, label = labelled_patch(patch_rng(seed, split, index), size)
+    name = patch_name(split, index, label)
+    if split == "train":
+        img_path, mask_path = out / "train" / name, out / "train_gt" / name
+    else:
+        img_path, mask_path = out / split / "img" / name, out / split / "mask" / name
+    write_rgb(img_path, image)
+    write_mask(mask_path, mask, LUAD.flat_palette())
+    return split, label
+
+
+def _layout_dirs(out: Path) -> list[Path]:
+    evaluation = [out / split / sub for split in ("val", "test") for sub in ("img", "mask")]
+    return [out / "train", out / "train_gt", *evaluation]
+
+
+def _prepare_dirs(out: Path) -> None:
+    """Create the layout; drop files of an earlier synthetic run, refuse to mix with other data.
+
+    Training names carry labels, so a rerun with another seed would otherwise leave stale
+    patches beside the new ones.
+    """
+    if out.exists() and not out.is_dir():
+        raise WsssError(f"output path {out} exists and is not a directory")
+    for d in _layout_dirs(out):
+        if d.is_dir():
+            foreign = [p.name for p in d.glob("*.png") if not p.name.startswith("synth-")]
+            if foreign:
+                raise WsssError(
+                    f"{d} holds non-synthetic images (e.g. {foreign[0]}); choose an empty directory"
+                )
+            for p in d.glob("synth-*.png"):
+                p.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+
+
+def generate(
+    out: Path,
+    n_train: int = 1000,
+    n_val: int = 100,
+    n_test: int = 100,
+    size: int = 224,
+    seed: int = 0,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Write a synthetic LUAD-HistoSeg-style data set under ``out`` (layout in the module doc).
+
+    Output is byte-identical for a given ``seed`` and ``size`` whatever ``workers`` is. Returns a
+    summary: patch counts per split, per-class label counts and frequencies over the training
+    split, and the wall time in seconds.
+    """
+    if min(n_train, n_val, n_test) < 0 or size < 16:
+        raise WsssError(f"need non-negative split sizes and size >= 16, got size={size}")
+    start = time.perf_counter()
+    out = Path(out)
+    _prepare_dirs(out)
+    counts = {"train": n_train, "val": n_val, "test": n_test}
+    tasks = [(out, sp, i, size, seed) for sp in SPLITS for i in range(counts[sp])]
+    label_counts = np.zeros(LUAD.num_classes, np.int64)
+    with tqdm(total=len(tasks), desc="synth", unit="patch", disable=not progress) as bar:
+        for split, label in _run_tasks(tasks, workers):
+            if split == "train":
+                label_counts += label
+            bar.update()
+    seconds = time.perf_counter() - start
+    log.info("wrote %d synthetic patches to %s in %.1f s", len(tasks), out, seconds)
+    return {
+        "out": str(out),
+        "size": size,
+        "seed": seed,
+        "counts": counts,
+        "train_label_counts": dict(zip(LUAD.classes, label_counts.tolist())),
+        "train_label_freq": dict(zip(LUAD.classes, (label_counts / max(n_train, 1)).tolist())),
+        "seconds": round(seconds, 2),
+    }
+
+
+def _run_tasks(tasks: list, workers: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Yield :func:`_write_one` results, in a process pool when ``workers > 1``."""
+    if workers <= 1 or len(tasks) < 2:
+        yield from map(_write_one, tasks)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap_unordered(_write_one, tasks, chunksize=8)
