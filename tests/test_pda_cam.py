@@ -121,3 +121,22 @@ def test_segmentation_without_any_kept_class_uses_most_probable():
     seg = cam_to_segmentation(cams, probs)
     assert torch.equal(seg[0], torch.ones(2, 2, dtype=torch.long))
     assert torch.equal(seg[1], torch.zeros(2, 2, dtype=torch.long))
+
+
+def test_pda_max_norm_rescales_attention_to_unit_peak():
+    import torch
+
+    from wsss.cam.pda import pda_attention
+
+    torch.manual_seed(0)
+    features = torch.rand(2, 3, 4, 4) * 5
+    weight = torch.rand(2, 3)
+    raw = pda_attention(features, weight, 0.9)
+    normed = pda_attention(features, weight, 0.9, norm="max")
+    peak = raw.amax(dim=(2, 3), keepdim=True)
+    assert torch.allclose(normed, raw / peak)
+    assert torch.allclose(normed.amax(dim=(2, 3)), torch.ones(2, 1))
+    # all-zero CAMs stay zero rather than NaN
+    assert torch.equal(pda_attention(torch.zeros(1, 3, 2, 2), weight, 0.9, "max"), torch.zeros(1, 1, 2, 2))
+    with pytest.raises(WsssError):
+        pda_attention(features, weight, 0.9, norm="sum")

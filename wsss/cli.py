@@ -82,6 +82,8 @@ def train_stage1(
     pda_decay: Optional[float] = typer.Option(None, "--pda-decay", help="γ ← decay·γ after each epoch (code 0.98, paper text 0.985)."),
     pda_floor: Optional[float] = typer.Option(None, "--pda-floor"),
     pda_first_epoch: Optional[int] = typer.Option(None, "--pda-first-epoch", help="0-based epoch PDA starts at."),
+    pda_norm: Optional[str] = typer.Option(
+        None, "--pda-norm", help="none (reference) or max (attention scaled to [0,1]; stable from random init)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -97,7 +99,7 @@ def train_stage1(
         Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, width=width, image_size=image_size, input_norm=input_norm,
         init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
-        pda_first_epoch=pda_first_epoch, device=device, amp=amp, workers=workers, seed=seed,
+        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, device=device, amp=amp, workers=workers, seed=seed,
     )
     summary = train(cfg, resume=resume, force=force)
     if "cam_metrics" in summary:
@@ -131,6 +133,44 @@ def eval_cam(
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
         write_json(json_out, metrics)
+
+
+@app.command("generate-pm")
+def generate_pm(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
+    layers: str = typer.Option("b4_5,b5_2,bn7", "--layers", help="Comma-separated Grad-CAM layers."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", min=0),
+    force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
+) -> None:
+    """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
+    from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
+
+    cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
+                           out=out, batch_size=batch_size, device=device, workers=workers, force=force)
+    typer.echo(format_summary(generate(cfg)))
+
+
+@app.command("eval-pm")
+def eval_pm(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder with train_gt/ (synthetic data)."),
+    pm_dir: Optional[Path] = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layer: metrics} here."),
+) -> None:
+    """Score each layer's pseudo-masks against the true training masks in DATA/train_gt/."""
+    from wsss.data.specs import get_spec
+    from wsss.metrics import write_json
+    from wsss.stages.pseudo_masks import evaluate, format_evaluation
+
+    results = evaluate(data, get_spec(dataset), pm_dir)
+    typer.echo(format_evaluation(results))
+    if json_out is not None:
+        write_json(json_out, results)
 
 
 def _one_line(exc: WsssError) -> str:

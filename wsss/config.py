@@ -36,6 +36,7 @@ class Stage1Config:
     pda_decay: float = 0.98
     pda_floor: float = 0.65
     pda_first_epoch: int = 3
+    pda_norm: str = "none"  # reference; "max" keeps the attention in [0, 1] (see wsss.cam.pda)
     cam_threshold: float = 0.25
     eval_splits: tuple[str, ...] = ("val", "test")
     device: str = "auto"
@@ -43,6 +44,18 @@ class Stage1Config:
     workers: int = 2
     seed: int = 0
     preset: str | None = None
+
+    def __post_init__(self) -> None:
+        from wsss.cam.pda import PDA_NORMS, PdaSchedule
+        from wsss.data.datasets import get_input_norm
+
+        if self.pda_norm not in PDA_NORMS:
+            raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
+        get_input_norm(self.input_norm)
+        PdaSchedule(self.pda_start, self.pda_decay, self.pda_floor, self.pda_first_epoch)
+        bad = [s for s in self.eval_splits if s not in ("val", "test")]
+        if bad:
+            raise WsssError(f"evaluation splits must be val or test, not {bad}")
 
 
 # Settings that only change how a run executes, not what it computes; a resumed run may change them.
@@ -52,7 +65,7 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # A thin copy of the same architecture on half-size inputs: the synthetic dataset trains in a
     # few minutes on 2 CPU cores. Measured in bench/stage1_speed.py and the README.
-    "cpu": {"width": 0.25, "image_size": 112, "epochs": 8, "batch_size": 16, "lr": 0.02, "workers": 1},
+    "cpu": {"width": 0.125, "image_size": 112, "epochs": 10, "batch_size": 16, "lr": 0.01, "workers": 0},
 }
 
 

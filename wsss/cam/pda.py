@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from wsss.cam.cam import cams_from_features
 from wsss.errors import WsssError
 
 
-def pda_attention(features: Tensor, weight: Tensor, gamma: float) -> Tensor:
+PDA_NORMS = ("none", "max")
+
+
+def pda_attention(features: Tensor, weight: Tensor, gamma: float, norm: str = "none") -> Tensor:
     """Attention map of PDA: features (B, K, h, w), classifier weight (C, K[, 1, 1]) → (B, 1, h, w).
 
     ``cams = relu(conv(features, weight))``; per image and class, values strictly above
@@ -25,11 +29,23 @@ def pda_attention(features: Tensor, weight: Tensor, gamma: float) -> Tensor:
 
     A class whose CAM is zero everywhere (max 0) has nothing above its threshold and contributes
     zeros, so no division or NaN arises. With ``gamma >= 1`` nothing is dropped.
+
+    ``norm="none"`` is the reference: the attention carries the CAMs' magnitude, so it rescales the
+    logits too. That is harmless from ImageNet weights, but from a random initialisation we saw it
+    blow the loss up and kill every ReLU (loss stuck at log 2) within an epoch of PDA switching on.
+    ``norm="max"`` divides each image's attention by its spatial maximum, keeping PDA's spatial
+    re-weighting (in [0, 1]) without the change of scale.
     """
+    if norm not in PDA_NORMS:
+        raise WsssError(f"unknown PDA normalisation {norm!r}; use {' or '.join(PDA_NORMS)}")
     cams = cams_from_features(features, weight)
     peak = cams.amax(dim=(2, 3), keepdim=True)
     kept = cams.masked_fill(cams > gamma * peak, 0.0)
-    return kept.mean(dim=1, keepdim=True)
+    attention = kept.mean(dim=1, keepdim=True)
+    if norm == "max":
+        top = attention.amax(dim=(2, 3), keepdim=True)
+        attention = attention / torch.where(top > 0, top, torch.ones_like(top))
+    return attention
 
 
 @dataclass(frozen=True)

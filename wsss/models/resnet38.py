@@ -249,12 +249,13 @@ class ResNet38Classifier(ResNet38):
         pooled = self.dropout7(features).mean(dim=(2, 3), keepdim=True)
         return self.fc8(pooled).flatten(1)
 
-    def forward(self, x: Tensor, pda_gamma: float | None = None) -> Tensor:  # type: ignore[override]
-        """Image (B, 3, H, W) → logits (B, C); with ``pda_gamma`` the PDA attention is applied first."""
+    def forward(self, x: Tensor, pda_gamma: float | None = None, pda_norm: str = "none") -> Tensor:  # type: ignore[override]
+        """Image (B, 3, H, W) → logits (B, C); with ``pda_gamma`` the PDA attention is applied first
+        (``pda_norm``: see :func:`wsss.cam.pda.pda_attention`)."""
         features = self.forward_features(x)["bn7"]
         attention = None
         if pda_gamma is not None:
-            attention = pda_attention(features, self.fc8.weight, pda_gamma)
+            attention = pda_attention(features, self.fc8.weight, pda_gamma, pda_norm)
         return self.forward_head(features, attention)
 
     def cams(self, x: Tensor) -> Tensor:

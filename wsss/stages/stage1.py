@@ -148,7 +148,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
         x = x.to(dist.device, non_blocking=True)
         y = y.to(dist.device, non_blocking=True)
         with autocast(dist.device, cfg.amp):
-            logits = model(x, pda_gamma=gamma)
+            logits = model(x, pda_gamma=gamma, pda_norm=cfg.pda_norm)
         loss = F.multilabel_soft_margin_loss(logits.float(), y)
         _check_finite(loss, dist, epoch, step)
         optimizer.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
             totals[2] += right.mean(dim=1).sum().item()
             totals[3] += n
         if dist.is_main:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
             if writer is not None:
                 writer.add_scalar("train/loss_iter", loss.item(), steps_done + step)
                 writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], steps_done + step)

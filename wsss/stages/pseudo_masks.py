@@ -1,0 +1,367 @@
+"""Multi-layer pseudo-masks from the stage-1 classifier (``wsss generate-pm``) and their scores
+against the true training masks of synthetic data (``wsss eval-pm``).
+
+Outputs, one palette PNG per training patch and layer (DESIGN.md, "Pseudo-masks")::
+
+    OUT/PM_<layer>/<training file stem>.png   0..C-1 tissue, 4 background (luad white only)
+    OUT/pseudo_masks_config.json              the configuration of the last run
+
+Every PNG is written atomically as soon as its batch is done, so an interrupted run leaves only
+complete files; a rerun skips patches whose requested masks are all present and valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from wsss import config as cfglib
+from wsss.cam.gradcam import GRADCAM_LAYERS, check_layers, class_pixel_counts, fuse_pseudo_mask, multi_layer_gradcam
+from wsss.data.background import white_mask
+from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.data.layout import TrainSample, default_pm_dir, list_images, list_train, pseudo_mask_path, train_gt_dir
+from wsss.data.png import image_size, read_mask, read_rgb, write_mask
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.metrics import ConfusionMeter, format_table
+from wsss.models.resnet38 import ResNet38Classifier
+from wsss.runtime import atomic_path, resolve_device
+from wsss.stages.stage1 import _progress, load_classifier
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "pseudo_masks_config.json"
+
+
+@dataclass(frozen=True)
+class PseudoMaskConfig:
+    """``wsss generate-pm``: which classifier, which layers, where to write, how to run."""
+
+    dataset: str
+    data: Path
+    checkpoint: Path
+    layers: tuple[str, ...] = GRADCAM_LAYERS
+    out: Path | None = None  # None: DATA/train_PM
+    batch_size: int = 8
+    device: str = "auto"
+    workers: int = 2
+    force: bool = False
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out) if self.out is not None else default_pm_dir(self.data)
+
+
+def parse_layers(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"b4_5,b5_2,bn7"`` (or a sequence) → layer names in forward order; unknown names are a user error."""
+    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
+    try:
+        return check_layers(names)
+    except ValueError as exc:
+        raise WsssError(f"--layers: {exc}") from None
+
+
+# --------------------------------------------------------------------------- existing outputs
+
+
+def existing_mask(path: Path, size: tuple[int, int], max_value: int) -> np.ndarray | None:
+    """The (H, W) mask at ``path`` if it is a complete palette PNG of ``size`` = (H, W) holding no
+    value above ``max_value``; None when it is missing, truncated, corrupt or does not fit."""
+    try:
+        with Image.open(path) as img:
+            if img.mode != "P" or img.size != (size[1], size[0]):
+                return None
+            img.load()  # decodes every row: a truncated file raises here
+            mask = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+        return None
+    return mask if mask.size and int(mask.max()) <= max_value else None
+
+
+# --------------------------------------------------------------------------- data
+
+
+class PseudoMaskDataset(Dataset):
+    """Training patches together with what is already on disk for them.
+
+    Item, a dict: ``index``; ``todo``, the layers whose PNG must be (re)written (all of them with
+    ``force``); ``counts`` ``{layer: (C+1,) int64}`` pixel counts of the valid masks already there.
+    When ``todo`` is not empty also ``x`` (3, S, S) model input, ``label`` (C,) bool, ``size``
+    (H, W) of the patch, and ``white`` (H, W) bool or None (white is tissue, e.g. BCSS). Checking
+    existing PNGs here spreads the resume check over the loader's workers.
+    """
+
+    def __init__(self, samples: Sequence[TrainSample], spec: DatasetSpec, layers: Sequence[str], out: Path,
+                 norm: InputNorm, model_size: int | None, force: bool) -> None:
+        self.samples = list(samples)
+        self.spec = spec
+        self.layers = tuple(layers)
+        self.out = Path(out)
+        self.norm = norm
+        self.model_size = model_size
+        self.force = force
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        item: dict = {"index": index, "todo": list(self.layers), "counts": {}}
+        if not self.force:
+            width, height = image_size(sample.path)
+            item["todo"] = []
+            for layer in self.layers:
+                mask = existing_mask(pseudo_mask_path(self.out, layer, sample.path), (height, width),
+                                     self.spec.background_index)
+                if mask is None:
+                    item["todo"].append(layer)
+                else:
+                    item["counts"][layer] = np.bincount(mask.ravel(), minlength=self.spec.background_index + 1)
+        if item["todo"]:
+            image = read_rgb(sample.path)
+            item["x"] = to_tensor(resize_rgb(image, self.model_size), self.norm)
+            item["label"] = torch.tensor(sample.label, dtype=torch.bool)
+            item["size"] = tuple(image.shape[:2])
+            item["white"] = torch.from_numpy(white_mask(image)) if self.spec.white_is_background else None
+        return item
+
+
+def _keep_list(items: list[dict]) -> list[dict]:
+    """DataLoader collate: keep the items; patches are stacked per shape group later."""
+    return items
+
+
+def _shape_groups(items: Sequence[dict]) -> Iterator[list[dict]]:
+    """Items to compute, grouped so each group stacks into one tensor (same input and patch size)."""
+    groups: dict[tuple, list[dict]] = {}
+    for item in items:
+        if item["todo"]:
+            # tuple(): pin_memory turns tuples into lists
+            groups.setdefault((tuple(item["x"].shape), tuple(item["size"])), []).append(item)
+    yield from groups.values()
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Sequence[str], spec: DatasetSpec,
+                 device: torch.device) -> dict[str, torch.Tensor]:
+    """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items)."""
+    x = torch.stack([item["x"] for item in items]).to(device)
+    labels = torch.stack([item["label"] for item in items]).to(device)
+    white = None
+    if items[0]["white"] is not None:
+        white = torch.stack([item["white"] for item in items]).to(device)
+    cams = multi_layer_gradcam(model, x, layers, size=tuple(items[0]["size"]))
+    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index).to(torch.uint8).cpu()
+            for layer in layers}
+
+
+class _MaskWriter:
+    """Writes the pseudo-masks of computed items and tallies pixel counts of every value 0..C per layer."""
+
+    def __init__(self, samples: Sequence[TrainSample], out: Path, spec: DatasetSpec, layers: Sequence[str]) -> None:
+        self.samples = samples
+        self.out = out
+        self.palette = spec.flat_palette()
+        self.num_values = spec.background_index + 1
+        self.counts = {layer: np.zeros(self.num_values, np.int64) for layer in layers}
+        self.computed = 0
+        self.files = 0
+
+    def count_existing(self, items: Sequence[dict]) -> None:
+        for item in items:
+            for layer, counts in item["counts"].items():
+                self.counts[layer] += counts[: self.num_values]
+
+    def write(self, items: Sequence[dict], masks: dict[str, torch.Tensor]) -> None:
+        for i, item in enumerate(items):
+            path = self.samples[item["index"]].path
+            for layer in item["todo"]:
+                write_mask(pseudo_mask_path(self.out, layer, path), masks[layer][i].numpy(), self.palette)
+                self.counts[layer] += class_pixel_counts(masks[layer][i], self.num_values).numpy()
+                self.files += 1
+            self.computed += 1
+
+    def fractions(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+        out = {}
+        for layer, counts in self.counts.items():
+            total = max(int(counts.sum()), 1)
+            out[layer] = {name: round(int(n) / total, 6) for name, n in zip(names, counts)}
+        return out
+
+
+def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
+    """Write the pseudo-masks of every training patch; returns a summary (see :func:`format_summary`)."""
+    started = time.perf_counter()
+    spec = get_spec(cfg.dataset)
+    layers = parse_layers(cfg.layers)
+    samples = list_train(cfg.data, spec.num_classes)
+    clf = load_classifier(cfg.checkpoint, spec.num_classes)
+    device = resolve_device(cfg.device)
+    model = clf.model.to(device).eval()
+    out = cfg.out_dir
+    _save_config(cfg, out)
+    loader = DataLoader(
+        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force),
+        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list,
+        pin_memory=device.type == "cuda",
+    )
+    writer = _MaskWriter(samples, out, spec, layers)
+    for batch in _progress(loader, progress, desc="pseudo-masks", unit="batch"):
+        writer.count_existing(batch)
+        for group in _shape_groups(batch):
+            needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
+            writer.write(group, pseudo_masks(model, group, needed, spec, device))
+        del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
+    names = [*spec.classes, "background"][: spec.background_index + 1]
+    summary = {
+        "patches": len(samples),
+        "computed": writer.computed,
+        "skipped": len(samples) - writer.computed,
+        "files_written": writer.files,
+        "seconds": round(time.perf_counter() - started, 1),
+        "layers": list(layers),
+        "out": str(out),
+        "class_fractions": writer.fractions(names),
+    }
+    log.info("pseudo-masks: %d patches computed, %d skipped, %.1f s", summary["computed"], summary["skipped"],
+             summary["seconds"])
+    return summary
+
+
+def _save_config(cfg: PseudoMaskConfig, out: Path) -> None:
+    with atomic_path(out / CONFIG_NAME) as tmp:
+        tmp.write_text(json.dumps(cfglib.to_dict(cfg), indent=2) + "\n")
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text summary of :func:`generate`: counts, time, and class pixel fractions per layer."""
+    lines = [
+        f"pseudo-masks in {summary['out']}: {summary['patches']} patches, {summary['computed']} computed, "
+        f"{summary['skipped']} skipped, {summary['files_written']} files written, {summary['seconds']} s",
+    ]
+    fractions = summary["class_fractions"]
+    names = list(next(iter(fractions.values())).keys()) if fractions else []
+    lines.append(f"{'layer':<8}" + "".join(f" {name[:10]:>10}" for name in names))
+    for layer, row in fractions.items():
+        lines.append(f"{layer:<8}" + "".join(f" {row[name]:10.4f}" for name in names))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def pm_layers(pm_dir: Path) -> list[str]:
+    """Layers with a ``PM_<layer>`` folder under ``pm_dir``: Grad-CAM layers in forward order, others after."""
+    found = sorted(p.name[3:] for p in Path(pm_dir).glob("PM_*") if p.is_dir())
+    return [n for n in GRADCAM_LAYERS if n in found] + [n for n in found if n not in GRADCAM_LAYERS]
+
+
+class _PmMeter:
+    """Confusion of one layer's pseudo-masks against the true masks, plus background bookkeeping."""
+
+    def __init__(self, spec: DatasetSpec) -> None:
+        self.background = spec.background_index
+        self.meter = ConfusionMeter(spec.num_classes, spec.background_index)
+        self.tissue = self.tissue_as_background = self.gt_background = self.background_kept = 0
+
+    def update(self, pm: np.ndarray, gt: np.ndarray) -> None:
+        bg = self.background
+        on_tissue = gt != bg
+        self.tissue += int(on_tissue.sum())
+        self.tissue_as_background += int((on_tissue & (pm == bg)).sum())
+        self.gt_background += int((~on_tissue).sum())
+        self.background_kept += int((~on_tissue & (pm == bg)).sum())
+        # Pixels the pseudo-mask leaves as background carry no class: they are left out of the
+        # C×C matrix (and counted in background_on_tissue instead).
+        self.meter.update(np.where(pm == bg, 0, pm), np.where(pm == bg, bg, gt))
+
+    def to_json(self, classes: Sequence[str]) -> dict:
+        metrics = self.meter.to_json(list(classes))
+        metrics["background_on_tissue"] = round(self.tissue_as_background / self.tissue, 6) if self.tissue else None
+        metrics["background_recall"] = (round(self.background_kept / self.gt_background, 6)
+                                        if self.gt_background else None)
+        return metrics
+
+
+def evaluate(data: Path, spec: DatasetSpec, pm_dir: Path | None = None) -> dict[str, dict]:
+    """Score each layer's pseudo-masks against ``DATA/train_gt/`` (synthetic data only).
+
+    Returns ``{layer: metrics}`` with the keys of :func:`wsss.metrics.scores_to_json` plus
+    ``background_on_tissue`` and ``background_recall``. The C×C confusion matrix counts pixels
+    that are tissue in the true mask (ground truth 4 is never evaluated) *and* carry a tissue class
+    in the pseudo-mask. Pixels the pseudo-mask marks as background (4) cannot enter a C×C matrix;
+    instead ``background_on_tissue`` is the fraction of true-tissue pixels marked 4 (stage 2
+    ignores them: lost supervision, not wrong supervision), and ``background_recall`` the fraction
+    of true-background pixels marked 4.
+    """
+    gt_dir = train_gt_dir(data)
+    if not gt_dir.is_dir():
+        raise WsssError(f"{gt_dir} not found: eval-pm needs the true masks of the training patches, "
+                        "which only synthetic data sets have (wsss synth writes them)")
+    pm_dir = Path(pm_dir) if pm_dir is not None else default_pm_dir(data)
+    layers = pm_layers(pm_dir)
+    if not layers:
+        raise WsssError(f"no PM_<layer> folders in {pm_dir}; run wsss generate-pm first")
+    gts = list_images(gt_dir)
+    if not gts:
+        raise WsssError(f"no masks in {gt_dir}")
+    meters = {layer: _PmMeter(spec) for layer in layers}
+    for gt_path in _progress(gts, True, desc="eval-pm", unit="patch"):
+        gt = read_mask(gt_path)
+        for layer in layers:
+            meters[layer].update(_read_pm(pseudo_mask_path(pm_dir, layer, gt_path), gt.shape, spec), gt)
+    return {layer: meter.to_json(spec.classes) for layer, meter in meters.items()}
+
+
+def _read_pm(path: Path, shape: tuple[int, int], spec: DatasetSpec) -> np.ndarray:
+    if not path.is_file():
+        raise WsssError(f"missing pseudo-mask {path}; run wsss generate-pm first")
+    pm = read_mask(path)
+    if pm.shape != shape:
+        raise WsssError(f"pseudo-mask {path} is {pm.shape[1]}x{pm.shape[0]}, its true mask {shape[1]}x{shape[0]}")
+    if pm.size and int(pm.max()) > spec.background_index:
+        raise WsssError(f"pseudo-mask {path} holds value {int(pm.max())}, above {spec.background_index}")
+    return pm
+
+
+def format_evaluation(results: dict[str, dict]) -> str:
+    """Tables of :func:`evaluate` output, one per layer, and a one-line mIoU comparison."""
+    blocks = []
+    for layer, metrics in results.items():
+        lines = [format_table(metrics, f"pseudo-masks PM_{layer} vs train_gt")]
+        lines.append(f"true-tissue pixels marked background {_percent(metrics['background_on_tissue'])}, "
+                     f"true-background pixels marked background {_percent(metrics['background_recall'])}")
+        blocks.append("\n".join(lines))
+    blocks.append("mIoU  " + "  ".join(f"{layer} {_percent(m['mIoU'], 4, False)}" for layer, m in results.items()))
+    return "\n\n".join(blocks)
+
+
+def _percent(value: float | None, digits: int = 1, as_percent: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.{digits}f} %" if as_percent else f"{value:.{digits}f}"
+
+
+__all__ = [
+    "PseudoMaskConfig",
+    "PseudoMaskDataset",
+    "evaluate",
+    "existing_mask",
+    "format_evaluation",
+    "format_summary",
+    "generate",
+    "parse_layers",
+    "pm_layers",
+    "pseudo_masks",
+]
