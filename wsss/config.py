@@ -65,7 +65,8 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
     # A thin copy of the same architecture on half-size inputs: the synthetic dataset trains in a
     # few minutes on 2 CPU cores. Measured in bench/stage1_speed.py and the README.
-    "cpu": {"width": 0.125, "image_size": 112, "epochs": 10, "batch_size": 16, "lr": 0.01, "workers": 0},
+    "cpu": {"width": 0.125, "image_size": 112, "epochs": 12, "batch_size": 16, "lr": 0.01, "workers": 0,
+            "pda_norm": "max"},
 }
 
 
@@ -113,3 +114,74 @@ def save_json(config: Any, path: Path) -> None:
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class Stage2Config:
+    """Stage 2: DeepLab v3+ trained on multi-layer pseudo-masks, tested with the classification gate."""
+
+    dataset: str
+    data: Path
+    stage1_checkpoint: Path | None = None  # needed for the gate only
+    out: Path = Path("checkpoints")
+    report: Path | None = None  # None: results/<dataset>
+    pm_dir: Path | None = None  # None: DATA/train_PM
+    pm_layers: tuple[str, ...] = ("bn7", "b5_2", "b4_5")
+    pm_weights: tuple[float, ...] = (0.6, 0.2, 0.2)
+    loss: str = "ce"
+    backbone: str = "resnet101"
+    out_stride: int = 16
+    head_channels: int = 256  # ASPP and decoder width
+    epochs: int = 30
+    batch_size: int = 20
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    image_size: int | None = None  # None: the patches' own size (224 for the real datasets)
+    input_norm: str = "none"  # the reference feeds [0, 1] RGB
+    init_weights: Path | None = None
+    gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
+    gate_threshold: float = 0.1
+    device: str = "auto"
+    amp: bool = False
+    workers: int = 2
+    seed: int = 0
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        from wsss.data.datasets import get_input_norm
+        from wsss.losses import LOSSES
+        from wsss.models.deeplab import DeepLabArch
+
+        # from_dict gives back strings and lists; keep the declared types.
+        for name in ("data", "out", "report", "pm_dir", "stage1_checkpoint", "init_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "pm_layers", tuple(self.pm_layers))
+        object.__setattr__(self, "pm_weights", tuple(float(w) for w in self.pm_weights))
+        if not self.pm_layers or len(self.pm_layers) != len(self.pm_weights):
+            raise WsssError(
+                f"--pm-layers names {len(self.pm_layers)} layers but --pm-weights gives {len(self.pm_weights)} weights"
+            )
+        if any(w < 0 for w in self.pm_weights) or not any(w > 0 for w in self.pm_weights):
+            raise WsssError("--pm-weights must be non-negative with at least one above 0")
+        if self.loss not in LOSSES:
+            raise WsssError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if not 0.0 <= self.gate_threshold < 1.0:
+            raise WsssError(f"--gate-threshold must be in [0, 1), not {self.gate_threshold}")
+        get_input_norm(self.input_norm)
+        DeepLabArch(self.backbone, self.out_stride, 1, self.head_channels)
+
+
+# A resumed stage-2 run may also change where its inputs and reports live and how it is tested.
+STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint", "gate", "gate_threshold"}
+
+STAGE2_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # ResNet-18 and a 64-channel head on the stage-1 cpu preset's 112 px inputs: 1000 synthetic
+    # patches train in a few minutes on 2 CPU cores. Measured in bench/stage2_speed.py.
+    "cpu": {"backbone": "resnet18", "head_channels": 64, "image_size": 112, "epochs": 6, "batch_size": 16,
+            "workers": 0},
+}
