@@ -6,9 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wsss.data.specs import BCSS, LUAD
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tests run thin models on tiny inputs: ops too small for intra-op threads, and on a busy
+    2-core machine two OpenMP threads mostly wait on each other (ten times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 LUAD_TRAIN_NAMES = [
     "1031280-2300-27920-[1 0 0 1].png",

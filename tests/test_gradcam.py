@@ -20,16 +20,6 @@ from wsss.models.resnet38 import ResNet38Classifier
 BG = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thin models at 32 px make ops too small for intra-op threads; on a busy 2-core machine two
-    OpenMP threads wait on each other and run these tests ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_classifier(seed: int = 0, width: float = 0.125) -> ResNet38Classifier:
     """A thin random classifier in eval mode with non-trivial BatchNorm statistics (not identity)."""
     torch.manual_seed(seed)

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from cli_helpers import run_cli
 from conftest import write_palette_mask, write_rgb

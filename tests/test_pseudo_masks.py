@@ -29,15 +29,6 @@ from wsss.stages.pseudo_masks import PseudoMaskConfig, evaluate, existing_mask, 
 LAYERS = ("b4_5", "b5_2", "bn7")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Thin models at 32-48 px: two OpenMP threads on a busy 2-core machine only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory) -> Path:
     from wsss.data.synth import generate as synth

@@ -173,6 +173,108 @@ def eval_pm(
         write_json(json_out, results)
 
 
+@app.command("train-stage2")
+def train_stage2(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    stage1_checkpoint: Optional[Path] = typer.Option(
+        None, "--stage1-checkpoint", help="Stage-1 classifier for the gate (ours or WSSS-Tissue's)."),
+    pm_dir: Optional[Path] = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    pm_layers: Optional[str] = typer.Option(
+        None, "--pm-layers", help="Comma-separated PM_<layer> folders to train on (default bn7,b5_2,b4_5)."),
+    pm_weights: Optional[str] = typer.Option(
+        None, "--pm-weights", help="Comma-separated loss weights, one per layer (default 0.6,0.2,0.2)."),
+    loss: Optional[str] = typer.Option(None, "--loss", help="ce, focal, dice, ce+dice or lovasz."),
+    backbone: Optional[str] = typer.Option(
+        None, "--backbone", help="resnet101 (paper), resnet50, resnet18 or mobilenet_v3_large."),
+    out_stride: Optional[int] = typer.Option(None, "--out-stride", help="16 (paper) or 8."),
+    head_channels: Optional[int] = typer.Option(None, "--head-channels", min=1, help="ASPP/decoder width (256)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (small, fast)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
+    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
+    input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    init_weights: Optional[Path] = typer.Option(
+        None, "--init-weights",
+        help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
+             "state_dict, or a wsss stage-2 checkpoint."),
+    gate: Optional[bool] = typer.Option(None, "--gate/--no-gate", help="Also test with the classification gate."),
+    gate_threshold: Optional[float] = typer.Option(
+        None, "--gate-threshold", help="Classes with stage-1 probability <= this cannot be predicted."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Metrics and predictions (default results/<dataset>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
+    force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+) -> None:
+    """Train DeepLab v3+ on the pseudo-masks (stage 2), keep the best on val, test it with and without the gate."""
+    from wsss.config import STAGE2_PRESETS, Stage2Config, resolve
+    from wsss.metrics import format_table
+    from wsss.stages.stage2 import train
+
+    cfg = resolve(
+        Stage2Config, STAGE2_PRESETS, preset, dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint,
+        pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
+        loss=loss, backbone=backbone, out_stride=out_stride, head_channels=head_channels, epochs=epochs,
+        batch_size=batch_size, lr=lr, image_size=image_size, input_norm=input_norm, init_weights=init_weights,
+        gate=gate, gate_threshold=gate_threshold, device=device, amp=amp, workers=workers, seed=seed, out=out,
+        report=report,
+    )
+    summary = train(cfg, resume=resume, force=force)
+    if "metrics" in summary:
+        metrics = summary["metrics"]
+        typer.echo(format_table(metrics["test"], "stage-2 segmentation, test split"))
+        if metrics["test_gate"] is not None:
+            typer.echo(format_table(metrics["test_gate"], "stage-2 segmentation with the gate, test split"))
+        typer.echo(json.dumps({k: metrics[k]["mIoU"] for k in ("test", "test_gate", "val_best") if metrics[k]}))
+
+
+@app.command()
+def evaluate(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    split: str = typer.Option("test", "--split", help="val or test."),
+    gate: bool = typer.Option(False, "--gate/--no-gate", help="Also score with the classification gate."),
+    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
+    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
+    device: str = typer.Option("auto", "--device"),
+    amp: bool = typer.Option(False, "--amp/--no-amp"),
+    workers: int = typer.Option(0, "--workers", min=0),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
+) -> None:
+    """Score a stage-2 checkpoint on a split, optionally with the stage-1 classification gate."""
+    from wsss.data.specs import get_spec
+    from wsss.metrics import format_table, write_json
+    from wsss.runtime import resolve_device
+    from wsss.stages.stage2 import evaluate_checkpoint
+
+    if gate and stage1_checkpoint is None:
+        raise WsssError("--gate needs --stage1-checkpoint")
+    results = evaluate_checkpoint(get_spec(dataset), data, checkpoint, split, resolve_device(device),
+                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp)
+    for key, metrics in results.items():
+        title = f"stage-2 segmentation{' with the gate' if key.endswith('_gate') else ''}, {split} split"
+        typer.echo(format_table(metrics, title))
+    if json_out is not None:
+        write_json(json_out, results)
+
+
+def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
+    """``"a,b,c"`` → a tuple of ``kind``; None stays None so presets and defaults apply."""
+    if text is None:
+        return None
+    try:
+        return tuple(kind(part.strip()) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise WsssError(f"{option}: cannot read {text!r} as a comma-separated list") from None
+
+
 def _one_line(exc: WsssError) -> str:
     """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
     text = str(exc).strip()

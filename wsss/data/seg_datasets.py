@@ -1,0 +1,125 @@
+"""Datasets of stage 2: training patches with their pseudo-masks, and evaluation patches seen by
+several models at once (the segmenter and, for the gate, the stage-1 classifier)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+
+from wsss.data.datasets import InputNorm, resize_mask, resize_rgb, to_tensor
+from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
+from wsss.data.png import read_mask, read_rgb
+from wsss.data.specs import BACKGROUND_INDEX
+from wsss.errors import WsssError
+
+
+def pseudo_mask_paths(
+    samples: Sequence[TrainSample], pm_dir: Path, layers: Sequence[str], dataset: str = "DATASET"
+) -> list[list[Path]]:
+    """``[[PM_DIR/PM_<layer>/<name>.png for layer in layers] for each sample]``; raises WsssError
+    naming the first missing file and how to make the pseudo-masks."""
+    paths = [[pseudo_mask_path(pm_dir, layer, s.path) for layer in layers] for s in samples]
+    missing = [p for row in paths for p in row if not p.is_file()]
+    if missing:
+        raise WsssError(
+            f"pseudo-mask missing: {missing[0]} ({len(missing)} of {len(samples) * len(layers)} missing); "
+            f"make them with `wsss generate-pm --dataset {dataset} --data DATA --checkpoint STAGE1.pth --out {pm_dir}` "
+            "or choose other --pm-layers / --pm-dir"
+        )
+    return paths
+
+
+def flip_and_blur(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference's stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
+
+    Image (H, W, 3) and masks (L, H, W) flipped left-right together with p = 0.5; the image alone
+    blurred with p = 0.5 by a Gaussian of radius uniform in [0, 1).
+    """
+    if torch.rand(()) < 0.5:
+        image = image[:, ::-1]
+        masks = masks[:, :, ::-1]
+    if torch.rand(()) < 0.5:
+        radius = float(torch.rand(()))
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius)))
+    return np.ascontiguousarray(image), np.ascontiguousarray(masks)
+
+
+class PseudoMaskDataset(Dataset):
+    """Training patches with one pseudo-mask per layer.
+
+    Item: ``(image (3, S, S) float, masks (L, S, S) long, index)``. Image resized bilinearly and masks
+    by nearest neighbour to ``image_size`` (``None``: the patches' own size), after augmentation.
+    Mask values are tissue classes ``0..C-1`` or the background index (ignored by the loss).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[TrainSample],
+        mask_paths: Sequence[Sequence[Path]],
+        image_size: int | None,
+        norm: InputNorm,
+        num_classes: int,
+        augment: bool = True,
+    ) -> None:
+        self.samples = list(samples)
+        self.mask_paths = [list(row) for row in mask_paths]
+        self.image_size = image_size
+        self.norm = norm
+        self.num_classes = num_classes
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _masks(self, index: int, shape: tuple[int, int]) -> np.ndarray:
+        masks = []
+        for path in self.mask_paths[index]:
+            mask = read_mask(path)
+            if mask.shape != shape:
+                raise WsssError(f"pseudo-mask {path} is {mask.shape[1]}×{mask.shape[0]}, its patch {shape[1]}×{shape[0]}")
+            bad = (mask >= self.num_classes) & (mask != BACKGROUND_INDEX)
+            if bad.any():
+                raise WsssError(f"pseudo-mask {path} holds value {int(mask[bad][0])}, not a class index")
+            masks.append(mask)
+        return np.stack(masks)
+
+    def __getitem__(self, index: int):
+        image = read_rgb(self.samples[index].path)
+        masks = self._masks(index, image.shape[:2])
+        if self.augment:
+            image, masks = flip_and_blur(image, masks)
+        image = resize_rgb(image, self.image_size)
+        masks = np.stack([resize_mask(m, self.image_size) for m in masks])
+        return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
+
+
+class MultiViewMaskedDataset(Dataset):
+    """Evaluation patches prepared for several models, each with its own input size and scaling.
+
+    Item: ``(views, mask (H, W) long at the mask's own size, index)`` where ``views[i]`` is the image
+    as ``(3, S_i, S_i)`` for ``sizes[i]`` / ``norms[i]`` (size ``None``: unresized).
+    """
+
+    def __init__(self, samples: Sequence[MaskedSample], sizes: Sequence[int | None], norms: Sequence[InputNorm]) -> None:
+        if len(sizes) != len(norms):
+            raise ValueError("one size per normalisation")
+        self.samples = list(samples)
+        self.sizes = list(sizes)
+        self.norms = list(norms)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        sample = self.samples[index]
+        image = read_rgb(sample.image)
+        mask = read_mask(sample.mask)
+        if image.shape[:2] != mask.shape:
+            raise WsssError(f"size mismatch between {sample.image} and its mask")
+        views = tuple(to_tensor(resize_rgb(image, s), n) for s, n in zip(self.sizes, self.norms))
+        return views, torch.from_numpy(mask.astype(np.int64)), index

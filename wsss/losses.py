@@ -1,0 +1,138 @@
+"""Segmentation losses for stage 2 (pure functions of logits and class-index targets).
+
+Every loss takes logits ``(B, C, H, W)`` and a target ``(B, H, W)`` of class indices, where pixels
+equal to ``ignore_index`` (4, white background) contribute nothing — neither to the value nor to
+the gradient. A batch in which every pixel is ignored gives 0 (with a zero gradient), not NaN.
+
+* ``ce`` — cross-entropy averaged over the evaluated pixels (the reference's loss).
+* ``focal`` — per-pixel focal loss ``-(1 - p_t)^γ log p_t`` (Lin et al. 2017), γ = 2, averaged over
+  evaluated pixels. (The reference's ``FocalLoss`` applies the focusing term to the batch-mean
+  cross-entropy instead of per pixel.)
+* ``dice`` — soft multi-class Dice, ``1 - mean_c (2 Σ p_c g_c + ε) / (Σ p_c + Σ g_c + ε)`` over the
+  batch's evaluated pixels, ε = 1.
+* ``ce+dice`` — their sum.
+* ``lovasz`` — multi-class Lovász-softmax (Berman et al. 2018) over the batch's evaluated pixels,
+  averaged over the classes present in the target.
+
+:func:`multi_mask_loss` combines one loss over several pseudo-masks: ``Σ_l w_l · L(logits, PM_l)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from wsss.data.specs import BACKGROUND_INDEX
+from wsss.errors import WsssError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+FOCAL_GAMMA = 2.0
+DICE_SMOOTH = 1.0
+
+
+def _valid(target: Tensor, ignore_index: int) -> Tensor:
+    return target != ignore_index
+
+
+def _masked_mean(per_pixel: Tensor, valid: Tensor) -> Tensor:
+    """Mean over valid pixels; 0 (still attached to the graph) when there are none."""
+    return (per_pixel * valid).sum() / valid.sum().clamp(min=1)
+
+
+def _pixel_ce(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Per-pixel cross-entropy (B, H, W), 0 at ignored pixels."""
+    return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
+
+
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+    return _masked_mean(_pixel_ce(logits, target, ignore_index), _valid(target, ignore_index))
+
+
+def focal(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX, gamma: float = FOCAL_GAMMA) -> Tensor:
+    ce = _pixel_ce(logits, target, ignore_index)
+    pt = torch.exp(-ce)
+    return _masked_mean((1 - pt).pow(gamma) * ce, _valid(target, ignore_index))
+
+
+def _flat_probs(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Softmax probabilities (N, C) and labels (N,) of the evaluated pixels only."""
+    c = logits.shape[1]
+    probs = logits.softmax(dim=1).permute(0, 2, 3, 1).reshape(-1, c)
+    labels = target.reshape(-1)
+    keep = labels != ignore_index
+    return probs[keep], labels[keep]
+
+
+def dice(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX, smooth: float = DICE_SMOOTH) -> Tensor:
+    probs, labels = _flat_probs(logits, target, ignore_index)
+    if labels.numel() == 0:
+        return logits.sum() * 0.0
+    onehot = F.one_hot(labels, logits.shape[1]).to(probs.dtype)
+    inter = (probs * onehot).sum(dim=0)
+    total = probs.sum(dim=0) + onehot.sum(dim=0)
+    return 1.0 - ((2 * inter + smooth) / (total + smooth)).mean()
+
+
+def ce_dice(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+    return cross_entropy(logits, target, ignore_index) + dice(logits, target, ignore_index)
+
+
+def _lovasz_grad(sorted_fg: Tensor) -> Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss w.r.t. errors sorted in decreasing order."""
+    gts = sorted_fg.sum()
+    intersection = gts - sorted_fg.cumsum(0)
+    union = gts + (1 - sorted_fg).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    if sorted_fg.numel() > 1:
+        jaccard[1:] = jaccard[1:] - jaccard[:-1]
+    return jaccard
+
+
+def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+    probs, labels = _flat_probs(logits, target, ignore_index)
+    losses = []
+    for c in range(logits.shape[1]):
+        fg = (labels == c).to(probs.dtype)
+        if fg.sum() == 0:  # "present" classes only, as Berman et al.'s default
+            continue
+        errors = (fg - probs[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        losses.append(torch.dot(errors_sorted, _lovasz_grad(fg[order])))
+    if not losses:
+        return logits.sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "ce": cross_entropy,
+    "focal": focal,
+    "dice": dice,
+    "ce+dice": ce_dice,
+    "lovasz": lovasz_softmax,
+}
+
+
+def get_loss(name: str, ignore_index: int = BACKGROUND_INDEX) -> LossFn:
+    """The loss called ``name`` with ``ignore_index`` bound: ``fn(logits, target) -> scalar``."""
+    try:
+        fn = LOSSES[name]
+    except KeyError:
+        raise WsssError(f"unknown loss {name!r}; choose one of {', '.join(LOSSES)}") from None
+    return lambda logits, target: fn(logits, target, ignore_index)
+
+
+def multi_mask_loss(logits: Tensor, targets: Tensor, weights: Sequence[float], loss: LossFn) -> Tensor:
+    """``Σ_l w_l · loss(logits, targets[:, l])`` for logits (B, C, H, W) and targets (B, L, H, W).
+
+    Layers of weight 0 are skipped, so they cannot affect the value or the gradient.
+    """
+    if targets.shape[1] != len(weights):
+        raise ValueError(f"{targets.shape[1]} target masks but {len(weights)} weights")
+    total = logits.sum() * 0.0
+    for layer, weight in enumerate(weights):
+        if weight != 0:
+            total = total + weight * loss(logits, targets[:, layer])
+    return total

@@ -1,0 +1,530 @@
+"""Stage 2: DeepLab v3+ trained on the multi-layer pseudo-masks, validated every epoch, tested
+with and without the classification gate.
+
+Outputs (``<d>`` is the dataset name)::
+
+    OUT/stage2_checkpoint_trained_on_<d>.pth   the best-validation-mIoU model (what `evaluate` loads)
+    OUT/stage2_<d>_last.pth                    resumable state after the last finished epoch
+    OUT/stage2_<d>_config.json                 the resolved configuration
+    OUT/runs/stage2_<d>/                       tensorboardX scalars (the reference's tags)
+    REPORT/metrics.json                        {"test", "test_gate", "val_best", "best_epoch"}
+    REPORT/pred/, REPORT/pred_gate/            palette PNG predictions of the test split
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+
+from wsss import config as cfglib
+from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
+from wsss.data.datasets import InputNorm, get_input_norm
+from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train
+from wsss.data.png import write_mask
+from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.losses import get_loss, multi_mask_loss
+from wsss.metrics import ConfusionMeter, format_table, write_json
+from wsss.models.deeplab import (
+    HEAD_PREFIX,
+    DeepLabArch,
+    DeepLabV3Plus,
+    infer_arch,
+    load_deeplab_weights,
+    map_reference_keys,
+    read_checkpoint,
+    state_dict_of,
+)
+from wsss.models.weights import LoadReport, _load_matching
+from wsss.runtime import Distributed, expect_stage, save_checkpoint, seed_everything, seed_worker
+from wsss.stages.stage1 import LoadedClassifier, _check_finite, _progress, autocast, load_classifier, poly_lambda
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stage2Paths:
+    out: Path
+    dataset: str
+    report: Path
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.out / f"stage2_checkpoint_trained_on_{self.dataset}.pth"
+
+    @property
+    def last(self) -> Path:
+        return self.out / f"stage2_{self.dataset}_last.pth"
+
+    @property
+    def config(self) -> Path:
+        return self.out / f"stage2_{self.dataset}_config.json"
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "runs" / f"stage2_{self.dataset}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.report / "metrics.json"
+
+    @property
+    def pred(self) -> Path:
+        return self.report / "pred"
+
+    @property
+    def pred_gate(self) -> Path:
+        return self.report / "pred_gate"
+
+    @classmethod
+    def of(cls, cfg: Stage2Config) -> "Stage2Paths":
+        name = get_spec(cfg.dataset).name
+        report = Path(cfg.report) if cfg.report is not None else Path("results") / name
+        return cls(Path(cfg.out), name, report)
+
+
+# --------------------------------------------------------------------------- the gate (pure)
+
+
+def gate_logits(logits: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Classification gate: logits (B, C, H, W) with every class whose stage-1 probability
+    (``probs`` (B, C)) is ``<= threshold`` set to ``-inf``, so it cannot win the argmax.
+
+    The reference multiplied the logits by 0/1 instead, which lets a suppressed class (logit 0) win
+    wherever the kept classes' logits are negative. When the classifier rejects *every* class of a
+    patch, its most probable class is kept: a patch holds at least one tissue, and the classifier's
+    best guess is then the one class it cannot rule out (keeping all classes instead would make the
+    gate a no-op exactly where the classifier disagrees most with the segmenter).
+    """
+    keep = probs > threshold
+    rejected_all = ~keep.any(dim=1)
+    if rejected_all.any():
+        best = probs[rejected_all].argmax(dim=1)
+        keep[rejected_all] = torch.nn.functional.one_hot(best, probs.shape[1]).bool()
+    return logits.masked_fill(~keep[:, :, None, None], float("-inf"))
+
+
+# --------------------------------------------------------------------------- loading models
+
+
+@dataclass
+class LoadedSegmenter:
+    model: DeepLabV3Plus
+    norm: InputNorm
+    image_size: int | None
+    class_names: list[str] | None
+    batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
+
+
+def load_segmenter(path: Path, num_classes: int | None = None) -> LoadedSegmenter:
+    """A stage-2 model from our checkpoint or a published WSSS-Tissue / pytorch-deeplab-xception file.
+
+    A published file (``{"state_dict": ...}`` or a plain state dict) is taken as the reference
+    trained it: output stride 16, ``[0, 1]`` RGB input (its ``Normalize`` has mean 0, std 1), the
+    patches' own size; backbone, class count and head width are read from the weights.
+    """
+    ckpt = read_checkpoint(path)
+    if "stage" in ckpt:
+        expect_stage(ckpt, path, 2, num_classes)
+        model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
+        model.load_state_dict(ckpt["model"])
+        batch = (ckpt.get("config") or {}).get("batch_size")
+        return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
+                               ckpt.get("class_names"), batch)
+    raw = state_dict_of(ckpt, path)
+    if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
+        raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
+    state = map_reference_keys(raw)
+    try:
+        arch = infer_arch(state)
+    except WsssError as exc:
+        raise WsssError(f"{path}: {exc}") from None
+    if num_classes is not None and arch.num_classes != num_classes:
+        raise WsssError(f"{path} was trained for {arch.num_classes} classes; this dataset has {num_classes}")
+    model = DeepLabV3Plus(arch)
+    report = _load_matching(model, state, LoadReport(source=str(path), imagenet=False))
+    if report.missing or report.shape_mismatch or report.unexpected:
+        raise WsssError(f"{path} does not fit a DeepLab v3+ {arch.backbone}: {report.summary()}")
+    return LoadedSegmenter(model.eval(), InputNorm(), None, None)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], amp: bool = False) -> torch.Tensor:
+    """Images (B, 3, S, S) → float logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear)."""
+    with autocast(x.device, amp):
+        return model(x, size=tuple(size))["out"].float()
+
+
+@torch.no_grad()
+def class_probs(clf: LoadedClassifier, x: torch.Tensor, amp: bool = False) -> torch.Tensor:
+    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier."""
+    with autocast(x.device, amp):
+        return torch.sigmoid(clf.model(x).float())
+
+
+def evaluate_samples(
+    seg: LoadedSegmenter,
+    samples: Sequence[MaskedSample],
+    spec: DatasetSpec,
+    device: torch.device,
+    gate: LoadedClassifier | None = None,
+    threshold: float = 0.1,
+    batch_size: int = 8,
+    workers: int = 0,
+    amp: bool = False,
+    pred_dirs: dict[str, Path] | None = None,
+    desc: str = "eval",
+    progress: bool = True,
+) -> dict[str, ConfusionMeter]:
+    """Confusion meters ``{"plain": ..., "gate": ...}`` (``gate`` only with a classifier).
+
+    Each model sees the patch at its own input size and normalisation; logits are upsampled to the
+    mask's size. With ``pred_dirs`` (same keys) each prediction is written as a palette PNG named
+    after the image, with the pixels the ground truth marks as background (not evaluated) set to 4.
+    """
+    sizes, norms = [seg.image_size], [seg.norm]
+    if gate is not None:
+        sizes.append(gate.image_size)
+        norms.append(gate.norm)
+        gate.model.eval().to(device)
+    loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms), batch_size=batch_size,
+                        num_workers=workers, worker_init_fn=seed_worker)
+    meters = {"plain": ConfusionMeter(spec.num_classes, spec.background_index)}
+    if gate is not None:
+        meters["gate"] = ConfusionMeter(spec.num_classes, spec.background_index)
+    seg.model.eval().to(device)
+    for views, mask, index in _progress(loader, progress, desc=desc, leave=False):
+        logits = segment(seg.model, views[0].to(device), mask.shape[-2:], amp)
+        preds = {"plain": logits.argmax(dim=1)}
+        if gate is not None:
+            probs = class_probs(gate, views[1].to(device), amp)
+            preds["gate"] = gate_logits(logits, probs, threshold).argmax(dim=1)
+        for key, pred in preds.items():
+            pred = pred.cpu()
+            meters[key].update(pred, mask)
+            if pred_dirs is not None and key in pred_dirs:
+                _write_predictions(pred_dirs[key], pred, mask, [samples[i] for i in index.tolist()], spec)
+    return meters
+
+
+def _write_predictions(folder: Path, pred: torch.Tensor, mask: torch.Tensor, samples, spec: DatasetSpec) -> None:
+    pred = pred.masked_fill(mask == spec.background_index, spec.background_index).numpy().astype("uint8")
+    for p, sample in zip(pred, samples):
+        write_mask(folder / f"{sample.image.stem}.png", p, spec.flat_palette())
+
+
+def evaluate_checkpoint(
+    spec: DatasetSpec,
+    data: Path,
+    checkpoint: Path,
+    split: str,
+    device: torch.device,
+    stage1_checkpoint: Path | None = None,
+    threshold: float = 0.1,
+    batch_size: int | None = None,
+    workers: int = 0,
+    amp: bool = False,
+) -> dict[str, dict]:
+    """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
+
+    ``batch_size`` defaults to the checkpoint's training batch size, which the end-of-training test
+    used too, so the numbers match those in ``metrics.json`` exactly.
+    """
+    if split not in ("val", "test"):
+        raise WsssError(f"--split must be val or test, not {split!r}")
+    seg = load_segmenter(checkpoint, spec.num_classes)
+    gate = load_classifier(stage1_checkpoint, spec.num_classes) if stage1_checkpoint is not None else None
+    meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
+                              batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}")
+    names = list(spec.classes)
+    results = {split: meters["plain"].to_json(names)}
+    if "gate" in meters:
+        results[f"{split}_gate"] = meters["gate"].to_json(names)
+    return results
+
+
+def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples, dist: Distributed) -> dict:
+    """Validation metrics of this process's share of ``samples``, summed over all processes."""
+    seg = LoadedSegmenter(model, get_input_norm(cfg.input_norm), cfg.image_size, list(spec.classes))
+    share = list(samples)[dist.rank :: dist.world_size]
+    meter = evaluate_samples(seg, share, spec, dist.device, batch_size=cfg.batch_size, workers=cfg.workers,
+                             amp=cfg.amp, desc="validate", progress=dist.is_main)["plain"]
+    meter.all_reduce()
+    return meter.to_json(list(spec.classes))
+
+
+# --------------------------------------------------------------------------- training building blocks
+
+
+def build_model(cfg: Stage2Config, spec: DatasetSpec) -> DeepLabV3Plus:
+    """DeepLab v3+ with ``--init-weights`` loaded (nothing is frozen: the reference trains all of it)."""
+    model = DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, spec.num_classes, cfg.head_channels))
+    if cfg.init_weights is not None:
+        report = load_deeplab_weights(model, cfg.init_weights)
+        log.info(report.summary())
+        if any(name.startswith(HEAD_PREFIX) for name, _, _ in report.shape_mismatch):
+            log.info("the class head of %s has another class count: it starts from scratch", cfg.init_weights)
+    return model
+
+
+def build_optimizer(model: DeepLabV3Plus, cfg: Stage2Config, steps: int):
+    groups = model.param_groups(cfg.lr, cfg.head_lr_mult)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps))
+    return optimizer, scheduler
+
+
+def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
+    # One generator per epoch: a resumed run sees exactly the batches an uninterrupted one would.
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    sampler = None
+    if dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=cfg.workers,
+        worker_init_fn=seed_worker,
+        generator=generator,
+        # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
+        drop_last=len(dataset) // max(dist.world_size, 1) >= cfg.batch_size,
+        pin_memory=dist.device.type == "cuda",
+    )
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
+    """One pass over the training patches; returns the mean weighted loss."""
+    model.train()
+    loss_fn = get_loss(cfg.loss)
+    total, count = 0.0, 0
+    steps_done = epoch * len(loader)
+    bar = _progress(loader, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    for step, (x, masks, _) in enumerate(bar):
+        x = x.to(dist.device, non_blocking=True)
+        masks = masks.to(dist.device, non_blocking=True)
+        with autocast(dist.device, cfg.amp):
+            logits = model(x)["out"]
+        loss = multi_mask_loss(logits.float(), masks, cfg.pm_weights, loss_fn)
+        _check_finite(loss, dist, epoch, step)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+        if dist.is_main:
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            if writer is not None:
+                writer.add_scalar("train/total_loss_iter", loss.item(), steps_done + step)
+                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], steps_done + step)
+    loss_sum, n = dist.all_reduce_sum([total, count])
+    return loss_sum / max(n, 1)
+
+
+def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, epoch: int, best: dict, **extra) -> dict:
+    """Our checkpoint format (STYLE rule 6) for stage 2."""
+    return {
+        "stage": 2,
+        "format": 1,
+        "arch": model.arch.to_dict(),
+        "model": model.state_dict(),
+        "epoch": epoch,
+        "best_metric": best.get("mIoU"),
+        "best_epoch": best.get("epoch"),
+        "best_val": best.get("val"),
+        "config": cfglib.to_dict(cfg),
+        "dataset": spec.name,
+        "class_names": list(spec.classes),
+        "input_norm": get_input_norm(cfg.input_norm).to_dict(),
+        "image_size": cfg.image_size,
+        **extra,
+    }
+
+
+def improves(score: float | None, best: float | None) -> bool:
+    """Strictly better validation mIoU; a missing/NaN score only counts when there is no best yet."""
+    value = -math.inf if score is None or math.isnan(score) else score
+    return best is None or value > best
+
+
+def _resume_state(cfg: Stage2Config, paths: Stage2Paths, resume: bool, force: bool):
+    """The configuration to run with and the saved state to continue from (or None)."""
+    if not resume:
+        if paths.last.exists() and not force:
+            raise WsssError(
+                f"{paths.last} holds an earlier stage-2 run; pass --resume to continue it or --force to start over"
+            )
+        return cfg, None
+    if not paths.last.exists():
+        log.info("no earlier run in %s: starting from scratch", paths.out)
+        return cfg, None
+    state = read_checkpoint(paths.last)
+    expect_stage(state, paths.last, 2)
+    saved = cfglib.from_dict(Stage2Config, state["config"])
+    runtime = {k: getattr(cfg, k) for k in STAGE2_RUNTIME_FIELDS}
+    cfg = replace(saved, **runtime)
+    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
+    return cfg, state
+
+
+def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
+    """The stage-1 classifier for the gate, loaded before training so a bad path fails early."""
+    if not cfg.gate:
+        return None
+    if cfg.stage1_checkpoint is None:
+        raise WsssError("the gate needs the stage-1 classifier: pass --stage1-checkpoint (or --no-gate)")
+    return load_classifier(cfg.stage1_checkpoint, spec.num_classes)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def train(cfg: Stage2Config, resume: bool = False, force: bool = False) -> dict:
+    """Train stage 2 (single process or one process of a ``torchrun`` job), then test; returns a summary."""
+    spec = get_spec(cfg.dataset)
+    paths = Stage2Paths.of(cfg)
+    cfg, state = _resume_state(cfg, paths, resume, force)
+    paths = Stage2Paths.of(cfg)
+    dist = Distributed(cfg.device)
+    try:
+        return _train(cfg, spec, paths, state, dist)
+    finally:
+        dist.close()
+
+
+def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed) -> dict:
+    if not dist.is_main:
+        logging.getLogger("wsss").setLevel(logging.WARNING)
+    seed_everything(cfg.seed, dist.rank)
+    gate = _gate_classifier(cfg, spec)
+    dataset = _training_set(cfg, spec)
+    val_samples = list_masked(cfg.data, "val")
+    model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
+    steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
+    if steps_per_epoch == 0:
+        raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
+    optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    start, best = 0, {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start = state["epoch"] + 1
+        best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
+    train_model = _distributed(model, dist)
+    writer = _writer(paths.logs) if dist.is_main else None
+    if dist.is_main:
+        cfglib.save_json(cfg, paths.config)
+        log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, world size %d",
+                 len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
+                 steps_per_epoch, dist.device, dist.world_size)
+    started = time.perf_counter()
+    for epoch in range(start, cfg.epochs):
+        # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
+        seed_everything(cfg.seed + 7919 * epoch, dist.rank)
+        loader = train_loader(cfg, dataset, dist, epoch)
+        loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
+        val = validate(model, cfg, spec, val_samples, dist)
+        if dist.is_main:
+            _log_epoch(writer, epoch, cfg, loss, val)
+            if improves(val["mIoU"], best.get("mIoU")):
+                best = {"mIoU": _score(val["mIoU"]), "epoch": epoch, "val": val}
+                save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best))
+                log.info("best validation mIoU so far: saved %s", paths.checkpoint)
+            save_checkpoint(paths.last, checkpoint_state(
+                model, cfg, spec, epoch, best, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+        dist.barrier()
+    summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
+               "checkpoint": str(paths.checkpoint)}
+    if dist.is_main:
+        summary["metrics"] = test_and_report(cfg, spec, paths, dist.device, gate, best)
+        summary["report"] = str(paths.report)
+        if writer is not None:
+            for key in ("test", "test_gate"):
+                if summary["metrics"][key] is not None:
+                    writer.add_scalar(f"{key}/mIoU", summary["metrics"][key]["mIoU"] or 0.0, cfg.epochs)
+            writer.close()
+    return summary
+
+
+def _score(miou: float | None) -> float:
+    return -math.inf if miou is None or math.isnan(miou) else miou
+
+
+def _training_set(cfg: Stage2Config, spec: DatasetSpec) -> PseudoMaskDataset:
+    samples = list_train(cfg.data, spec.num_classes)
+    pm_dir = Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
+    mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, spec.name)
+    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec.num_classes)
+
+
+def _distributed(model: DeepLabV3Plus, dist: Distributed):
+    if not dist.enabled:
+        return model
+    if dist.device.type == "cuda":
+        # The reference uses synchronised BatchNorm on several GPUs; the state dict keeps its names.
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+    )
+
+
+def _writer(log_dir: Path):
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
+def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) -> None:
+    def fmt(v):
+        return "nan" if v is None else f"{v:.4f}"
+
+    log.info("epoch %d/%d  loss %.4f  val mIoU %s  fwIoU %s  pixel acc %s", epoch + 1, cfg.epochs, loss,
+             fmt(val["mIoU"]), fmt(val["fwIoU"]), fmt(val["pixel_acc"]))
+    if writer is not None:
+        writer.add_scalar("train/total_loss_epoch", loss, epoch)
+        for tag, key in (("val/mIoU", "mIoU"), ("val/fwIoU", "fwIoU"), ("val/Acc", "pixel_acc"),
+                         ("val/Acc_class", "mean_class_acc")):
+            writer.add_scalar(tag, math.nan if val[key] is None else val[key], epoch)
+        writer.flush()
+
+
+def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
+                    gate: LoadedClassifier | None, best: dict) -> dict:
+    """Test the best checkpoint (read back from disk, as ``wsss evaluate`` would) with and without
+    the gate; write ``metrics.json`` and the prediction PNGs; log the tables."""
+    seg = load_segmenter(paths.checkpoint, spec.num_classes)
+    pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
+    meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
+                              cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test")
+    names = list(spec.classes)
+    metrics = {
+        "test": meters["plain"].to_json(names),
+        "test_gate": meters["gate"].to_json(names) if "gate" in meters else None,
+        "val_best": best.get("val"),
+        "best_epoch": None if best.get("epoch") is None else best["epoch"] + 1,
+    }
+    write_json(paths.metrics, metrics)
+    log.info(format_table(metrics["test"], "stage-2 segmentation, test split"))
+    if metrics["test_gate"] is not None:
+        log.info(format_table(metrics["test_gate"], f"stage-2 segmentation with the gate (p > {cfg.gate_threshold:g}), test split"))
+    return metrics
