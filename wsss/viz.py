@@ -1,0 +1,108 @@
+"""Pictures of masks: palette colouring, overlays on the image, a class legend, image grids.
+
+Everything works on uint8 NumPy arrays / PIL images and needs nothing beyond Pillow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from wsss.data.specs import DatasetSpec
+
+BACKGROUND_NAME = "background"
+
+
+def colour_table(spec: DatasetSpec) -> np.ndarray:
+    """``(256, 3)`` uint8 lookup table: the dataset's palette, unused indices black."""
+    return np.asarray(spec.flat_palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def colorize(mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Class indices ``(H, W)`` → RGB ``(H, W, 3)`` in the dataset's palette colours."""
+    return colour_table(spec)[np.asarray(mask, dtype=np.uint8)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, spec: DatasetSpec, alpha: float = 0.45) -> np.ndarray:
+    """The image with each tissue pixel blended towards its class colour by ``alpha``.
+
+    Background pixels (the background index) keep the image unchanged, so white glass stays white.
+    """
+    if image.shape[:2] != mask.shape:
+        raise ValueError(f"image {image.shape[:2]} and mask {mask.shape} differ in size")
+    colours = colorize(mask, spec).astype(np.float32)
+    blend = image.astype(np.float32) * (1.0 - alpha) + colours * alpha
+    tissue = (np.asarray(mask) != spec.background_index)[..., None]
+    return np.where(tissue, blend, image.astype(np.float32)).round().clip(0, 255).astype(np.uint8)
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def legend(spec: DatasetSpec, swatch: int = 14, pad: int = 6, background: bool = True) -> Image.Image:
+    """A one-row legend: a colour swatch and the name of every class (and the background)."""
+    names = list(spec.classes) + ([BACKGROUND_NAME] if background else [])
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [int(probe.textlength(n, font=font)) for n in names]
+    width = pad + sum(swatch + 4 + w + 2 * pad for w in widths)
+    img = Image.new("RGB", (width, swatch + 2 * pad), "white")
+    draw = ImageDraw.Draw(img)
+    x = pad
+    for i, (name, w) in enumerate(zip(names, widths)):
+        colour = tuple(spec.palette[i])
+        draw.rectangle([x, pad, x + swatch - 1, pad + swatch - 1], fill=colour, outline=(0, 0, 0))
+        draw.text((x + swatch + 4, pad), name, fill=(0, 0, 0), font=font)
+        x += swatch + 4 + w + 2 * pad
+    return img
+
+
+def grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    titles: Sequence[str] | None = None,
+    cell: int = 160,
+    gap: int = 4,
+    footer: Image.Image | None = None,
+) -> Image.Image:
+    """Images ``rows[r][c]`` (RGB uint8, any size) resized to ``cell``×``cell`` in a labelled grid.
+
+    ``titles`` label the columns; ``footer`` (e.g. a :func:`legend`) goes under the grid.
+    """
+    ncols = max(len(r) for r in rows)
+    title_h = 18 if titles else 0
+    width = ncols * cell + (ncols + 1) * gap
+    height = title_h + len(rows) * cell + (len(rows) + 1) * gap
+    if footer is not None:
+        width = max(width, footer.width + 2 * gap)
+        height += footer.height + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = _font()
+    for c, title in enumerate(titles or []):
+        x = gap + c * (cell + gap)
+        draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+            # Nearest keeps mask colours pure; the patches are small enough that it looks fine too.
+            tile = tile.resize((cell, cell), Image.NEAREST)
+            canvas.paste(tile, (gap + c * (cell + gap), title_h + gap + r * (cell + gap)))
+    if footer is not None:
+        canvas.paste(footer, (gap, height - footer.height - gap))
+    return canvas
+
+
+def heatmap(values: np.ndarray) -> np.ndarray:
+    """Values in ``[0, 1]`` ``(H, W)`` → RGB ``(H, W, 3)`` on a blue–yellow–red scale."""
+    v = np.clip(np.asarray(values, dtype=np.float32), 0.0, 1.0)
+    stops = np.array([[0, 0, 130], [0, 120, 255], [255, 230, 0], [200, 0, 0]], dtype=np.float32)
+    pos = v * (len(stops) - 1)
+    lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
+    frac = (pos - lo)[..., None]
+    return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
