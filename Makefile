@@ -2,10 +2,28 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+WSSS := $(VENV)/bin/wsss
 # torch is pinned to the release this project is tested with (served from a local mirror here).
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test clean
+# `make reproduce` runs the synthetic dataset with the cpu preset; for the real data:
+#   make reproduce DATASET=luad DATA=datasets/LUAD-HistoSeg
+#   make reproduce DATASET=bcss DATA=datasets/BCSS-WSSS
+# (paper settings; ImageNet / DeepLab initial weights are used when they are in checkpoints/).
+DATASET ?= synthetic
+DEVICE ?= auto
+ifeq ($(DATASET),synthetic)
+DATA ?= datasets/synthetic
+RUN_ARGS = --dataset luad --data $(DATA) --synth --preset cpu --run synthetic
+else
+DATA ?= $(error set DATA to the $(DATASET) dataset folder, e.g. make reproduce DATASET=luad DATA=datasets/LUAD-HistoSeg)
+S1_INIT ?= $(wildcard checkpoints/ilsvrc-cls_rna-a1_cls1000_ep-0001.params)
+S2_INIT ?= $(wildcard checkpoints/deeplab-resnet.pth.tar)
+RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
+	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
+endif
+
+.PHONY: venv test reproduce ablation bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +36,19 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+reproduce: venv
+	$(WSSS) reproduce $(RUN_ARGS) --device $(DEVICE)
+
+ablation: venv
+	$(WSSS) reproduce $(RUN_ARGS) --device $(DEVICE) --ablations
+
+# One script per hot path; each prints images/s and the fraction of this machine's fp32 GEMM
+# FLOP/s it reaches, measured in the same run. Run on an otherwise idle machine.
+bench: venv
+	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py; do \
+		if [ -f $$script ]; then echo "== $$script"; $(PY) $$script || exit 1; fi; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,7 +1,7 @@
 import numpy as np
 
 from wsss.data.specs import BCSS, LUAD
-from wsss.viz import colorize, grid, heatmap, legend, overlay
+from wsss.viz import colorbar, colorize, grid, heatmap, heatmap_overlay, legend, overlay
 
 
 def test_colorize_uses_the_dataset_palette():
@@ -32,3 +32,38 @@ def test_heatmap_end_points():
     out = heatmap(np.array([[-1.0, 0.0, 1.0, 2.0]]))
     assert out[0, 0].tolist() == out[0, 1].tolist() == [0, 0, 130]
     assert out[0, 2].tolist() == out[0, 3].tolist() == [200, 0, 0]
+
+
+def test_grid_row_titles_widen_the_left_margin_and_are_drawn():
+    tile = np.zeros((8, 8, 3), np.uint8)
+    plain = np.asarray(grid([[tile, tile], [tile, tile]], cell=20, gap=2))
+    titled = np.asarray(grid([[tile, tile], [tile, tile]], cell=20, gap=2, row_titles=["first", "two\nlines"]))
+    margin = titled.shape[1] - plain.shape[1]
+    assert titled.shape[0] == plain.shape[0] and margin > 10
+    assert titled[:, :margin].min() < 128  # text in the margin
+    np.testing.assert_array_equal(titled[:, margin:], plain)  # the pictures just move right
+
+
+def test_grid_outline_frames_each_picture_in_the_gap():
+    tile = np.full((4, 4, 3), 255, np.uint8)
+    img = np.asarray(grid([[tile]], cell=10, gap=3, outline=(1, 2, 3)))
+    assert img.shape == (16, 16, 3)
+    frame = np.zeros((16, 16), bool)
+    frame[2, 2:14] = frame[13, 2:14] = frame[2:14, 2] = frame[2:14, 13] = True
+    assert (img[frame] == [1, 2, 3]).all()
+    assert (img[~frame] == 255).all()
+
+
+def test_heatmap_overlay_blends_the_scale_colours():
+    image = np.full((1, 2, 3), 100, np.uint8)
+    out = heatmap_overlay(image, np.array([[0.0, 1.0]]), alpha=0.5)
+    # 0 → (0, 0, 130), 1 → (200, 0, 0), each averaged with 100
+    assert out[0, 0].tolist() == [50, 50, 115]
+    assert out[0, 1].tolist() == [150, 50, 50]
+
+
+def test_colorbar_runs_from_low_to_high_colour():
+    bar = np.asarray(colorbar(length=50, thickness=8, caption="score"))
+    row = bar[bar.shape[0] // 2]
+    assert [0, 0, 130] in row.tolist() and [200, 0, 0] in row.tolist()
+    assert bar.shape[0] == 8 + 2 * 6 and bar.shape[1] > 50 + len("score")

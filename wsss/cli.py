@@ -265,6 +265,65 @@ def evaluate(
         write_json(json_out, results)
 
 
+@app.command()
+def figures(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    stage1_checkpoint: Path = typer.Option(
+        ..., "--stage1-checkpoint", help="Stage-1 classifier for the pseudo-masks and CAMs (ours or WSSS-Tissue's)."),
+    report: Optional[Path] = typer.Option(
+        None, "--report", help="Report folder: reads pred/ and pred_gate/ there, writes the PNGs (default results/<dataset>)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
+    from wsss.data.specs import get_spec
+    from wsss.figures import CAMS_NAME, EXAMPLES_NAME, cam_figure, examples_figure
+
+    spec = get_spec(dataset)
+    report = report if report is not None else Path("results") / spec.name
+    pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
+    written = [
+        examples_figure(spec, data, stage1_checkpoint, pred_dirs, report / EXAMPLES_NAME, device=device),
+        cam_figure(spec, data, stage1_checkpoint, report / CAMS_NAME, device=device),
+    ]
+    typer.echo("written: " + ", ".join(map(str, written)))
+
+
+@app.command()
+def reproduce(
+    dataset: str = DatasetOpt,
+    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    synth: bool = typer.Option(False, "--synth", help="Generate the synthetic dataset into DATA first (once)."),
+    run: Optional[str] = typer.Option(
+        None, "--run", help="Names checkpoints/<run> and results/<run> (default: synthetic with --synth, else the dataset)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="cpu (small, fast) or paper (the default)."),
+    stage1_init: Optional[Path] = typer.Option(
+        None, "--stage1-init-weights", help="Stage-1 initialisation, e.g. the MXNet ImageNet .params file."),
+    stage2_init: Optional[Path] = typer.Option(
+        None, "--stage2-init-weights", help="Stage-2 initialisation, e.g. deeplab-resnet.pth.tar."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Checkpoints (default checkpoints/<run>)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Report, figures, predictions (default results/<run>)."),
+    ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset default)."),
+    force: bool = typer.Option(False, "--force", help="Start over instead of continuing an earlier run."),
+) -> None:
+    """Run the whole pipeline (stage 1, pseudo-masks, stage 2 with the gate) and print the results table.
+
+    Re-running continues where an earlier run stopped."""
+    from wsss.stages.reproduce import ReproduceConfig, format_report, run as run_pipeline
+
+    cfg = ReproduceConfig(
+        dataset=dataset, data=data, run=run or ("synthetic" if synth else dataset.lower()),
+        preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
+        stage2_init=stage2_init, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+    )
+    result = run_pipeline(cfg)
+    typer.echo(format_report(result))
+    typer.echo(f"written: {cfg.report_dir / 'report.md'}, {cfg.report_dir / 'report.json'}")
+
+
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
     """``"a,b,c"`` → a tuple of ``kind``; None stays None so presets and defaults apply."""
     if text is None:

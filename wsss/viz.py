@@ -69,33 +69,54 @@ def grid(
     cell: int = 160,
     gap: int = 4,
     footer: Image.Image | None = None,
+    row_titles: Sequence[str] | None = None,
+    outline: tuple[int, int, int] | None = None,
 ) -> Image.Image:
     """Images ``rows[r][c]`` (RGB uint8, any size) resized to ``cell``×``cell`` in a labelled grid.
 
-    ``titles`` label the columns; ``footer`` (e.g. a :func:`legend`) goes under the grid.
+    ``titles`` label the columns; ``footer`` (e.g. a :func:`legend`) goes under the grid;
+    ``row_titles`` (may hold newlines) go in a margin left of the rows, centred on each row;
+    ``outline`` draws a 1-px frame of that colour around each picture, in the gap (so white
+    background in a mask does not melt into the white page).
     """
+    font = _font()
+    margin = _row_title_margin(row_titles, font, gap)
     ncols = max(len(r) for r in rows)
     title_h = 18 if titles else 0
-    width = ncols * cell + (ncols + 1) * gap
+    width = margin + ncols * cell + (ncols + 1) * gap
     height = title_h + len(rows) * cell + (len(rows) + 1) * gap
     if footer is not None:
         width = max(width, footer.width + 2 * gap)
         height += footer.height + gap
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    font = _font()
     for c, title in enumerate(titles or []):
-        x = gap + c * (cell + gap)
+        x = margin + gap + c * (cell + gap)
         draw.text((x + 2, 2), title, fill=(0, 0, 0), font=font)
+    for r, row_title in enumerate(row_titles or []):
+        centre = title_h + gap + r * (cell + gap) + cell // 2
+        draw.multiline_text((gap, centre), row_title, fill=(0, 0, 0), font=font, anchor="lm", spacing=2)
     for r, row in enumerate(rows):
         for c, image in enumerate(row):
             tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
             # Nearest keeps mask colours pure; the patches are small enough that it looks fine too.
             tile = tile.resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (gap + c * (cell + gap), title_h + gap + r * (cell + gap)))
+            x, y = margin + gap + c * (cell + gap), title_h + gap + r * (cell + gap)
+            canvas.paste(tile, (x, y))
+            if outline is not None and gap > 0:
+                draw.rectangle([x - 1, y - 1, x + cell, y + cell], outline=outline)
     if footer is not None:
         canvas.paste(footer, (gap, height - footer.height - gap))
     return canvas
+
+
+def _row_title_margin(row_titles: Sequence[str] | None, font: ImageFont.ImageFont, gap: int) -> int:
+    """Width of the left margin that fits the widest line of ``row_titles`` (0 without titles)."""
+    if not row_titles:
+        return 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widest = max(probe.multiline_textbbox((0, 0), t, font=font, spacing=2)[2] for t in row_titles)
+    return int(widest) + 2 * gap
 
 
 def heatmap(values: np.ndarray) -> np.ndarray:
@@ -106,3 +127,31 @@ def heatmap(values: np.ndarray) -> np.ndarray:
     lo = np.floor(pos).astype(int).clip(0, len(stops) - 2)
     frac = (pos - lo)[..., None]
     return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).round().astype(np.uint8)
+
+
+def heatmap_overlay(image: np.ndarray, values: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image ``(H, W, 3)`` blended by ``alpha`` with the :func:`heatmap` of ``values`` ``(H, W)`` in [0, 1]."""
+    if image.shape[:2] != np.shape(values):
+        raise ValueError(f"image {image.shape[:2]} and values {np.shape(values)} differ in size")
+    blend = image.astype(np.float32) * (1.0 - alpha) + heatmap(values).astype(np.float32) * alpha
+    return blend.round().clip(0, 255).astype(np.uint8)
+
+
+def colorbar(length: int = 160, thickness: int = 12, low: str = "0", high: str = "1", caption: str = "",
+             pad: int = 6) -> Image.Image:
+    """A horizontal :func:`heatmap` scale, ``length`` px long, labelled ``low`` … ``high``, then ``caption``."""
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    low_w, high_w, caption_w = (int(probe.textlength(t, font=font)) for t in (low, high, caption))
+    width = pad + low_w + 4 + length + 4 + high_w + (2 * pad + caption_w if caption else 0) + pad
+    img = Image.new("RGB", (width, thickness + 2 * pad), "white")
+    bar = heatmap(np.broadcast_to(np.linspace(0.0, 1.0, length, dtype=np.float32), (thickness, length)))
+    x = pad + low_w + 4
+    img.paste(Image.fromarray(bar), (x, pad))
+    draw = ImageDraw.Draw(img)
+    middle = pad + thickness / 2
+    draw.text((pad, middle), low, fill=(0, 0, 0), font=font, anchor="lm")
+    draw.text((x + length + 4, middle), high, fill=(0, 0, 0), font=font, anchor="lm")
+    if caption:
+        draw.text((x + length + 4 + high_w + 2 * pad, middle), caption, fill=(0, 0, 0), font=font, anchor="lm")
+    return img

@@ -1,0 +1,94 @@
+"""`wsss reproduce`: the chain on a tiny synthetic dataset, the report, and continuing a stopped run."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import run_cli
+from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
+from wsss.errors import WsssError
+from wsss.stages.reproduce import ReproduceConfig, format_report, run
+
+TINY1 = {"width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0, "pda_norm": "max"}
+TINY2 = {"backbone": "resnet18", "head_channels": 16, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0}
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    monkeypatch.setitem(STAGE1_PRESETS, "tiny", TINY1)
+    monkeypatch.setitem(STAGE2_PRESETS, "tiny", TINY2)
+
+
+def tiny(tmp: Path, **kw) -> ReproduceConfig:
+    base = dict(dataset="luad", data=tmp / "data", run="t", preset="tiny", out=tmp / "ckpt", report=tmp / "report",
+                synth=True, synth_counts=(16, 4, 4), device="cpu", workers=0, figures=False)
+    base.update(kw)
+    return ReproduceConfig(**base)
+
+
+def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, tiny_presets, capsys, monkeypatch):
+    cfg = tiny(tmp_path)
+    first = run(cfg)
+    report = tmp_path / "report"
+    # every stage ran and wrote what the next one reads
+    assert (tmp_path / "data" / "synth.json").is_file()
+    for layer in ("b4_5", "b5_2", "bn7"):
+        assert len(list((tmp_path / "data" / "train_PM" / f"PM_{layer}").glob("*.png"))) == 16
+    assert (tmp_path / "ckpt" / "stage1_checkpoint_trained_on_luad.pth").is_file()
+    assert (tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth").is_file()
+    # the report carries the numbers each stage wrote, not numbers of its own
+    metrics = json.loads((report / "metrics.json").read_text())
+    cam = json.loads((tmp_path / "ckpt" / "stage1_luad_cam_metrics.json").read_text())
+    saved = json.loads((report / "report.json").read_text())
+    assert saved["stage2"]["test"]["mIoU"] == metrics["test"]["mIoU"]
+    assert saved["stage2"]["test_gate"]["mIoU"] == metrics["test_gate"]["mIoU"]
+    assert saved["stage1_cam"]["test"]["mIoU"] == cam["test"]["mIoU"]
+    assert set(saved["pseudo_masks"]) == {"b4_5", "b5_2", "bn7"}
+    assert not any(t["skipped"] for t in saved["times"].values())
+    md = (report / "report.md").read_text()
+    assert md == format_report(first)
+    for row in ("stage-1 CAM (test)", "pseudo-mask bn7", "stage 2 (test)", "stage 2 + gate (test)", "**total**"):
+        assert row in md
+
+    # a second call skips every finished step and reports the same numbers and earlier times
+    code, out, err = run_cli(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "data",
+                             "--synth", "--preset", "tiny", "--run", "t", "--out", tmp_path / "ckpt", "--report",
+                             report, "--device", "cpu", "--workers", "0", "--no-figures")
+    assert code == 0, err
+    again = json.loads((report / "report.json").read_text())
+    assert again["stage2"] == saved["stage2"]
+    assert all(t["skipped"] for t in again["times"].values())
+    assert [t["seconds"] for t in again["times"].values()] == [
+        t["seconds"] for k, t in saved["times"].items() if k != "synthetic data"]
+    assert "stage 2 + gate (test)" in out
+
+    # stopped during stage 2: only stage 2 runs again
+    progress = json.loads((report / "progress.json").read_text())
+    del progress["steps"]["stage2"]
+    (report / "progress.json").write_text(json.dumps(progress))
+    (report / "metrics.json").unlink()
+    third = run(cfg)
+    skipped = {k: t["skipped"] for k, t in third["times"].items()}
+    assert skipped.pop("stage 2: train-stage2 --gate") is False
+    assert all(skipped.values())
+    assert (report / "metrics.json").is_file()
+
+
+def test_reproduce_refuses_to_mix_settings(tmp_path, tiny_presets):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "progress.json").write_text(json.dumps({"signature": {"dataset": "luad", "data": str(tmp_path / "data"),
+                                                                    "preset": "cpu", "stage1_init": None,
+                                                                    "stage2_init": None}, "steps": {}}))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    with pytest.raises(WsssError, match="other settings.*preset: 'cpu' → 'tiny'"):
+        run(tiny(tmp_path, synth=False))
+
+
+def test_reproduce_missing_data_is_one_clear_line(tmp_path, capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "nope",
+                             "--report", tmp_path / "r", "--out", tmp_path / "c")
+    assert code == 1
+    assert "not found" in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
