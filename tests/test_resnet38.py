@@ -166,6 +166,9 @@ def test_param_groups_cover_every_trainable_parameter_once(thin):
     assert "bn7.bias" in backbone_bias and all(n.endswith(".bias") for n in backbone_bias)
     assert "b3.bn_branch2a.weight" in {names[id(p)] for p in _group(groups, "backbone_weight")["params"]}
     torch.optim.SGD(groups, lr=0.01, momentum=0.9)  # accepts the groups, the empty one included
+    # the cpu preset trains the head at the trunk's rate (random init: nothing to fine-tune)
+    same = thin.param_groups(lr=0.01, weight_decay=5e-4, head_mult=1.0)
+    assert [g["lr"] for g in same] == pytest.approx([0.01, 0.02, 0.01, 0.02])
 
 
 def test_random_init_freezes_nothing(thin):

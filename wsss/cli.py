@@ -71,7 +71,9 @@ def train_stage1(
     preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (thin, fast)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr (biases 2×)."),
+    head_lr_mult: Optional[float] = typer.Option(
+        None, "--head-lr-mult", min=0.0, help="Classifier-head lr as a multiple of --lr (paper 10)."),
     width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
@@ -97,7 +99,7 @@ def train_stage1(
 
     cfg = resolve(
         Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
-        batch_size=batch_size, lr=lr, width=width, image_size=image_size, input_norm=input_norm,
+        batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, width=width, image_size=image_size, input_norm=input_norm,
         init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, device=device, amp=amp, workers=workers, seed=seed,
     )

@@ -270,18 +270,19 @@ class ResNet38Classifier(ResNet38):
         features = self.forward_features(x)["bn7"]
         return cams_from_features(features, self.fc8.weight), self.forward_head(features)
 
-    def param_groups(self, lr: float, weight_decay: float) -> list[dict]:
+    def param_groups(self, lr: float, weight_decay: float, head_mult: float = 10.0) -> list[dict]:
         """The four SGD groups of the reference, trainable parameters only.
 
         backbone weights (Conv and BN) 1×lr with decay · backbone biases (BN) 2×lr, no decay ·
-        head weights 10×lr with decay · head biases 20×lr, no decay (empty: ``fc8`` has no bias).
+        head weights ``head_mult``×lr (10 in the reference) with decay · head biases
+        2·``head_mult``×lr, no decay (empty: ``fc8`` has no bias).
         Each group carries ``name`` and ``lr_mult`` so a scheduler can rescale from ``lr``.
         """
         spec = (
             ("backbone_weight", 1.0, weight_decay),
             ("backbone_bias", 2.0, 0.0),
-            ("head_weight", 10.0, weight_decay),
-            ("head_bias", 20.0, 0.0),
+            ("head_weight", head_mult, weight_decay),
+            ("head_bias", 2.0 * head_mult, 0.0),
         )
         buckets: dict[str, list[nn.Parameter]] = {name: [] for name, _, _ in spec}
         for name, param in self.named_parameters():

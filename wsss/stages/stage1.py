@@ -82,7 +82,7 @@ def poly_lambda(max_step: int, power: float = 0.9):
 
 
 def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
-    groups = model.param_groups(cfg.lr, cfg.weight_decay)
+    groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps))
