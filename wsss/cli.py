@@ -326,6 +326,55 @@ def reproduce(
     typer.echo(f"written: {cfg.report_dir / 'report.md'}, {cfg.report_dir / 'report.json'}")
 
 
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF) or folders of them.", show_default=False),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png, <name>_overlay.png and summary.csv."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="luad or bcss: class names and palette (default: recorded in the checkpoint; "
+                                "needed for published checkpoints)."),
+    gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
+    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
+    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    tile: int = typer.Option(
+        224, "--tile", min=16,
+        help="Window side in image pixels; use the training patch size (224 for LUAD/BCSS). Each window is "
+             "resized by image_size/tile when the checkpoint records its training input size, so the model "
+             "sees tissue at the scale it learned; probabilities come back at window size."),
+    overlap: int = typer.Option(
+        32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+) -> None:
+    """Segment your own images of any size with a stage-2 checkpoint (sliding window, blended overlaps).
+
+    Memory grows with the image (its RGB pixels and a one-byte mask) and with tile × width, not with
+    classes × pixels. When some images fail (unreadable, grayscale, RGBA) the others are still
+    processed and written; the failures are listed at the end and the exit status is 1."""
+    from wsss.stages.predict import PredictConfig, run as run_predict
+
+    cfg = PredictConfig(
+        inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
+        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, tile=tile, overlap=overlap,
+        batch_size=batch_size, device=device, amp=amp,
+    )
+    result = run_predict(cfg, progress=sys.stderr.isatty())
+    if result.failures and not result.rows and len(result.failures) == 1:
+        raise WsssError(result.failures[0])
+    if result.rows:
+        typer.echo(f"{len(result.rows)} of {result.total} images segmented: masks, overlays and {result.summary}")
+    if result.failures:
+        n = len(result.failures)
+        typer.echo(f"{n} image{'s' if n != 1 else ''} failed:", err=True)
+        for message in result.failures:
+            typer.echo(f"  {message}", err=True)
+        if not result.rows:
+            raise WsssError(f"none of the {result.total} images could be processed")
+        raise typer.Exit(1)
+
+
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
     """``"a,b,c"`` → a tuple of ``kind``; None stays None so presets and defaults apply."""
     if text is None:

@@ -1,0 +1,127 @@
+"""`wsss predict` throughput (windows/s, and the fraction of the machine's fp32 GEMM FLOP/s it reaches),
+then the wall time and peak memory of a whole large image.
+
+    python bench/predict_speed.py [--preset cpu|paper] [--backbone NAME --head-channels N --image-size N]
+                                  [--tile 224 --overlap 32 --batch-size 8] [--size 10000] [--threads N]
+
+Part 1 times the tile predictor (resize, normalise, DeepLab forward, softmax) on a batch of random
+windows of a randomly initialised model of the preset's architecture. Part 2 (``--size N``, 0 skips
+it) writes an N × N synthetic PNG (a random H&E-coloured texture with white glass) and runs
+``python -m wsss predict`` on it in a child process, so the peak resident memory reported (the child's
+``ru_maxrss``) is the command's own, from interpreter start to the last PNG written; the same command
+on a 224-px image gives the fixed part (Python, torch, the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, gemm_flops_per_second, machine, time_calls  # noqa: E402
+
+from wsss.config import STAGE2_PRESETS, Stage2Config, resolve  # noqa: E402
+from wsss.data.specs import LUAD  # noqa: E402
+from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
+from wsss.runtime import save_checkpoint  # noqa: E402
+from wsss.stages import stage2  # noqa: E402
+from wsss.stages.predict import TilePredictor, tiles_of  # noqa: E402
+
+
+def make_checkpoint(path: Path, cfg: Stage2Config) -> None:
+    """A randomly initialised stage-2 checkpoint of ``cfg``'s architecture (speed does not need training)."""
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, LUAD.num_classes, cfg.head_channels))
+    save_checkpoint(path, stage2.checkpoint_state(model, cfg, LUAD, 0, {}))
+
+
+def bench_tiles(path: Path, tile: int, batch: int, repeats: int) -> float:
+    """Print windows/s and the GEMM fraction of the tile predictor; returns windows/s."""
+    seg = stage2.load_segmenter(path)
+    predict = TilePredictor(seg, tile, torch.device("cpu"))
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8) for _ in range(batch)]
+    flops = count_flops(lambda: predict(tiles))
+    seconds = time_calls(lambda: predict(tiles), repeats)
+    peak = gemm_flops_per_second()
+    print(f"  windows of {tile}px -> model input {seg.image_size or tile}px, batch {batch}: "
+          f"{seconds * 1000:.0f} ms per batch -> {batch / seconds:.1f} windows/s")
+    print(f"  {flops / batch / 1e9:.3f} GFLOP per window -> {flops / seconds / 1e9:.1f} GFLOP/s; "
+          f"fp32 GEMM peak measured now {peak / 1e9:.1f} GFLOP/s; fraction reached {flops / seconds / peak:.2f}")
+    return batch / seconds
+
+
+def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
+    """``size × size`` RGB: pink/purple blotches repeated from a 256-px random texture, a white band."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 60, (256, 256, 3), dtype=np.uint8) + np.array([150, 60, 130], dtype=np.uint8)
+    image = np.tile(base, (size // 256 + 1, size // 256 + 1, 1))[:size, :size]
+    image[:, : size // 10] = 245  # glass
+    return image
+
+
+def run_predict(image: Path, checkpoint: Path, out: Path, args) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of ``python -m wsss predict`` on ``image`` in a child process."""
+    cmd = [sys.executable, "-m", "wsss", "predict", str(image), "--checkpoint", str(checkpoint), "--out", str(out),
+           "--tile", str(args.tile), "--overlap", str(args.overlap), "--batch-size", str(args.batch_size),
+           "--device", "cpu"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds = time.perf_counter() - start
+    # RUSAGE_CHILDREN's maxrss is the largest child's; run the big image after the small one.
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return seconds, max(peak, before) * 1024
+
+
+def bench_image(checkpoint: Path, folder: Path, args) -> None:
+    """Print the time and peak memory of ``wsss predict`` on a 224-px and an ``args.size``² image."""
+    for size in (224, args.size):
+        path = folder / f"synthetic_{size}.png"
+        Image.fromarray(synthetic_image(size)).save(path, compress_level=1)
+        seconds, peak = run_predict(path, checkpoint, folder / "out", args)
+        n = tiles_of(size, size, args.tile, args.overlap)
+        print(f"  {size} x {size} px ({n} windows): {seconds:.1f} s wall (with startup), "
+              f"peak RSS {peak / 2**30:.2f} GiB; RGB image alone {size * size * 3 / 2**30:.2f} GiB")
+        path.unlink()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=sorted(STAGE2_PRESETS))
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--head-channels", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--tile", type=int, default=224)
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=0, help="also run wsss predict on an N x N image (0: skip)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve(Stage2Config, STAGE2_PRESETS, args.preset, dataset="luad", data=Path("."), backbone=args.backbone,
+                  head_channels=args.head_channels, image_size=args.image_size)
+    print(f"machine: {machine()}")
+    print(f"predict, preset {args.preset}: {cfg.backbone} OS{cfg.out_stride}, head {cfg.head_channels} ch, "
+          f"trained-at {cfg.image_size or 'native'} px")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "stage2.pth"
+        make_checkpoint(checkpoint, cfg)
+        bench_tiles(checkpoint, args.tile, args.batch_size, args.repeats)
+        if args.size:
+            bench_image(checkpoint, Path(tmp), args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,491 @@
+"""``wsss predict``: a stage-2 segmenter (optionally gated by the stage-1 classifier) on the user's own
+images, of any size.
+
+Outputs, for every input image ``<name>.<ext>``::
+
+    OUT/<name>_mask.png      palette PNG of class indices (the dataset's palette; 4 = white background)
+    OUT/<name>_overlay.png   the image blended with the class colours, a legend underneath
+    OUT/summary.csv          one row per processed image: size and area fraction of every class
+
+An image is cut into ``tile`` × ``tile`` windows (stride ``tile - overlap``, the last window flush with
+the border). Each window is resized by ``image_size / tile`` when the checkpoint records the input
+size it was trained at, so tissue appears at the scale the model learned; its softmax probabilities
+come back at window size and are blended with a tapered weight, so no seam shows where windows meet.
+Windows are processed one row at a time and only the rows still overlapped by the next window row
+are kept as probabilities: memory grows with ``tile × width``, never with ``classes × height × width``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from scipy import ndimage
+
+from wsss.data.background import to_grey
+from wsss.data.datasets import InputNorm, to_tensor
+from wsss.data.png import write_mask, write_rgb
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.models.deeplab import read_checkpoint
+from wsss.runtime import atomic_path, resolve_device
+from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier
+from wsss.stages.stage2 import LoadedSegmenter, class_probs, gate_logits, load_segmenter, segment
+from wsss.viz import legend, overlay
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
+SUMMARY_NAME = "summary.csv"
+
+MAX_PIXELS = 1_000_000_000
+"""Largest image read (3 GB as RGB); PIL's own decompression-bomb limit (89 Mpx) is lifted up to this."""
+
+BLOCK_PIXELS = 2**20
+"""Pixels handled at once by the whole-image pixel operations (background, overlay, counts), whose
+temporaries take 10 to 30 bytes a pixel."""
+
+_FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
+
+# Single-channel modes, with or without alpha; every "I;16…" variant too.
+_GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "PA")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """``wsss predict``: which images, which models, where to write, how to tile and run."""
+
+    inputs: tuple[Path, ...]
+    checkpoint: Path
+    out: Path
+    dataset: str | None = None  # None: the one recorded in the checkpoint
+    gate: bool = False
+    stage1_checkpoint: Path | None = None
+    gate_threshold: float = 0.1
+    tile: int = 224
+    overlap: int = 32
+    batch_size: int = 8
+    device: str = "auto"
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        if self.tile < 16:
+            raise WsssError(f"--tile must be at least 16 px, not {self.tile}")
+        if not 0 <= self.overlap < self.tile:
+            raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({self.tile}), not {self.overlap}")
+        if self.batch_size < 1:
+            raise WsssError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.gate and self.stage1_checkpoint is None:
+            raise WsssError("--gate needs --stage1-checkpoint")
+
+
+@dataclass
+class PredictResult:
+    """What a run did: one summary row per processed image, one message per image that failed."""
+
+    rows: list[dict]
+    failures: list[str]
+    total: int
+    summary: Path | None
+
+
+# --------------------------------------------------------------------------- tiling (pure)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Origins of windows of ``tile`` px covering ``[0, length)`` with stride ``tile - overlap``;
+    the last window ends exactly at ``length`` (so it may overlap its neighbour by more)."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+def blend_window(length: int, overlap: int, floor: float = 1e-3) -> np.ndarray:
+    """1-D blending weight ``(length,)`` float32: 1 in the middle, rising as ``sin²`` over the first
+    and last ``overlap`` pixels.
+
+    Where two windows overlap by exactly ``overlap`` their weights sum to 1 (sin² + cos²), so the
+    blend fades from one window to the next instead of jumping. The ``floor`` keeps the image's own
+    border pixels, which only one window sees, from a zero weight.
+    """
+    i = np.arange(length, dtype=np.float64)
+    if overlap <= 0:
+        return np.ones(length, dtype=np.float32)
+    rise = np.sin(0.5 * np.pi * np.minimum((i + 0.5) / overlap, 1.0)) ** 2
+    w = np.minimum(rise, rise[::-1])
+    return np.maximum(w, floor).astype(np.float32)
+
+
+def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> tuple[int, int]:
+    """Model input ``(h, w)`` for a window of ``tile_hw`` px: scaled by ``image_size / tile`` (the
+    training scale) when the checkpoint records an input size, else the window as it is."""
+    if image_size is None:
+        return tile_hw
+    scale = image_size / tile
+    return tuple(max(1, round(side * scale)) for side in tile_hw)
+
+
+# --------------------------------------------------------------------------- model side
+
+
+def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``(H, W, 3)`` uint8 to ``size`` = ``(h, w)`` (PIL, as the datasets do)."""
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def _batch(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm, device: torch.device) -> torch.Tensor:
+    """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on ``device``."""
+    return torch.stack([to_tensor(_resize(t, size), norm) for t in tiles]).to(device)
+
+
+@dataclass
+class TilePredictor:
+    """Class probabilities of image windows: the segmenter's softmax, with the gate when given.
+
+    ``tile`` is the window side the models' training scale refers to (``--tile``).
+    """
+
+    seg: LoadedSegmenter
+    tile: int
+    device: torch.device
+    gate: LoadedClassifier | None = None
+    threshold: float = 0.1
+    amp: bool = False
+
+    def __post_init__(self) -> None:
+        self.seg.model.eval().to(self.device)
+        if self.gate is not None:
+            self.gate.model.eval().to(self.device)
+
+    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
+        """Windows of one size ``(h, w, 3)`` uint8 → probabilities ``(B, C, h, w)`` float32.
+
+        With the gate, each window's classes that the classifier rules out get probability 0.
+        """
+        size = tiles[0].shape[:2]
+        x = _batch(tiles, model_size(size, self.tile, self.seg.image_size), self.seg.norm, self.device)
+        logits = segment(self.seg.model, x, size, self.amp)
+        if self.gate is not None:
+            xg = _batch(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm, self.device)
+            logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold)
+        return logits.softmax(dim=1)
+
+
+# --------------------------------------------------------------------------- sliding window
+
+
+def probability_bands(
+    image: np.ndarray,
+    predict: Callable[[Sequence[np.ndarray]], torch.Tensor],
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    progress: bool = False,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Blended class probabilities of an ``(H, W, 3)`` image, top to bottom.
+
+    Yields ``(top, probs)``: rows ``top .. top + n`` are final, ``probs`` ``(C, n, W)`` float32 (on
+    the predictor's device). Only one window row of weighted sums is held at a time, plus the rows
+    the next window row still overlaps.
+    """
+    height, width = image.shape[:2]
+    th, tw = min(tile, height), min(tile, width)
+    ys, xs = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
+    weight = torch.from_numpy(np.outer(blend_window(th, overlap), blend_window(tw, overlap)))
+    acc = wsum = None  # weighted probability (C, th, W) and weight (th, W) sums of the window row
+    with _progress(None, progress, total=len(ys) * len(xs), desc="tiles", leave=False) as bar:
+        for r, y0 in enumerate(ys):
+            for b in range(0, len(xs), batch_size):
+                starts = xs[b : b + batch_size]
+                probs = predict([image[y0 : y0 + th, x0 : x0 + tw] for x0 in starts])
+                if acc is None:
+                    acc = torch.zeros(probs.shape[1], th, width, device=probs.device)
+                    wsum = torch.zeros(th, width, device=probs.device)
+                    weight = weight.to(probs.device)
+                for x0, p in zip(starts, probs):
+                    acc[:, :, x0 : x0 + tw].addcmul_(p, weight)
+                    wsum[:, x0 : x0 + tw] += weight
+                bar.update(len(starts))
+            done = ys[r + 1] - y0 if r + 1 < len(ys) else th
+            yield y0, acc[:, :done] / wsum[:done]
+            _shift_up(acc, done)
+            _shift_up(wsum, done)
+
+
+def _shift_up(sums: torch.Tensor, rows: int) -> None:
+    """Move the rows after the first ``rows`` of ``sums`` (..., R, W) to the top and zero the rest, in
+    place: what the next window row, starting ``rows`` lower, inherits from those above it."""
+    rest = sums.shape[-2] - rows
+    sums[..., :rest, :] = sums[..., rows:, :].clone()
+    sums[..., rest:, :] = 0
+
+
+def predict_mask(
+    image: np.ndarray,
+    predict: Callable[[Sequence[np.ndarray]], torch.Tensor],
+    tile: int,
+    overlap: int,
+    batch_size: int,
+    progress: bool = False,
+) -> np.ndarray:
+    """Class indices ``(H, W)`` uint8: argmax of the blended probabilities of :func:`probability_bands`."""
+    mask = np.empty(image.shape[:2], dtype=np.uint8)
+    for top, probs in probability_bands(image, predict, tile, overlap, batch_size, progress):
+        # max(dim=0) rather than argmax(dim=0): same first-maximum indices, several times faster on CPU.
+        mask[top : top + probs.shape[1]] = probs.max(dim=0).indices.to("cpu", torch.uint8).numpy()
+    return mask
+
+
+# --------------------------------------------------------------------------- whole-image pixel work
+
+
+def row_blocks(height: int, width: int, block_pixels: int = BLOCK_PIXELS) -> Iterator[slice]:
+    """Row ranges of about ``block_pixels`` pixels covering ``height`` rows of ``width`` pixels."""
+    step = max(1, block_pixels // max(width, 1))
+    for top in range(0, height, step):
+        yield slice(top, min(top + step, height))
+
+
+def white_background(image: np.ndarray, threshold: int = 200, min_size: int = 50,
+                     block_pixels: int = BLOCK_PIXELS) -> np.ndarray:
+    """Boolean ``(H, W)`` white-background mask, equal to :func:`wsss.data.background.white_mask`
+    (grey > ``threshold``; 4-connected white blobs under ``min_size`` px are tissue) but computed a
+    block of rows at a time: ``white_mask`` widens the whole image to uint32 and labels it in int32,
+    16 bytes a pixel, 1.6 GB for a 10,000² image.
+
+    Each block is labelled together with ``min_size`` rows above and below it. That is exact: a
+    blob of the block that the margin cuts spans more than ``min_size`` rows, so it has at least
+    ``min_size`` pixels inside the margin already and is background either way.
+    """
+    height = image.shape[0]
+    white = np.empty(image.shape[:2], dtype=bool)
+    for rows in row_blocks(height, image.shape[1], block_pixels):
+        top, bottom = max(0, rows.start - min_size), min(height, rows.stop + min_size)
+        window = to_grey(image[top:bottom]) > threshold
+        labels, n = ndimage.label(window, structure=_FOUR_CONNECTED)
+        keep = np.bincount(labels.ravel(), minlength=n + 1) >= min_size
+        keep[0] = False
+        white[rows] = keep[labels[rows.start - top : rows.stop - top]]
+    return white
+
+
+def class_fractions(mask: np.ndarray, num_labels: int) -> np.ndarray:
+    """Fraction of the pixels of ``mask`` holding each value ``0 .. num_labels - 1`` ``(num_labels,)``.
+
+    Counted a block of rows at a time: ``np.bincount`` widens its input to int64.
+    """
+    counts = np.zeros(num_labels, dtype=np.int64)
+    for rows in row_blocks(*mask.shape):
+        counts += np.bincount(mask[rows].ravel(), minlength=num_labels)[:num_labels]
+    return counts / max(mask.size, 1)
+
+
+def overlay_with_legend(image: np.ndarray, mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """The :func:`wsss.viz.overlay` of ``mask`` on ``image`` with the class :func:`wsss.viz.legend`
+    pasted under it, on white: ``(H + legend height, max(W, legend width), 3)`` uint8.
+
+    Blended a block of rows at a time (``overlay`` works in float32, 12 bytes a pixel)."""
+    key = np.asarray(legend(spec, background=spec.white_is_background))
+    height, width = mask.shape
+    canvas = np.full((height + key.shape[0], max(width, key.shape[1]), 3), 255, dtype=np.uint8)
+    for rows in row_blocks(height, width):
+        canvas[rows, :width] = overlay(image[rows], mask[rows], spec)
+    canvas[height:, : key.shape[1]] = key
+    return canvas
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def collect_images(inputs: Sequence[Path], out: Path | None = None) -> list[Path]:
+    """Image files named directly or found (not recursively) in folders, in order, without repeats.
+
+    A folder contributes its ``.png/.jpg/.jpeg/.tif/.tiff`` files; when it is the output folder, not
+    the ``_mask.png`` / ``_overlay.png`` files an earlier run wrote. A path that does not exist or a
+    folder holding no image is a user error (nothing is processed).
+    """
+    images: list[Path] = []
+    seen: set[Path] = set()
+    for path in map(Path, inputs):
+        if path.is_dir():
+            found = _folder_images(path, out)
+            if not found:
+                raise WsssError(f"{path} holds no PNG, JPEG or TIFF images")
+        elif path.exists():
+            found = [path]
+        else:
+            raise WsssError(f"input not found: {path}")
+        for image in found:
+            if image.resolve() not in seen:
+                seen.add(image.resolve())
+                images.append(image)
+    if not images:
+        raise WsssError("no input images given")
+    _check_output_names(images)
+    return images
+
+
+def _folder_images(folder: Path, out: Path | None) -> list[Path]:
+    is_out = out is not None and Path(out).resolve() == folder.resolve()
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
+        and not (is_out and p.name.endswith(OUTPUT_SUFFIXES))
+    )
+
+
+def _check_output_names(images: Sequence[Path]) -> None:
+    """Two inputs with the same name stem would write the same output files."""
+    by_stem: dict[str, Path] = {}
+    for image in images:
+        other = by_stem.setdefault(image.stem, image)
+        if other != image:
+            raise WsssError(f"{other} and {image} would both be written as {image.stem}_mask.png; rename one")
+
+
+def check_mode(mode: str, path: Path) -> None:
+    """Refuse single-channel and transparent images: the models were trained on RGB H&E."""
+    if mode in _GREY_MODES or mode.startswith("I;"):
+        raise WsssError(f"{path} is grayscale (mode {mode}); an RGB image is needed")
+    if mode in _ALPHA_MODES:
+        raise WsssError(f"{path} has an alpha channel (mode {mode}); an RGB image is needed (drop the alpha first)")
+
+
+def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An input image as ``(H, W, 3)`` uint8; raises :class:`WsssError` when it cannot be
+    read, is not RGB (palette and CMYK images are converted) or has more than ``max_pixels``."""
+    limit = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clearer message
+    try:
+        with Image.open(path) as img:
+            check_mode(img.mode, path)
+            if img.width * img.height > max_pixels:
+                raise WsssError(f"{path} is {img.width}×{img.height} px; at most {max_pixels:,} pixels are read")
+            if img.mode == "P" and "transparency" in img.info:
+                raise WsssError(f"{path} has transparency; an RGB image is needed")
+            img.load()
+            return _pixels(img if img.mode == "RGB" else img.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise WsssError(f"cannot read image {path}: {exc}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """``(H, W, 3)`` uint8 copy of an RGB PIL image, a block of rows at a time: ``np.asarray`` of the
+    whole image goes through ``tobytes``, a third copy of a large image while PIL's is still held."""
+    out = np.empty((img.height, img.width, 3), dtype=np.uint8)
+    for rows in row_blocks(img.height, img.width):
+        out[rows] = np.asarray(img.crop((0, rows.start, img.width, rows.stop)))
+    return out
+
+
+# --------------------------------------------------------------------------- models
+
+
+def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
+    """The dataset spec (classes, palette): ``--dataset`` when given, else the checkpoint's record."""
+    if dataset is not None:
+        return get_spec(dataset)
+    recorded = read_checkpoint(checkpoint).get("dataset")
+    if not isinstance(recorded, str):
+        raise WsssError(f"{checkpoint} does not record its dataset; pass --dataset (luad or bcss)")
+    return get_spec(recorded)
+
+
+def load_models(cfg: PredictConfig) -> tuple[TilePredictor, DatasetSpec]:
+    """The tile predictor and the dataset spec; a wrong checkpoint or class count is a user error."""
+    seg = load_segmenter(cfg.checkpoint)
+    spec = resolve_dataset(cfg.checkpoint, cfg.dataset)
+    if seg.model.num_classes != spec.num_classes:
+        raise WsssError(f"{cfg.checkpoint} was trained for {seg.model.num_classes} classes; "
+                        f"the {spec.name} dataset has {spec.num_classes}")
+    if seg.class_names is not None and tuple(seg.class_names) != spec.classes:
+        log.warning("%s was trained on classes %s; naming them %s (--dataset %s)", cfg.checkpoint,
+                    ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
+    gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
+    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp)
+    return predictor, spec
+
+
+# --------------------------------------------------------------------------- one image, the run
+
+
+def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
+    """``(OUT/<name>_mask.png, OUT/<name>_overlay.png)``."""
+    return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
+
+
+def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
+                  progress: bool = False) -> dict:
+    """Segment one image and write its mask and overlay; returns its summary row."""
+    image = read_image(path)
+    mask = predict_mask(image, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
+    if spec.white_is_background:
+        mask[white_background(image)] = spec.background_index
+    mask_path, overlay_path = output_paths(cfg.out, path)
+    write_mask(mask_path, mask, spec.flat_palette())
+    canvas = overlay_with_legend(image, mask, spec)
+    del image  # the overlay's PNG encoder needs room too
+    write_rgb(overlay_path, canvas)
+    return summary_row(path, mask, spec)
+
+
+def summary_row(path: Path, mask: np.ndarray, spec: DatasetSpec) -> dict:
+    """``{"image", "width", "height", <class>..., "background"}`` with area fractions per class."""
+    fractions = class_fractions(mask, max(spec.num_classes, spec.background_index) + 1)
+    row = {"image": str(path), "width": mask.shape[1], "height": mask.shape[0]}
+    row.update({name: float(f) for name, f in zip(spec.classes, fractions)})
+    row["background"] = float(fractions[spec.background_index])
+    return row
+
+
+def write_summary(path: Path, rows: Sequence[dict], spec: DatasetSpec) -> None:
+    """``summary.csv``: one row per image, fractions with 6 decimals; written atomically."""
+    fields = ["image", "width", "height", *spec.classes, "background"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
+    """Predict every input image; an image that cannot be read is listed in ``failures`` and the
+    others still go on. ``summary.csv`` lists the processed images (none: not written)."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
+    images = collect_images(cfg.inputs, cfg.out)
+    predictor, spec = load_models(cfg)
+    rows, failures = [], []
+    for path in _progress(images, progress and len(images) > 1, desc="predict"):
+        try:
+            rows.append(predict_image(path, predictor, spec, cfg, progress))
+        except WsssError as exc:
+            failures.append(str(exc))
+            log.debug("skipping %s: %s", path, exc)
+    summary = None
+    if rows:
+        summary = cfg.out / SUMMARY_NAME
+        write_summary(summary, rows, spec)
+    return PredictResult(rows, failures, len(images), summary)
+
+
+def tiles_of(height: int, width: int, tile: int, overlap: int) -> int:
+    """How many windows :func:`probability_bands` runs on an image of ``height × width``."""
+    return len(tile_starts(height, min(tile, height), overlap)) * len(tile_starts(width, min(tile, width), overlap))
+
