@@ -219,7 +219,7 @@ def test_nan_loss_is_a_clear_error(tiny_data, tmp_path, capsys, monkeypatch):
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     """DDP on CPU: two processes, gloo, a few steps; rank 0 writes one checkpoint."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "wsss", "train-stage1", "--dataset", "luad", "--data", str(tiny_data), "--out", str(tmp_path),
            "--width", "0.125", "--image-size", "32", "--epochs", "2", "--batch-size", "4", "--workers", "0",
            "--device", "cpu", "--pda-first-epoch", "1"]

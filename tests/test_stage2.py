@@ -249,7 +249,7 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     from wsss.data.png import read_mask
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "wsss", "train-stage2", "--dataset", "luad", "--data", str(tiny_data), "--no-gate",
            "--epochs", "1", "--out", str(tmp_path), "--report", str(tmp_path / "report"),
            "--backbone", "resnet18", "--head-channels", "16", "--image-size", "32", "--batch-size", "4",
