@@ -62,9 +62,11 @@ def test_pick_covering_stops_reading_once_every_class_is_shown():
 
 def test_pick_per_class_prefers_two_class_patches():
     labels = [(1, 1, 1, 0), (1, 0, 0, 0), (1, 1, 0, 0), (0, 1, 1, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 0, 0, 1, )]
-    # class 0: patch 2 (two classes) beats 1 (one) and 0 (three); class 1: 2 and 3 carry two, the
-    # first wins; class 2: patch 3; class 3: patch 6 (two) beats 5 (one)
-    assert pick_per_class(labels, 4) == {0: 2, 1: 2, 2: 3, 3: 6}
+    # class 0: patch 2 (two classes) beats 1 (one) and 0 (three); class 1: 2 is taken, 3 carries
+    # two; class 2: 3 is taken, 4 (one class) beats 0 (three); class 3: patch 6 (two) beats 5 (one)
+    assert pick_per_class(labels, 4) == {0: 2, 1: 3, 2: 4, 3: 6}
+    # a patch is shown twice only when nothing else carries the class
+    assert pick_per_class([(1, 1, 0, 0)], 4) == {0: 0, 1: 0}
     # without two-class patches: the fewest classes; a class nobody carries is left out
     assert pick_per_class([(1, 1, 1, 0), (1, 0, 0, 0)], 4) == {0: 1, 1: 0, 2: 0}
 
@@ -209,7 +211,7 @@ def test_cam_rows_one_patch_per_class(synth_root, checkpoint, tmp_path):
     out = cam_figure(LUAD, synth_root, checkpoint, tmp_path / "cams.png", cell=SIZE)
     samples = list_train(synth_root, 4)
     chosen = pick_per_class([s.label for s in samples], 4)
-    assert chosen == {0: 5, 1: 4, 2: 0, 3: 0}  # seed 0's labels (two-class patches first)
+    assert chosen == {0: 5, 1: 4, 2: 0, 3: 6}  # seed 0's labels (two-class patches first, each once)
     grid_cells = cells(out, 4, 2 + len(LAYERS))
     clf = stage1.load_classifier(checkpoint, 4)
     for row, (cls, index) in zip(grid_cells, chosen.items()):

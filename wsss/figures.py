@@ -85,12 +85,14 @@ def pick_covering(labels: Iterable[Sequence[int]], total: int, n: int) -> list[i
 def pick_per_class(labels: Sequence[Sequence[int]], num_classes: int) -> dict[int, int]:
     """``{class: index}``: for each class the first item labelled with it and exactly one other
     class if there is one (the CAM then shows where the classifier puts the boundary between the
-    two), else as few others as possible; a class no item carries is left out."""
-    chosen = {}
+    two), else as few others as possible; a patch already shown for another class only when there
+    is no other; a class no item carries is left out."""
+    chosen: dict[int, int] = {}
     for c in range(num_classes):
         candidates = [i for i, label in enumerate(labels) if label[c]]
         if candidates:
-            chosen[c] = min(candidates, key=lambda i: (sum(labels[i]) != 2, sum(labels[i]), i))
+            used = set(chosen.values())
+            chosen[c] = min(candidates, key=lambda i: (i in used, sum(labels[i]) != 2, sum(labels[i]), i))
     return chosen
 
 
