@@ -92,3 +92,25 @@ def test_reproduce_missing_data_is_one_clear_line(tmp_path, capsys, monkeypatch)
     assert code == 1
     assert "not found" in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets):
+    result = run(tiny(tmp_path, ablations=True))
+    rows = result["ablations"]
+    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", "fully supervised (true masks)"]
+    report = tmp_path / "report"
+    for name, folder in (("single-layer PM (bn7)", "bn7_only"), ("no PDA", "no_pda"),
+                         ("fully supervised (true masks)", "gt")):
+        metrics = json.loads((report / "ablation" / folder / "metrics.json").read_text())
+        assert rows[name]["stage2_test"] == metrics["test"]["mIoU"]
+        assert rows[name]["stage2_test_gate"] == metrics["test_gate"]["mIoU"]
+    # each variant trained what it says
+    bn7 = json.loads((tmp_path / "ckpt" / "ablation" / "bn7_only" / "stage2_luad_config.json").read_text())
+    assert bn7["pm_layers"] == ["bn7"] and bn7["pm_weights"] == [1.0]
+    no_pda = json.loads((tmp_path / "ckpt" / "ablation" / "no_pda" / "stage1_luad_config.json").read_text())
+    assert no_pda["pda"] is False
+    assert len(list((tmp_path / "ckpt" / "ablation" / "no_pda" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
+    gt = json.loads((tmp_path / "ckpt" / "ablation" / "gt" / "stage2_luad_config.json").read_text())
+    assert gt["pm_layers"] == ["gt"]
+    assert rows["full method"]["stage2_test"] == result["stage2"]["test"]["mIoU"]
+    assert "## Ablations" in (report / "report.md").read_text()
