@@ -375,6 +375,54 @@ def predict(
         raise typer.Exit(1)
 
 
+@app.command("predict-wsi")
+def predict_wsi(
+    slide: Path = typer.Argument(..., help="Whole-slide image: pyramidal TIFF, or .svs/.ndpi/... with OpenSlide."),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.tif, _overlay.png, _summary.json."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", help="luad or bcss (default: recorded in the checkpoint; needed for published ones)."),
+    gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
+    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
+    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized (instead of --level)."),
+    roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
+    tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
+    overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    min_tissue: float = typer.Option(
+        0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
+    geojson: bool = typer.Option(False, "--geojson/--no-geojson", help="Also write <name>.geojson for QuPath."),
+    reader: str = typer.Option(
+        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+) -> None:
+    """Segment a whole-slide image tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
+
+    Windows without tissue (Otsu on a thumbnail's saturation) are skipped. Progress is kept in
+    OUT/<name>_partial/ after every row of windows: run the same command again to continue."""
+    from wsss.wsi.predict_wsi import WsiConfig, run as run_wsi
+
+    region = _csv(roi, int, "--roi")
+    if region is not None and len(region) != 4:
+        raise WsssError(f"--roi needs four numbers x,y,w,h (level-0 pixels), not {roi!r}")
+    cfg = WsiConfig(
+        slide=slide, checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
+        gate_threshold=gate_threshold, level=level, mpp=mpp, roi=region, tile=tile, overlap=overlap,
+        batch_size=batch_size, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
+    )
+    result = run_wsi(cfg, progress=sys.stderr.isatty())
+    s = result.summary
+    at = f", {s['mpp'][0]:.3g} µm/px" if s["mpp"] else ""
+    typer.echo(f"{slide.name}: level {s['level']} (downsample {s['downsample'][0]:.3g}{at}), "
+               f"{s['size'][0]}×{s['size'][1]} px; tiles: {s['tiles']['segmented']} segmented, "
+               f"{s['tiles']['skipped']} without tissue skipped")
+    typer.echo("written: " + ", ".join(str(p) for p in result.files))
+
+
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
     """``"a,b,c"`` → a tuple of ``kind``; None stays None so presets and defaults apply."""
     if text is None:

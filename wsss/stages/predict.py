@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -78,14 +79,32 @@ class PredictConfig:
     amp: bool = False
 
     def __post_init__(self) -> None:
-        if self.tile < 16:
-            raise WsssError(f"--tile must be at least 16 px, not {self.tile}")
-        if not 0 <= self.overlap < self.tile:
-            raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({self.tile}), not {self.overlap}")
-        if self.batch_size < 1:
-            raise WsssError(f"--batch-size must be at least 1, not {self.batch_size}")
-        if self.gate and self.stage1_checkpoint is None:
-            raise WsssError("--gate needs --stage1-checkpoint")
+        check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
+
+
+def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
+    """The sliding-window and gate options every predict command shares; a bad one is a user error."""
+    if tile < 16:
+        raise WsssError(f"--tile must be at least 16 px, not {tile}")
+    if not 0 <= overlap < tile:
+        raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
+    if batch_size < 1:
+        raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
+    if gate and stage1_checkpoint is None:
+        raise WsssError("--gate needs --stage1-checkpoint")
+
+
+class ModelOptions(Protocol):
+    """What :func:`load_models` reads from a config (:class:`PredictConfig` and the whole-slide one)."""
+
+    checkpoint: Path
+    dataset: str | None
+    gate: bool
+    stage1_checkpoint: Path | None
+    gate_threshold: float
+    tile: int
+    device: str
+    amp: bool
 
 
 @dataclass
@@ -186,6 +205,57 @@ class TilePredictor:
 # --------------------------------------------------------------------------- sliding window
 
 
+class RowBlender:
+    """Blended class probabilities of one row of windows at a time, across ``width`` px.
+
+    Windows of ``(th, tw)`` px are added with the tapered weight of :func:`blend_window`;
+    :meth:`pop` hands back the first rows, those no later window row reaches, and moves the rest up
+    for the next row, which inherits them. Held: ``C × th × width`` weighted sums and ``th × width``
+    weight sums, allocated on the device of the first probabilities added.
+    """
+
+    def __init__(self, width: int, th: int, tw: int, overlap: int) -> None:
+        self.width, self.th, self.tw = width, th, tw
+        self.weight = torch.from_numpy(np.outer(blend_window(th, overlap), blend_window(tw, overlap)))
+        self.acc: torch.Tensor | None = None  # (C, th, width)
+        self.wsum: torch.Tensor | None = None  # (th, width)
+
+    def add(self, x0: int, probs: torch.Tensor) -> None:
+        """Add one window's probabilities ``(C, th, tw)`` at column ``x0``."""
+        if self.acc is None:
+            self.acc = torch.zeros(probs.shape[0], self.th, self.width, device=probs.device)
+            self.wsum = torch.zeros(self.th, self.width, device=probs.device)
+            self.weight = self.weight.to(probs.device)
+        self.acc[:, :, x0 : x0 + self.tw].addcmul_(probs, self.weight)
+        self.wsum[:, x0 : x0 + self.tw] += self.weight
+
+    def pop(self, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The blended probabilities ``(C, rows, width)`` and weight sums ``(rows, width)`` of the
+        first ``rows`` rows, then shift up; None while no window has been added. A pixel that no
+        window covered has weight 0 and probabilities 0."""
+        if self.acc is None:
+            return None
+        wsum = self.wsum[:rows].clone()
+        probs = self.acc[:, :rows] / wsum.clamp_min(1e-30)
+        _shift_up(self.acc, rows)
+        _shift_up(self.wsum, rows)
+        return probs, wsum
+
+
+def _shift_up(sums: torch.Tensor, rows: int) -> None:
+    """Move the rows after the first ``rows`` of ``sums`` (..., R, W) to the top and zero the rest, in
+    place: what the next window row, starting ``rows`` lower, inherits from those above it."""
+    rest = sums.shape[-2] - rows
+    sums[..., :rest, :] = sums[..., rows:, :].clone()
+    sums[..., rest:, :] = 0
+
+
+def final_rows(ys: Sequence[int], r: int, th: int) -> int:
+    """How many rows from ``ys[r]`` on are final once window row ``r`` is blended: those above the
+    next window row, or all ``th`` for the last row."""
+    return ys[r + 1] - ys[r] if r + 1 < len(ys) else th
+
+
 def probability_bands(
     image: np.ndarray,
     predict: Callable[[Sequence[np.ndarray]], torch.Tensor],
@@ -203,33 +273,16 @@ def probability_bands(
     height, width = image.shape[:2]
     th, tw = min(tile, height), min(tile, width)
     ys, xs = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
-    weight = torch.from_numpy(np.outer(blend_window(th, overlap), blend_window(tw, overlap)))
-    acc = wsum = None  # weighted probability (C, th, W) and weight (th, W) sums of the window row
+    blender = RowBlender(width, th, tw, overlap)
     with _progress(None, progress, total=len(ys) * len(xs), desc="tiles", leave=False) as bar:
         for r, y0 in enumerate(ys):
             for b in range(0, len(xs), batch_size):
                 starts = xs[b : b + batch_size]
                 probs = predict([image[y0 : y0 + th, x0 : x0 + tw] for x0 in starts])
-                if acc is None:
-                    acc = torch.zeros(probs.shape[1], th, width, device=probs.device)
-                    wsum = torch.zeros(th, width, device=probs.device)
-                    weight = weight.to(probs.device)
                 for x0, p in zip(starts, probs):
-                    acc[:, :, x0 : x0 + tw].addcmul_(p, weight)
-                    wsum[:, x0 : x0 + tw] += weight
+                    blender.add(x0, p)
                 bar.update(len(starts))
-            done = ys[r + 1] - y0 if r + 1 < len(ys) else th
-            yield y0, acc[:, :done] / wsum[:done]
-            _shift_up(acc, done)
-            _shift_up(wsum, done)
-
-
-def _shift_up(sums: torch.Tensor, rows: int) -> None:
-    """Move the rows after the first ``rows`` of ``sums`` (..., R, W) to the top and zero the rest, in
-    place: what the next window row, starting ``rows`` lower, inherits from those above it."""
-    rest = sums.shape[-2] - rows
-    sums[..., :rest, :] = sums[..., rows:, :].clone()
-    sums[..., rest:, :] = 0
+            yield y0, blender.pop(final_rows(ys, r, th))[0]
 
 
 def predict_mask(
@@ -281,15 +334,20 @@ def white_background(image: np.ndarray, threshold: int = 200, min_size: int = 50
     return white
 
 
-def class_fractions(mask: np.ndarray, num_labels: int) -> np.ndarray:
-    """Fraction of the pixels of ``mask`` holding each value ``0 .. num_labels - 1`` ``(num_labels,)``.
+def class_counts(mask: np.ndarray, num_labels: int) -> np.ndarray:
+    """How many pixels of ``mask`` hold each value ``0 .. num_labels - 1``: ``(num_labels,)`` int64.
 
     Counted a block of rows at a time: ``np.bincount`` widens its input to int64.
     """
     counts = np.zeros(num_labels, dtype=np.int64)
     for rows in row_blocks(*mask.shape):
         counts += np.bincount(mask[rows].ravel(), minlength=num_labels)[:num_labels]
-    return counts / max(mask.size, 1)
+    return counts
+
+
+def class_fractions(mask: np.ndarray, num_labels: int) -> np.ndarray:
+    """Fraction of the pixels of ``mask`` holding each value ``0 .. num_labels - 1`` ``(num_labels,)``."""
+    return class_counts(mask, num_labels) / max(mask.size, 1)
 
 
 def overlay_with_legend(image: np.ndarray, mask: np.ndarray, spec: DatasetSpec) -> np.ndarray:
@@ -405,7 +463,7 @@ def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
     return get_spec(recorded)
 
 
-def load_models(cfg: PredictConfig) -> tuple[TilePredictor, DatasetSpec]:
+def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
     """The tile predictor and the dataset spec; a wrong checkpoint or class count is a user error."""
     seg = load_segmenter(cfg.checkpoint)
     spec = resolve_dataset(cfg.checkpoint, cfg.dataset)

@@ -1,0 +1,308 @@
+"""Reading whole-slide images: one small reader interface, two backends.
+
+* **OpenSlide** (``pip install 'wsss[wsi]'``: ``openslide-python`` with ``openslide-bin``, which
+  ships the library): Aperio ``.svs``, Hamamatsu ``.ndpi``, MIRAX, generic tiled TIFF and the rest
+  of OpenSlide's formats. Imported only when a slide is opened.
+* **tifffile** (a core dependency): plain pyramidal TIFFs (levels as successive reduced-resolution
+  pages or as SubIFDs, tiled or in strips, uncompressed, deflate or LZW; JPEG tiles need the
+  ``imagecodecs`` package), so TIFFs work without OpenSlide.
+
+``auto`` takes OpenSlide when it is installed and recognises the file, else tifffile for ``.tif``
+and ``.tiff``. Coordinates: :meth:`Slide.read` takes the level's own pixels; ``downsamples[level]``
+is level-0 pixels per level pixel (OpenSlide's convention: the mean over the two axes).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+from PIL import Image
+
+from wsss.errors import WsssError
+
+READERS = ("auto", "openslide", "tifffile")
+TIFF_SUFFIXES = (".tif", ".tiff")
+INSTALL_HINT = "pip install 'wsss[wsi]'"
+
+READ_BUDGET = 64 * 2**20
+"""Bytes of source pixels read at once when shrinking a large area (thumbnails)."""
+
+_MICRONS_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centimetre
+_RGB_PHOTOMETRICS = (2, 6)  # RGB, YCbCr (decoded to RGB)
+
+
+class Slide:
+    """A whole-slide image opened for reading; use it as a context manager.
+
+    ``dimensions[level]`` is ``(width, height)``; ``mpp`` is ``(x, y)`` microns per level-0 pixel,
+    or None when the file does not record it.
+    """
+
+    reader = ""
+
+    def __init__(self, path: Path, dimensions, downsamples, mpp: tuple[float, float] | None) -> None:
+        self.path = path
+        self.dimensions: tuple[tuple[int, int], ...] = tuple((int(w), int(h)) for w, h in dimensions)
+        self.downsamples: tuple[float, ...] = tuple(float(d) for d in downsamples)
+        self.mpp = mpp
+
+    @property
+    def level_count(self) -> int:
+        return len(self.dimensions)
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels ``(h, w, 3)`` uint8 of level ``level`` from ``(x, y)`` (level pixels), inside the level."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the file."""
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_box(self, level: int, x: int, y: int, w: int, h: int) -> None:
+        lw, lh = self.dimensions[level]
+        if w < 1 or h < 1 or x < 0 or y < 0 or x + w > lw or y + h > lh:
+            raise ValueError(f"region {x},{y} {w}×{h} is outside level {level} ({lw}×{lh})")
+
+
+# --------------------------------------------------------------------------- OpenSlide
+
+
+class OpenSlideSlide(Slide):
+    """A slide read through OpenSlide; transparent pixels (outside the scanned area) come back white."""
+
+    reader = "openslide"
+
+    def __init__(self, path: Path, openslide: ModuleType) -> None:
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideError as exc:
+            raise WsssError(f"cannot read slide {path}: {exc}") from None
+        props = self._slide.properties
+        mpp = _mpp_pair(props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y))
+        super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp)
+        self._error = openslide.OpenSlideError
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        self._check_box(level, x, y, w, h)
+        ds = self.downsamples[level]
+        try:  # OpenSlide places regions in level-0 coordinates
+            region = self._slide.read_region((round(x * ds), round(y * ds)), level, (w, h))
+        except self._error as exc:
+            raise WsssError(f"cannot read slide {self.path}: {exc}") from None
+        return rgba_on_white(np.asarray(region))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Non-premultiplied ``(H, W, 4)`` uint8 → ``(H, W, 3)`` composited on white (OpenSlide marks
+    what was not scanned as transparent; white is glass to the tissue mask)."""
+    alpha = rgba[..., 3:]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgba[..., :3])
+    a = alpha.astype(np.float32) / 255.0
+    return (rgba[..., :3] * a + 255.0 * (1.0 - a)).round().astype(np.uint8)
+
+
+def _mpp_pair(x, y) -> tuple[float, float] | None:
+    try:
+        pair = (float(x), float(y))
+    except (TypeError, ValueError):
+        return None
+    return pair if all(math.isfinite(v) and v > 0 for v in pair) else None
+
+
+# --------------------------------------------------------------------------- tifffile
+
+
+class TiffSlide(Slide):
+    """A pyramidal (or single-level) RGB TIFF read with tifffile, one tile or strip at a time."""
+
+    reader = "tifffile"
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+
+        try:
+            self._tif = tifffile.TiffFile(path)
+            pages = [level.keyframe for level in self._tif.series[0].levels]
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            raise WsssError(f"cannot read slide {path}: {exc}") from None
+        try:
+            for page in pages:
+                _check_rgb_page(page, path)
+        except WsssError:
+            self._tif.close()
+            raise
+        self._pages = pages
+        (w0, h0) = (pages[0].imagewidth, pages[0].imagelength)
+        dims = [(p.imagewidth, p.imagelength) for p in pages]
+        downsamples = [(w0 / w + h0 / h) / 2 for w, h in dims]
+        super().__init__(path, dims, downsamples, tiff_mpp(pages[0].tags))
+
+    def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        self._check_box(level, x, y, w, h)
+        page = self._pages[level]
+        ch, cw = _chunk_shape(page)
+        per_row = -(-page.imagewidth // cw)
+        out = np.empty((h, w, 3), dtype=np.uint8)
+        for ty in range(y // ch, (y + h - 1) // ch + 1):
+            for tx in range(x // cw, (x + w - 1) // cw + 1):
+                seg = self._segment(page, ty * per_row + tx, (ch, cw))
+                top, left = ty * ch, tx * cw
+                r0, r1 = max(y, top), min(y + h, top + seg.shape[0])
+                c0, c1 = max(x, left), min(x + w, left + seg.shape[1])
+                out[r0 - y : r1 - y, c0 - x : c1 - x] = seg[r0 - top : r1 - top, c0 - left : c1 - left, :3]
+        return out
+
+    def _segment(self, page, index: int, shape: tuple[int, int]) -> np.ndarray:
+        """Tile or strip ``index`` decoded to ``(rows, cols, samples)``; a missing one is white."""
+        offset, count = page.dataoffsets[index], page.databytecounts[index]
+        data = None
+        if count:
+            self._tif.filehandle.seek(offset)
+            data = self._tif.filehandle.read(count)
+        try:
+            seg = page.decode(data, index, jpegtables=page.jpegtables)[0]
+        except (ValueError, RuntimeError, OSError, KeyError, NotImplementedError) as exc:
+            raise WsssError(f"cannot decode {self.path} (tifffile): {exc}; pip install imagecodecs, "
+                            f"or read it with OpenSlide ({INSTALL_HINT})") from None
+        if seg is None:
+            return np.full((*shape, 3), 255, dtype=np.uint8)
+        return seg.reshape(seg.shape[-3:])
+
+    def close(self) -> None:
+        self._tif.close()
+
+
+def _chunk_shape(page) -> tuple[int, int]:
+    """Rows and columns of one tile, or of one strip of an untiled page."""
+    if page.is_tiled:
+        return page.tilelength, page.tilewidth
+    return min(page.rowsperstrip or page.imagelength, page.imagelength), page.imagewidth
+
+
+def _check_rgb_page(page, path: Path) -> None:
+    if page.dtype != np.uint8 or page.photometric not in _RGB_PHOTOMETRICS or page.samplesperpixel < 3:
+        raise WsssError(f"{path} is not an 8-bit RGB TIFF (photometric {int(page.photometric)}, "
+                        f"{page.samplesperpixel} samples of {page.dtype}); an RGB slide is needed")
+    if page.samplesperpixel > 1 and page.planarconfig != 1:
+        raise WsssError(f"{path} stores colour planes separately; convert it to a tiled RGB TIFF")
+    if page.imagedepth > 1:
+        raise WsssError(f"{path} is a volume (depth {page.imagedepth}); a 2-D slide is needed")
+
+
+def tiff_mpp(tags) -> tuple[float, float] | None:
+    """Microns per pixel ``(x, y)`` from TIFF resolution tags (pixels per inch or per centimetre);
+    None without them or with ResolutionUnit "none"."""
+    unit, xres, yres = (tags.get(name) for name in ("ResolutionUnit", "XResolution", "YResolution"))
+    if unit is None or xres is None or yres is None or int(unit.value) not in _MICRONS_PER_UNIT:
+        return None
+    per_unit = _MICRONS_PER_UNIT[int(unit.value)]
+
+    def mpp(value) -> float | None:
+        num, den = value if isinstance(value, tuple) else (value, 1)
+        return per_unit * den / num if num else None
+
+    return _mpp_pair(mpp(xres.value), mpp(yres.value))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _import_openslide() -> ModuleType | None:
+    """The ``openslide`` module, or None when it (or its library) is not installed."""
+    try:
+        import openslide
+    except (ImportError, OSError):
+        return None
+    return openslide
+
+
+def open_slide(path: Path, reader: str = "auto") -> Slide:
+    """Open a slide with ``reader`` (``auto``, ``openslide`` or ``tifffile``); a missing file, an
+    unknown format or a missing OpenSlide is a user error."""
+    path = Path(path)
+    if reader not in READERS:
+        raise WsssError(f"unknown slide reader {reader!r}; use {', '.join(READERS)}")
+    if not path.is_file():
+        raise WsssError(f"slide not found: {path}")
+    openslide = None if reader == "tifffile" else _import_openslide()
+    if reader == "openslide" and openslide is None:
+        raise WsssError(f"reading slides with OpenSlide needs it installed: {INSTALL_HINT}")
+    if openslide is not None and (reader == "openslide" or _detect(openslide, path)):
+        return OpenSlideSlide(path, openslide)
+    if reader == "tifffile" or path.suffix.lower() in TIFF_SUFFIXES:
+        return TiffSlide(path)
+    if openslide is None:
+        raise WsssError(f"reading {path.suffix or 'these'} slides needs OpenSlide: {INSTALL_HINT}")
+    raise WsssError(f"cannot read slide {path}: not a format OpenSlide knows")
+
+
+def _detect(openslide: ModuleType, path: Path) -> bool:
+    try:
+        return openslide.OpenSlide.detect_format(str(path)) is not None
+    except openslide.OpenSlideError:
+        return False
+
+
+# --------------------------------------------------------------------------- resampled reads
+
+
+def read_resampled(slide: Slide, level: int, box: tuple[float, float, float, float],
+                   size: tuple[int, int]) -> np.ndarray:
+    """The level-``level`` area ``box`` = ``(x0, y0, x1, y1)`` (level pixels, fractions allowed)
+    resized to ``size`` = ``(w, h)``: ``(h, w, 3)`` uint8.
+
+    An integral box of exactly ``size`` is read as it is. Otherwise the box is read with a margin
+    wide enough for PIL's bilinear filter (whose support widens when shrinking), so neighbouring
+    boxes read apart resample as if the level had been resized whole.
+    """
+    x0, y0, x1, y1 = box
+    w, h = size
+    if all(float(v).is_integer() for v in box) and (x1 - x0, y1 - y0) == (w, h):
+        return slide.read(level, int(x0), int(y0), w, h)
+    lw, lh = slide.dimensions[level]
+    mx, my = math.ceil((x1 - x0) / w) + 1, math.ceil((y1 - y0) / h) + 1
+    rx0, ry0 = max(0, math.floor(x0) - mx), max(0, math.floor(y0) - my)
+    rx1, ry1 = min(lw, math.ceil(x1) + mx), min(lh, math.ceil(y1) + my)
+    src = Image.fromarray(slide.read(level, rx0, ry0, rx1 - rx0, ry1 - ry0))
+    return np.asarray(src.resize((w, h), Image.BILINEAR, box=(x0 - rx0, y0 - ry0, x1 - rx0, y1 - ry0)))
+
+
+def fit_size(width: float, height: float, max_side: int) -> tuple[int, int]:
+    """``(w, h)`` of a ``width × height`` area shrunk to at most ``max_side`` px a side, never enlarged."""
+    f = min(1.0, max_side / max(width, height))
+    return max(1, round(width * f)), max(1, round(height * f))
+
+
+def read_thumbnail(slide: Slide, box0: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """The level-0 area ``box0`` = ``(x0, y0, x1, y1)`` as a ``size`` = ``(w, h)`` picture ``(h, w, 3)``.
+
+    Read from the coarsest level still at least as fine as the picture, a few rows at a time so
+    that no more than :data:`READ_BUDGET` bytes of source pixels are held (a slide without a
+    pyramid is shrunk from level 0).
+    """
+    x0, y0, x1, y1 = box0
+    w, h = size
+    need = min((x1 - x0) / w, (y1 - y0) / h)
+    level = max(i for i, d in enumerate(slide.downsamples) if d <= need * 1.001 or i == 0)
+    ds = slide.downsamples[level]
+    lw, lh = slide.dimensions[level]
+    lx0, ly0, lx1, ly1 = x0 / ds, y0 / ds, min(x1 / ds, lw), min(y1 / ds, lh)
+    step = (ly1 - ly0) / h  # level rows per picture row
+    rows = max(1, int(READ_BUDGET / (3 * (lx1 - lx0 + 2) * (step + 2))))
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        out[r0:r1] = read_resampled(slide, level, (lx0, ly0 + r0 * step, lx1, ly0 + r1 * step), (w, r1 - r0))
+    return out
