@@ -16,6 +16,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -35,35 +36,19 @@ from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.models.weights import load_stage1_weights
+from wsss.stages.common import RunPaths, resume_state, tensorboard_writer
 from wsss.runtime import Distributed, expect_stage, load_checkpoint, save_checkpoint, seed_everything, seed_worker
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Stage1Paths:
-    out: Path
-    dataset: str
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / f"stage1_checkpoint_trained_on_{self.dataset}.pth"
-
-    @property
-    def last(self) -> Path:
-        return self.out / f"stage1_{self.dataset}_last.pth"
-
-    @property
-    def config(self) -> Path:
-        return self.out / f"stage1_{self.dataset}_config.json"
+class Stage1Paths(RunPaths):
+    STAGE: ClassVar[int] = 1
 
     @property
     def cam_metrics(self) -> Path:
         return self.out / f"stage1_{self.dataset}_cam_metrics.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.out / "runs" / f"stage1_{self.dataset}"
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -202,33 +187,11 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
     }
 
 
-def _resume_state(cfg: Stage1Config, paths: Stage1Paths, resume: bool, force: bool):
-    """The configuration to run with and the saved state to continue from (or None)."""
-    if not resume:
-        if paths.last.exists() and not force:
-            raise WsssError(
-                f"{paths.last} holds an earlier stage-1 run; pass --resume to continue it "
-                "or --force to start over"
-            )
-        return cfg, None
-    if not paths.last.exists():
-        log.info("no earlier run in %s: starting from scratch", paths.out)
-        return cfg, None
-    state = load_checkpoint(paths.last)
-    expect_stage(state, paths.last, 1)
-    saved = cfglib.from_dict(Stage1Config, state["config"])
-    # Keep what the run computes; take how it runs (device, workers, ...) from this invocation.
-    runtime = {k: getattr(cfg, k) for k in cfglib.RUNTIME_FIELDS}
-    cfg = replace(saved, **runtime)
-    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
-    return cfg, state
-
-
 def train(cfg: Stage1Config, resume: bool = False, force: bool = False) -> dict:
     """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary."""
     spec = get_spec(cfg.dataset)
     paths = Stage1Paths(Path(cfg.out), spec.name)
-    cfg, state = _resume_state(cfg, paths, resume, force)
+    cfg, state = resume_state(cfg, paths, cfglib.RUNTIME_FIELDS, resume, force)
     dist = Distributed(cfg.device)
     try:
         return _train(cfg, spec, paths, state, dist)
@@ -262,7 +225,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
         )
     schedule = PdaSchedule(cfg.pda_start, cfg.pda_decay, cfg.pda_floor, cfg.pda_first_epoch)
-    writer = _writer(paths.logs) if dist.is_main else None
+    writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
         log.info("stage 1: %d patches, %d steps/epoch, device %s, world size %d",
@@ -290,12 +253,6 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         if writer is not None:
             writer.close()
     return summary
-
-
-def _writer(log_dir: Path):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(log_dir))
 
 
 def _log_epoch(writer, epoch, cfg, stats: EpochStats, gamma, optimizer) -> None:

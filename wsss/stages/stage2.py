@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import ClassVar
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ from wsss.models.deeplab import (
     state_dict_of,
 )
 from wsss.models.weights import LoadReport, _load_matching
+from wsss.stages.common import RunPaths, resume_state, tensorboard_writer
 from wsss.runtime import Distributed, expect_stage, save_checkpoint, seed_everything, seed_worker
 from wsss.stages.stage1 import LoadedClassifier, _check_finite, _progress, autocast, load_classifier, poly_lambda
 
@@ -52,26 +54,10 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Stage2Paths:
-    out: Path
-    dataset: str
-    report: Path
+class Stage2Paths(RunPaths):
+    report: Path = Path("results")
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.out / f"stage2_checkpoint_trained_on_{self.dataset}.pth"
-
-    @property
-    def last(self) -> Path:
-        return self.out / f"stage2_{self.dataset}_last.pth"
-
-    @property
-    def config(self) -> Path:
-        return self.out / f"stage2_{self.dataset}_config.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.out / "runs" / f"stage2_{self.dataset}"
+    STAGE: ClassVar[int] = 2
 
     @property
     def metrics(self) -> Path:
@@ -363,26 +349,6 @@ def improves(score: float | None, best: float | None) -> bool:
     return best is None or value > best
 
 
-def _resume_state(cfg: Stage2Config, paths: Stage2Paths, resume: bool, force: bool):
-    """The configuration to run with and the saved state to continue from (or None)."""
-    if not resume:
-        if paths.last.exists() and not force:
-            raise WsssError(
-                f"{paths.last} holds an earlier stage-2 run; pass --resume to continue it or --force to start over"
-            )
-        return cfg, None
-    if not paths.last.exists():
-        log.info("no earlier run in %s: starting from scratch", paths.out)
-        return cfg, None
-    state = read_checkpoint(paths.last)
-    expect_stage(state, paths.last, 2)
-    saved = cfglib.from_dict(Stage2Config, state["config"])
-    runtime = {k: getattr(cfg, k) for k in STAGE2_RUNTIME_FIELDS}
-    cfg = replace(saved, **runtime)
-    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
-    return cfg, state
-
-
 def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
     """The stage-1 classifier for the gate, loaded before training so a bad path fails early."""
     if not cfg.gate:
@@ -399,7 +365,7 @@ def train(cfg: Stage2Config, resume: bool = False, force: bool = False) -> dict:
     """Train stage 2 (single process or one process of a ``torchrun`` job), then test; returns a summary."""
     spec = get_spec(cfg.dataset)
     paths = Stage2Paths.of(cfg)
-    cfg, state = _resume_state(cfg, paths, resume, force)
+    cfg, state = resume_state(cfg, paths, STAGE2_RUNTIME_FIELDS, resume, force, read_checkpoint)
     paths = Stage2Paths.of(cfg)
     dist = Distributed(cfg.device)
     try:
@@ -430,7 +396,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         start = state["epoch"] + 1
         best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
     train_model = _distributed(model, dist)
-    writer = _writer(paths.logs) if dist.is_main else None
+    writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
         log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, world size %d",
@@ -486,12 +452,6 @@ def _distributed(model: DeepLabV3Plus, dist: Distributed):
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
     )
-
-
-def _writer(log_dir: Path):
-    from tensorboardX import SummaryWriter
-
-    return SummaryWriter(str(log_dir))
 
 
 def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) -> None:
