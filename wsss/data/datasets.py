@@ -106,6 +106,15 @@ class ClassificationDataset(Dataset):
         return to_tensor(image, self.norm), label, index
 
 
+def read_masked(sample: MaskedSample) -> tuple[np.ndarray, np.ndarray]:
+    """An evaluation patch ``(H, W, 3)`` and its mask ``(H, W)``; WsssError if their sizes differ."""
+    image = read_rgb(sample.image)
+    mask = read_mask(sample.mask)
+    if image.shape[:2] != mask.shape:
+        raise WsssError(f"size mismatch between {sample.image} and its mask")
+    return image, mask
+
+
 class MaskedDataset(Dataset):
     """Evaluation patches with their masks.
 
@@ -122,10 +131,6 @@ class MaskedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        sample = self.samples[index]
-        image = read_rgb(sample.image)
-        mask = read_mask(sample.mask)
-        if image.shape[:2] != mask.shape:
-            raise WsssError(f"size mismatch between {sample.image} and its mask")
+        image, mask = read_masked(self.samples[index])
         x = to_tensor(resize_rgb(image, self.image_size), self.norm)
         return x, torch.from_numpy(mask.astype(np.int64)), index

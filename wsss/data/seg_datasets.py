@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
-from wsss.data.datasets import InputNorm, resize_mask, resize_rgb, to_tensor
+from wsss.data.datasets import InputNorm, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import read_mask, read_rgb
 from wsss.data.specs import BACKGROUND_INDEX
@@ -116,10 +116,6 @@ class MultiViewMaskedDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        sample = self.samples[index]
-        image = read_rgb(sample.image)
-        mask = read_mask(sample.mask)
-        if image.shape[:2] != mask.shape:
-            raise WsssError(f"size mismatch between {sample.image} and its mask")
+        image, mask = read_masked(self.samples[index])
         views = tuple(to_tensor(resize_rgb(image, s), n) for s, n in zip(self.sizes, self.norms))
         return views, torch.from_numpy(mask.astype(np.int64)), index

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from wsss import config as cfglib
 from wsss.errors import WsssError
-from wsss.runtime import expect_stage, load_checkpoint
+from wsss.runtime import Distributed, expect_stage, load_checkpoint, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,25 @@ def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], res
     cfg = replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
     log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
     return cfg, state
+
+
+def epoch_loader(dataset, batch_size: int, workers: int, seed: int, dist: Distributed, epoch: int,
+                 drop_last: bool):
+    """The training DataLoader of one epoch: shuffled by a generator seeded from ``seed`` and
+    ``epoch`` (so a resumed run sees exactly the batches an uninterrupted one would), or, under DDP,
+    by a DistributedSampler set to that epoch."""
+    import torch
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    sampler = None
+    if dist.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
+                      worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,
+                      pin_memory=dist.device.type == "cuda")
 
 
 def tensorboard_writer(log_dir: Path):

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from wsss import config as cfglib
@@ -36,8 +35,8 @@ from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.models.weights import load_stage1_weights
-from wsss.stages.common import RunPaths, resume_state, tensorboard_writer
-from wsss.runtime import Distributed, expect_stage, load_checkpoint, save_checkpoint, seed_everything, seed_worker
+from wsss.stages.common import RunPaths, epoch_loader, resume_state, tensorboard_writer
+from wsss.runtime import Distributed, expect_stage, load_checkpoint, save_checkpoint, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +88,8 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
 
 def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
     dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True)
-    # One generator per epoch: a resumed run sees exactly the batches an uninterrupted one would.
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    sampler = None
-    if dist.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        drop_last=len(dataset) // max(dist.world_size, 1) > cfg.batch_size,
-        pin_memory=dist.device.type == "cuda",
-        persistent_workers=False,
-    )
+    drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
+    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
 
 def _progress(iterable, main: bool, **kw):

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data.distributed import DistributedSampler
 
 from wsss import config as cfglib
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
@@ -46,7 +45,7 @@ from wsss.models.deeplab import (
     state_dict_of,
 )
 from wsss.models.weights import LoadReport, _load_matching
-from wsss.stages.common import RunPaths, resume_state, tensorboard_writer
+from wsss.stages.common import RunPaths, epoch_loader, resume_state, tensorboard_writer
 from wsss.runtime import Distributed, expect_stage, save_checkpoint, seed_everything, seed_worker
 from wsss.stages.stage1 import LoadedClassifier, _check_finite, _progress, autocast, load_classifier, poly_lambda
 
@@ -273,24 +272,9 @@ def build_optimizer(model: DeepLabV3Plus, cfg: Stage2Config, steps: int):
 
 
 def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
-    # One generator per epoch: a resumed run sees exactly the batches an uninterrupted one would.
-    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    sampler = None
-    if dist.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=cfg.seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.batch_size,
-        shuffle=sampler is None,
-        sampler=sampler,
-        num_workers=cfg.workers,
-        worker_init_fn=seed_worker,
-        generator=generator,
-        # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
-        drop_last=len(dataset) // max(dist.world_size, 1) >= cfg.batch_size,
-        pin_memory=dist.device.type == "cuda",
-    )
+    # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
+    drop_last = len(dataset) // max(dist.world_size, 1) >= cfg.batch_size
+    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:

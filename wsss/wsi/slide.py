@@ -15,6 +15,7 @@ is level-0 pixels per level pixel (OpenSlide's convention: the mean over the two
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 from types import ModuleType
 
@@ -34,7 +35,7 @@ _MICRONS_PER_UNIT = {2: 25400.0, 3: 10000.0}  # TIFF ResolutionUnit: inch, centi
 _RGB_PHOTOMETRICS = (2, 6)  # RGB, YCbCr (decoded to RGB)
 
 
-class Slide:
+class Slide(ABC):
     """A whole-slide image opened for reading; use it as a context manager.
 
     ``dimensions[level]`` is ``(width, height)``; ``mpp`` is ``(x, y)`` microns per level-0 pixel,
@@ -53,9 +54,9 @@ class Slide:
     def level_count(self) -> int:
         return len(self.dimensions)
 
+    @abstractmethod
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Pixels ``(h, w, 3)`` uint8 of level ``level`` from ``(x, y)`` (level pixels), inside the level."""
-        raise NotImplementedError
 
     def close(self) -> None:
         """Release the file."""
