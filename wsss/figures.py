@@ -26,14 +26,13 @@ from PIL import Image
 
 from wsss.cam.cam import DEFAULT_CAM_THRESHOLD, minmax_normalise, upsample_cams
 from wsss.cam.gradcam import GRADCAM_LAYERS, multi_layer_gradcam
-from wsss.data.background import white_mask
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, list_masked, list_train
 from wsss.data.png import read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path, resolve_device
-from wsss.stages.pseudo_masks import parse_layers, pseudo_masks
+from wsss.stages.pseudo_masks import parse_layers, patch_item, pseudo_masks
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.viz import colorbar, colorize, grid, heatmap_overlay, legend
 
@@ -117,12 +116,7 @@ def patch_pseudo_masks(clf: LoadedClassifier, image: np.ndarray, label: Sequence
                        spec: DatasetSpec, device: torch.device) -> dict[str, np.ndarray]:
     """``{layer: (H, W) uint8}`` pseudo-masks of one patch ``(H, W, 3)`` with multi-hot ``label``,
     computed as ``wsss generate-pm`` computes them (same item fields, same function)."""
-    item = {
-        "x": _model_input(image, clf),
-        "label": torch.tensor(label, dtype=torch.bool),
-        "size": tuple(image.shape[:2]),
-        "white": torch.from_numpy(white_mask(image)) if spec.white_is_background else None,
-    }
+    item = patch_item(image, label, spec, clf.norm, clf.image_size)
     masks = pseudo_masks(clf.model, [item], layers, spec, device)
     return {layer: mask[0].numpy() for layer, mask in masks.items()}
 

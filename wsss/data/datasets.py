@@ -57,11 +57,15 @@ def to_tensor(image: np.ndarray, norm: InputNorm) -> torch.Tensor:
     return (x - mean) / std
 
 
-def resize_rgb(image: np.ndarray, size: int | None) -> np.ndarray:
-    """Bilinear resize of ``(H, W, 3)`` to ``(size, size, 3)``; ``None`` keeps the image as it is."""
-    if size is None or image.shape[:2] == (size, size):
+def resize_rgb(image: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
+    """Bilinear resize (PIL) of ``(H, W, 3)`` uint8 to ``(size, size, 3)``, or to ``(h, w, 3)`` for
+    ``size = (h, w)``; ``None`` keeps the image as it is."""
+    if size is None:
         return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    h, w = (size, size) if isinstance(size, int) else size
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((w, h), Image.BILINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:

@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 from scipy import ndimage
 
 from wsss.data.background import to_grey
-from wsss.data.datasets import InputNorm, to_tensor
+from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.png import write_mask, write_rgb
 from wsss.data.specs import DatasetSpec, get_spec
 from wsss.errors import WsssError
@@ -157,16 +157,9 @@ def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> t
 # --------------------------------------------------------------------------- model side
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``(H, W, 3)`` uint8 to ``size`` = ``(h, w)`` (PIL, as the datasets do)."""
-    if image.shape[:2] == tuple(size):
-        return image
-    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR))
-
-
 def _batch(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm, device: torch.device) -> torch.Tensor:
     """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on ``device``."""
-    return torch.stack([to_tensor(_resize(t, size), norm) for t in tiles]).to(device)
+    return torch.stack([to_tensor(resize_rgb(t, size), norm) for t in tiles]).to(device)
 
 
 @dataclass

@@ -127,12 +127,20 @@ class PseudoMaskDataset(Dataset):
                 else:
                     item["counts"][layer] = np.bincount(mask.ravel(), minlength=self.spec.background_index + 1)
         if item["todo"]:
-            image = read_rgb(sample.path)
-            item["x"] = to_tensor(resize_rgb(image, self.model_size), self.norm)
-            item["label"] = torch.tensor(sample.label, dtype=torch.bool)
-            item["size"] = tuple(image.shape[:2])
-            item["white"] = torch.from_numpy(white_mask(image)) if self.spec.white_is_background else None
+            item.update(patch_item(read_rgb(sample.path), sample.label, self.spec, self.norm, self.model_size))
         return item
+
+
+def patch_item(image: np.ndarray, label: Sequence[int], spec: DatasetSpec, norm: InputNorm,
+               model_size: int | None) -> dict:
+    """What :func:`pseudo_masks` needs of one patch ``(H, W, 3)`` uint8 with multi-hot ``label``:
+    ``x`` model input, ``label`` bool, ``size`` (H, W), ``white`` background mask or None."""
+    return {
+        "x": to_tensor(resize_rgb(image, model_size), norm),
+        "label": torch.tensor(label, dtype=torch.bool),
+        "size": tuple(image.shape[:2]),
+        "white": torch.from_numpy(white_mask(image)) if spec.white_is_background else None,
+    }
 
 
 def _keep_list(items: list[dict]) -> list[dict]:
