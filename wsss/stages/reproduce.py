@@ -115,23 +115,23 @@ def _diff(old: dict, new: dict) -> str:
     return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys) or "unknown"
 
 
-def _run_step(progress: Progress, step: str, title: str, fn: Callable[[], dict | None],
-              outputs: tuple[Path, ...] = ()) -> tuple[dict | None, float, bool]:
-    """Run ``fn`` unless ``step`` is recorded as finished and its ``outputs`` still exist.
-
-    Returns ``(result, seconds, skipped)``; the seconds of a skipped step are those it took then.
-    """
+def _run_step(progress: Progress, times: dict[str, dict], step: str, title: str, fn: Callable[[], dict | None],
+              outputs: tuple[Path, ...] = ()) -> dict | None:
+    """Run ``fn`` unless ``step`` is recorded as finished and its ``outputs`` still exist; returns its
+    result. ``times[title]`` gets the wall time (that of the earlier run for a skipped step)."""
     record = progress.done(step)
     if record is not None and all(Path(p).exists() for p in outputs):
         log.info("== %s: done in an earlier run (%.0f s), skipped", title, record["seconds"])
-        return record["result"], record["seconds"], True
+        times[title] = {"seconds": round(record["seconds"], 1), "skipped": True}
+        return record["result"]
     log.info("== %s", title)
     started = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - started
     progress.finish(step, seconds, result)
     log.info("== %s: %.0f s", title, seconds)
-    return result, seconds, False
+    times[title] = {"seconds": round(seconds, 1), "skipped": False}
+    return result
 
 
 # --------------------------------------------------------------------------- the steps
@@ -234,9 +234,7 @@ def run(cfg: ReproduceConfig) -> dict:
         times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
 
     def step(key: str, title: str, fn, outputs=()):
-        result, seconds, skipped = _run_step(progress, key, title, fn, outputs)
-        times[title] = {"seconds": round(seconds, 1), "skipped": skipped}
-        return result
+        return _run_step(progress, times, key, title, fn, outputs)
 
     s1 = stage1_config(cfg, out)
     s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
@@ -284,9 +282,7 @@ def run_ablations(cfg: ReproduceConfig, spec: DatasetSpec, progress: Progress, t
     rows = {"full method": _row(stage1["cam"], stage2)}
 
     def step(key, title, fn, outputs=()):
-        result, seconds, skipped = _run_step(progress, key, title, fn, outputs)
-        times[title] = {"seconds": round(seconds, 1), "skipped": skipped}
-        return result
+        return _run_step(progress, times, key, title, fn, outputs)
 
     # Single-layer supervision: bn7 pseudo-masks only (the stage-1 model and PMs are shared).
     single = step("ablation_bn7", "ablation: --pm-layers bn7 --pm-weights 1", lambda: _stage2(stage2_config(
