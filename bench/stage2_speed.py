@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, gemm_flops_per_second, machine, time_calls  # noqa: E402
 
 from wsss.config import STAGE2_PRESETS, Stage2Config, resolve  # noqa: E402
-from wsss.losses import get_loss, multi_mask_loss  # noqa: E402
+from wsss.losses import build_multi_mask_loss  # noqa: E402
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
 
 PAPER_BENCH_BATCH = 2
@@ -33,13 +33,13 @@ def bench(preset: str, batch: int | None, steps: int) -> float:
     batch = batch or (PAPER_BENCH_BATCH if preset == "paper" else cfg.batch_size)
     torch.manual_seed(0)
     model = DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, 4, cfg.head_channels)).train()
-    optimizer = torch.optim.SGD(model.param_groups(1e-3, cfg.head_lr_mult), lr=1e-3, momentum=0.9)
-    loss_fn = get_loss(cfg.loss)
+    optimizer = torch.optim.SGD(model.param_groups(1e-3, cfg.head_lr_mult), lr=1e-3, momentum=cfg.momentum)
+    loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights)
     x = torch.rand(batch, 3, size, size)
     masks = torch.randint(0, 5, (batch, len(cfg.pm_layers), size, size))  # 4 = background, ignored
 
     def step() -> None:
-        loss = multi_mask_loss(model(x)["out"], masks, cfg.pm_weights, loss_fn)
+        loss = loss_fn(model(x)["out"], masks)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

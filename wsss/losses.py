@@ -15,6 +15,16 @@ the gradient. A batch in which every pixel is ignored gives 0 (with a zero gradi
   averaged over the classes present in the target.
 
 :func:`multi_mask_loss` combines one loss over several pseudo-masks: ``Σ_l w_l · L(logits, PM_l)``.
+
+Two reductions of the multi-mask loss (``--loss-reduction``):
+
+* ``mean`` (ours) — the losses above: background pixels of each mask are ignored, the loss is a mean
+  over the pixels that mask labels as tissue.
+* ``reference`` — what WSSS-Tissue's ``3_train_stage2.py`` computes
+  (:func:`reference_multi_mask_loss`): an extra logit is appended to the C class logits, worth 100
+  where the *first* mask (PM_bn7) is background and 0 elsewhere; each mask's background value is
+  that extra class; cross-entropy over all C+1 logits ignores only 255 and is averaged over all
+  pixels, then divided by the batch size again (``SegmentationLosses(batch_average=True)``).
 """
 
 from __future__ import annotations
@@ -104,6 +114,54 @@ def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUN
     if not losses:
         return logits.sum() * 0.0
     return torch.stack(losses).mean()
+
+
+REFERENCE_IGNORE_INDEX = 255
+REFERENCE_BACKGROUND_LOGIT = 100.0
+LOSS_REDUCTIONS: tuple[str, ...] = ("reference", "mean")
+
+
+def reference_multi_mask_loss(logits: Tensor, targets: Tensor, weights: Sequence[float],
+                              background_index: int = BACKGROUND_INDEX) -> Tensor:
+    """WSSS-Tissue's stage-2 loss: logits (B, C, H, W), masks (B, L, H, W) → scalar.
+
+    ``targets[:, 0]`` is the reference's ``target`` (PM_bn7): where it equals ``background_index``
+    an appended logit is 100, elsewhere 0, and that one extra logit serves every mask. In each mask
+    ``background_index`` names the extra class; 255 is ignored. Per mask:
+    ``CE = mean over non-ignored pixels of -log softmax(logits ⊕ extra)[target]``, divided by B;
+    the total is ``Σ_l w_l · CE_l``. Where a later mask calls a pixel background but PM_bn7 does not
+    (or the reverse) that pixel is trained, towards or against an extra logit of 0 or 100, as in
+    the reference.
+    """
+    if targets.shape[1] != len(weights):
+        raise ValueError(f"{targets.shape[1]} target masks but {len(weights)} weights")
+    batch, num_classes = logits.shape[:2]
+    extra = REFERENCE_BACKGROUND_LOGIT * (targets[:, :1] == background_index).to(logits.dtype)
+    full = torch.cat([logits, extra], dim=1)
+    total = logits.sum() * 0.0
+    for layer, weight in enumerate(weights):
+        if weight == 0:
+            continue
+        target = targets[:, layer].long()
+        target = torch.where(target == background_index, torch.full_like(target, num_classes), target)
+        ce = cross_entropy(full, target, REFERENCE_IGNORE_INDEX)
+        total = total + weight * (ce / batch)
+    return total
+
+
+def build_multi_mask_loss(name: str, reduction: str, weights: Sequence[float],
+                          background_index: int = BACKGROUND_INDEX) -> Callable[[Tensor, Tensor], Tensor]:
+    """Stage 2's training loss ``fn(logits (B, C, H, W), masks (B, L, H, W)) -> scalar``."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise WsssError(f"--loss-reduction must be one of {', '.join(LOSS_REDUCTIONS)}, not {reduction!r}")
+    weights = tuple(weights)
+    if reduction == "reference":
+        if name != "ce":
+            raise WsssError(f"--loss-reduction reference is the reference's cross-entropy; use it with --loss ce "
+                            f"(not {name!r}) or choose --loss-reduction mean")
+        return lambda logits, masks: reference_multi_mask_loss(logits, masks, weights, background_index)
+    loss = get_loss(name, background_index)
+    return lambda logits, masks: multi_mask_loss(logits, masks, weights, loss)
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {

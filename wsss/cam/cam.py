@@ -38,17 +38,37 @@ def minmax_normalise(maps: Tensor) -> Tensor:
     return torch.where(span > 0, (maps - low) / safe_span, torch.zeros_like(maps))
 
 
-def cam_to_segmentation(cams: Tensor, probs: Tensor, threshold: float = DEFAULT_CAM_THRESHOLD) -> Tensor:
+TIE_RULES: tuple[str, ...] = ("ours", "reference")
+"""How pixels where every kept class scores 0 are decided (``--tie-rule``): see :func:`cam_to_segmentation`."""
+
+
+def check_tie_rule(rule: str) -> str:
+    if rule not in TIE_RULES:
+        from wsss.errors import WsssError
+
+        raise WsssError(f"--tie-rule must be one of {', '.join(TIE_RULES)}, not {rule!r}")
+    return rule
+
+
+def cam_to_segmentation(cams: Tensor, probs: Tensor, threshold: float = DEFAULT_CAM_THRESHOLD,
+                        tie_rule: str = "ours") -> Tensor:
     """CAMs (B, C, H, W) and class probabilities (B, C) → class-index map (B, H, W), long.
 
     As the reference's CAM evaluation: classes with ``prob <= threshold`` are zeroed, the maps are
-    min-max normalised jointly over all classes, and each pixel takes the argmax. Two fixes:
-    a zeroed class can never win a pixel (the reference let it win ties at 0), and an image where
+    min-max normalised jointly over all classes, and each pixel takes the argmax.
+
+    ``tie_rule="ours"`` fixes two things: a zeroed class can never win a pixel, and an image where
     no class passes the threshold (the reference crashed) is labelled entirely with its most
     probable class. Ties among kept classes go to the lowest class index.
+
+    ``tie_rule="reference"`` is the reference's arithmetic: zeroed classes stay in the argmax with
+    score 0, so where every kept class is 0 (common: CAMs are ReLU'd) the lowest class index wins,
+    kept or not; with no class kept every pixel is class 0.
     """
     keep = probs > threshold
     gated = cams * keep[:, :, None, None].to(cams.dtype)
+    if check_tie_rule(tie_rule) == "reference":
+        return (minmax_normalise(gated) * keep[:, :, None, None].to(cams.dtype)).argmax(dim=1)
     scores = minmax_normalise(gated).masked_fill(~keep[:, :, None, None], float("-inf"))
     segmentation = scores.argmax(dim=1)
     none_kept = ~keep.any(dim=1)

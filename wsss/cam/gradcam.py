@@ -149,7 +149,7 @@ def multi_layer_gradcam(
 
 
 def fuse_pseudo_mask(
-    cams: Tensor, labels: Tensor, white: Tensor | None, background_index: int
+    cams: Tensor, labels: Tensor, white: Tensor | None, background_index: int, tie_rule: str = "ours"
 ) -> Tensor:
     """Class-index pseudo-mask from one layer's Grad-CAMs.
 
@@ -162,8 +162,22 @@ def fuse_pseudo_mask(
     runs over the labelled classes and the background channel only, ties going to the tissue class
     with the lowest index. Without ``white`` there is no background channel, so white never becomes
     background. A patch with no labelled class (not a valid training name) is all background.
+
+    ``tie_rule="reference"`` is the reference's arithmetic instead: unlabelled classes keep score 0
+    (not −∞) and, for BCSS, the background channel is 0 everywhere, so at a pixel where every
+    labelled class scores exactly 0 (the joint minimum) the lowest index scoring 0 wins, labelled or
+    not. This changes a handful of pixels at most.
     """
     num_classes = cams.shape[1]
+    if tie_rule == "reference":
+        scores = minmax_normalise(cams) * labels.bool()[:, :, None, None].to(cams.dtype)
+        background = torch.zeros_like(scores[:, 0])
+        if white is not None:
+            background = torch.where(white.bool(), BACKGROUND_SCORE, 0.0).to(scores.dtype)
+        winner = first_argmax([*scores.unbind(dim=1), background])
+        return torch.where(winner == num_classes, background_index, winner)
+    if tie_rule != "ours":
+        raise ValueError(f"unknown tie rule {tie_rule!r}")
     scores = minmax_normalise(cams).masked_fill(~labels.bool()[:, :, None, None], float("-inf"))
     no_label = ~labels.bool().any(dim=1)[:, None, None]
     background = torch.full_like(scores[:, 0], float("-inf"))

@@ -38,7 +38,8 @@ from wsss.errors import WsssError
 from wsss.models.deeplab import read_checkpoint
 from wsss.runtime import atomic_path, resolve_device
 from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier
-from wsss.stages.stage2 import LoadedSegmenter, class_probs, gate_logits, load_segmenter, segment
+from wsss.gate import check_gate_options, gate_logits
+from wsss.stages.stage2 import LoadedSegmenter, class_probs, load_segmenter, segment
 from wsss.viz import legend, overlay
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ class PredictConfig:
     gate: bool = False
     stage1_checkpoint: Path | None = None
     gate_threshold: float = 0.1
+    gate_mode: str = "mask"
     tile: int = 224
     overlap: int = 32
     batch_size: int = 8
@@ -80,6 +82,7 @@ class PredictConfig:
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
+        check_gate_options(self.gate_mode, self.gate_threshold)
 
 
 def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
@@ -102,6 +105,7 @@ class ModelOptions(Protocol):
     gate: bool
     stage1_checkpoint: Path | None
     gate_threshold: float
+    gate_mode: str
     tile: int
     device: str
     amp: bool
@@ -175,6 +179,7 @@ class TilePredictor:
     gate: LoadedClassifier | None = None
     threshold: float = 0.1
     amp: bool = False
+    gate_mode: str = "mask"
 
     def __post_init__(self) -> None:
         self.seg.model.eval().to(self.device)
@@ -191,7 +196,7 @@ class TilePredictor:
         logits = segment(self.seg.model, x, size, self.amp)
         if self.gate is not None:
             xg = _batch(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm, self.device)
-            logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold)
+            logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold, self.gate_mode)
         return logits.softmax(dim=1)
 
 
@@ -467,7 +472,8 @@ def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
         log.warning("%s was trained on classes %s; naming them %s (--dataset %s)", cfg.checkpoint,
                     ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
     gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
-    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp)
+    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp,
+                              cfg.gate_mode)
     return predictor, spec
 
 

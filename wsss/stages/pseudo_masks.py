@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
+from wsss.cam.cam import check_tie_rule
 from wsss.cam.gradcam import GRADCAM_LAYERS, check_layers, class_pixel_counts, fuse_pseudo_mask, multi_layer_gradcam
 from wsss.data.background import white_mask
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
@@ -55,6 +56,10 @@ class PseudoMaskConfig:
     device: str = "auto"
     workers: int = 2
     force: bool = False
+    tie_rule: str = "ours"  # "reference": see wsss.cam.gradcam.fuse_pseudo_mask
+
+    def __post_init__(self) -> None:
+        check_tie_rule(self.tie_rule)
 
     @property
     def out_dir(self) -> Path:
@@ -162,7 +167,7 @@ def _shape_groups(items: Sequence[dict]) -> Iterator[list[dict]]:
 
 
 def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Sequence[str], spec: DatasetSpec,
-                 device: torch.device) -> dict[str, torch.Tensor]:
+                 device: torch.device, tie_rule: str = "ours") -> dict[str, torch.Tensor]:
     """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items)."""
     x = torch.stack([item["x"] for item in items]).to(device)
     labels = torch.stack([item["label"] for item in items]).to(device)
@@ -170,7 +175,7 @@ def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Seque
     if items[0]["white"] is not None:
         white = torch.stack([item["white"] for item in items]).to(device)
     cams = multi_layer_gradcam(model, x, layers, size=tuple(items[0]["size"]))
-    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index).to(torch.uint8).cpu()
+    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index, tie_rule).to(torch.uint8).cpu()
             for layer in layers}
 
 
@@ -229,7 +234,7 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
         writer.count_existing(batch)
         for group in _shape_groups(batch):
             needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
-            writer.write(group, pseudo_masks(model, group, needed, spec, device))
+            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.tie_rule))
         del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
     names = [*spec.classes, "background"][: spec.background_index + 1]
     summary = {

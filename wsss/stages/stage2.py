@@ -32,7 +32,8 @@ from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.specs import DatasetSpec, get_spec
 from wsss.errors import WsssError
-from wsss.losses import get_loss, multi_mask_loss
+from wsss.gate import check_gate_options, gate_logits
+from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.deeplab import (
     HEAD_PREFIX,
@@ -75,27 +76,6 @@ class Stage2Paths(RunPaths):
         name = get_spec(cfg.dataset).name
         report = Path(cfg.report) if cfg.report is not None else Path("results") / name
         return cls(Path(cfg.out), name, report)
-
-
-# --------------------------------------------------------------------------- the gate (pure)
-
-
-def gate_logits(logits: torch.Tensor, probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Classification gate: logits (B, C, H, W) with every class whose stage-1 probability
-    (``probs`` (B, C)) is ``<= threshold`` set to ``-inf``, so it cannot win the argmax.
-
-    The reference multiplied the logits by 0/1 instead, which lets a suppressed class (logit 0) win
-    wherever the kept classes' logits are negative. When the classifier rejects *every* class of a
-    patch, its most probable class is kept: a patch holds at least one tissue, and the classifier's
-    best guess is then the one class it cannot rule out (keeping all classes instead would make the
-    gate a no-op exactly where the classifier disagrees most with the segmenter).
-    """
-    keep = probs > threshold
-    rejected_all = ~keep.any(dim=1)
-    if rejected_all.any():
-        best = probs[rejected_all].argmax(dim=1)
-        keep[rejected_all] = torch.nn.functional.one_hot(best, probs.shape[1]).bool()
-    return logits.masked_fill(~keep[:, :, None, None], float("-inf"))
 
 
 # --------------------------------------------------------------------------- loading models
@@ -170,6 +150,7 @@ def evaluate_samples(
     workers: int = 0,
     amp: bool = False,
     pred_dirs: dict[str, Path] | None = None,
+    gate_mode: str = "mask",
     desc: str = "eval",
     progress: bool = True,
 ) -> dict[str, ConfusionMeter]:
@@ -195,7 +176,7 @@ def evaluate_samples(
         preds = {"plain": logits.argmax(dim=1)}
         if gate is not None:
             probs = class_probs(gate, views[1].to(device), amp)
-            preds["gate"] = gate_logits(logits, probs, threshold).argmax(dim=1)
+            preds["gate"] = gate_logits(logits, probs, threshold, gate_mode).argmax(dim=1)
         for key, pred in preds.items():
             pred = pred.cpu()
             meters[key].update(pred, mask)
@@ -221,6 +202,7 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     workers: int = 0,
     amp: bool = False,
+    gate_mode: str = "mask",
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
 
@@ -231,8 +213,10 @@ def evaluate_checkpoint(
         raise WsssError(f"--split must be val or test, not {split!r}")
     seg = load_segmenter(checkpoint, spec.num_classes)
     gate = load_classifier(stage1_checkpoint, spec.num_classes) if stage1_checkpoint is not None else None
+    check_gate_options(gate_mode, threshold)
     meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
-                              batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}")
+                              batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
+                              gate_mode=gate_mode)
     names = list(spec.classes)
     results = {split: meters["plain"].to_json(names)}
     if "gate" in meters:
@@ -280,7 +264,7 @@ def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distribute
 def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
     """One pass over the training patches; returns the mean weighted loss."""
     model.train()
-    loss_fn = get_loss(cfg.loss)
+    loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
     total, count = 0.0, 0
     steps_done = epoch * len(loader)
     bar = _progress(loader, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
@@ -289,7 +273,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Conf
         masks = masks.to(dist.device, non_blocking=True)
         with autocast(dist.device, cfg.amp):
             logits = model(x)["out"]
-        loss = multi_mask_loss(logits.float(), masks, cfg.pm_weights, loss_fn)
+        loss = loss_fn(logits.float(), masks)
         _check_finite(loss, dist, epoch, step)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -459,7 +443,7 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
     seg = load_segmenter(paths.checkpoint, spec.num_classes)
     pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
     meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
-                              cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test")
+                              cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test", gate_mode=cfg.gate_mode)
     names = list(spec.classes)
     metrics = {
         "test": meters["plain"].to_json(names),
@@ -470,5 +454,5 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
     write_json(paths.metrics, metrics)
     log.info(format_table(metrics["test"], "stage-2 segmentation, test split"))
     if metrics["test_gate"] is not None:
-        log.info(format_table(metrics["test_gate"], f"stage-2 segmentation with the gate (p > {cfg.gate_threshold:g}), test split"))
+        log.info(format_table(metrics["test_gate"], f"stage-2 segmentation with the gate (p > {cfg.gate_threshold:g}, {cfg.gate_mode}), test split"))
     return metrics

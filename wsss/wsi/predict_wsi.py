@@ -38,6 +38,7 @@ import torch
 from wsss.data.png import write_mask, write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
+from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.runtime import atomic_path
 from wsss.stages.predict import (
@@ -79,6 +80,7 @@ class WsiConfig:
     gate: bool = False
     stage1_checkpoint: Path | None = None
     gate_threshold: float = 0.1
+    gate_mode: str = "mask"
     level: int | None = None  # neither level nor mpp: level 0
     mpp: float | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, w, h in level-0 pixels
@@ -93,6 +95,7 @@ class WsiConfig:
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
+        check_gate_options(self.gate_mode, self.gate_threshold)
         if self.level is not None and self.mpp is not None:
             raise WsssError("--level and --mpp both pick the level to read; give one of them")
         if self.level is not None and self.level < 0:
@@ -279,7 +282,7 @@ def fingerprint(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, thr
     """What the label image depends on; a run resumes only when all of it is unchanged."""
     return {
         "slide": _file_id(cfg.slide), "reader": slide.reader, "checkpoint": _file_id(cfg.checkpoint),
-        "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold] if cfg.gate else None,
+        "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
         "dataset": spec.name, "level": grid.level, "box": grid.box, "size": grid.size, "tile": cfg.tile,
         "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "tissue_threshold": threshold, "amp": cfg.amp,
     }
