@@ -97,9 +97,14 @@ def test_reproduce_missing_data_is_one_clear_line(tmp_path, capsys, monkeypatch)
 def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets):
     result = run(tiny(tmp_path, ablations=True))
     rows = result["ablations"]
-    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", "fully supervised (true masks)"]
+    # the tiny preset trains stage 1 with the paper's momentum and stage 2 with the reference loss, so
+    # the recipe rows run the corrected ones
+    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", "stage-1 momentum 0.9 (corrected)",
+                          "stage-2 --loss-reduction mean", "fully supervised (true masks)"]
     report = tmp_path / "report"
     for name, folder in (("single-layer PM (bn7)", "bn7_only"), ("no PDA", "no_pda"),
+                         ("stage-1 momentum 0.9 (corrected)", "stage1_momentum_0.9"),
+                         ("stage-2 --loss-reduction mean", "loss_reduction_mean"),
                          ("fully supervised (true masks)", "gt")):
         metrics = json.loads((report / "ablation" / folder / "metrics.json").read_text())
         assert rows[name]["stage2_test"] == metrics["test"]["mIoU"]
@@ -110,6 +115,13 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     no_pda = json.loads((tmp_path / "ckpt" / "ablation" / "no_pda" / "stage1_luad_config.json").read_text())
     assert no_pda["pda"] is False
     assert len(list((tmp_path / "ckpt" / "ablation" / "no_pda" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
+    momentum = json.loads((tmp_path / "ckpt" / "ablation" / "stage1_momentum_0.9" / "stage1_luad_config.json").read_text())
+    assert momentum["momentum"] == 0.9
+    main = json.loads((tmp_path / "ckpt" / "stage1_luad_config.json").read_text())
+    assert main["momentum"] == 0.0005
+    mean = json.loads((tmp_path / "ckpt" / "ablation" / "loss_reduction_mean" / "stage2_luad_config.json").read_text())
+    assert mean["loss_reduction"] == "mean"
+    assert json.loads((tmp_path / "ckpt" / "stage2_luad_config.json").read_text())["loss_reduction"] == "reference"
     gt = json.loads((tmp_path / "ckpt" / "ablation" / "gt" / "stage2_luad_config.json").read_text())
     assert gt["pm_layers"] == ["gt"]
     assert rows["full method"]["stage2_test"] == result["stage2"]["test"]["mIoU"]

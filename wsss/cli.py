@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 
 DatasetOpt = typer.Option(..., "--dataset", help="Dataset spec: luad or bcss.")
+GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
+                  "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 
 
 @app.command()
@@ -74,6 +76,10 @@ def train_stage1(
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr (biases 2×)."),
     head_lr_mult: Optional[float] = typer.Option(
         None, "--head-lr-mult", min=0.0, help="Classifier-head lr as a multiple of --lr (paper 10)."),
+    momentum: Optional[float] = typer.Option(
+        None, "--momentum", help="SGD momentum (paper preset 0.0005, what the reference's optimizer got; cpu 0.9)."),
+    weight_decay: Optional[float] = typer.Option(
+        None, "--weight-decay", help="Weight decay of the weight groups; biases get none (5e-4)."),
     width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
@@ -99,8 +105,8 @@ def train_stage1(
 
     cfg = resolve(
         Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
-        batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, width=width, image_size=image_size, input_norm=input_norm,
-        init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
+        batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
+        width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, device=device, amp=amp, workers=workers, seed=seed,
     )
     summary = train(cfg, resume=resume, force=force)
@@ -115,6 +121,9 @@ def eval_cam(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
     split: str = typer.Option("test", "--split", help="val or test."),
     threshold: float = typer.Option(0.25, "--threshold", help="Classes with probability <= this are dropped."),
+    tie_rule: str = typer.Option(
+        "ours", "--tie-rule", help="ours (a dropped class never wins) or reference (where every kept class is 0, "
+                                   "the lowest class index wins, as WSSS-Tissue's evaluation)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(0, "--workers", min=0),
@@ -124,14 +133,16 @@ def eval_cam(
     from wsss.data.specs import get_spec
     from wsss.metrics import format_table, write_json
     from wsss.runtime import resolve_device
+    from wsss.cam.cam import check_tie_rule
     from wsss.stages.stage1 import evaluate_cams, load_classifier
 
+    check_tie_rule(tie_rule)
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
     spec = get_spec(dataset)
     clf = load_classifier(checkpoint, spec.num_classes)
     metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
-                            threshold, batch_size, workers)
+                            threshold, batch_size, workers, tie_rule=tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
         write_json(json_out, metrics)
@@ -148,12 +159,16 @@ def generate_pm(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0),
     force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
+    tie_rule: str = typer.Option(
+        "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
+                                   "where unlabelled classes score 0; differs at a few pixels)."),
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
 
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
-                           out=out, batch_size=batch_size, device=device, workers=workers, force=force)
+                           out=out, batch_size=batch_size, device=device, workers=workers, force=force,
+                           tie_rule=tie_rule)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -187,6 +202,10 @@ def train_stage2(
     pm_weights: Optional[str] = typer.Option(
         None, "--pm-weights", help="Comma-separated loss weights, one per layer (default 0.6,0.2,0.2)."),
     loss: Optional[str] = typer.Option(None, "--loss", help="ce, focal, dice, ce+dice or lovasz."),
+    loss_reduction: Optional[str] = typer.Option(
+        None, "--loss-reduction",
+        help="reference (paper preset: WSSS-Tissue's background logit, mean over all pixels, divided by the batch "
+             "size) or mean (cpu preset: mean over each mask's tissue pixels, background ignored)."),
     backbone: Optional[str] = typer.Option(
         None, "--backbone", help="resnet101 (paper), resnet50, resnet18 or mobilenet_v3_large."),
     out_stride: Optional[int] = typer.Option(None, "--out-stride", help="16 (paper) or 8."),
@@ -195,6 +214,8 @@ def train_stage2(
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
+    momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (0.9)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
     init_weights: Optional[Path] = typer.Option(
@@ -204,6 +225,7 @@ def train_stage2(
     gate: Optional[bool] = typer.Option(None, "--gate/--no-gate", help="Also test with the classification gate."),
     gate_threshold: Optional[float] = typer.Option(
         None, "--gate-threshold", help="Classes with stage-1 probability <= this cannot be predicted."),
+    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=GATE_MODE_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -221,9 +243,10 @@ def train_stage2(
     cfg = resolve(
         Stage2Config, STAGE2_PRESETS, preset, dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint,
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
-        loss=loss, backbone=backbone, out_stride=out_stride, head_channels=head_channels, epochs=epochs,
-        batch_size=batch_size, lr=lr, image_size=image_size, input_norm=input_norm, init_weights=init_weights,
-        gate=gate, gate_threshold=gate_threshold, device=device, amp=amp, workers=workers, seed=seed, out=out,
+        loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
+        head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, init_weights=init_weights,
+        gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )
     summary = train(cfg, resume=resume, force=force)
@@ -244,6 +267,7 @@ def evaluate(
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Also score with the classification gate."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
     gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
     device: str = typer.Option("auto", "--device"),
     amp: bool = typer.Option(False, "--amp/--no-amp"),
@@ -259,7 +283,8 @@ def evaluate(
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
     results = evaluate_checkpoint(get_spec(dataset), data, checkpoint, split, resolve_device(device),
-                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp)
+                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp,
+                                  gate_mode=gate_mode)
     for key, metrics in results.items():
         title = f"stage-2 segmentation{' with the gate' if key.endswith('_gate') else ''}, {split} split"
         typer.echo(format_table(metrics, title))
@@ -298,13 +323,22 @@ def reproduce(
     synth: bool = typer.Option(False, "--synth", help="Generate the synthetic dataset into DATA first (once)."),
     run: Optional[str] = typer.Option(
         None, "--run", help="Names checkpoints/<run> and results/<run> (default: synthetic with --synth, else the dataset)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="cpu (small, fast) or paper (the default)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="paper (the default: the reference's computation), cpu (small, fast, our improvements) "
+                               "or best (full size, our improvements)."),
     stage1_init: Optional[Path] = typer.Option(
         None, "--stage1-init-weights", help="Stage-1 initialisation, e.g. the MXNet ImageNet .params file."),
     stage2_init: Optional[Path] = typer.Option(
         None, "--stage2-init-weights", help="Stage-2 initialisation, e.g. deeplab-resnet.pth.tar."),
     out: Optional[Path] = typer.Option(None, "--out", help="Checkpoints (default checkpoints/<run>)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Report, figures, predictions (default results/<run>)."),
+    seeds: str = typer.Option(
+        "0", "--seeds", help="Training seeds, comma-separated; several run the chain per seed and report mean, "
+                             "min and max (seed N>0 writes to OUT/seedN, REPORT/seedN)."),
+    upper_bound: bool = typer.Option(
+        False, "--upper-bound/--no-upper-bound",
+        help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -319,7 +353,8 @@ def reproduce(
     cfg = ReproduceConfig(
         dataset=dataset, data=data, run=run or ("synthetic" if synth else dataset.lower()),
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
-        stage2_init=stage2_init, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
+        upper_bound=upper_bound, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
@@ -337,6 +372,7 @@ def predict(
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
     gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     tile: int = typer.Option(
         224, "--tile", min=16,
         help="Window side in image pixels; use the training patch size (224 for LUAD/BCSS). Each window is "
@@ -357,7 +393,8 @@ def predict(
 
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
-        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, tile=tile, overlap=overlap,
+        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
+        overlap=overlap,
         batch_size=batch_size, device=device, amp=amp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
@@ -385,6 +422,7 @@ def predict_wsi(
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
     gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
     mpp: Optional[float] = typer.Option(
         None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized (instead of --level)."),
@@ -411,7 +449,8 @@ def predict_wsi(
         raise WsssError(f"--roi needs four numbers x,y,w,h (level-0 pixels), not {roi!r}")
     cfg = WsiConfig(
         slide=slide, checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
-        gate_threshold=gate_threshold, level=level, mpp=mpp, roi=region, tile=tile, overlap=overlap,
+        gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp, roi=region, tile=tile,
+        overlap=overlap,
         batch_size=batch_size, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
     )
     result = run_wsi(cfg, progress=sys.stderr.isatty())

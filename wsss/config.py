@@ -26,7 +26,10 @@ class Stage1Config:
     batch_size: int = 20
     lr: float = 0.01
     head_lr_mult: float = 10.0  # fc8 learns 10× faster (20× for a bias), as the reference
-    momentum: float = 0.9
+    # The reference's PolyOptimizer passes its weight decay as SGD's positional *momentum*, so the
+    # published models were trained with momentum 5e-4; weight decay comes from the groups (5e-4 on
+    # weights, 0 on biases). README, "Fidelity to the reference".
+    momentum: float = 0.0005
     weight_decay: float = 5e-4
     width: float = 1.0
     image_size: int | None = None  # None: the patches' own size (224 for the real datasets)
@@ -38,7 +41,11 @@ class Stage1Config:
     pda_floor: float = 0.65
     pda_first_epoch: int = 3
     pda_norm: str = "none"  # reference; "max" keeps the attention in [0, 1] (see wsss.cam.pda)
+    augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
+    stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    warmup_epochs: float = 0.0  # linear lr warm-up before the poly decay (0: none, the reference)
     cam_threshold: float = 0.25
+    cam_tie_rule: str = "ours"  # "reference": see wsss.cam.cam.cam_to_segmentation
     eval_splits: tuple[str, ...] = ("val", "test")
     device: str = "auto"
     amp: bool = False
@@ -47,9 +54,12 @@ class Stage1Config:
     preset: str | None = None
 
     def __post_init__(self) -> None:
+        from wsss.cam.cam import check_tie_rule
         from wsss.cam.pda import PDA_NORMS, PdaSchedule
         from wsss.data.datasets import get_input_norm
 
+        check_sgd(self.momentum, self.weight_decay)
+        check_tie_rule(self.cam_tie_rule)
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -59,8 +69,17 @@ class Stage1Config:
             raise WsssError(f"evaluation splits must be val or test, not {bad}")
 
 
+def check_sgd(momentum: float, weight_decay: float) -> None:
+    if not 0.0 <= momentum < 1.0:
+        raise WsssError(f"--momentum must be in [0, 1), not {momentum:g}")
+    if not weight_decay >= 0.0:
+        raise WsssError(f"--weight-decay must be 0 or more, not {weight_decay:g}")
+
+
 # Settings that only change how a run executes, not what it computes; a resumed run may change them.
 RUNTIME_FIELDS = frozenset({"device", "workers", "amp", "out", "data"})
+# Stage 1 may also change how its CAMs are evaluated at the end.
+STAGE1_RUNTIME_FIELDS = RUNTIME_FIELDS | {"cam_tie_rule"}
 
 STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -69,7 +88,7 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     # init the head learns at the trunk's rate: with the reference's 10× the loss climbs for the
     # first epochs and one seed in two ended below 0.55 CAM mIoU (README, "cpu preset").
     "cpu": {"width": 0.125, "image_size": 112, "epochs": 12, "batch_size": 16, "lr": 0.01, "head_lr_mult": 1.0,
-            "workers": 0, "pda_norm": "max"},
+            "workers": 0, "pda_norm": "max", "momentum": 0.9},
 }
 
 
@@ -132,6 +151,9 @@ class Stage2Config:
     pm_layers: tuple[str, ...] = ("bn7", "b5_2", "b4_5")
     pm_weights: tuple[float, ...] = (0.6, 0.2, 0.2)
     loss: str = "ce"
+    # "reference": WSSS-Tissue's scaling (an appended background logit, mean over all pixels, then
+    # divided by the batch size again); "mean": a mean over each mask's tissue pixels (ours).
+    loss_reduction: str = "reference"
     backbone: str = "resnet101"
     out_stride: int = 16
     head_channels: int = 256  # ASPP and decoder width
@@ -146,6 +168,7 @@ class Stage2Config:
     init_weights: Path | None = None
     gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
     gate_threshold: float = 0.1
+    gate_mode: str = "mask"  # "reference": logits × (p > threshold), as WSSS-Tissue
     device: str = "auto"
     amp: bool = False
     workers: int = 2
@@ -154,7 +177,8 @@ class Stage2Config:
 
     def __post_init__(self) -> None:
         from wsss.data.datasets import get_input_norm
-        from wsss.losses import LOSSES
+        from wsss.gate import check_gate_options
+        from wsss.losses import LOSSES, build_multi_mask_loss
         from wsss.models.deeplab import DeepLabArch
 
         # from_dict gives back strings and lists; keep the declared types.
@@ -172,14 +196,16 @@ class Stage2Config:
             raise WsssError("--pm-weights must be non-negative with at least one above 0")
         if self.loss not in LOSSES:
             raise WsssError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        if not 0.0 <= self.gate_threshold < 1.0:
-            raise WsssError(f"--gate-threshold must be in [0, 1), not {self.gate_threshold}")
+        build_multi_mask_loss(self.loss, self.loss_reduction, self.pm_weights)
+        check_gate_options(self.gate_mode, self.gate_threshold)
+        check_sgd(self.momentum, self.weight_decay)
         get_input_norm(self.input_norm)
         DeepLabArch(self.backbone, self.out_stride, 1, self.head_channels)
 
 
 # A resumed stage-2 run may also change where its inputs and reports live and how it is tested.
-STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint", "gate", "gate_threshold"}
+STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint", "gate", "gate_threshold",
+                                          "gate_mode"}
 
 STAGE2_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -187,5 +213,12 @@ STAGE2_PRESETS: dict[str, dict[str, Any]] = {
     # on 1000 synthetic patches test mIoU 0.92 (0.91 gated) in 7 min on one shared core. Speed:
     # bench/stage2_speed.py.
     "cpu": {"backbone": "resnet18", "head_channels": 64, "image_size": 112, "epochs": 6, "batch_size": 16,
-            "workers": 0},
+            "workers": 0, "loss_reduction": "mean"},
+}
+
+
+# ``wsss generate-pm`` settings per preset (wsss.stages.pseudo_masks.PseudoMaskConfig fields).
+PM_PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "cpu": {},
 }

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from wsss.data import augment
 from wsss.data.layout import MaskedSample, TrainSample
 from wsss.data.png import read_mask, read_rgb
 from wsss.errors import WsssError
@@ -78,8 +79,9 @@ def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
 class ClassificationDataset(Dataset):
     """Training patches with their multi-hot labels, for stage 1.
 
-    Item: ``(image (3, S, S) float, label (C,) float, index)``; random horizontal and vertical
-    flips when ``augment``.
+    Item: ``(image (3, S, S) float, label (C,) float, index)``. With ``augment``: random flips
+    (``geometric="flip"``, the reference) or all eight square symmetries (``"d4"``), and HED stain
+    jitter of strength ``stain`` (0: none); see :mod:`wsss.data.augment`.
     """
 
     def __init__(
@@ -88,11 +90,15 @@ class ClassificationDataset(Dataset):
         image_size: int | None,
         norm: InputNorm,
         augment: bool = False,
+        geometric: str = "flip",
+        stain: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
         self.norm = norm
         self.augment = augment
+        self.geometric = geometric
+        self.stain = stain
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -101,11 +107,9 @@ class ClassificationDataset(Dataset):
         sample = self.samples[index]
         image = resize_rgb(read_rgb(sample.path), self.image_size)
         if self.augment:
-            # torch's RNG is seeded per worker by the DataLoader, so flips are reproducible.
-            if torch.rand(()) < 0.5:
-                image = image[:, ::-1]
-            if torch.rand(()) < 0.5:
-                image = image[::-1]
+            # torch's RNG is seeded per worker by the DataLoader, so augmentations are reproducible.
+            (image,) = augment.geometric([image], self.geometric)
+            image = augment.stain_jitter(image, self.stain)
         label = torch.tensor(sample.label, dtype=torch.float32)
         return to_tensor(image, self.norm), label, index
 

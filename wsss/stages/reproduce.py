@@ -1,8 +1,15 @@
-"""The whole pipeline in one call (``wsss reproduce``, behind ``make reproduce``).
+"""The whole pipeline in one call (``wsss reproduce``, behind ``make reproduce``, ``make ablation``
+and ``make quality``).
 
-synthetic data (when asked) → train-stage1 + CAM evaluation → generate-pm → eval-pm (when
-``DATA/train_gt`` exists) → train-stage2 with the gate → figures → one results table, written to
-``REPORT/report.md`` and ``REPORT/report.json``.
+synthetic data (when asked) → for each training seed: train-stage1 + CAM evaluation → generate-pm →
+eval-pm (when ``DATA/train_gt`` exists) → train-stage2 with the gate → the upper bound (stage 2 on
+the true masks, when asked) → the ablation variants (when asked) → figures (first seed) → one
+results table, written to ``REPORT/report.md`` and ``REPORT/report.json``.
+
+Seed 0 writes to ``OUT``, ``REPORT`` and ``DATA/train_PM`` (as a single ``make reproduce``); seed
+``N > 0`` to ``OUT/seedN``, ``REPORT/seedN`` and ``OUT/seedN/train_PM``. Each seed's results go to
+``seed_result.json`` in its report folder, and the mean/min/max rows of a seed sweep are computed
+from those files (:func:`aggregate_files`).
 
 Re-running continues where a previous run stopped: finished steps are recorded in
 ``REPORT/progress.json`` and skipped (their results and wall times are read back), an interrupted
@@ -19,17 +26,19 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from wsss import config as cfglib
-from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
+from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
 from wsss.data.layout import default_pm_dir, train_gt_dir
 from wsss.data.specs import DatasetSpec, get_spec
 from wsss.errors import WsssError
+from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.runtime import atomic_path
 
@@ -37,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PM_LAYERS = ("b4_5", "b5_2", "bn7")
 SYNTH_MARKER = "synth.json"
+SEED_RESULT = "seed_result.json"
 
 
 @dataclass(frozen=True)
@@ -44,18 +54,29 @@ class ReproduceConfig:
     dataset: str
     data: Path
     run: str  # names the checkpoint and report folders (e.g. "synthetic", "luad")
-    preset: str | None = None  # "cpu" or None (the paper's settings)
+    preset: str | None = None  # "cpu", "best" or None (the paper's settings)
     out: Path | None = None  # None: checkpoints/<run>
     report: Path | None = None  # None: results/<run>
     synth: bool = False  # generate the synthetic dataset into DATA first (skipped when it is there)
     synth_counts: tuple[int, int, int] = (1000, 100, 100)
+    synth_options: Mapping[str, Any] = field(default_factory=dict)  # the look of the synthetic data
     stage1_init: Path | None = None
     stage2_init: Path | None = None
+    seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
+    gate_mode: str = "mask"
+    upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
     workers: int | None = None
     ablations: bool = False
     figures: bool = True
     force: bool = False
+
+    def __post_init__(self) -> None:
+        check_gate_options(self.gate_mode, 0.1)
+        seeds = tuple(int(s) for s in self.seeds)
+        if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
+        object.__setattr__(self, "seeds", seeds)
 
     @property
     def out_dir(self) -> Path:
@@ -65,10 +86,21 @@ class ReproduceConfig:
     def report_dir(self) -> Path:
         return Path(self.report) if self.report is not None else Path("results") / self.run
 
+    def seed_dirs(self, seed: int) -> tuple[Path, Path]:
+        """Checkpoint and report folders of one training seed."""
+        if seed == 0:
+            return self.out_dir, self.report_dir
+        return self.out_dir / f"seed{seed}", self.report_dir / f"seed{seed}"
+
     def signature(self) -> dict:
         """What the results depend on (not how or where they are computed)."""
         return {"dataset": get_spec(self.dataset).name, "data": str(self.data), "preset": self.preset,
-                "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init)}
+                "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
+                "gate_mode": self.gate_mode}
+
+
+# Keys added to the signature after the first release, with the value older progress files meant.
+_SIGNATURE_DEFAULTS = {"gate_mode": "mask"}
 
 
 def _str(p: Path | None) -> str | None:
@@ -95,9 +127,10 @@ class Progress:
         except (OSError, ValueError):
             log.warning("%s is unreadable: starting the bookkeeping afresh", path)
             return cls(path, signature)
-        if saved.get("signature") != signature:
+        old = {**_SIGNATURE_DEFAULTS, **(saved.get("signature") or {})}
+        if old != signature:
             raise WsssError(
-                f"{path} records a run with other settings ({_diff(saved.get('signature') or {}, signature)}); "
+                f"{path} records a run with other settings ({_diff(old, signature)}); "
                 "pass --force to start over, or choose another --report / --out"
             )
         return cls(path, signature, saved.get("steps", {}))
@@ -134,6 +167,57 @@ def _run_step(progress: Progress, times: dict[str, dict], step: str, title: str,
     return result
 
 
+# --------------------------------------------------------------------------- ablation variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: the preset's pipeline with some settings changed.
+
+    A variant with ``stage1`` overrides trains its own classifier; with ``stage1`` or ``pm``
+    overrides it makes its own pseudo-masks; otherwise it reuses those of the main run.
+    ``true_masks`` trains stage 2 on ``DATA/train_gt`` (the fully supervised upper bound).
+    """
+
+    key: str  # its folder under ablation/
+    title: str  # its row in the report
+    stage1: Mapping[str, Any] = field(default_factory=dict)
+    pm: Mapping[str, Any] = field(default_factory=dict)
+    stage2: Mapping[str, Any] = field(default_factory=dict)
+    true_masks: bool = False
+
+
+UPPER_BOUND = Variant("gt", "fully supervised (true masks)", true_masks=True,
+                      stage2={"pm_layers": ("gt",), "pm_weights": (1.0,)})
+
+
+def _preset_value(presets: dict, cls: type, preset: str | None, name: str):
+    values = presets.get(preset or "paper", {})
+    if name in values:
+        return values[name]
+    return next(f.default for f in cls.__dataclass_fields__.values() if f.name == name)
+
+
+def ablation_variants(preset: str | None) -> list[Variant]:
+    """The README's ablations for ``preset``: each changes one thing of the full method."""
+    variants = [
+        Variant("bn7_only", "single-layer PM (bn7)", stage2={"pm_layers": ("bn7",), "pm_weights": (1.0,)}),
+        Variant("no_pda", "no PDA", stage1={"pda": False}),
+    ]
+    # The two recipe differences from the reference (README, "Fidelity to the reference"): each row
+    # runs the other recipe, so a user sees what the difference does.
+    momentum = _preset_value(STAGE1_PRESETS, Stage1Config, preset, "momentum")
+    other = 0.9 if momentum == 0.0005 else 0.0005
+    variants.append(Variant(f"stage1_momentum_{other:g}",
+                            f"stage-1 momentum {other:g} ({'reference' if other == 0.0005 else 'corrected'})",
+                            stage1={"momentum": other}))
+    reduction = _preset_value(STAGE2_PRESETS, Stage2Config, preset, "loss_reduction")
+    other = "mean" if reduction == "reference" else "reference"
+    variants.append(Variant(f"loss_reduction_{other}", f"stage-2 --loss-reduction {other}",
+                            stage2={"loss_reduction": other}))
+    return variants
+
+
 # --------------------------------------------------------------------------- the steps
 
 
@@ -141,22 +225,32 @@ def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
     n_train, n_val, n_test = cfg.synth_counts
-    summary = generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, workers=max(1, os.cpu_count() or 1))
+    summary = generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
+                       workers=max(1, os.cpu_count() or 1), **dict(cfg.synth_options))
     write_json(Path(cfg.data) / SYNTH_MARKER, summary)
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
-def stage1_config(cfg: ReproduceConfig, out: Path, **overrides) -> Stage1Config:
+def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
-                          **overrides)
+                          seed=seed, **overrides)
 
 
-def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, pm_dir: Path,
+def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, pm_dir: Path, seed: int = 0,
                   **overrides) -> Stage2Config:
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, report=report, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
-                          init_weights=cfg.stage2_init, device=cfg.device, workers=cfg.workers, **overrides)
+                          gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
+                          workers=cfg.workers, seed=seed, **overrides)
+
+
+def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
+    from wsss.stages.pseudo_masks import PseudoMaskConfig
+
+    values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
+    return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
+                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force, **values)
 
 
 def _stage1(s1: Stage1Config, force: bool) -> dict:
@@ -166,15 +260,12 @@ def _stage1(s1: Stage1Config, force: bool) -> dict:
     return {"cam": summary.get("cam_metrics"), "checkpoint": summary["checkpoint"]}
 
 
-def _pseudo_masks(spec: DatasetSpec, cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path) -> dict:
-    from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate
+def _pseudo_masks(pm) -> dict:
+    from wsss.stages.pseudo_masks import format_summary, generate
 
-    pm = PseudoMaskConfig(dataset=spec.name, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                          out=pm_dir, device=cfg.device, workers=_pm_workers(cfg),
-                          force=cfg.force)
     summary = generate(pm)
     log.info(format_summary(summary))
-    return {"patches": summary["patches"], "computed": summary["computed"], "out": str(pm_dir)}
+    return {"patches": summary["patches"], "computed": summary["computed"], "out": str(pm.out)}
 
 
 def _pm_workers(cfg: ReproduceConfig) -> int:
@@ -208,13 +299,134 @@ def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path
     return {"examples": str(examples), "cams": str(cams)}
 
 
+# --------------------------------------------------------------------------- one seed
+
+
+@dataclass
+class _Context:
+    cfg: ReproduceConfig
+    spec: DatasetSpec
+    progress: Progress
+    times: dict[str, dict]
+
+    def step(self, key: str, title: str, fn, outputs=()):
+        return _run_step(self.progress, self.times, key, title, fn, outputs)
+
+
+@dataclass
+class _Main:
+    """The main pipeline of one seed, which the variants build on."""
+
+    seed: int
+    out: Path
+    report: Path
+    s1_ckpt: Path
+    pm_dir: Path
+    cam: dict | None
+    pm_eval: dict | None
+
+
+def _labels(seed: int) -> tuple[str, str]:
+    """Progress-key prefix and title prefix of a seed (seed 0 keeps the single-run names)."""
+    return ("", "") if seed == 0 else (f"seed{seed}/", f"seed {seed}: ")
+
+
+def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
+    cfg, spec, data = ctx.cfg, ctx.spec, Path(ctx.cfg.data)
+    key, title = _labels(seed)
+    out, report = cfg.seed_dirs(seed)
+    s1 = stage1_config(cfg, out, seed)
+    s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
+    stage1 = ctx.step(f"{key}stage1", f"{title}stage 1: train-stage1 + eval-cam", lambda: _stage1(s1, cfg.force),
+                      (s1_ckpt,))
+    pm_dir = default_pm_dir(data) if seed == 0 else out / "train_PM"
+    pm = pm_config(cfg, s1_ckpt, pm_dir)
+    ctx.step(f"{key}pseudo_masks", f"{title}pseudo-masks: generate-pm", lambda: _pseudo_masks(pm),
+             tuple(pm_dir / f"PM_{layer}" for layer in PM_LAYERS))
+    pm_eval = None
+    if train_gt_dir(data).is_dir():
+        pm_eval = ctx.step(f"{key}pm_eval", f"{title}pseudo-masks: eval-pm", lambda: _eval_pm(spec, cfg, pm_dir))
+    s2 = stage2_config(cfg, out, report, s1_ckpt, pm_dir, seed)
+    stage2 = ctx.step(f"{key}stage2", f"{title}stage 2: train-stage2 --gate", lambda: _stage2(s2, cfg.force),
+                      (out / f"stage2_checkpoint_trained_on_{spec.name}.pth", report / "metrics.json"))
+    main = _Main(seed, out, report, s1_ckpt, pm_dir, stage1["cam"], pm_eval)
+    result = {
+        "seed": seed,
+        "stage1_cam": stage1["cam"],
+        "pseudo_masks": pm_eval,
+        "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"]},
+        "stage2_val_best": stage2.get("val_best"),
+        "upper_bound": None,
+        "ablations": {},
+    }
+    has_gt = train_gt_dir(data).is_dir()
+    if cfg.upper_bound or cfg.ablations:
+        if has_gt:
+            full = _run_variant(ctx, main, UPPER_BOUND)
+            result["upper_bound"] = full["stage2"]
+        else:
+            log.info("no %s: the fully supervised upper bound needs the true masks", train_gt_dir(data))
+    if cfg.ablations:
+        rows = {"full method": _row(result)}
+        for variant in ablation_variants(cfg.preset):
+            rows[variant.title] = _row(_run_variant(ctx, main, variant))
+        if result["upper_bound"] is not None:
+            rows[UPPER_BOUND.title] = _row({"stage1_cam": None, "stage2": result["upper_bound"]})
+        result["ablations"] = rows
+    if figures:
+        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report),
+                 (report / "examples.png", report / "cams.png"))
+    write_json(report / SEED_RESULT, result)
+    return result
+
+
+def _run_variant(ctx: _Context, main: _Main, v: Variant) -> dict:
+    """Run (or read back) one variant of ``main``'s seed; returns its seed-result-like dict."""
+    cfg, spec, data = ctx.cfg, ctx.spec, Path(ctx.cfg.data)
+    key, title = _labels(main.seed)
+    key, title = f"{key}ablation/{v.key}/", f"{title}ablation {v.title}: "
+    out, report = main.out / "ablation" / v.key, main.report / "ablation" / v.key
+    s1_ckpt, cam, pm_dir, pm_eval = main.s1_ckpt, main.cam, main.pm_dir, main.pm_eval
+    if v.stage1:
+        s1 = stage1_config(cfg, out, main.seed, **v.stage1)
+        s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
+        cam = ctx.step(f"{key}stage1", f"{title}stage 1", lambda: _stage1(s1, cfg.force), (s1_ckpt,))["cam"]
+    if v.stage1 or v.pm:
+        pm_dir = out / "train_PM"
+        pm = pm_config(cfg, s1_ckpt, pm_dir, **v.pm)
+        ctx.step(f"{key}pseudo_masks", f"{title}pseudo-masks", lambda: _pseudo_masks(pm),
+                 tuple(pm_dir / f"PM_{layer}" for layer in PM_LAYERS))
+        if train_gt_dir(data).is_dir():
+            pm_eval = ctx.step(f"{key}pm_eval", f"{title}eval-pm", lambda: _eval_pm(spec, cfg, pm_dir))
+    if v.true_masks:
+        cam, pm_eval = None, None
+        pm_dir = report / "gt_pm"
+        link = pm_dir / "PM_gt"
+        if not link.exists():
+            pm_dir.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(train_gt_dir(data).resolve(), target_is_directory=True)
+    s2 = stage2_config(cfg, out, report, s1_ckpt, pm_dir, main.seed, **v.stage2)
+    stage2 = ctx.step(f"{key}stage2", f"{title}stage 2", lambda: _stage2(s2, cfg.force), (report / "metrics.json",))
+    return {"stage1_cam": cam, "pseudo_masks": pm_eval,
+            "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"]}}
+
+
+def _miou(m: dict | None) -> float | None:
+    return None if m is None else m["mIoU"]
+
+
+def _row(result: dict) -> dict:
+    return {"stage1_cam_test": _miou((result.get("stage1_cam") or {}).get("test")),
+            "stage2_test": _miou(result["stage2"]["test"]), "stage2_test_gate": _miou(result["stage2"].get("test_gate"))}
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
 def run(cfg: ReproduceConfig) -> dict:
-    """Run (or continue) the pipeline; returns the report (also written as JSON and Markdown)."""
+    """Run (or continue) the pipeline for every seed; returns the report (also written as JSON and Markdown)."""
     spec = get_spec(cfg.dataset)
-    data, out, report = Path(cfg.data), cfg.out_dir, cfg.report_dir
+    data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
     if cfg.synth and not (data / SYNTH_MARKER).is_file():
         if data.is_dir() and any(data.iterdir()) and not (data / "train").is_dir():
@@ -228,42 +440,30 @@ def run(cfg: ReproduceConfig) -> dict:
     if not data.is_dir():
         raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
     report.mkdir(parents=True, exist_ok=True)
-    progress = Progress.open(report / "progress.json", cfg.signature(), cfg.force)
-    times: dict[str, dict] = {}
+    ctx = _Context(cfg, spec, Progress.open(report / "progress.json", cfg.signature(), cfg.force), {})
     if synth_seconds is not None:
-        times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
-
-    def step(key: str, title: str, fn, outputs=()):
-        return _run_step(progress, times, key, title, fn, outputs)
-
-    s1 = stage1_config(cfg, out)
-    s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
-    stage1 = step("stage1", "stage 1: train-stage1 + eval-cam", lambda: _stage1(s1, cfg.force), (s1_ckpt,))
-    pm_dir = default_pm_dir(data)
-    step("pseudo_masks", "pseudo-masks: generate-pm", lambda: _pseudo_masks(spec, cfg, s1_ckpt, pm_dir),
-         tuple(pm_dir / f"PM_{layer}" for layer in PM_LAYERS))
-    pm_eval = None
-    if train_gt_dir(data).is_dir():
-        pm_eval = step("pm_eval", "pseudo-masks: eval-pm", lambda: _eval_pm(spec, cfg, pm_dir))
-    s2 = stage2_config(cfg, out, report, s1_ckpt, pm_dir)
-    stage2 = step("stage2", "stage 2: train-stage2 --gate", lambda: _stage2(s2, cfg.force),
-                  (out / f"stage2_checkpoint_trained_on_{spec.name}.pth", report / "metrics.json"))
-    if cfg.figures:
-        step("figures", "figures", lambda: _figures(spec, cfg, s1_ckpt, report),
-             (report / "examples.png", report / "cams.png"))
-    ablations = run_ablations(cfg, spec, progress, times, stage1, stage2, s1_ckpt) if cfg.ablations else {}
+        ctx.times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
+    for i, seed in enumerate(cfg.seeds):
+        _run_seed(ctx, seed, figures=cfg.figures and i == 0)
+    per_seed = {seed: json.loads((cfg.seed_dirs(seed)[1] / SEED_RESULT).read_text()) for seed in cfg.seeds}
+    first = per_seed[cfg.seeds[0]]
     result = {
         "dataset": spec.name,
         "run": cfg.run,
         "data": str(data),
         "preset": cfg.preset,
+        "gate_mode": cfg.gate_mode,
         "classes": list(spec.classes),
-        "stage1_cam": stage1["cam"],
-        "pseudo_masks": pm_eval,
-        "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"]},
-        "stage2_val_best": stage2.get("val_best"),
-        "ablations": ablations,
-        "times": times,
+        "seeds": list(cfg.seeds),
+        # The first seed's results, as a single run reports them.
+        "stage1_cam": first["stage1_cam"],
+        "pseudo_masks": first["pseudo_masks"],
+        "stage2": first["stage2"],
+        "stage2_val_best": first["stage2_val_best"],
+        "upper_bound": first["upper_bound"],
+        "ablations": first["ablations"],
+        "summary": aggregate_files([cfg.seed_dirs(seed)[1] / SEED_RESULT for seed in cfg.seeds]),
+        "times": ctx.times,
         "wall_seconds_this_call": round(time.perf_counter() - started, 1),
         "machine": machine(),
     }
@@ -274,56 +474,50 @@ def run(cfg: ReproduceConfig) -> dict:
     return result
 
 
-def run_ablations(cfg: ReproduceConfig, spec: DatasetSpec, progress: Progress, times: dict, stage1: dict,
-                  stage2: dict, s1_ckpt: Path) -> dict:
-    """The README's ablations, each a plain option of the commands, in their own folders."""
-    out, report, data = cfg.out_dir / "ablation", cfg.report_dir / "ablation", Path(cfg.data)
-    pm_dir = default_pm_dir(data)
-    rows = {"full method": _row(stage1["cam"], stage2)}
+# --------------------------------------------------------------------------- seed sweeps
 
-    def step(key, title, fn, outputs=()):
-        return _run_step(progress, times, key, title, fn, outputs)
 
-    # Single-layer supervision: bn7 pseudo-masks only (the stage-1 model and PMs are shared).
-    single = step("ablation_bn7", "ablation: --pm-layers bn7 --pm-weights 1", lambda: _stage2(stage2_config(
-        cfg, out / "bn7_only", report / "bn7_only", s1_ckpt, pm_dir, pm_layers=("bn7",), pm_weights=(1.0,)),
-        cfg.force), (report / "bn7_only" / "metrics.json",))
-    rows["single-layer PM (bn7)"] = _row(stage1["cam"], single)
-
-    # No PDA: another stage-1 model, its own pseudo-masks, its own stage 2.
-    no_pda_out = out / "no_pda"
-    no_pda_s1 = stage1_config(cfg, no_pda_out, pda=False)
-    no_pda_ckpt = no_pda_out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
-    no_pda_pm = no_pda_out / "train_PM"
-    s1 = step("ablation_no_pda_s1", "ablation: stage 1 --no-pda", lambda: _stage1(no_pda_s1, cfg.force),
-              (no_pda_ckpt,))
-    step("ablation_no_pda_pm", "ablation: no-PDA pseudo-masks", lambda: _pseudo_masks(spec, cfg, no_pda_ckpt, no_pda_pm),
-         tuple(no_pda_pm / f"PM_{layer}" for layer in PM_LAYERS))
-    s2 = step("ablation_no_pda_s2", "ablation: no-PDA stage 2", lambda: _stage2(stage2_config(
-        cfg, no_pda_out, report / "no_pda", no_pda_ckpt, no_pda_pm), cfg.force), (report / "no_pda" / "metrics.json",))
-    rows["no PDA"] = _row(s1["cam"], s2)
-
-    # Upper bound: the same stage 2 trained on the true masks (synthetic data only).
-    gt = train_gt_dir(data)
-    if gt.is_dir():
-        gt_pm = report / "gt_pm"
-        link = gt_pm / "PM_gt"
-        if not link.exists():
-            gt_pm.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(gt.resolve(), target_is_directory=True)
-        full = step("ablation_gt", "ablation: fully supervised (--pm-layers gt)", lambda: _stage2(stage2_config(
-            cfg, out / "gt", report / "gt", s1_ckpt, gt_pm, pm_layers=("gt",), pm_weights=(1.0,)), cfg.force),
-            (report / "gt" / "metrics.json",))
-        rows["fully supervised (true masks)"] = _row(None, full)
+def result_rows(result: dict) -> dict[str, float | None]:
+    """The mIoU rows of one seed's result (``seed_result.json``), in report order."""
+    rows: dict[str, float | None] = {"stage-1 CAM (test)": _miou((result.get("stage1_cam") or {}).get("test"))}
+    for layer, metrics in (result.get("pseudo_masks") or {}).items():
+        rows[f"pseudo-mask {layer} (train vs train_gt)"] = _miou(metrics)
+    rows["stage 2 (test)"] = _miou(result["stage2"]["test"])
+    rows["stage 2 + gate (test)"] = _miou(result["stage2"].get("test_gate"))
+    if result.get("upper_bound"):
+        rows["upper bound: stage 2 on true masks (test)"] = _miou(result["upper_bound"]["test"])
+        rows["upper bound + gate (test)"] = _miou(result["upper_bound"].get("test_gate"))
+    for name, row in (result.get("ablations") or {}).items():
+        if name == "full method":
+            continue
+        for part, value in (("stage-1 CAM", row["stage1_cam_test"]), ("stage 2", row["stage2_test"]),
+                            ("stage 2 + gate", row["stage2_test_gate"])):
+            if value is not None:
+                rows[f"ablation {name}: {part}"] = value
     return rows
 
 
-def _row(cam: dict | None, stage2: dict) -> dict:
-    def miou(m):
-        return None if m is None else m["mIoU"]
+def aggregate(results: Sequence[dict]) -> dict[str, dict]:
+    """``{row: {"mean", "min", "max", "n", "per_seed": {seed: value}}}`` over seed results.
 
-    return {"stage1_cam_test": miou((cam or {}).get("test")), "stage2_test": miou(stage2["test"]),
-            "stage2_test_gate": miou(stage2.get("test_gate"))}
+    Mean, min and max are over the seeds with a finite value in that row.
+    """
+    table: dict[str, dict] = {}
+    for result in results:
+        for row, value in result_rows(result).items():
+            table.setdefault(row, {"per_seed": {}})["per_seed"][str(result["seed"])] = value
+    for row in table.values():
+        values = [v for v in row["per_seed"].values() if v is not None and math.isfinite(v)]
+        row["n"] = len(values)
+        row["mean"] = sum(values) / len(values) if values else None
+        row["min"] = min(values) if values else None
+        row["max"] = max(values) if values else None
+    return table
+
+
+def aggregate_files(paths: Sequence[Path]) -> dict[str, dict]:
+    """:func:`aggregate` of the ``seed_result.json`` files at ``paths``."""
+    return aggregate([json.loads(Path(p).read_text()) for p in paths])
 
 
 def machine() -> dict:
@@ -341,39 +535,61 @@ def _f(v: float | None) -> str:
 
 def format_report(r: dict) -> str:
     """The results as Markdown (also readable as plain text in a terminal)."""
+    seeds = r.get("seeds") or [0]
+    title = f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'}"
+    title += f", gate {r.get('gate_mode', 'mask')}"
+    lines = [title + (f", seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ")"), ""]
+    if len(seeds) > 1:
+        lines += _sweep_table(r["summary"], seeds)
+        lines += ["", f"Seed {seeds[0]} in detail:", ""]
+    lines += _detail_table(r)
+    if r.get("pseudo_masks"):
+        lines += ["", "Pseudo-mask rows: tissue pixels the mask labels background (ignored by stage 2) are "
+                  "left out of the IoU; their share is `background_on_tissue` in report.json."]
+    if r.get("ablations"):
+        lines += ["", f"## Ablations{f' (seed {seeds[0]})' if len(seeds) > 1 else ''}", "",
+                  "| variant | stage-1 CAM mIoU | stage 2 mIoU | stage 2 + gate mIoU |", "|---|---:|---:|---:|"]
+        for name, row in r["ablations"].items():
+            lines.append(f"| {name} | {_f(row['stage1_cam_test'])} | {_f(row['stage2_test'])} | "
+                         f"{_f(row['stage2_test_gate'])} |")
+    lines += ["", "## Wall time", "", "| step | seconds | |", "|---|---:|---|"]
+    total = 0.0
+    for name, t in r["times"].items():
+        total += t["seconds"]
+        lines.append(f"| {name} | {t['seconds']:.0f} | {'from an earlier run' if t['skipped'] else ''} |")
+    lines.append(f"| **total** | **{total:.0f}** | |")
+    m = r["machine"]
+    lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _detail_table(r: dict) -> list[str]:
     classes = r["classes"]
-    rows: list[tuple[str, dict | None]] = []
-    cam = r.get("stage1_cam") or {}
-    rows.append(("stage-1 CAM (test)", cam.get("test")))
+    rows: list[tuple[str, dict | None]] = [("stage-1 CAM (test)", (r.get("stage1_cam") or {}).get("test"))]
     for layer, metrics in (r.get("pseudo_masks") or {}).items():
         rows.append((f"pseudo-mask {layer} (train vs train_gt)", metrics))
     rows.append(("stage 2 (test)", r["stage2"]["test"]))
     rows.append(("stage 2 + gate (test)", r["stage2"]["test_gate"]))
-    lines = [f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'})", ""]
-    lines.append("| result | mIoU | fwIoU | pixel acc | " + " | ".join(f"IoU {c}" for c in classes) + " |")
-    lines.append("|---|---:|---:|---:|" + "---:|" * len(classes))
+    if r.get("upper_bound"):
+        rows.append(("upper bound: stage 2 on true masks (test)", r["upper_bound"]["test"]))
+        rows.append(("upper bound + gate (test)", r["upper_bound"]["test_gate"]))
+    lines = ["| result | mIoU | fwIoU | pixel acc | " + " | ".join(f"IoU {c}" for c in classes) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(classes)]
     for name, m in rows:
         if m is None:
             continue
         per = [m["per_class"].get(c, {}).get("iou") for c in classes]
         lines.append(f"| {name} | {_f(m['mIoU'])} | {_f(m['fwIoU'])} | {_f(m['pixel_acc'])} | "
                      + " | ".join(_f(v) for v in per) + " |")
-    if r.get("pseudo_masks"):
-        lines += ["", "Pseudo-mask rows: tissue pixels the mask labels background (ignored by stage 2) are "
-                  "left out of the IoU; their share is `background_on_tissue` in report.json."]
-    if r.get("ablations"):
-        lines += ["", "## Ablations", "", "| variant | stage-1 CAM mIoU | stage 2 mIoU | stage 2 + gate mIoU |",
-                  "|---|---:|---:|---:|"]
-        for name, row in r["ablations"].items():
-            lines.append(f"| {name} | {_f(row['stage1_cam_test'])} | {_f(row['stage2_test'])} | "
-                         f"{_f(row['stage2_test_gate'])} |")
-    lines += ["", "## Wall time", "", "| step | seconds | |", "|---|---:|---|"]
-    total = 0.0
-    for title, t in r["times"].items():
-        total += t["seconds"]
-        lines.append(f"| {title} | {t['seconds']:.0f} | {'from an earlier run' if t['skipped'] else ''} |")
-    lines.append(f"| **total** | **{total:.0f}** | |")
-    m = r["machine"]
-    lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _sweep_table(summary: dict, seeds: Sequence[int]) -> list[str]:
+    lines = ["mIoU over the training seeds (mean, worst, best; then each seed):", "",
+             "| result | mean | min | max | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(seeds)]
+    for name, row in summary.items():
+        lines.append(f"| {name} | {_f(row['mean'])} | {_f(row['min'])} | {_f(row['max'])} | "
+                     + " | ".join(_f(row["per_seed"].get(str(s))) for s in seeds) + " |")
+    return lines

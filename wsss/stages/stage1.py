@@ -60,16 +60,23 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
-def poly_lambda(max_step: int, power: float = 0.9):
-    """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``."""
-    return lambda step: max(0.0, 1.0 - step / max_step) ** power
+def poly_lambda(max_step: int, power: float = 0.9, warmup: int = 0):
+    """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``, times a linear
+    warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps."""
+
+    def factor(step: int) -> float:
+        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        return ramp * max(0.0, 1.0 - step / max_step) ** power
+
+    return factor
 
 
 def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
     groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps))
+    warmup = round(cfg.warmup_epochs * steps / max(cfg.epochs, 1))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps, warmup=warmup))
     return optimizer, scheduler
 
 
@@ -87,7 +94,8 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
 
 
 def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
-    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True)
+    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
+                                    geometric=cfg.augment, stain=cfg.stain_jitter)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
@@ -174,7 +182,7 @@ def train(cfg: Stage1Config, resume: bool = False, force: bool = False) -> dict:
     """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary."""
     spec = get_spec(cfg.dataset)
     paths = Stage1Paths(Path(cfg.out), spec.name)
-    cfg, state = resume_state(cfg, paths, cfglib.RUNTIME_FIELDS, resume, force)
+    cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force)
     dist = Distributed(cfg.device)
     try:
         return _train(cfg, spec, paths, state, dist)
@@ -289,15 +297,16 @@ def load_classifier(path: Path, num_classes: int | None = None) -> LoadedClassif
 
 
 @torch.no_grad()
-def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float) -> torch.Tensor:
+def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float,
+                 tie_rule: str = "ours") -> torch.Tensor:
     """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``."""
     cams, logits = model.cams_and_logits(x)
-    return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold)
+    return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold, tie_rule)
 
 
 def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
                   device: torch.device, threshold: float = 0.25, batch_size: int = 16, workers: int = 0,
-                  amp: bool = False) -> dict:
+                  amp: bool = False, tie_rule: str = "ours") -> dict:
     """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
     samples = list_masked(data, split)
     loader = DataLoader(MaskedDataset(samples, image_size, norm), batch_size=batch_size, num_workers=workers)
@@ -305,7 +314,7 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
     model.eval().to(device)
     for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):
         with autocast(device, amp):
-            pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold)
+            pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold, tie_rule)
         meter.update(pred.cpu(), mask)
     return meter.to_json(list(spec.classes))
 
@@ -315,7 +324,8 @@ def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path:
     results = {}
     for split in cfg.eval_splits:
         results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
-                                       cfg.cam_threshold, workers=cfg.workers, amp=cfg.amp)
+                                       cfg.cam_threshold, workers=cfg.workers, amp=cfg.amp,
+                                       tie_rule=cfg.cam_tie_rule)
         log.info(format_table(results[split], f"stage-1 CAM segmentation, {split} split"))
     write_json(path, results)
     return results
