@@ -12,7 +12,8 @@ from torch.utils.data import Dataset
 
 from wsss.data import augment
 from wsss.data.layout import MaskedSample, TrainSample
-from wsss.data.png import read_mask, read_rgb
+from wsss.data.png import read_class_mask, read_rgb
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
 
@@ -114,10 +115,11 @@ class ClassificationDataset(Dataset):
         return to_tensor(image, self.norm), label, index
 
 
-def read_masked(sample: MaskedSample) -> tuple[np.ndarray, np.ndarray]:
-    """An evaluation patch ``(H, W, 3)`` and its mask ``(H, W)``; WsssError if their sizes differ."""
+def read_masked(sample: MaskedSample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """An evaluation patch ``(H, W, 3)`` and its mask ``(H, W)`` of class and background values (read
+    as ``spec`` encodes them); WsssError if their sizes differ or the mask holds another value."""
     image = read_rgb(sample.image)
-    mask = read_mask(sample.mask)
+    mask = read_class_mask(sample.mask, spec)
     if image.shape[:2] != mask.shape:
         raise WsssError(f"size mismatch between {sample.image} and its mask")
     return image, mask
@@ -130,15 +132,17 @@ class MaskedDataset(Dataset):
     input may be resized to ``image_size``; metrics are always computed at the mask's resolution.
     """
 
-    def __init__(self, samples: Sequence[MaskedSample], image_size: int | None, norm: InputNorm) -> None:
+    def __init__(self, samples: Sequence[MaskedSample], image_size: int | None, norm: InputNorm,
+                 spec: DatasetSpec) -> None:
         self.samples = list(samples)
         self.image_size = image_size
         self.norm = norm
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        image, mask = read_masked(self.samples[index])
+        image, mask = read_masked(self.samples[index], self.spec)
         x = to_tensor(resize_rgb(image, self.image_size), self.norm)
         return x, torch.from_numpy(mask.astype(np.int64)), index

@@ -49,11 +49,21 @@ SYNTH_MARKER = "synth.json"  # wsss.data.synth.SUMMARY_NAME: written once the sy
 SEED_RESULT = "seed_result.json"
 
 
+def default_run(dataset: str, synth: bool) -> str:
+    """The run name when ``--run`` is not given: the spec's name, ``synthetic`` for synthetic luad
+    data (``make reproduce``) and ``synthetic-<name>`` for synthetic data of another spec."""
+    name = get_spec(dataset).name
+    if not synth:
+        return name
+    return "synthetic" if name == "luad" else f"synthetic-{name}"
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
-    dataset: str
+    dataset: str  # luad, bcss or the path of a TOML spec file
     data: Path
     run: str  # names the checkpoint and report folders (e.g. "synthetic", "luad")
+    labels_csv: Path | None = None  # None: the spec's label source
     preset: str | None = None  # "cpu", "best" or None (the paper's settings)
     out: Path | None = None  # None: checkpoints/<run>
     report: Path | None = None  # None: results/<run>
@@ -225,21 +235,21 @@ def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
     n_train, n_val, n_test = cfg.synth_counts
-    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
-                       workers=max(1, os.cpu_count() or 1), **dict(cfg.synth_options))
+    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, workers=max(1, os.cpu_count() or 1),
+             spec=get_spec(cfg.dataset), **dict(cfg.synth_options))
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
+                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
                           seed=seed, **overrides)
 
 
 def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, pm_dir: Path, seed: int = 0,
                   **overrides) -> Stage2Config:
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, report=report, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
+                          out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
                           gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
                           workers=cfg.workers, seed=seed, **overrides)
 
@@ -249,7 +259,8 @@ def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides)
 
     values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
     return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force, **values)
+                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force,
+                            labels_csv=cfg.labels_csv, **values)
 
 
 def _stage1(s1: Stage1Config, force: bool) -> dict:
@@ -289,6 +300,7 @@ def _stage2(s2: Stage2Config, force: bool) -> dict:
 
 
 def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path) -> dict:
+    """examples.png and cams.png of one seed (``spec`` carries the label source)."""
     from wsss.figures import cam_figure, examples_figure
 
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
@@ -424,7 +436,7 @@ def _row(result: dict) -> dict:
 
 def run(cfg: ReproduceConfig) -> dict:
     """Run (or continue) the pipeline for every seed; returns the report (also written as JSON and Markdown)."""
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(cfg.dataset, cfg.labels_csv)
     data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
     if cfg.synth and not (data / SYNTH_MARKER).is_file():
