@@ -134,3 +134,20 @@ def test_six_class_spec_with_rgb_masks_and_csv_labels_through_the_chain(tmp_path
     assert rows[0] == "file,TUM,NEC,LYM,STR,NORM,MUS" and len(rows) == 25
     with Image.open(next((data / "val" / "mask").glob("*.png"))) as img:
         assert img.mode == "RGB"
+
+
+def test_reproduce_refuses_to_continue_a_run_of_other_classes(tmp_path, tiny_presets):
+    from wsss.errors import WsssError
+    from wsss.stages.reproduce import ReproduceConfig, run
+
+    spec = tmp_path / "w.toml"
+    spec.write_text(THREE)
+    cfg = ReproduceConfig(dataset=str(spec), data=tmp_path / "data", run="r", preset="tiny", out=tmp_path / "c",
+                          report=tmp_path / "r", device="cpu", workers=0, figures=False)
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "r").mkdir()
+    saved = {**cfg.signature(), "classes": ["tumor", "stroma", "fat"]}
+    (tmp_path / "r" / "progress.json").write_text(json.dumps({"signature": saved, "steps": {}}))
+    with pytest.raises(WsssError, match=r"other settings \(classes: \['tumor', 'stroma', 'fat'\] → "
+                                        r"\['tumor', 'stroma', 'normal'\]\)"):
+        run(cfg)

@@ -36,7 +36,7 @@ import torch
 from wsss import config as cfglib
 from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
 from wsss.data.layout import default_pm_dir, train_gt_dir
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.specs import SPECS, DatasetSpec, get_spec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
@@ -104,13 +104,22 @@ class ReproduceConfig:
 
     def signature(self) -> dict:
         """What the results depend on (not how or where they are computed)."""
-        return {"dataset": get_spec(self.dataset).name, "data": str(self.data), "preset": self.preset,
+        spec = get_spec(self.dataset)
+        return {"dataset": spec.name, "classes": list(spec.classes), "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
                 "gate_mode": self.gate_mode}
 
 
 # Keys added to the signature after the first release, with the value older progress files meant.
 _SIGNATURE_DEFAULTS = {"gate_mode": "mask"}
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved signature completed with what older progress files meant (their dataset was luad or bcss)."""
+    old = {**_SIGNATURE_DEFAULTS, **saved}
+    if "classes" not in old and str(old.get("dataset")) in SPECS:
+        old["classes"] = list(SPECS[old["dataset"]].classes)
+    return old
 
 
 def _str(p: Path | None) -> str | None:
@@ -137,7 +146,7 @@ class Progress:
         except (OSError, ValueError):
             log.warning("%s is unreadable: starting the bookkeeping afresh", path)
             return cls(path, signature)
-        old = {**_SIGNATURE_DEFAULTS, **(saved.get("signature") or {})}
+        old = _with_defaults(saved.get("signature") or {})
         if old != signature:
             raise WsssError(
                 f"{path} records a run with other settings ({_diff(old, signature)}); "
