@@ -92,6 +92,12 @@ def train_stage1(
     pda_first_epoch: Optional[int] = typer.Option(None, "--pda-first-epoch", help="0-based epoch PDA starts at."),
     pda_norm: Optional[str] = typer.Option(
         None, "--pda-norm", help="none (reference) or max (attention scaled to [0,1]; stable from random init)."),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
+    stain_jitter: Optional[float] = typer.Option(
+        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    warmup_epochs: Optional[float] = typer.Option(
+        None, "--warmup-epochs", help="Linear learning-rate warm-up before the poly decay (0: none, the reference)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -107,7 +113,8 @@ def train_stage1(
         Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
-        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, device=device, amp=amp, workers=workers, seed=seed,
+        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
+        warmup_epochs=warmup_epochs, device=device, amp=amp, workers=workers, seed=seed,
     )
     summary = train(cfg, resume=resume, force=force)
     if "cam_metrics" in summary:
@@ -218,6 +225,10 @@ def train_stage2(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
+    stain_jitter: Optional[float] = typer.Option(
+        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -245,7 +256,8 @@ def train_stage2(
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, init_weights=init_weights,
+        weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
+        stain_jitter=stain_jitter, init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )

@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
+from wsss.data import augment
 from wsss.data.datasets import InputNorm, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import read_mask, read_rgb
@@ -34,15 +35,23 @@ def pseudo_mask_paths(
     return paths
 
 
-def flip_and_blur(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
+def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip",
+                  stain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
 
-    Image (H, W, 3) and masks (L, H, W) flipped left-right together with p = 0.5; the image alone
-    blurred with p = 0.5 by a Gaussian of radius uniform in [0, 1).
+    ``geometric="hflip"`` is the reference's: image (H, W, 3) and masks (L, H, W) flipped left-right
+    together with p = 0.5. ``"d4"``: a random one of the square's eight symmetries, applied to both
+    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) of
+    the image, and, as the reference, the image alone blurred with p = 0.5 by a Gaussian of radius
+    uniform in [0, 1).
     """
-    if torch.rand(()) < 0.5:
+    if geometric == "d4":
+        image, *planes = augment.geometric([image, *masks], "d4")
+        masks = np.stack(planes)
+    elif torch.rand(()) < 0.5:
         image = image[:, ::-1]
         masks = masks[:, :, ::-1]
+    image = augment.stain_jitter(np.ascontiguousarray(image), stain)
     if torch.rand(()) < 0.5:
         radius = float(torch.rand(()))
         image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius)))
@@ -65,6 +74,8 @@ class PseudoMaskDataset(Dataset):
         norm: InputNorm,
         num_classes: int,
         augment: bool = True,
+        geometric: str = "hflip",
+        stain: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -72,6 +83,8 @@ class PseudoMaskDataset(Dataset):
         self.norm = norm
         self.num_classes = num_classes
         self.augment = augment
+        self.geometric = geometric
+        self.stain = stain
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,7 +105,7 @@ class PseudoMaskDataset(Dataset):
         image = read_rgb(self.samples[index].path)
         masks = self._masks(index, image.shape[:2])
         if self.augment:
-            image, masks = flip_and_blur(image, masks)
+            image, masks = flip_and_blur(image, masks, self.geometric, self.stain)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
