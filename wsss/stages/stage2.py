@@ -211,9 +211,9 @@ def evaluate_checkpoint(
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
+    check_gate_options(gate_mode, threshold)
     seg = load_segmenter(checkpoint, spec.num_classes)
     gate = load_classifier(stage1_checkpoint, spec.num_classes) if stage1_checkpoint is not None else None
-    check_gate_options(gate_mode, threshold)
     meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
                               batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
                               gate_mode=gate_mode)
