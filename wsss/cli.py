@@ -169,13 +169,21 @@ def generate_pm(
     tie_rule: str = typer.Option(
         "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
                                    "where unlabelled classes score 0; differs at a few pixels)."),
+    scales: str = typer.Option(
+        "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
+                              "(reference: 1)."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch."),
+    white_rule: str = typer.Option(
+        "grey", "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
+                                     "pale tissue stays tissue)."),
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
 
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           tie_rule=tie_rule)
+                           tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
+                           white_rule=white_rule)
     typer.echo(format_summary(generate(cfg)))
 
 

@@ -289,12 +289,12 @@ def _stage2(s2: Stage2Config, force: bool) -> dict:
     return summary["metrics"]
 
 
-def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path) -> dict:
+def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path, pm) -> dict:
     from wsss.figures import cam_figure, examples_figure
 
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
     examples = examples_figure(spec, Path(cfg.data), stage1, pred_dirs, report / "examples.png",
-                               layers=PM_LAYERS, device=cfg.device)
+                               layers=PM_LAYERS, device=cfg.device, method=pm.method)
     cams = cam_figure(spec, Path(cfg.data), stage1, report / "cams.png", device=cfg.device)
     return {"examples": str(examples), "cams": str(cams)}
 
@@ -374,7 +374,7 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
             rows[UPPER_BOUND.title] = _row({"stage1_cam": None, "stage2": result["upper_bound"]})
         result["ablations"] = rows
     if figures:
-        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report),
+        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report, pm),
                  (report / "examples.png", report / "cams.png"))
     write_json(report / SEED_RESULT, result)
     return result
