@@ -35,13 +35,27 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Seed; same seed, same files."),
     workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it already holds a dataset."),
+    look: str = typer.Option(
+        "default", "--look", help="default, or shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a "
+                                  "model was not tuned to); the options below override its values."),
+    stain_scale: Optional[float] = typer.Option(
+        None, "--stain-scale", help="Multiplier of the H and E optical densities (default look 1.0)."),
+    hue_shift: Optional[float] = typer.Option(
+        None, "--hue-shift", help="Rotate the H and E stain vectors by this many degrees (default look 0)."),
+    texture_scale: Optional[float] = typer.Option(
+        None, "--texture-scale", help="Multiplier of nucleus, fibre and spacing sizes (default look 1.0)."),
+    pale: Optional[float] = typer.Option(
+        None, "--pale", help="Probability that a tissue region is rendered pale, partly above the white-glass "
+                             "rule (grey > 200) while still tissue in the masks (default look 0)."),
 ) -> None:
     """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks)."""
-    from wsss.data.synth import generate
+    from wsss.data.synth import generate, resolve_look
 
+    appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
-    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers)
+    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
+                       look=appearance)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -45,7 +45,7 @@ from wsss.runtime import atomic_path
 log = logging.getLogger(__name__)
 
 PM_LAYERS = ("b4_5", "b5_2", "bn7")
-SYNTH_MARKER = "synth.json"
+SYNTH_MARKER = "synth.json"  # wsss.data.synth.SUMMARY_NAME: written once the synthetic data is complete
 SEED_RESULT = "seed_result.json"
 
 
@@ -225,9 +225,8 @@ def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
     n_train, n_val, n_test = cfg.synth_counts
-    summary = generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
+    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
                        workers=max(1, os.cpu_count() or 1), **dict(cfg.synth_options))
-    write_json(Path(cfg.data) / SYNTH_MARKER, summary)
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
