@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from wsss.cam.gradcam import averaged_gradcam, multi_layer_gradcam
 from wsss.data import augment
 from wsss.data.background import white_mask
+from wsss.data.seg_datasets import compose_mosaic as augment_mosaic
 from wsss.errors import WsssError
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.stages.pseudo_masks import PmMethod
@@ -113,3 +114,60 @@ def test_stain_jitter_changes_stain_densities_not_layout():
     od_in = -np.log(np.maximum(image, 1) / 255.0).sum(-1)
     od_out = -np.log(np.maximum(out, 1) / 255.0).sum(-1)
     assert np.corrcoef(od_in.ravel(), od_out.ravel())[0, 1] > 0.95
+
+
+def test_compose_mosaic_by_hand():
+    images = [np.full((4, 6, 3), i, np.uint8) for i in range(4)]
+    masks = [np.full((2, 4, 6), 10 + i, np.uint8) for i in range(4)]
+    image, mask = augment_mosaic(images, masks, (1, 4))
+    expected = np.array([[0, 0, 0, 0, 1, 1]] + [[2, 2, 2, 2, 3, 3]] * 3)
+    assert np.array_equal(image[..., 0], expected) and np.array_equal(image[..., 2], expected)
+    assert np.array_equal(mask[0], expected + 10) and np.array_equal(mask[1], expected + 10)
+
+
+def test_mosaic_items_carry_exactly_their_source_patches_labels(tmp_path):
+    """Each quadrant of a mosaic comes from one single-class patch; its mask pixels are that class
+    (or background where that patch's pseudo-mask says so), never another class."""
+    from wsss.data.datasets import InputNorm
+    from wsss.data.layout import TrainSample
+    from wsss.data.png import write_mask, write_rgb
+    from wsss.data.seg_datasets import PseudoMaskDataset
+    from wsss.data.specs import LUAD
+
+    samples, paths = [], []
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        cls = i % 4
+        label = tuple(int(c == cls) for c in range(4))
+        path = tmp_path / "train" / f"p{i}-[{' '.join(map(str, label))}].png"
+        path.parent.mkdir(exist_ok=True)
+        image = np.full((16, 16, 3), 40 * cls + 20, np.uint8)  # the class is readable from the colour
+        write_rgb(path, image)
+        pm = np.full((16, 16), cls, np.uint8)
+        pm[rng.random((16, 16)) < 0.2] = 4  # some background
+        pm_path = tmp_path / "PM" / f"{path.stem}.png"
+        pm_path.parent.mkdir(exist_ok=True)
+        write_mask(pm_path, pm, LUAD.flat_palette())
+        samples.append(TrainSample(path, label))
+        paths.append([pm_path])
+    # a two-class patch never goes into a mosaic
+    two = tmp_path / "train" / "two-[1 1 0 0].png"
+    write_rgb(two, np.full((16, 16, 3), 250, np.uint8))
+    write_mask(tmp_path / "PM" / "two.png", np.zeros((16, 16), np.uint8), LUAD.flat_palette())
+    samples.append(TrainSample(two, (1, 1, 0, 0)))
+    paths.append([tmp_path / "PM" / "two.png"])
+
+    data = PseudoMaskDataset(samples, paths, None, InputNorm(), 4, augment=True, mosaic=1.0)
+    assert data.single == list(range(8))
+    torch.manual_seed(0)
+    quadrant_classes = set()
+    for _ in range(20):
+        image, masks = data._mosaic((16, 16))
+        cls_of_pixel = (image[..., 0].astype(int) - 20) // 40  # which patch each pixel came from
+        assert image[..., 0].max() < 250  # the two-class patch is never used
+        assert ((masks[0] == cls_of_pixel) | (masks[0] == 4)).all()
+        quadrant_classes.add((int(cls_of_pixel[0, 0]), int(cls_of_pixel[-1, -1])))
+    assert len(quadrant_classes) > 4  # quadrants really come from different patches
+    # and the items handed to training are mosaics of the right shape and value range
+    x, masks, _ = data[8]
+    assert x.shape == (3, 16, 16) and masks.shape == (1, 16, 16) and set(masks.unique().tolist()) <= {0, 1, 2, 3, 4}

@@ -181,6 +181,7 @@ class Stage2Config:
     input_norm: str = "none"  # the reference feeds [0, 1] RGB
     augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
     init_weights: Path | None = None
     gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
     gate_threshold: float = 0.1
@@ -217,6 +218,8 @@ class Stage2Config:
         check_sgd(self.momentum, self.weight_decay)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
         _check_augment_numbers(self.stain_jitter)
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         get_input_norm(self.input_norm)
         DeepLabArch(self.backbone, self.out_stride, 1, self.head_channels)
 

@@ -409,7 +409,7 @@ def _training_set(cfg: Stage2Config, spec: DatasetSpec) -> PseudoMaskDataset:
     pm_dir = Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
     mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, spec.name)
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec.num_classes,
-                             geometric=cfg.augment, stain=cfg.stain_jitter)
+                             geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
 def _distributed(model: DeepLabV3Plus, dist: Distributed):
