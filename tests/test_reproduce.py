@@ -126,3 +126,30 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     assert gt["pm_layers"] == ["gt"]
     assert rows["full method"]["stage2_test"] == result["stage2"]["test"]["mIoU"]
     assert "## Ablations" in (report / "report.md").read_text()
+
+
+def test_seed_sweep_reports_mean_min_max_from_the_per_seed_files(tmp_path, tiny_presets):
+    from wsss.stages.reproduce import aggregate_files
+
+    result = run(tiny(tmp_path, seeds=(0, 2), upper_bound=True))
+    report = tmp_path / "report"
+    files = [report / "seed_result.json", report / "seed2" / "seed_result.json"]
+    per_seed = [json.loads(f.read_text()) for f in files]
+    # each seed trained its own models in its own folders
+    assert (tmp_path / "ckpt" / "seed2" / "stage1_checkpoint_trained_on_luad.pth").is_file()
+    assert json.loads((tmp_path / "ckpt" / "seed2" / "stage1_luad_config.json").read_text())["seed"] == 2
+    assert len(list((tmp_path / "ckpt" / "seed2" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
+    # the rows come from those files: recompute mean/min/max by hand
+    for row, key in (("stage 2 + gate (test)", ("stage2", "test_gate")),
+                     ("upper bound: stage 2 on true masks (test)", ("upper_bound", "test"))):
+        values = [r[key[0]][key[1]]["mIoU"] for r in per_seed]
+        summary = result["summary"][row]
+        assert summary["per_seed"] == {"0": values[0], "2": values[1]}
+        assert summary["mean"] == pytest.approx(sum(values) / 2)
+        assert (summary["min"], summary["max"]) == (min(values), max(values))
+    # a changed per-seed file changes the summary: nothing is cached elsewhere
+    per_seed[1]["stage2"]["test_gate"]["mIoU"] = 0.0001
+    files[1].write_text(json.dumps(per_seed[1]))
+    assert aggregate_files(files)["stage 2 + gate (test)"]["min"] == 0.0001
+    md = (report / "report.md").read_text()
+    assert "| result | mean | min | max | seed 0 | seed 2 |" in md
