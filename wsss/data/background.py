@@ -16,13 +16,15 @@ _FOUR_CONNECTED = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], dtype=bool)
 
 
 def to_grey(image: np.ndarray) -> np.ndarray:
-    """ITU-R 601-2 luma of an ``(H, W, 3)`` uint8 image, as PIL's ``convert("L")`` computes it.
+    """Grey value of an ``(H, W, 3)`` uint8 RGB image as the reference computes it.
 
-    Returns ``(H, W)`` uint8.
+    WSSS-Tissue's ``gen_bg_mask`` uses ``cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)``: ITU-R 601 luma in
+    14-bit fixed point, ``(4899 R + 9617 G + 1868 B + 2^13) >> 14``. Other roundings of the same
+    weights (PIL's ``convert("L")``, or ``/ 1000``) put a few hundred RGB triples on the other side
+    of the 200 threshold. Returns ``(H, W)`` uint8.
     """
     rgb = image.astype(np.uint32)
-    # PIL rounds (R*299 + G*587 + B*114) / 1000 to nearest.
-    return ((rgb[..., 0] * 299 + rgb[..., 1] * 587 + rgb[..., 2] * 114 + 500) // 1000).astype(np.uint8)
+    return ((rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + 8192) >> 14).astype(np.uint8)
 
 
 WHITE_RULES = ("grey", "glass")
