@@ -34,7 +34,7 @@ def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, 
     # every stage ran and wrote what the next one reads
     assert (tmp_path / "data" / "synth.json").is_file()
     for layer in ("b4_5", "b5_2", "bn7"):
-        assert len(list((tmp_path / "data" / "train_PM" / f"PM_{layer}").glob("*.png"))) == 16
+        assert len(list((tmp_path / "ckpt" / "train_PM" / f"PM_{layer}").glob("*.png"))) == 16
     assert (tmp_path / "ckpt" / "stage1_checkpoint_trained_on_luad.pth").is_file()
     assert (tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth").is_file()
     # the report carries the numbers each stage wrote, not numbers of its own
@@ -153,3 +153,13 @@ def test_seed_sweep_reports_mean_min_max_from_the_per_seed_files(tmp_path, tiny_
     assert aggregate_files(files)["stage 2 + gate (test)"]["min"] == 0.0001
     md = (report / "report.md").read_text()
     assert "| result | mean | min | max | seed 0 | seed 2 |" in md
+
+
+def test_transfer_tests_the_seeds_model_on_the_other_dataset(tmp_path, tiny_presets):
+    """Pointing --transfer at the training data itself must give back the stage-2 test numbers exactly."""
+    result = run(tiny(tmp_path, transfer=tmp_path / "data"))
+    assert result["transfer"]["test"] == result["stage2"]["test"]
+    assert result["transfer"]["test_gate"] == result["stage2"]["test_gate"]
+    assert result["summary"]["stage 2 + gate tested on data"]["mean"] == result["stage2"]["test_gate"]["mIoU"]
+    with pytest.raises(WsssError, match="--transfer: dataset folder"):
+        run(tiny(tmp_path, transfer=tmp_path / "nowhere", report=tmp_path / "r2", out=tmp_path / "c2"))

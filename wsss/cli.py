@@ -376,6 +376,12 @@ def reproduce(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    synth_look: str = typer.Option(
+        "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
+                                        "pale tissue; see wsss synth --look)."),
+    transfer: Optional[Path] = typer.Option(
+        None, "--transfer", help="Also test each seed's stage 2 (and gate) on this dataset's test split, e.g. "
+                                 "synthetic data of another look."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -391,7 +397,7 @@ def reproduce(
         dataset=dataset, data=data, run=run or ("synthetic" if synth else dataset.lower()),
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
-        upper_bound=upper_bound, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        upper_bound=upper_bound, synth_look=synth_look, transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
