@@ -34,7 +34,7 @@ def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, 
     # every stage ran and wrote what the next one reads
     assert (tmp_path / "data" / "synth.json").is_file()
     for layer in ("b4_5", "b5_2", "bn7"):
-        assert len(list((tmp_path / "data" / "train_PM" / f"PM_{layer}").glob("*.png"))) == 16
+        assert len(list((tmp_path / "ckpt" / "train_PM" / f"PM_{layer}").glob("*.png"))) == 16
     assert (tmp_path / "ckpt" / "stage1_checkpoint_trained_on_luad.pth").is_file()
     assert (tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth").is_file()
     # the report carries the numbers each stage wrote, not numbers of its own
@@ -126,3 +126,40 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     assert gt["pm_layers"] == ["gt"]
     assert rows["full method"]["stage2_test"] == result["stage2"]["test"]["mIoU"]
     assert "## Ablations" in (report / "report.md").read_text()
+
+
+def test_seed_sweep_reports_mean_min_max_from_the_per_seed_files(tmp_path, tiny_presets):
+    from wsss.stages.reproduce import aggregate_files
+
+    result = run(tiny(tmp_path, seeds=(0, 2), upper_bound=True))
+    report = tmp_path / "report"
+    files = [report / "seed_result.json", report / "seed2" / "seed_result.json"]
+    per_seed = [json.loads(f.read_text()) for f in files]
+    # each seed trained its own models in its own folders
+    assert (tmp_path / "ckpt" / "seed2" / "stage1_checkpoint_trained_on_luad.pth").is_file()
+    assert json.loads((tmp_path / "ckpt" / "seed2" / "stage1_luad_config.json").read_text())["seed"] == 2
+    assert len(list((tmp_path / "ckpt" / "seed2" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
+    # the rows come from those files: recompute mean/min/max by hand
+    for row, key in (("stage 2 + gate (test)", ("stage2", "test_gate")),
+                     ("upper bound: stage 2 on true masks (test)", ("upper_bound", "test"))):
+        values = [r[key[0]][key[1]]["mIoU"] for r in per_seed]
+        summary = result["summary"][row]
+        assert summary["per_seed"] == {"0": values[0], "2": values[1]}
+        assert summary["mean"] == pytest.approx(sum(values) / 2)
+        assert (summary["min"], summary["max"]) == (min(values), max(values))
+    # a changed per-seed file changes the summary: nothing is cached elsewhere
+    per_seed[1]["stage2"]["test_gate"]["mIoU"] = 0.0001
+    files[1].write_text(json.dumps(per_seed[1]))
+    assert aggregate_files(files)["stage 2 + gate (test)"]["min"] == 0.0001
+    md = (report / "report.md").read_text()
+    assert "| result | mean | min | max | seed 0 | seed 2 |" in md
+
+
+def test_transfer_tests_the_seeds_model_on_the_other_dataset(tmp_path, tiny_presets):
+    """Pointing --transfer at the training data itself must give back the stage-2 test numbers exactly."""
+    result = run(tiny(tmp_path, transfer=tmp_path / "data"))
+    assert result["transfer"]["test"] == result["stage2"]["test"]
+    assert result["transfer"]["test_gate"] == result["stage2"]["test_gate"]
+    assert result["summary"]["stage 2 + gate tested on data"]["mean"] == result["stage2"]["test_gate"]["mIoU"]
+    with pytest.raises(WsssError, match="--transfer: dataset folder"):
+        run(tiny(tmp_path, transfer=tmp_path / "nowhere", report=tmp_path / "r2", out=tmp_path / "c2"))

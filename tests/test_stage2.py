@@ -189,6 +189,20 @@ def test_cli_train_with_gate_then_evaluate_reproduces(tiny_data, stage1_ckpt, tm
     again = json.loads((tmp_path / "eval.json").read_text())
     assert again == {"test": metrics["test"], "test_gate": metrics["test_gate"]}
 
+    # --gate-mode reference reaches the evaluation: with a threshold no class passes, the reference's
+    # multiply makes every logit 0 and class 0 wins every pixel; our mask keeps each patch's most
+    # probable class instead, which the untrained classifier does not make class 0 for every patch
+    for mode in ("reference", "mask"):
+        code, out, err = run_cli(capsys, monkeypatch, "evaluate", "--dataset", "luad", "--data", tiny_data,
+                                 "--checkpoint", ckpt, "--split", "test", "--gate", "--stage1-checkpoint",
+                                 stage1_ckpt, "--gate-threshold", "0.99", "--gate-mode", mode, "--device", "cpu",
+                                 "--json", tmp_path / f"{mode}.json")
+        assert code == 0, err
+    confusion = torch.tensor(json.loads((tmp_path / "reference.json").read_text())["test_gate"]["confusion_matrix"])
+    assert confusion[:, 1:].sum() == 0 and confusion[:, 0].sum() > 0
+    probs = torch.sigmoid(stage1.load_classifier(stage1_ckpt).model(torch.rand(1, 3, 32, 32)))
+    assert probs.max() <= 0.99  # the premise: nothing passes the threshold
+
     # the same weights under the reference's names and file layout, as a published checkpoint
     published = load_checkpoint(ckpt)["model"]
     names = {v: k for k, v in _reference_names(published).items()}

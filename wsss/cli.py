@@ -120,6 +120,12 @@ def train_stage1(
     pda_first_epoch: Optional[int] = typer.Option(None, "--pda-first-epoch", help="0-based epoch PDA starts at."),
     pda_norm: Optional[str] = typer.Option(
         None, "--pda-norm", help="none (reference) or max (attention scaled to [0,1]; stable from random init)."),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
+    stain_jitter: Optional[float] = typer.Option(
+        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    warmup_epochs: Optional[float] = typer.Option(
+        None, "--warmup-epochs", help="Linear learning-rate warm-up before the poly decay (0: none, the reference)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -135,7 +141,8 @@ def train_stage1(
         Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
-        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, device=device, amp=amp, workers=workers, seed=seed,
+        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
+        warmup_epochs=warmup_epochs, device=device, amp=amp, workers=workers, seed=seed,
     )
     summary = train(cfg, resume=resume, force=force)
     if "cam_metrics" in summary:
@@ -189,13 +196,21 @@ def generate_pm(
     tie_rule: str = typer.Option(
         "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
                                    "where unlabelled classes score 0; differs at a few pixels)."),
+    scales: str = typer.Option(
+        "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
+                              "(reference: 1)."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch."),
+    white_rule: str = typer.Option(
+        "grey", "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
+                                     "pale tissue stays tissue)."),
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
 
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           tie_rule=tie_rule, labels_csv=labels_csv)
+                           tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
+                           white_rule=white_rule, labels_csv=labels_csv)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -246,6 +261,13 @@ def train_stage2(
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    augment: Optional[str] = typer.Option(
+        None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
+    stain_jitter: Optional[float] = typer.Option(
+        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    mosaic: Optional[float] = typer.Option(
+        None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
+                               "masks are exact (0: off, the reference)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -274,7 +296,8 @@ def train_stage2(
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-        weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, init_weights=init_weights,
+        weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
+        stain_jitter=stain_jitter, mosaic=mosaic, init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )
@@ -370,6 +393,12 @@ def reproduce(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    synth_look: str = typer.Option(
+        "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
+                                        "pale tissue; see wsss synth --look)."),
+    transfer: Optional[Path] = typer.Option(
+        None, "--transfer", help="Also test each seed's stage 2 (and gate) on this dataset's test split, e.g. "
+                                 "synthetic data of another look."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -385,7 +414,7 @@ def reproduce(
         dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
-        upper_bound=upper_bound, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        upper_bound=upper_bound, synth_look=synth_look, transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))

@@ -61,6 +61,8 @@ class Stage1Config:
 
         check_sgd(self.momentum, self.weight_decay)
         check_tie_rule(self.cam_tie_rule)
+        _check_choice("--augment", self.augment, ("flip", "d4"))
+        _check_augment_numbers(self.stain_jitter, self.warmup_epochs)
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -68,6 +70,18 @@ class Stage1Config:
         bad = [s for s in self.eval_splits if s not in ("val", "test")]
         if bad:
             raise WsssError(f"evaluation splits must be val or test, not {bad}")
+
+
+def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise WsssError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
+
+
+def _check_augment_numbers(stain_jitter: float, warmup_epochs: float = 0.0) -> None:
+    if not 0.0 <= stain_jitter <= 1.0:
+        raise WsssError(f"--stain-jitter must be in [0, 1], not {stain_jitter:g}")
+    if warmup_epochs < 0:
+        raise WsssError(f"--warmup-epochs must be 0 or more, not {warmup_epochs:g}")
 
 
 def check_sgd(momentum: float, weight_decay: float) -> None:
@@ -167,6 +181,9 @@ class Stage2Config:
     weight_decay: float = 5e-4
     image_size: int | None = None  # None: the patches' own size (224 for the real datasets)
     input_norm: str = "none"  # the reference feeds [0, 1] RGB
+    augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
+    stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
     init_weights: Path | None = None
     gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
     gate_threshold: float = 0.1
@@ -201,6 +218,10 @@ class Stage2Config:
         check_loss_options(self.loss, self.loss_reduction)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_sgd(self.momentum, self.weight_decay)
+        _check_choice("--augment", self.augment, ("hflip", "d4"))
+        _check_augment_numbers(self.stain_jitter)
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         get_input_norm(self.input_norm)
         DeepLabArch(self.backbone, self.out_stride, 1, self.head_channels)
 

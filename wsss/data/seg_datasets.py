@@ -11,6 +11,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
+from wsss.data import augment
 from wsss.data.datasets import InputNorm, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import check_mask_values, read_mask, read_rgb
@@ -34,19 +35,45 @@ def pseudo_mask_paths(
     return paths
 
 
-def flip_and_blur(image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
+def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip",
+                  stain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
 
-    Image (H, W, 3) and masks (L, H, W) flipped left-right together with p = 0.5; the image alone
-    blurred with p = 0.5 by a Gaussian of radius uniform in [0, 1).
+    ``geometric="hflip"`` is the reference's: image (H, W, 3) and masks (L, H, W) flipped left-right
+    together with p = 0.5. ``"d4"``: a random one of the square's eight symmetries, applied to both
+    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) of
+    the image, and, as the reference, the image alone blurred with p = 0.5 by a Gaussian of radius
+    uniform in [0, 1).
     """
-    if torch.rand(()) < 0.5:
+    if geometric == "d4":
+        image, *planes = augment.geometric([image, *masks], "d4")
+        masks = np.stack(planes)
+    elif torch.rand(()) < 0.5:
         image = image[:, ::-1]
         masks = masks[:, :, ::-1]
+    image = augment.stain_jitter(np.ascontiguousarray(image), stain)
     if torch.rand(()) < 0.5:
         radius = float(torch.rand(()))
         image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius)))
     return np.ascontiguousarray(image), np.ascontiguousarray(masks)
+
+
+def compose_mosaic(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cut: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A 2×2 mosaic of four equally sized patches, cut at ``cut = (row, col)``.
+
+    ``images[i]`` (H, W, 3) and ``masks[i]`` (L, H, W); quadrant ``i`` (top-left, top-right,
+    bottom-left, bottom-right) is the same region of patch ``i``, at its own scale, with its masks.
+    """
+    r, c = cut
+    image = np.empty_like(images[0])
+    mask = np.empty_like(masks[0])
+    regions = ((slice(0, r), slice(0, c)), (slice(0, r), slice(c, None)),
+               (slice(r, None), slice(0, c)), (slice(r, None), slice(c, None)))
+    for (rows, cols), im, ms in zip(regions, images, masks):
+        image[rows, cols] = im[rows, cols]
+        mask[:, rows, cols] = ms[:, rows, cols]
+    return image, mask
 
 
 class PseudoMaskDataset(Dataset):
@@ -67,6 +94,9 @@ class PseudoMaskDataset(Dataset):
         norm: InputNorm,
         spec: DatasetSpec,
         augment: bool = True,
+        geometric: str = "hflip",
+        stain: float = 0.0,
+        mosaic: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -74,6 +104,11 @@ class PseudoMaskDataset(Dataset):
         self.norm = norm
         self.spec = spec
         self.augment = augment
+        self.geometric = geometric
+        self.stain = stain
+        self.mosaic = mosaic
+        # Patches with one class: their pseudo-masks are exact (that class, or background on white).
+        self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -88,14 +123,31 @@ class PseudoMaskDataset(Dataset):
             masks.append(mask)
         return np.stack(masks)
 
-    def __getitem__(self, index: int):
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_rgb(self.samples[index].path)
-        masks = self._masks(index, image.shape[:2])
+        return image, self._masks(index, image.shape[:2])
+
+    def __getitem__(self, index: int):
+        image, masks = self._read(index)
+        if self.augment and self.mosaic > 0 and len(self.single) >= 2 and float(torch.rand(())) < self.mosaic:
+            image, masks = self._mosaic(image.shape[:2]) or (image, masks)
         if self.augment:
-            image, masks = flip_and_blur(image, masks)
+            image, masks = flip_and_blur(image, masks, self.geometric, self.stain)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
+
+
+    def _mosaic(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Four random single-class patches of ``shape`` cut together (PistoSeg-style mosaic); their
+        masks are exact labels. None when the draw holds a patch of another size."""
+        picks = [self.single[int(i)] for i in torch.randint(len(self.single), (4,))]
+        parts = [self._read(i) for i in picks]
+        if any(im.shape[:2] != tuple(shape) for im, _ in parts):
+            return None
+        h, w = shape
+        cut = (int(torch.randint(h // 4, h - h // 4 + 1, ())), int(torch.randint(w // 4, w - w // 4 + 1, ())))
+        return compose_mosaic([im for im, _ in parts], [ms for _, ms in parts], cut)
 
 
 class MultiViewMaskedDataset(Dataset):

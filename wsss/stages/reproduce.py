@@ -35,8 +35,9 @@ import torch
 
 from wsss import config as cfglib
 from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
-from wsss.data.layout import default_pm_dir, train_gt_dir
+from wsss.data.layout import train_gt_dir
 from wsss.data.specs import SPECS, DatasetSpec, get_spec
+from wsss.data.synth import resolve_look
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
@@ -69,7 +70,8 @@ class ReproduceConfig:
     report: Path | None = None  # None: results/<run>
     synth: bool = False  # generate the synthetic dataset into DATA first (skipped when it is there)
     synth_counts: tuple[int, int, int] = (1000, 100, 100)
-    synth_options: Mapping[str, Any] = field(default_factory=dict)  # the look of the synthetic data
+    synth_look: str = "default"  # the look of the synthetic data (wsss.data.synth.LOOKS)
+    transfer: Path | None = None  # also test each seed's stage 2 on this dataset's test split
     stage1_init: Path | None = None
     stage2_init: Path | None = None
     seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
@@ -83,6 +85,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         check_gate_options(self.gate_mode, 0.1)
+        resolve_look(self.synth_look)
         seeds = tuple(int(s) for s in self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
@@ -107,11 +110,12 @@ class ReproduceConfig:
         spec = get_spec(self.dataset)
         return {"dataset": spec.name, "classes": list(spec.classes), "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
-                "gate_mode": self.gate_mode}
+                "gate_mode": self.gate_mode,
+                "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None}
 
 
 # Keys added to the signature after the first release, with the value older progress files meant.
-_SIGNATURE_DEFAULTS = {"gate_mode": "mask"}
+_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None}
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -245,7 +249,7 @@ def _synth(cfg: ReproduceConfig) -> dict:
 
     n_train, n_val, n_test = cfg.synth_counts
     generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, workers=max(1, os.cpu_count() or 1),
-             spec=get_spec(cfg.dataset), **dict(cfg.synth_options))
+             look=resolve_look(cfg.synth_look), spec=get_spec(cfg.dataset))
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
@@ -308,13 +312,25 @@ def _stage2(s2: Stage2Config, force: bool) -> dict:
     return summary["metrics"]
 
 
-def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path) -> dict:
+def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1: Path) -> dict:
+    """The seed's stage 2 (and gate) tested on another dataset's test split: data it never saw."""
+    from wsss.runtime import resolve_device
+    from wsss.stages.stage2 import evaluate_checkpoint
+
+    if not Path(cfg.transfer).is_dir():
+        raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
+    metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
+                                  gate_mode=cfg.gate_mode)
+    return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
+
+
+def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path, pm) -> dict:
     """examples.png and cams.png of one seed (``spec`` carries the label source)."""
     from wsss.figures import cam_figure, examples_figure
 
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
     examples = examples_figure(spec, Path(cfg.data), stage1, pred_dirs, report / "examples.png",
-                               layers=PM_LAYERS, device=cfg.device)
+                               layers=PM_LAYERS, device=cfg.device, method=pm.method)
     cams = cam_figure(spec, Path(cfg.data), stage1, report / "cams.png", device=cfg.device)
     return {"examples": str(examples), "cams": str(cams)}
 
@@ -359,7 +375,7 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
     s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
     stage1 = ctx.step(f"{key}stage1", f"{title}stage 1: train-stage1 + eval-cam", lambda: _stage1(s1, cfg.force),
                       (s1_ckpt,))
-    pm_dir = default_pm_dir(data) if seed == 0 else out / "train_PM"
+    pm_dir = out / "train_PM"  # the run's own pseudo-masks (DATA/train_PM may hold someone else's)
     pm = pm_config(cfg, s1_ckpt, pm_dir)
     ctx.step(f"{key}pseudo_masks", f"{title}pseudo-masks: generate-pm", lambda: _pseudo_masks(pm),
              tuple(pm_dir / f"PM_{layer}" for layer in PM_LAYERS))
@@ -393,8 +409,12 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
         if result["upper_bound"] is not None:
             rows[UPPER_BOUND.title] = _row({"stage1_cam": None, "stage2": result["upper_bound"]})
         result["ablations"] = rows
+    if cfg.transfer is not None:
+        result["transfer"] = ctx.step(
+            f"{key}transfer", f"{title}transfer: evaluate on {cfg.transfer}",
+            lambda: _transfer(cfg, spec, out / f"stage2_checkpoint_trained_on_{spec.name}.pth", s1_ckpt))
     if figures:
-        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report),
+        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report, pm),
                  (report / "examples.png", report / "cams.png"))
     write_json(report / SEED_RESULT, result)
     return result
@@ -481,6 +501,7 @@ def run(cfg: ReproduceConfig) -> dict:
         "stage2": first["stage2"],
         "stage2_val_best": first["stage2_val_best"],
         "upper_bound": first["upper_bound"],
+        "transfer": first.get("transfer"),
         "ablations": first["ablations"],
         "summary": aggregate_files([cfg.seed_dirs(seed)[1] / SEED_RESULT for seed in cfg.seeds]),
         "times": ctx.times,
@@ -507,6 +528,10 @@ def result_rows(result: dict) -> dict[str, float | None]:
     if result.get("upper_bound"):
         rows["upper bound: stage 2 on true masks (test)"] = _miou(result["upper_bound"]["test"])
         rows["upper bound + gate (test)"] = _miou(result["upper_bound"].get("test_gate"))
+    if result.get("transfer"):
+        name = Path(result["transfer"]["data"]).name
+        rows[f"stage 2 tested on {name}"] = _miou(result["transfer"]["test"])
+        rows[f"stage 2 + gate tested on {name}"] = _miou(result["transfer"]["test_gate"])
     for name, row in (result.get("ablations") or {}).items():
         if name == "full method":
             continue
@@ -594,6 +619,10 @@ def _detail_table(r: dict) -> list[str]:
     if r.get("upper_bound"):
         rows.append(("upper bound: stage 2 on true masks (test)", r["upper_bound"]["test"]))
         rows.append(("upper bound + gate (test)", r["upper_bound"]["test_gate"]))
+    if r.get("transfer"):
+        name = Path(r["transfer"]["data"]).name
+        rows.append((f"stage 2 tested on {name}", r["transfer"]["test"]))
+        rows.append((f"stage 2 + gate tested on {name}", r["transfer"]["test_gate"]))
     lines = ["| result | mIoU | fwIoU | pixel acc | " + " | ".join(f"IoU {c}" for c in classes) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(classes)]
     for name, m in rows:

@@ -227,9 +227,9 @@ def evaluate_checkpoint(
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
+    check_gate_options(gate_mode, threshold)
     seg, spec = segmenter_and_spec(checkpoint, dataset)
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
-    check_gate_options(gate_mode, threshold)
     meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
                               batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
                               gate_mode=gate_mode)
@@ -427,7 +427,8 @@ def _training_set(cfg: Stage2Config, spec: DatasetSpec) -> PseudoMaskDataset:
     samples = list_train(cfg.data, spec)
     pm_dir = Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
     mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, cfg.dataset)
-    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec)
+    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec,
+                             geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
 def _distributed(model: DeepLabV3Plus, dist: Distributed):
