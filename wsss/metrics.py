@@ -1,8 +1,8 @@
 """Segmentation metrics from a confusion matrix over the tissue classes.
 
 Rows are ground truth, columns are predictions. Pixels whose ground truth is the background index
-(the dataset spec's; 4 for luad and bcss) are not evaluated. A class absent from both ground truth and prediction has no IoU/Dice (NaN)
-and is skipped in every mean.
+(the dataset spec's; 4 for luad and bcss) are not evaluated. A class absent from both ground truth
+and prediction has no IoU/Dice (NaN) and is skipped in every mean.
 """
 
 from __future__ import annotations

@@ -349,11 +349,11 @@ def evaluate(data: Path, spec: DatasetSpec, pm_dir: Path | None = None) -> dict[
 
     Returns ``{layer: metrics}`` with the keys of :func:`wsss.metrics.scores_to_json` plus
     ``background_on_tissue`` and ``background_recall``. The C×C confusion matrix counts pixels
-    that are tissue in the true mask (ground truth 4 is never evaluated) *and* carry a tissue class
-    in the pseudo-mask. Pixels the pseudo-mask marks as background (4) cannot enter a C×C matrix;
-    instead ``background_on_tissue`` is the fraction of true-tissue pixels marked 4 (stage 2
-    ignores them: lost supervision, not wrong supervision), and ``background_recall`` the fraction
-    of true-background pixels marked 4.
+    that are tissue in the true mask (true background, the spec's background value, is never
+    evaluated) *and* carry a tissue class in the pseudo-mask. Pixels the pseudo-mask marks as
+    background cannot enter a C×C matrix; instead ``background_on_tissue`` is the fraction of
+    true-tissue pixels marked background (stage 2 ignores them: lost supervision, not wrong
+    supervision), and ``background_recall`` the fraction of true-background pixels marked background.
     """
     gt_dir = train_gt_dir(data)
     if not gt_dir.is_dir():
