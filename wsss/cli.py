@@ -68,7 +68,7 @@ def synth(
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
     summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
                        look=appearance, spec=spec)
-    typer.echo(json.dumps(summary, indent=2))
+    typer.echo(json.dumps({**summary, "spec": spec.name}, indent=2))  # the whole spec is in OUT/synth.json
 
 
 @app.command("check-data")
