@@ -268,6 +268,11 @@ def train_stage2(
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
+    relabel_epoch: Optional[int] = typer.Option(
+        None, "--relabel-epoch", help="Self-training: from this 0-based epoch on, train on the model's own "
+                                      "predictions of the training patches, within each patch's label (0: off)."),
+    relabel_threshold: Optional[float] = typer.Option(
+        None, "--relabel-threshold", help="Self-training keeps pixels predicted with at least this probability (0.7)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -297,7 +302,8 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic, init_weights=init_weights,
+        stain_jitter=stain_jitter, mosaic=mosaic, relabel_epoch=relabel_epoch, relabel_threshold=relabel_threshold,
+        init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )
