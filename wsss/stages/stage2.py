@@ -484,7 +484,7 @@ def _self_training_set(model, cfg: Stage2Config, spec: DatasetSpec, dataset: Pse
                               "patches": len(dataset)})
         dist.barrier()
     paths = pseudo_mask_paths(dataset.samples, folder, (RELABEL_LAYER,), spec.name)
-    return PseudoMaskDataset(dataset.samples, paths, cfg.image_size, dataset.norm, spec.num_classes,
+    return PseudoMaskDataset(dataset.samples, paths, cfg.image_size, dataset.norm, spec,
                              geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
