@@ -44,6 +44,7 @@ class Stage1Config:
     augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
     warmup_epochs: float = 0.0  # linear lr warm-up before the poly decay (0: none, the reference)
+    mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches with their union label (0: off)
     cam_threshold: float = 0.25
     cam_tie_rule: str = "ours"  # "reference": see wsss.cam.cam.cam_to_segmentation
     eval_splits: tuple[str, ...] = ("val", "test")
@@ -62,6 +63,8 @@ class Stage1Config:
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
         _check_augment_numbers(self.stain_jitter, self.warmup_epochs)
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
