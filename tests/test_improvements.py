@@ -232,3 +232,41 @@ def test_relabel_keeps_only_confident_pixels_by_hand():
     new = relabel_masks(logits, labels, torch.zeros(1, 1, 4, dtype=torch.long), 0.7, 3)
     # p(class 0) = 0.881, 0.525, 0.000006, 0.5 → class 0, unsure, class 1, unsure
     assert new.tolist() == [[[0, 3, 1, 3]]]
+
+
+def test_stage1_mosaic_label_is_the_classes_its_quadrants_show(tmp_path):
+    """Stage-1 mosaics of single-class patches: a quadrant adds its class when it shows tissue;
+    a quadrant of glass adds nothing; multi-class patches are never used."""
+    from wsss.data.datasets import ClassificationDataset, InputNorm, quadrants
+    from wsss.data.layout import TrainSample
+    from wsss.data.png import write_rgb
+
+    samples = []
+    for i in range(8):
+        cls = i % 4
+        label = tuple(int(c == cls) for c in range(4))
+        image = np.full((32, 32, 3), 40 * cls + 20, np.uint8)  # the colour names the class
+        if i >= 4:
+            image[:, :] = 255  # glass only: its class must not enter a mosaic's label
+            image[0, 0] = 40 * cls + 20
+        path = tmp_path / f"p{i}-[{' '.join(map(str, label))}].png"
+        write_rgb(path, image)
+        samples.append(TrainSample(path, label))
+    path = tmp_path / "two-[1 1 0 0].png"
+    write_rgb(path, np.full((32, 32, 3), 90, np.uint8))
+    samples.append(TrainSample(path, (1, 1, 0, 0)))
+
+    data = ClassificationDataset(samples, None, InputNorm(), augment=True, mosaic=1.0)
+    assert data.single == list(range(8))
+    torch.manual_seed(0)
+    for _ in range(30):
+        image, label = data._mosaic((32, 32))
+        shown = set()
+        grey = image[..., 0]
+        assert not (grey == 90).any()  # never the two-class patch
+        for value in np.unique(grey):
+            if value != 255 and (grey == value).sum() >= 0.02 * 32 * 32:
+                shown.add((int(value) - 20) // 40)
+        assert set(torch.nonzero(label).flatten().tolist()) == shown
+    x, label, _ = data[8]
+    assert x.shape == (3, 32, 32) and label.sum() >= 0
