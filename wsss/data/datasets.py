@@ -95,6 +95,7 @@ class ClassificationDataset(Dataset):
         geometric: str = "flip",
         stain: float = 0.0,
         mosaic: float = 0.0,
+        white_is_background: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -103,6 +104,7 @@ class ClassificationDataset(Dataset):
         self.geometric = geometric
         self.stain = stain
         self.mosaic = mosaic
+        self.white_is_background = white_is_background  # the spec's rule: whether white glass shows no class
         self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
     def __len__(self) -> int:
@@ -136,7 +138,8 @@ class ClassificationDataset(Dataset):
         for (rows, cols), image, sample in zip(quadrants(r, c), images, picks):
             part = image[rows, cols]
             mosaic[rows, cols] = part
-            if (~white_mask(part)).sum() >= MOSAIC_MIN_TISSUE * h * w:
+            tissue = (~white_mask(part)).sum() if self.white_is_background else part.shape[0] * part.shape[1]
+            if tissue >= MOSAIC_MIN_TISSUE * h * w:
                 label[sample.label.index(1)] = 1.0
         return mosaic, label
 
