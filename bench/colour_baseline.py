@@ -7,6 +7,7 @@ no longer tests texture learning; the generator is tuned to keep it well below 0
 
     python bench/colour_baseline.py --data DIR        # DIR written by `wsss synth`
     python bench/colour_baseline.py                   # makes 1000 train / 100 test in a temp dir
+    python bench/colour_baseline.py --dataset examples/crc6.toml    # the synthetic data of another spec
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from wsss.data.png import read_mask, read_rgb
-from wsss.data.specs import LUAD
+from wsss.data.png import read_class_mask, read_mask, read_rgb
+from wsss.data.specs import DatasetSpec, get_spec
 
 Pair = tuple[np.ndarray, np.ndarray]  # image (H, W, 3) uint8, mask (H, W) uint8
 
@@ -80,10 +81,12 @@ def colour_baseline(
     return {"miou": miou, "iou": iou.tolist(), "means": means.round(1).tolist()}
 
 
-def load_pairs(img_dir: Path, mask_dir: Path) -> Iterable[Pair]:
-    """Yield ``(image, mask)`` for every PNG in ``img_dir`` with a same-named mask."""
+def load_pairs(img_dir: Path, mask_dir: Path, spec: DatasetSpec | None = None) -> Iterable[Pair]:
+    """Yield ``(image, mask)`` for every PNG in ``img_dir`` with a same-named mask (read as ``spec``
+    encodes its masks; None: palette PNGs, as ``train_gt``)."""
     for path in sorted(img_dir.glob("*.png")):
-        yield read_rgb(path), read_mask(mask_dir / path.name)
+        mask = mask_dir / path.name
+        yield read_rgb(path), read_mask(mask) if spec is None else read_class_mask(mask, spec)
 
 
 def _parse() -> argparse.Namespace:
@@ -91,6 +94,7 @@ def _parse() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--data", type=Path, help="LUAD-layout root with train/, train_gt/, test/")
+    ap.add_argument("--dataset", default="luad", help="luad, bcss or a TOML spec file (default luad)")
     ap.add_argument("--n-train", type=int, default=1000, help="when generating (no --data)")
     ap.add_argument("--n-test", type=int, default=100, help="when generating (no --data)")
     ap.add_argument("--size", type=int, default=224)
@@ -100,24 +104,25 @@ def _parse() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def _evaluate(root: Path, sigma: float) -> dict:
+def _evaluate(root: Path, sigma: float, spec: DatasetSpec) -> dict:
     train = load_pairs(root / "train", root / "train_gt")
-    test = load_pairs(root / "test" / "img", root / "test" / "mask")
-    return colour_baseline(train, test, sigma, LUAD.num_classes)
+    test = load_pairs(root / "test" / "img", root / "test" / "mask", spec)
+    return colour_baseline(train, test, sigma, spec.num_classes)
 
 
 def main() -> None:
     args = _parse()
     start = time.perf_counter()
+    spec = get_spec(args.dataset)
     if args.data is not None:
-        result = _evaluate(args.data, args.sigma)
+        result = _evaluate(args.data, args.sigma, spec)
     else:
         from wsss.data.synth import generate
 
         with tempfile.TemporaryDirectory() as tmp:
-            generate(Path(tmp), args.n_train, 0, args.n_test, args.size, args.seed, args.workers)
-            result = _evaluate(Path(tmp), args.sigma)
-    names = LUAD.classes
+            generate(Path(tmp), args.n_train, 0, args.n_test, args.size, args.seed, args.workers, spec=spec)
+            result = _evaluate(Path(tmp), args.sigma, spec)
+    names = spec.classes
     print("class means (RGB):", dict(zip(names, result["means"])))
     print("per-class IoU:", {n: round(v, 3) for n, v in zip(names, result["iou"])})
     seconds = time.perf_counter() - start

@@ -188,7 +188,7 @@ def test_mosaic_items_carry_exactly_their_source_patches_labels(tmp_path):
     samples.append(TrainSample(two, (1, 1, 0, 0)))
     paths.append([tmp_path / "PM" / "two.png"])
 
-    data = PseudoMaskDataset(samples, paths, None, InputNorm(), 4, augment=True, mosaic=1.0)
+    data = PseudoMaskDataset(samples, paths, None, InputNorm(), LUAD, augment=True, mosaic=1.0)
     assert data.single == list(range(8))
     torch.manual_seed(0)
     quadrant_classes = set()

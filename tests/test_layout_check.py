@@ -71,7 +71,7 @@ def test_check_finds_every_kind_of_problem(luad_root):
     assert "cannot read image" in text and "x-[1 0 0 0].png" in text
     assert "image without mask" in text and "lonely.png" in text
     assert "size mismatch" in text and "test-0.png" in text
-    assert "mask values [7] outside 0..4" in text
+    assert "holds value 7, neither a class (0-3) nor the background (4)" in text
     assert len(report.problems) == 5
 
 

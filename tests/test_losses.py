@@ -28,14 +28,14 @@ def target() -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_perfect_prediction_is_near_zero(name, target):
-    loss = get_loss(name)(onehot_logits(target), target)
+    loss = get_loss(name, BG)(onehot_logits(target), target)
     assert math.isfinite(loss.item()) and abs(loss.item()) < 1e-4
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_finite_with_gradients(name, target):
     logits = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    loss = get_loss(name)(logits, target)
+    loss = get_loss(name, BG)(logits, target)
     loss.backward()
     assert math.isfinite(loss.item()) and loss.item() > 0
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
@@ -47,7 +47,7 @@ def test_ignored_pixels_have_no_effect(name, target):
     changed = base.clone()
     changed[:, :, 0] = torch.randn(2, 4, 6) * 50  # only background pixels differ
     a, b = base.clone().requires_grad_(), changed.clone().requires_grad_()
-    la, lb = get_loss(name)(a, target), get_loss(name)(b, target)
+    la, lb = get_loss(name, BG)(a, target), get_loss(name, BG)(b, target)
     la.backward()
     lb.backward()
     assert la.item() == pytest.approx(lb.item(), abs=1e-6)
@@ -57,7 +57,7 @@ def test_ignored_pixels_have_no_effect(name, target):
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_all_pixels_ignored_gives_zero(name):
     logits = torch.randn(1, 4, 3, 3, requires_grad=True)
-    loss = get_loss(name)(logits, torch.full((1, 3, 3), BG))
+    loss = get_loss(name, BG)(logits, torch.full((1, 3, 3), BG))
     loss.backward()
     assert loss.item() == 0.0 and torch.all(logits.grad == 0)
 
@@ -67,7 +67,7 @@ def test_cross_entropy_hand_value():
     logits = torch.zeros(1, 4, 1, 2)
     logits[0, 1, 0, 0] = math.log(3)
     target = torch.tensor([[[1, BG]]])
-    assert cross_entropy(logits, target).item() == pytest.approx(-math.log(0.5))
+    assert cross_entropy(logits, target, BG).item() == pytest.approx(-math.log(0.5))
 
 
 def test_hard_lovasz_and_dice_equal_their_set_versions():
@@ -77,16 +77,16 @@ def test_hard_lovasz_and_dice_equal_their_set_versions():
     pred = torch.tensor([[[0, 1, 1, 1, 3, 2]]])
     logits = onehot_logits(pred, scale=60.0)
     iou = {0: 1 / 2, 1: 2 / 3, 2: 1.0}  # class 3 is predicted only on an ignored pixel
-    assert lovasz_softmax(logits, target).item() == pytest.approx(1 - sum(iou.values()) / 3, abs=1e-5)
+    assert lovasz_softmax(logits, target, BG).item() == pytest.approx(1 - sum(iou.values()) / 3, abs=1e-5)
     per_class = [(2 * 1 + 1) / (1 + 2 + 1), (2 * 2 + 1) / (3 + 2 + 1), (2 + 1) / (1 + 1 + 1), 1.0]
-    assert dice(logits, target).item() == pytest.approx(1 - sum(per_class) / 4, abs=1e-5)
+    assert dice(logits, target, BG).item() == pytest.approx(1 - sum(per_class) / 4, abs=1e-5)
 
 
 def test_zero_weight_mask_has_no_effect(target):
     logits = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(3))
     other = torch.randint(0, 4, (2, 6, 6), generator=torch.Generator().manual_seed(4))
     for name in LOSSES:
-        fn = get_loss(name)
+        fn = get_loss(name, BG)
         results = []
         for third in (target, other):
             x = logits.clone().requires_grad_()
@@ -99,7 +99,7 @@ def test_zero_weight_mask_has_no_effect(target):
 def test_weights_combine_linearly(target):
     logits = torch.randn(2, 4, 6, 6, generator=torch.Generator().manual_seed(5))
     masks = torch.stack([target, target.flip(-1), target.flip(-2)], dim=1)
-    fn = get_loss("ce")
+    fn = get_loss("ce", BG)
     expected = sum(w * fn(logits, masks[:, i]) for i, w in enumerate((0.6, 0.2, 0.2)))
     assert multi_mask_loss(logits, masks, (0.6, 0.2, 0.2), fn).item() == pytest.approx(expected.item())
     with pytest.raises(ValueError):
@@ -108,4 +108,4 @@ def test_weights_combine_linearly(target):
 
 def test_unknown_loss_is_a_user_error():
     with pytest.raises(WsssError, match="lovasz"):
-        get_loss("tversky")
+        get_loss("tversky", BG)

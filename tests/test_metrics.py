@@ -10,7 +10,7 @@ from wsss.metrics import ConfusionMeter, confusion_matrix, format_table, scores,
 def test_confusion_matrix_counts_and_ignores_background():
     gt = np.array([[0, 0, 1], [1, 4, 2]])
     pred = np.array([[0, 1, 1], [1, 3, 2]])
-    cm = confusion_matrix(pred, gt, num_classes=4)
+    cm = confusion_matrix(pred, gt, num_classes=4, ignore_index=4)
     expected = np.zeros((4, 4), int)
     expected[0, 0] = 1
     expected[0, 1] = 1
@@ -68,9 +68,9 @@ def test_meters_merge_like_one_big_batch():
     rng = np.random.default_rng(0)
     gt = rng.integers(0, 5, (4, 8, 8))
     pred = rng.integers(0, 4, (4, 8, 8))
-    whole = ConfusionMeter(4)
+    whole = ConfusionMeter(4, 4)
     whole.update(pred, gt)
-    a, b = ConfusionMeter(4), ConfusionMeter(4)
+    a, b = ConfusionMeter(4, 4), ConfusionMeter(4, 4)
     a.update(pred[:2], gt[:2])
     b.update(pred[2:], gt[2:])
     a.merge(b)
@@ -81,6 +81,6 @@ def test_meters_merge_like_one_big_batch():
 
 def test_bad_values_raise():
     with pytest.raises(ValueError):
-        confusion_matrix(np.array([0]), np.array([7]), 4)
+        confusion_matrix(np.array([0]), np.array([7]), 4, 4)
     with pytest.raises(ValueError):
-        confusion_matrix(np.array([4]), np.array([0]), 4)
+        confusion_matrix(np.array([4]), np.array([0]), 4, 4)

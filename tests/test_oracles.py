@@ -220,9 +220,9 @@ def test_reference_loss_one_pixel_by_hand():
     #   CE(bn7 = 2) = ln(11/3); CE(b5_2 = 4, the appended class) = ln 11; CE(b4_5 = 0) = ln 11.
     masks = torch.tensor([2, 4, 0]).view(1, 3, 1, 1)
     expected = 0.6 * math.log(11 / 3) + 0.2 * math.log(11) + 0.2 * math.log(11)
-    assert reference_multi_mask_loss(logits, masks, (0.6, 0.2, 0.2)).item() == pytest.approx(expected, abs=1e-12)
+    assert reference_multi_mask_loss(logits, masks, (0.6, 0.2, 0.2), 4).item() == pytest.approx(expected, abs=1e-12)
     # The same pixel twice in a batch of 2: the mean is unchanged, then divided by n = 2.
-    two = reference_multi_mask_loss(logits.expand(2, 4, 1, 1), masks.expand(2, 3, 1, 1), (0.6, 0.2, 0.2))
+    two = reference_multi_mask_loss(logits.expand(2, 4, 1, 1), masks.expand(2, 3, 1, 1), (0.6, 0.2, 0.2), 4)
     assert two.item() == pytest.approx(expected / 2, abs=1e-12)
     # PM_bn7 = 4 (background): appended logit 100, total weight 10 + e^100.
     #   CE(bn7 = 4) = ln(1 + 10 e^-100) ≈ 0; CE(b5_2 = 1) = ln(10 + e^100) − ln 2;
@@ -230,11 +230,11 @@ def test_reference_loss_one_pixel_by_hand():
     masks = torch.tensor([4, 1, 2]).view(1, 3, 1, 1)
     big = 100 + math.log1p(10 * math.exp(-100))
     expected = 0.6 * math.log1p(10 * math.exp(-100)) + 0.2 * (big - math.log(2)) + 0.2 * (big - math.log(3))
-    assert reference_multi_mask_loss(logits, masks, (0.6, 0.2, 0.2)).item() == pytest.approx(expected, abs=1e-12)
+    assert reference_multi_mask_loss(logits, masks, (0.6, 0.2, 0.2), 4).item() == pytest.approx(expected, abs=1e-12)
     # A 255 pixel is ignored: two pixels, the second ignored in every mask, equal one pixel.
     pair = torch.cat([logits, torch.zeros_like(logits)], dim=3)
     masks2 = torch.cat([masks, torch.full_like(masks, 255)], dim=3)
-    assert reference_multi_mask_loss(pair, masks2, (0.6, 0.2, 0.2)).item() == pytest.approx(expected, abs=1e-12)
+    assert reference_multi_mask_loss(pair, masks2, (0.6, 0.2, 0.2), 4).item() == pytest.approx(expected, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- 4. gate
@@ -438,7 +438,7 @@ def test_reference_checkpoint_computes_what_the_reference_computes(reference_dee
     """Our model with the reference's weights (through load_segmenter, which also infers the
     architecture) equals the reference's forward written from its named tensors."""
     path, _, state = reference_deeplab_file
-    loaded = stage2.load_segmenter(path, num_classes=4)
+    loaded = stage2.load_segmenter(path, 4)
     model = loaded.model.double().eval()
     torch.manual_seed(3)
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)

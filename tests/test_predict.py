@@ -340,13 +340,14 @@ def test_dataset_comes_from_the_checkpoint_or_the_option(ckpts, tmp_path, capsys
     image[:20] = 255
     _save(tmp_path / "x.png", image)
     args = ("predict", tmp_path / "x.png", "--tile", TILE, "--device", "cpu")
-    # --dataset bcss renames the classes of a luad checkpoint: BCSS palette, white is tissue (fat)
+    # the checkpoint records its spec: --dataset bcss with a luad checkpoint is refused in one line
     code, _, err = run_cli(capsys, monkeypatch, *args, "--checkpoint", ckpts["s2"], "--dataset", "bcss",
                            "--out", tmp_path / "bcss")
+    assert code == 1 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bcss").exists()
+    assert "trained on dataset spec 'luad', not the 'bcss' given" in err and "white_is_background True vs False" in err
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--checkpoint", ckpts["s2"], "--out", tmp_path / "own")
     assert code == 0, err
-    mask, palette = _read_mask(tmp_path / "bcss" / "x_mask.png")
-    assert palette[:15] == BCSS.flat_palette()[:15] and mask.max() < 4
-    assert "TUM,STR,LYM,NEC,background" in (tmp_path / "bcss" / "summary.csv").read_text()
+    assert "TE,NEC,LYM,TAS,background" in (tmp_path / "own" / "summary.csv").read_text()
     # a published state_dict records no dataset: it needs --dataset
     code, _, err = run_cli(capsys, monkeypatch, *args, "--checkpoint", ckpts["published"], "--out", tmp_path / "p")
     assert code == 1 and "does not record its dataset; pass --dataset" in err
@@ -354,6 +355,13 @@ def test_dataset_comes_from_the_checkpoint_or_the_option(ckpts, tmp_path, capsys
                            "--out", tmp_path / "p")
     assert code == 0, err
     assert _read_mask(tmp_path / "p" / "x_mask.png")[0][:20].tolist() == [[4] * 48] * 20
+    # --dataset bcss names a published checkpoint's classes: BCSS palette, white is tissue (fat)
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--checkpoint", ckpts["published"], "--dataset", "bcss",
+                           "--out", tmp_path / "pb")
+    assert code == 0, err
+    mask, palette = _read_mask(tmp_path / "pb" / "x_mask.png")
+    assert palette[:15] == BCSS.flat_palette()[:15] and mask.max() < 4
+    assert "TUM,STR,LYM,NEC,background" in (tmp_path / "pb" / "summary.csv").read_text()
 
 
 def _one_line_error(capsys, monkeypatch, *args) -> str:

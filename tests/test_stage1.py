@@ -196,11 +196,22 @@ def test_eval_cam_cli_and_wrong_checkpoints(tiny_data, tmp_path, capsys, monkeyp
                            "--checkpoint", tmp_path / "s2.pth")
     assert code == 1 and "stage-2 checkpoint" in err and len(err.strip().splitlines()) == 1
 
+    # trained on a 3-class spec: refused, naming the difference
     fake["stage"], fake["class_names"] = 1, ["A", "B", "C"]
+    fake["spec"] = {**LUAD.to_dict(), "name": "abc", "classes": ["A", "B", "C"], "colors": [[1, 1, 1]] * 3,
+                    "background_index": 3}
     save_checkpoint(tmp_path / "c3.pth", fake)
     code, _, err = run_cli(capsys, monkeypatch, "eval-cam", "--dataset", "luad", "--data", tiny_data,
                            "--checkpoint", tmp_path / "c3.pth")
-    assert code == 1 and "3 classes" in err
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "trained on dataset spec 'abc', not the 'luad' given" in err and "classes [A, B, C] vs [TE, NEC, LYM, TAS]" in err
+    # a checkpoint from before specs records the dataset and its class names only
+    del fake["spec"]
+    fake["dataset"] = "luad"
+    save_checkpoint(tmp_path / "old3.pth", fake)
+    code, _, err = run_cli(capsys, monkeypatch, "eval-cam", "--dataset", "luad", "--data", tiny_data,
+                           "--checkpoint", tmp_path / "old3.pth")
+    assert code == 1 and "records dataset luad but classes A, B, C" in err
 
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     code, _, err = run_cli(capsys, monkeypatch, "eval-cam", "--dataset", "luad", "--data", tiny_data,

@@ -88,8 +88,8 @@ def test_gate_keeps_the_most_probable_class_when_all_are_gated():
 def test_flip_moves_image_and_every_mask_together(tiny_data):
     samples = list_train(tiny_data, 4)[:1]
     paths = [[tiny_data / "train_gt" / samples[0].path.name] * 2]
-    ds = PseudoMaskDataset(samples, paths, None, InputNorm(), 4, augment=True)
-    plain = PseudoMaskDataset(samples, paths, None, InputNorm(), 4, augment=False)[0]
+    ds = PseudoMaskDataset(samples, paths, None, InputNorm(), LUAD, augment=True)
+    plain = PseudoMaskDataset(samples, paths, None, InputNorm(), LUAD, augment=False)[0]
     torch.manual_seed(0)
     flips = 0
     for _ in range(12):

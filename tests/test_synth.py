@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from wsss.data import synth
 from wsss.data.labels import parse_label
 from wsss.data.png import read_mask, read_rgb
-from wsss.data.specs import LUAD
+from wsss.data.specs import LUAD, DatasetSpec
 from wsss.errors import WsssError
 
 SIZE = 64
@@ -144,3 +145,73 @@ def test_class_mean_colours_overlap():
     test = [synth.labelled_patch(synth.patch_rng(1, "test", i), 112)[:2] for i in range(20)]
     result = bench.colour_baseline(train, test, sigma=1.0)
     assert result["miou"] < 0.5  # typically 0.22-0.32 here
+
+
+# --------------------------------------------------------------------------- any dataset spec
+
+
+def _spec(n: int, **kw) -> DatasetSpec:
+    return DatasetSpec(f"s{n}", tuple(f"c{i}" for i in range(n)), tuple((i, 2 * i, 3 * i) for i in range(n)), True,
+                       **kw)
+
+
+@pytest.mark.parametrize("n, background", [(1, None), (2, 9), (6, None), (16, None)])
+def test_a_spec_of_n_classes_gets_n_textures_and_its_own_values(tmp_path, n, background):
+    spec = _spec(n, background_index=background)
+    bg = spec.background_index
+    summary = synth.generate(tmp_path / "ds", 60 if n == 16 else 12, 2, 2, size=32, seed=1, workers=1,
+                             progress=False, spec=spec)
+    assert list(summary["train_label_counts"]) == list(spec.classes) and summary["spec"]["name"] == f"s{n}"
+    seen = np.zeros(n, int)
+    for p in sorted((tmp_path / "ds" / "train").glob("*.png")):
+        label = parse_label(p.name, n)
+        mask = read_mask(tmp_path / "ds" / "train_gt" / p.name)
+        assert set(np.unique(mask).tolist()) <= {*range(n), bg}
+        assert label == synth.patch_label(mask, n)
+        seen += label
+    assert (seen > 0).all()  # every class is drawn
+    with Image.open(next((tmp_path / "ds" / "val" / "mask").glob("*.png"))) as img:
+        assert img.getpalette()[3 * bg : 3 * bg + 3] == [255, 255, 255]
+
+
+def test_more_classes_than_textures_is_a_user_error(tmp_path):
+    with pytest.raises(WsssError, match=f"has {synth.MAX_CLASSES} distinct textures; the s17 spec has 17 classes"):
+        synth.generate(tmp_path / "ds", 2, 1, 1, size=32, workers=1, progress=False, spec=_spec(17))
+
+
+def _texture_features(image: np.ndarray) -> np.ndarray:
+    """Colour-free texture statistics of a patch: the total optical density, standardised per patch
+    (so stain strength and hue drop out), then its gradient and blob responses at four scales, its
+    orientation coherence and its quantiles."""
+    od = -np.log(np.maximum(image.astype(np.float64), 1.0) / 255.0).sum(-1)
+    od = (od - od.mean()) / (od.std() + 1e-6)
+    feats = []
+    for sigma in (0.7, 1.5, 3.0, 6.0):
+        grad = ndimage.gaussian_gradient_magnitude(od, sigma)
+        blob = ndimage.gaussian_laplace(od, sigma)
+        feats += [grad.mean(), grad.std(), np.abs(blob).mean(), (blob > 0.5).mean()]
+    smooth = ndimage.gaussian_filter(od, 1.5)
+    gy, gx = ndimage.sobel(smooth, 0), ndimage.sobel(smooth, 1)
+    jxx, jyy, jxy = (gx * gx).mean(), (gy * gy).mean(), (gx * gy).mean()
+    feats.append(np.sqrt((jxx - jyy) ** 2 + 4 * jxy**2) / (jxx + jyy + 1e-9))
+    return np.array(feats + list(np.quantile(od, [0.05, 0.25, 0.5, 0.75, 0.95])))
+
+
+def test_all_textures_are_told_apart_by_texture_alone():
+    """Nearest centroid on colour-free texture statistics separates the 16 textures (chance: 1/16)."""
+    def render(c: int, seed: int) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        h, e = synth._TEXTURES[c](rng, 96, 1.0)
+        gain_h, gain_e = synth._CLASS_GAIN[c]
+        return synth._stain(rng, (h * gain_h).astype(np.float32), (e * gain_e).astype(np.float32))
+
+    n = synth.MAX_CLASSES
+    train = np.array([[_texture_features(render(c, 100 * c + i)) for i in range(6)] for c in range(n)])
+    mu, sd = train.reshape(-1, train.shape[-1]).mean(0), train.reshape(-1, train.shape[-1]).std(0) + 1e-9
+    centroids = ((train - mu) / sd).mean(1)
+    right = 0
+    for c in range(n):
+        for i in range(4):
+            x = (_texture_features(render(c, 100 * c + 50 + i)) - mu) / sd
+            right += int(((centroids - x) ** 2).sum(1).argmin() == c)
+    assert right / (4 * n) > 0.7

@@ -20,7 +20,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DatasetOpt = typer.Option(..., "--dataset", help="Dataset spec: luad or bcss.")
+DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (README, 'Your own data')."
+DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
+CheckpointDatasetOpt = typer.Option(
+    None, "--dataset", help="luad, bcss or a TOML spec file (default: the spec recorded in the checkpoint; needed for "
+                            "published checkpoints; refused when it differs from the record).")
+LabelsCsvOpt = typer.Option(
+    None, "--labels-csv", help="Training labels from this CSV (a file column, then one 0/1 column per class, named "
+                               "by class) instead of the spec's label source.")
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 
@@ -28,6 +35,9 @@ GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated 
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the synthetic dataset into."),
+    spec_name: str = typer.Option(
+        "luad", "--spec", help="luad, bcss or a TOML spec file: one distinguishable texture per class (up to 16), "
+                               "its colours, background value, mask encoding and label CSV."),
     train: int = typer.Option(1000, "--train", min=1, help="Training patches."),
     val: int = typer.Option(100, "--val", min=1, help="Validation patches."),
     test: int = typer.Option(100, "--test", min=1, help="Test patches."),
@@ -48,21 +58,24 @@ def synth(
         None, "--pale", help="Probability that a tissue region is rendered pale, partly above the white-glass "
                              "rule (grey > 200) while still tissue in the masks (default look 0)."),
 ) -> None:
-    """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks)."""
+    """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks) for a dataset spec."""
+    from wsss.data.specs import get_spec
     from wsss.data.synth import generate, resolve_look
 
+    spec = get_spec(spec_name)
     appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
     summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
-                       look=appearance)
-    typer.echo(json.dumps(summary, indent=2))
+                       look=appearance, spec=spec)
+    typer.echo(json.dumps({**summary, "spec": spec.name}, indent=2))  # the whole spec is in OUT/synth.json
 
 
 @app.command("check-data")
 def check_data(
     root: Path = typer.Argument(..., help="Dataset folder (train/, val/ or valid/, test/)."),
     dataset: str = DatasetOpt,
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
 ) -> None:
     """Count patches, labels and mask pixels; list every problem. Exit 1 if there is any."""
@@ -70,7 +83,7 @@ def check_data(
     from wsss.data.specs import get_spec
     from wsss.metrics import write_json
 
-    spec = get_spec(dataset)
+    spec = get_spec(dataset, labels_csv)
     report = check_dataset(root, spec, progress=sys.stderr.isatty())
     typer.echo(format_report(report, spec))
     if json_out is not None:
@@ -84,6 +97,7 @@ def train_stage1(
     dataset: str = DatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (thin, fast)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
@@ -127,7 +141,7 @@ def train_stage1(
     from wsss.stages.stage1 import train
 
     cfg = resolve(
-        Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, epochs=epochs,
+        Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
@@ -140,7 +154,7 @@ def train_stage1(
 
 @app.command("eval-cam")
 def eval_cam(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = CheckpointDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
     split: str = typer.Option("test", "--split", help="val or test."),
@@ -154,17 +168,15 @@ def eval_cam(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
     """Segment a split with the stage-1 CAMs and score it against the masks."""
-    from wsss.data.specs import get_spec
     from wsss.metrics import format_table, write_json
     from wsss.runtime import resolve_device
     from wsss.cam.cam import check_tie_rule
-    from wsss.stages.stage1 import evaluate_cams, load_classifier
+    from wsss.stages.stage1 import classifier_and_spec, evaluate_cams
 
     check_tie_rule(tie_rule)
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
-    spec = get_spec(dataset)
-    clf = load_classifier(checkpoint, spec.num_classes)
+    clf, spec = classifier_and_spec(checkpoint, dataset)
     metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
                             threshold, batch_size, workers, tie_rule=tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
@@ -174,11 +186,12 @@ def eval_cam(
 
 @app.command("generate-pm")
 def generate_pm(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = CheckpointDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
     layers: str = typer.Option("b4_5,b5_2,bn7", "--layers", help="Comma-separated Grad-CAM layers."),
     out: Optional[Path] = typer.Option(None, "--out", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0),
@@ -200,7 +213,7 @@ def generate_pm(
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
                            tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
-                           white_rule=white_rule)
+                           white_rule=white_rule, labels_csv=labels_csv)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -229,6 +242,7 @@ def train_stage2(
     stage1_checkpoint: Optional[Path] = typer.Option(
         None, "--stage1-checkpoint", help="Stage-1 classifier for the gate (ours or WSSS-Tissue's)."),
     pm_dir: Optional[Path] = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     pm_layers: Optional[str] = typer.Option(
         None, "--pm-layers", help="Comma-separated PM_<layer> folders to train on (default bn7,b5_2,b4_5)."),
     pm_weights: Optional[str] = typer.Option(
@@ -286,6 +300,7 @@ def train_stage2(
 
     cfg = resolve(
         Stage2Config, STAGE2_PRESETS, preset, dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint,
+        labels_csv=labels_csv,
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
@@ -306,7 +321,7 @@ def train_stage2(
 
 @app.command()
 def evaluate(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = CheckpointDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
     split: str = typer.Option("test", "--split", help="val or test."),
@@ -321,14 +336,13 @@ def evaluate(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
     """Score a stage-2 checkpoint on a split, optionally with the stage-1 classification gate."""
-    from wsss.data.specs import get_spec
     from wsss.metrics import format_table, write_json
     from wsss.runtime import resolve_device
     from wsss.stages.stage2 import evaluate_checkpoint
 
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
-    results = evaluate_checkpoint(get_spec(dataset), data, checkpoint, split, resolve_device(device),
+    results = evaluate_checkpoint(dataset, data, checkpoint, split, resolve_device(device),
                                   stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp,
                                   gate_mode=gate_mode)
     for key, metrics in results.items():
@@ -340,19 +354,20 @@ def evaluate(
 
 @app.command()
 def figures(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = CheckpointDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     stage1_checkpoint: Path = typer.Option(
         ..., "--stage1-checkpoint", help="Stage-1 classifier for the pseudo-masks and CAMs (ours or WSSS-Tissue's)."),
     report: Optional[Path] = typer.Option(
         None, "--report", help="Report folder: reads pred/ and pred_gate/ there, writes the PNGs (default results/<dataset>)."),
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
 ) -> None:
     """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
-    from wsss.data.specs import get_spec
     from wsss.figures import CAMS_NAME, EXAMPLES_NAME, cam_figure, examples_figure
+    from wsss.stages.stage1 import classifier_and_spec
 
-    spec = get_spec(dataset)
+    _, spec = classifier_and_spec(stage1_checkpoint, dataset, labels_csv)
     report = report if report is not None else Path("results") / spec.name
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
     written = [
@@ -368,7 +383,9 @@ def reproduce(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     synth: bool = typer.Option(False, "--synth", help="Generate the synthetic dataset into DATA first (once)."),
     run: Optional[str] = typer.Option(
-        None, "--run", help="Names checkpoints/<run> and results/<run> (default: synthetic with --synth, else the dataset)."),
+        None, "--run", help="Names checkpoints/<run> and results/<run> (default: the spec's name; with --synth "
+                            "synthetic for luad, synthetic-<name> for other specs)."),
+    labels_csv: Optional[Path] = LabelsCsvOpt,
     preset: Optional[str] = typer.Option(
         None, "--preset", help="paper (the default: the reference's computation), cpu (small, fast, our improvements) "
                                "or best (full size, our improvements)."),
@@ -400,10 +417,10 @@ def reproduce(
     """Run the whole pipeline (stage 1, pseudo-masks, stage 2 with the gate) and print the results table.
 
     Re-running continues where an earlier run stopped."""
-    from wsss.stages.reproduce import ReproduceConfig, format_report, run as run_pipeline
+    from wsss.stages.reproduce import ReproduceConfig, default_run, format_report, run as run_pipeline
 
     cfg = ReproduceConfig(
-        dataset=dataset, data=data, run=run or ("synthetic" if synth else dataset.lower()),
+        dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
         upper_bound=upper_bound, synth_look=synth_look, transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
@@ -418,9 +435,7 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF) or folders of them.", show_default=False),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png, <name>_overlay.png and summary.csv."),
-    dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="luad or bcss: class names and palette (default: recorded in the checkpoint; "
-                                "needed for published checkpoints)."),
+    dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
     gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
@@ -469,8 +484,7 @@ def predict_wsi(
     slide: Path = typer.Argument(..., help="Whole-slide image: pyramidal TIFF, or .svs/.ndpi/... with OpenSlide."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
     out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.tif, _overlay.png, _summary.json."),
-    dataset: Optional[str] = typer.Option(
-        None, "--dataset", help="luad or bcss (default: recorded in the checkpoint; needed for published ones)."),
+    dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
     gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),

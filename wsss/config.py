@@ -19,9 +19,10 @@ from wsss.errors import WsssError
 class Stage1Config:
     """Stage 1: ResNet38 multi-label classifier with progressive dropout attention."""
 
-    dataset: str
+    dataset: str  # luad, bcss or the path of a TOML spec file (wsss.data.specs)
     data: Path
     out: Path = Path("checkpoints")
+    labels_csv: Path | None = None  # None: the spec's label source (file names, or its labels_csv)
     epochs: int = 20
     batch_size: int = 20
     lr: float = 0.01
@@ -94,7 +95,7 @@ def check_sgd(momentum: float, weight_decay: float) -> None:
 
 
 # Settings that only change how a run executes, not what it computes; a resumed run may change them.
-RUNTIME_FIELDS = frozenset({"device", "workers", "amp", "out", "data"})
+RUNTIME_FIELDS = frozenset({"device", "workers", "amp", "out", "data", "labels_csv"})
 # Stage 1 may also change how its CAMs are evaluated at the end.
 STAGE1_RUNTIME_FIELDS = RUNTIME_FIELDS | {"cam_tie_rule"}
 
@@ -147,7 +148,7 @@ def from_dict(cls: type, data: dict[str, Any]):
         if f.name not in data:
             continue
         v = data[f.name]
-        if f.name in ("data", "out", "init_weights") and v is not None:
+        if f.name in ("data", "out", "init_weights", "labels_csv") and v is not None:
             v = Path(v)
         elif isinstance(v, list):
             v = tuple(v)
@@ -166,10 +167,11 @@ def save_json(config: Any, path: Path) -> None:
 class Stage2Config:
     """Stage 2: DeepLab v3+ trained on multi-layer pseudo-masks, tested with the classification gate."""
 
-    dataset: str
+    dataset: str  # luad, bcss or the path of a TOML spec file (wsss.data.specs)
     data: Path
     stage1_checkpoint: Path | None = None  # needed for the gate only
     out: Path = Path("checkpoints")
+    labels_csv: Path | None = None  # None: the spec's label source (file names, or its labels_csv)
     report: Path | None = None  # None: results/<dataset>
     pm_dir: Path | None = None  # None: DATA/train_PM
     pm_layers: tuple[str, ...] = ("bn7", "b5_2", "b4_5")
@@ -207,11 +209,11 @@ class Stage2Config:
     def __post_init__(self) -> None:
         from wsss.data.datasets import get_input_norm
         from wsss.gate import check_gate_options
-        from wsss.losses import LOSSES, build_multi_mask_loss
+        from wsss.losses import LOSSES, check_loss_options
         from wsss.models.deeplab import DeepLabArch
 
         # from_dict gives back strings and lists; keep the declared types.
-        for name in ("data", "out", "report", "pm_dir", "stage1_checkpoint", "init_weights"):
+        for name in ("data", "out", "report", "pm_dir", "stage1_checkpoint", "init_weights", "labels_csv"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, Path):
                 object.__setattr__(self, name, Path(value))
@@ -225,7 +227,7 @@ class Stage2Config:
             raise WsssError("--pm-weights must be non-negative with at least one above 0")
         if self.loss not in LOSSES:
             raise WsssError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
-        build_multi_mask_loss(self.loss, self.loss_reduction, self.pm_weights)
+        check_loss_options(self.loss, self.loss_reduction)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_sgd(self.momentum, self.weight_decay)
         _check_choice("--augment", self.augment, ("hflip", "d4"))

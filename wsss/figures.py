@@ -28,7 +28,7 @@ from wsss.cam.cam import DEFAULT_CAM_THRESHOLD, minmax_normalise, upsample_cams
 from wsss.cam.gradcam import GRADCAM_LAYERS, multi_layer_gradcam
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, list_masked, list_train
-from wsss.data.png import read_mask, read_rgb
+from wsss.data.png import read_class_mask, read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path, resolve_device
@@ -101,7 +101,7 @@ def pick_per_class(labels: Sequence[Sequence[int]], num_classes: int) -> dict[in
 def _load(stage1_checkpoint: Path, spec: DatasetSpec,
           device: str | torch.device) -> tuple[LoadedClassifier, torch.device]:
     """The stage-1 classifier in eval mode on ``device`` (``auto``, ``cpu``, ``cuda`` or a torch device)."""
-    clf = load_classifier(stage1_checkpoint, spec.num_classes)
+    clf = load_classifier(stage1_checkpoint, spec)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     clf.model.to(device).eval()
     return clf, device
@@ -202,13 +202,13 @@ def examples_figure(
 
 def _test_labels(samples: Sequence[MaskedSample], spec: DatasetSpec) -> Iterable[tuple[int, ...]]:
     for sample in samples:
-        yield mask_label(read_mask(sample.mask), spec.num_classes)
+        yield mask_label(read_class_mask(sample.mask, spec), spec.num_classes)
 
 
 def _example_row(sample: MaskedSample, clf: LoadedClassifier, layers: Sequence[str], columns: dict[str, Path],
                  spec: DatasetSpec, device: torch.device, method: PmMethod) -> list[np.ndarray]:
     """The pictures of one test patch: image, ground truth, pseudo-masks, stage-2 predictions."""
-    image, truth = read_rgb(sample.image), read_mask(sample.mask)
+    image, truth = read_rgb(sample.image), read_class_mask(sample.mask, spec)
     if image.shape[:2] != truth.shape:
         raise WsssError(f"size mismatch between {sample.image} and its mask")
     pms = patch_pseudo_masks(clf, image, mask_label(truth, spec.num_classes), layers, spec, device, method)
@@ -231,7 +231,7 @@ def cam_figure(
     """Write ``out`` (PNG): one training patch per class (labelled with it and as few others as
     possible), image | CAM of that class | its Grad-CAM at each layer, as heatmaps over the image."""
     layers = parse_layers(layers)
-    samples = list_train(data, spec.num_classes)
+    samples = list_train(data, spec)
     chosen = pick_per_class([s.label for s in samples], spec.num_classes)
     missing = [spec.classes[c] for c in range(spec.num_classes) if c not in chosen]
     if missing:

@@ -1,7 +1,7 @@
 """Segmentation losses for stage 2 (pure functions of logits and class-index targets).
 
 Every loss takes logits ``(B, C, H, W)`` and a target ``(B, H, W)`` of class indices, where pixels
-equal to ``ignore_index`` (4, white background) contribute nothing — neither to the value nor to
+equal to ``ignore_index`` (the dataset spec's background index) contribute nothing — neither to the value nor to
 the gradient. A batch in which every pixel is ignored gives 0 (with a zero gradient), not NaN.
 
 * ``ce`` — cross-entropy averaged over the evaluated pixels (the reference's loss).
@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from wsss.data.specs import BACKGROUND_INDEX
 from wsss.errors import WsssError
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -57,11 +56,11 @@ def _pixel_ce(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return _masked_mean(_pixel_ce(logits, target, ignore_index), _valid(target, ignore_index))
 
 
-def focal(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX, gamma: float = FOCAL_GAMMA) -> Tensor:
+def focal(logits: Tensor, target: Tensor, ignore_index: int, gamma: float = FOCAL_GAMMA) -> Tensor:
     ce = _pixel_ce(logits, target, ignore_index)
     pt = torch.exp(-ce)
     return _masked_mean((1 - pt).pow(gamma) * ce, _valid(target, ignore_index))
@@ -76,7 +75,7 @@ def _flat_probs(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tens
     return probs[keep], labels[keep]
 
 
-def dice(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX, smooth: float = DICE_SMOOTH) -> Tensor:
+def dice(logits: Tensor, target: Tensor, ignore_index: int, smooth: float = DICE_SMOOTH) -> Tensor:
     probs, labels = _flat_probs(logits, target, ignore_index)
     if labels.numel() == 0:
         return logits.sum() * 0.0
@@ -86,7 +85,7 @@ def dice(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX, s
     return 1.0 - ((2 * inter + smooth) / (total + smooth)).mean()
 
 
-def ce_dice(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+def ce_dice(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return cross_entropy(logits, target, ignore_index) + dice(logits, target, ignore_index)
 
 
@@ -101,7 +100,7 @@ def _lovasz_grad(sorted_fg: Tensor) -> Tensor:
     return jaccard
 
 
-def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = BACKGROUND_INDEX) -> Tensor:
+def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     probs, labels = _flat_probs(logits, target, ignore_index)
     losses = []
     for c in range(logits.shape[1]):
@@ -122,7 +121,7 @@ LOSS_REDUCTIONS: tuple[str, ...] = ("reference", "mean")
 
 
 def reference_multi_mask_loss(logits: Tensor, targets: Tensor, weights: Sequence[float],
-                              background_index: int = BACKGROUND_INDEX) -> Tensor:
+                              background_index: int) -> Tensor:
     """WSSS-Tissue's stage-2 loss: logits (B, C, H, W), masks (B, L, H, W) → scalar.
 
     ``targets[:, 0]`` is the reference's ``target`` (PM_bn7): where it equals ``background_index``
@@ -149,16 +148,22 @@ def reference_multi_mask_loss(logits: Tensor, targets: Tensor, weights: Sequence
     return total
 
 
-def build_multi_mask_loss(name: str, reduction: str, weights: Sequence[float],
-                          background_index: int = BACKGROUND_INDEX) -> Callable[[Tensor, Tensor], Tensor]:
-    """Stage 2's training loss ``fn(logits (B, C, H, W), masks (B, L, H, W)) -> scalar``."""
+def check_loss_options(name: str, reduction: str) -> None:
+    """A bad ``--loss`` / ``--loss-reduction`` combination is a user error."""
     if reduction not in LOSS_REDUCTIONS:
         raise WsssError(f"--loss-reduction must be one of {', '.join(LOSS_REDUCTIONS)}, not {reduction!r}")
+    if reduction == "reference" and name != "ce":
+        raise WsssError(f"--loss-reduction reference is the reference's cross-entropy; use it with --loss ce "
+                        f"(not {name!r}) or choose --loss-reduction mean")
+
+
+def build_multi_mask_loss(name: str, reduction: str, weights: Sequence[float],
+                          background_index: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """Stage 2's training loss ``fn(logits (B, C, H, W), masks (B, L, H, W)) -> scalar``; pixels of value
+    ``background_index`` (the spec's) are background."""
+    check_loss_options(name, reduction)
     weights = tuple(weights)
     if reduction == "reference":
-        if name != "ce":
-            raise WsssError(f"--loss-reduction reference is the reference's cross-entropy; use it with --loss ce "
-                            f"(not {name!r}) or choose --loss-reduction mean")
         return lambda logits, masks: reference_multi_mask_loss(logits, masks, weights, background_index)
     loss = get_loss(name, background_index)
     return lambda logits, masks: multi_mask_loss(logits, masks, weights, loss)
@@ -173,7 +178,7 @@ LOSSES: dict[str, Callable[..., Tensor]] = {
 }
 
 
-def get_loss(name: str, ignore_index: int = BACKGROUND_INDEX) -> LossFn:
+def get_loss(name: str, ignore_index: int) -> LossFn:
     """The loss called ``name`` with ``ignore_index`` bound: ``fn(logits, target) -> scalar``."""
     try:
         fn = LOSSES[name]

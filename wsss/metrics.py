@@ -1,8 +1,8 @@
 """Segmentation metrics from a confusion matrix over the tissue classes.
 
 Rows are ground truth, columns are predictions. Pixels whose ground truth is the background index
-(4) are not evaluated. A class absent from both ground truth and prediction has no IoU/Dice (NaN)
-and is skipped in every mean.
+(the dataset spec's; 4 for luad and bcss) are not evaluated. A class absent from both ground truth
+and prediction has no IoU/Dice (NaN) and is skipped in every mean.
 """
 
 from __future__ import annotations
@@ -15,14 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.data.specs import BACKGROUND_INDEX
-
 
 def confusion_matrix(
     pred: np.ndarray | torch.Tensor,
     gt: np.ndarray | torch.Tensor,
     num_classes: int,
-    ignore_index: int = BACKGROUND_INDEX,
+    ignore_index: int,
 ) -> np.ndarray:
     """``(C, C)`` int64 counts of (ground truth, prediction) pairs; ``gt == ignore_index`` skipped.
 
@@ -30,6 +28,7 @@ def confusion_matrix(
     values other than ``0..C-1`` and ``ignore_index`` are an error, as are predictions outside
     ``0..C-1`` on evaluated pixels.
     """
+    _check_ignore(num_classes, ignore_index)
     pred = torch.as_tensor(pred).reshape(-1).long()
     gt = torch.as_tensor(gt).reshape(-1).long()
     if pred.shape != gt.shape:
@@ -42,6 +41,12 @@ def confusion_matrix(
         raise ValueError(f"prediction holds values outside 0..{num_classes - 1}")
     counts = torch.bincount(gt * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes).cpu().numpy().astype(np.int64)
+
+
+def _check_ignore(num_classes: int, ignore_index: int) -> None:
+    """The ignored (background) value must not be a class: that class would silently vanish."""
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore value {ignore_index} is one of the {num_classes} classes")
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -134,7 +139,8 @@ def format_table(metrics: dict, title: str = "") -> str:
 class ConfusionMeter:
     """Accumulates a confusion matrix over batches, and across processes under DDP."""
 
-    def __init__(self, num_classes: int, ignore_index: int = BACKGROUND_INDEX) -> None:
+    def __init__(self, num_classes: int, ignore_index: int) -> None:
+        _check_ignore(num_classes, ignore_index)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.cm = np.zeros((num_classes, num_classes), dtype=np.int64)

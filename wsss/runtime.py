@@ -70,8 +70,13 @@ def load_checkpoint(path: str | Path) -> dict:
     return obj
 
 
-def expect_stage(ckpt: dict, path: str | Path, stage: int, num_classes: int | None = None) -> None:
-    """Refuse a checkpoint of another stage or class count with one clear message."""
+def expect_stage(ckpt: dict, path: str | Path, stage: int, spec=None) -> None:
+    """Refuse a checkpoint of another stage, class count or dataset spec with one clear message.
+
+    ``spec`` is a :class:`wsss.data.specs.DatasetSpec` (the checkpoint's recorded spec must be the
+    same), a class count, or None (no check).
+    """
+    from wsss.data.specs import DatasetSpec, check_same_spec, recorded_spec
     from wsss.errors import WsssError
 
     found = ckpt.get("stage")
@@ -79,6 +84,11 @@ def expect_stage(ckpt: dict, path: str | Path, stage: int, num_classes: int | No
         raise WsssError(f"{path} is not a wsss checkpoint (no 'stage' entry)")
     if found != stage:
         raise WsssError(f"{path} is a stage-{found} checkpoint; a stage-{stage} checkpoint is needed here")
+    if isinstance(spec, DatasetSpec):
+        check_same_spec(recorded_spec(ckpt, path), spec, path)
+        num_classes = spec.num_classes
+    else:
+        num_classes = spec
     classes = ckpt.get("class_names")
     if num_classes is not None and classes is not None and len(classes) != num_classes:
         raise WsssError(

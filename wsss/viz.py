@@ -10,9 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from wsss.data.specs import DatasetSpec
-
-BACKGROUND_NAME = "background"
+from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 
 
 def colour_table(spec: DatasetSpec) -> np.ndarray:
@@ -46,8 +44,10 @@ def _font(size: int = 12) -> ImageFont.ImageFont:
 
 
 def legend(spec: DatasetSpec, swatch: int = 14, pad: int = 6, background: bool = True) -> Image.Image:
-    """A one-row legend: a colour swatch and the name of every class (and the background)."""
+    """A one-row legend: a colour swatch and the name of every class (and the background), in the
+    spec's colours."""
     names = list(spec.classes) + ([BACKGROUND_NAME] if background else [])
+    colours = list(spec.colors) + ([spec.background_color] if background else [])
     font = _font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [int(probe.textlength(n, font=font)) for n in names]
@@ -55,8 +55,7 @@ def legend(spec: DatasetSpec, swatch: int = 14, pad: int = 6, background: bool =
     img = Image.new("RGB", (width, swatch + 2 * pad), "white")
     draw = ImageDraw.Draw(img)
     x = pad
-    for i, (name, w) in enumerate(zip(names, widths)):
-        colour = tuple(spec.palette[i])
+    for name, colour, w in zip(names, colours, widths):
         draw.rectangle([x, pad, x + swatch - 1, pad + swatch - 1], fill=colour, outline=(0, 0, 0))
         draw.text((x + swatch + 4, pad), name, fill=(0, 0, 0), font=font)
         x += swatch + 4 + w + 2 * pad

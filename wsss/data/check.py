@@ -10,7 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wsss.data.layout import scan_masked, scan_train
-from wsss.data.png import read_mask, read_rgb
+from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
@@ -22,7 +22,7 @@ class SplitStats:
     name: str
     count: int = 0
     label_counts: list[int] | None = None  # train: patches carrying each class
-    pixel_counts: list[int] | None = None  # val/test: mask pixels per value 0..background
+    pixel_counts: list[int] | None = None  # val/test: mask pixels of each class, then of the background
     sizes: Counter = field(default_factory=Counter)  # (width, height) -> patches
 
 
@@ -45,7 +45,7 @@ def _read_image(path: Path, problems: list[str]) -> np.ndarray | None:
 
 
 def _check_train(root: Path, spec: DatasetSpec, progress: bool) -> tuple[SplitStats, list[str]]:
-    scan = scan_train(root, spec.num_classes)
+    scan = scan_train(root, spec)
     stats = SplitStats("train", label_counts=[0] * spec.num_classes)
     problems = list(scan.problems)
     for sample in tqdm(scan.samples, desc="train", disable=not progress, leave=False):
@@ -61,13 +61,13 @@ def _check_train(root: Path, spec: DatasetSpec, progress: bool) -> tuple[SplitSt
 
 def _check_masked(root: Path, split: str, spec: DatasetSpec, progress: bool) -> tuple[SplitStats, list[str]]:
     scan = scan_masked(root, split)
-    n_values = spec.background_index + 1
-    stats = SplitStats(split, pixel_counts=[0] * n_values)
+    values = [*range(spec.num_classes), spec.background_index]
+    stats = SplitStats(split, pixel_counts=[0] * len(values))
     problems = list(scan.problems)
     for sample in tqdm(scan.samples, desc=split, disable=not progress, leave=False):
         image = _read_image(sample.image, problems)
         try:
-            mask = read_mask(sample.mask)
+            mask = read_class_mask(sample.mask, spec)  # a value that is not a class or the background is a problem
         except WsssError as exc:
             problems.append(str(exc))
             continue
@@ -80,14 +80,10 @@ def _check_masked(root: Path, split: str, spec: DatasetSpec, progress: bool) -> 
             )
             continue
         hist = np.bincount(mask.ravel(), minlength=256)
-        if hist[n_values:].any():
-            bad = sorted(int(v) for v in np.flatnonzero(hist[n_values:]) + n_values)
-            problems.append(f"mask values {bad} outside 0..{spec.background_index}: {sample.mask}")
-            continue
         stats.count += 1
         stats.sizes[(image.shape[1], image.shape[0])] += 1
-        for v in range(n_values):
-            stats.pixel_counts[v] += int(hist[v])
+        for i, v in enumerate(values):
+            stats.pixel_counts[i] += int(hist[v])
     return stats, problems
 
 
@@ -121,7 +117,9 @@ def check_dataset(root: Path, spec: DatasetSpec, progress: bool = True) -> Check
 def format_report(report: CheckReport, spec: DatasetSpec) -> str:
     """Human-readable counts, label frequencies, mask histograms and problems."""
     names = list(spec.classes)
-    lines = []
+    source = f"labels from {spec.labels_csv}" if spec.labels_csv else "labels from file names"
+    lines = [f"dataset {spec.name}: {spec.num_classes} classes ({', '.join(names)}), background value "
+             f"{spec.background_index}, {source}, {spec.mask_encoding} masks"]
     for s in report.splits:
         sizes = ", ".join(f"{w}x{h}" for (w, h) in sorted(s.sizes)) or "-"
         lines.append(f"{s.name}: {s.count} patches ({sizes})")
@@ -145,6 +143,7 @@ def format_report(report: CheckReport, spec: DatasetSpec) -> str:
 def report_to_json(report: CheckReport, spec: DatasetSpec) -> dict:
     return {
         "dataset": spec.name,
+        "spec": spec.to_dict(),
         "ok": report.ok,
         "splits": {
             s.name: {

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 from wsss.data import augment
 from wsss.data.background import white_mask
 from wsss.data.layout import MaskedSample, TrainSample
-from wsss.data.png import read_mask, read_rgb
+from wsss.data.png import read_class_mask, read_rgb
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
 
@@ -94,6 +95,7 @@ class ClassificationDataset(Dataset):
         geometric: str = "flip",
         stain: float = 0.0,
         mosaic: float = 0.0,
+        white_is_background: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -102,6 +104,7 @@ class ClassificationDataset(Dataset):
         self.geometric = geometric
         self.stain = stain
         self.mosaic = mosaic
+        self.white_is_background = white_is_background  # the spec's rule: whether white glass shows no class
         self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
     def __len__(self) -> int:
@@ -135,7 +138,8 @@ class ClassificationDataset(Dataset):
         for (rows, cols), image, sample in zip(quadrants(r, c), images, picks):
             part = image[rows, cols]
             mosaic[rows, cols] = part
-            if (~white_mask(part)).sum() >= MOSAIC_MIN_TISSUE * h * w:
+            tissue = (~white_mask(part)).sum() if self.white_is_background else part.shape[0] * part.shape[1]
+            if tissue >= MOSAIC_MIN_TISSUE * h * w:
                 label[sample.label.index(1)] = 1.0
         return mosaic, label
 
@@ -151,10 +155,11 @@ def quadrants(row: int, col: int) -> tuple[tuple[slice, slice], ...]:
             (slice(row, None), slice(0, col)), (slice(row, None), slice(col, None)))
 
 
-def read_masked(sample: MaskedSample) -> tuple[np.ndarray, np.ndarray]:
-    """An evaluation patch ``(H, W, 3)`` and its mask ``(H, W)``; WsssError if their sizes differ."""
+def read_masked(sample: MaskedSample, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """An evaluation patch ``(H, W, 3)`` and its mask ``(H, W)`` of class and background values (read
+    as ``spec`` encodes them); WsssError if their sizes differ or the mask holds another value."""
     image = read_rgb(sample.image)
-    mask = read_mask(sample.mask)
+    mask = read_class_mask(sample.mask, spec)
     if image.shape[:2] != mask.shape:
         raise WsssError(f"size mismatch between {sample.image} and its mask")
     return image, mask
@@ -167,15 +172,17 @@ class MaskedDataset(Dataset):
     input may be resized to ``image_size``; metrics are always computed at the mask's resolution.
     """
 
-    def __init__(self, samples: Sequence[MaskedSample], image_size: int | None, norm: InputNorm) -> None:
+    def __init__(self, samples: Sequence[MaskedSample], image_size: int | None, norm: InputNorm,
+                 spec: DatasetSpec) -> None:
         self.samples = list(samples)
         self.image_size = image_size
         self.norm = norm
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        image, mask = read_masked(self.samples[index])
+        image, mask = read_masked(self.samples[index], self.spec)
         x = to_tensor(resize_rgb(image, self.image_size), self.norm)
         return x, torch.from_numpy(mask.astype(np.int64)), index

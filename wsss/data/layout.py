@@ -1,8 +1,8 @@
 """Where things live in a dataset folder, and listing the samples of each split.
 
-Both LUAD-HistoSeg and BCSS-WSSS use::
+Both LUAD-HistoSeg and BCSS-WSSS use (and so does any dataset given by a spec file)::
 
-    ROOT/train/*.png                 labels only in the file names
+    ROOT/train/*.png                 labels in the file names (or in the spec's label CSV)
     ROOT/val/img, ROOT/val/mask      (some copies call it valid/)
     ROOT/test/img, ROOT/test/mask
     ROOT/train_PM/PM_<layer>/*.png   pseudo-masks written by ``wsss generate-pm``
@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wsss.data.labels import parse_label
+from wsss.data.labels import parse_label, read_label_csv
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"})
@@ -89,22 +90,51 @@ def train_image_dir(root: Path) -> Path | None:
     return folder
 
 
-def scan_train(root: Path, num_classes: int) -> Scan:
-    """Training patches with labels parsed from their names; bad names become problems."""
+def scan_train(root: Path, spec: DatasetSpec | int) -> Scan:
+    """Training patches with their labels; every bad or missing label becomes a problem.
+
+    Labels come from exactly one source: the spec's label CSV when it names one (then the file names
+    are not read for labels), else the file names. ``spec`` may be a class count: file-name labels.
+    """
     _require_root(root)
     scan = Scan()
     folder = train_image_dir(root)
     if folder is None:
         scan.problems.append(f"missing training folder: {Path(root) / 'train'}")
         return scan
-    for path in list_images(folder):
-        try:
-            scan.samples.append(TrainSample(path, parse_label(path.name, num_classes)))
-        except WsssError as exc:
-            scan.problems.append(str(exc))
+    images = list_images(folder)
+    csv_path = spec.labels_csv_path(root) if isinstance(spec, DatasetSpec) else None
+    if csv_path is not None:
+        _labels_from_csv(scan, images, csv_path, spec, folder)
+    else:
+        num_classes = spec.num_classes if isinstance(spec, DatasetSpec) else spec
+        for path in images:
+            try:
+                scan.samples.append(TrainSample(path, parse_label(path.name, num_classes)))
+            except WsssError as exc:
+                scan.problems.append(str(exc))
     if not scan.samples and not scan.problems:
         scan.problems.append(f"no images in {folder}")
     return scan
+
+
+def _labels_from_csv(scan: Scan, images: list[Path], csv_path: Path, spec: DatasetSpec, folder: Path) -> None:
+    """Fill ``scan`` from a label CSV: images it does not list, and files it lists that are not in
+    ``folder``, are problems naming them."""
+    try:
+        labels = read_label_csv(csv_path, spec.classes)
+    except WsssError as exc:
+        scan.problems.append(str(exc))
+        return
+    found = {p.name for p in images}
+    for path in images:
+        if path.name in labels:
+            scan.samples.append(TrainSample(path, labels[path.name]))
+        else:
+            scan.problems.append(f"no label for {path.name}: it is not listed in {csv_path}")
+    for name in labels:
+        if name not in found:
+            scan.problems.append(f"{name} is listed in {csv_path} but missing from {folder}")
 
 
 def scan_masked(root: Path, split: str) -> Scan:
@@ -135,9 +165,9 @@ def scan_masked(root: Path, split: str) -> Scan:
     return scan
 
 
-def list_train(root: Path, num_classes: int) -> list[TrainSample]:
+def list_train(root: Path, spec: DatasetSpec | int) -> list[TrainSample]:
     """Like :func:`scan_train` but raises on the first problem."""
-    scan = scan_train(root, num_classes)
+    scan = scan_train(root, spec)
     scan.raise_if_problems()
     return scan.samples
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path
 
@@ -37,6 +38,58 @@ def read_mask(path: str | Path) -> np.ndarray:
             return np.asarray(img, dtype=np.uint8).copy()
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise WsssError(f"cannot read mask {path}: {exc}") from None
+
+
+def read_class_mask(path: str | Path, spec: DatasetSpec) -> np.ndarray:
+    """A ground-truth mask of a dataset as ``(H, W)`` uint8 values ``0..C-1`` and the background index.
+
+    ``spec.mask_encoding`` ``index``: a palette or greyscale PNG of the values; ``rgb``: any image
+    whose colours are the spec's class and background colours. A value (or colour) that is neither a
+    class nor the background raises :class:`WsssError` naming the file.
+    """
+    if spec.mask_encoding == "rgb":
+        return _rgb_to_classes(path, read_rgb(path), spec)
+    mask = read_mask(path)
+    check_mask_values(mask, spec, path)
+    return mask
+
+
+def check_mask_values(mask: np.ndarray, spec: DatasetSpec, path: str | Path) -> None:
+    """Raise :class:`WsssError` naming ``path`` when ``mask`` holds a value that is neither a class nor
+    the background: such pixels would otherwise be silently dropped from the metrics or the loss."""
+    allowed = np.zeros(256, dtype=bool)
+    allowed[sorted(spec.mask_values())] = True
+    present = np.bincount(np.asarray(mask, dtype=np.uint8).ravel(), minlength=256) > 0
+    bad = np.flatnonzero(present & ~allowed)
+    if bad.size:
+        classes = f"0-{spec.num_classes - 1}" if spec.num_classes > 1 else "0"
+        raise WsssError(f"mask {path} holds value{'s' if bad.size > 1 else ''} {', '.join(map(str, bad[:8]))}, "
+                        f"neither a class ({classes}) nor the background ({spec.background_index}) of {spec.name}")
+
+
+def _rgb_to_classes(path: str | Path, rgb: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Colours ``(H, W, 3)`` → class values ``(H, W)`` through the spec's colours."""
+    key = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
+    colours = [*spec.colors, spec.background_color]
+    values = [*range(spec.num_classes), spec.background_index]
+    codes = np.array([(r << 16) | (g << 8) | b for r, g, b in colours], dtype=np.int32)
+    order = np.argsort(codes)
+    pos = np.clip(np.searchsorted(codes[order], key), 0, len(codes) - 1)
+    known = codes[order][pos] == key
+    if not known.all():
+        r, g, b = rgb[~known][0]
+        raise WsssError(f"mask {path} holds colour [{r}, {g}, {b}], neither a class colour nor the background "
+                        f"colour of {spec.name}")
+    return np.asarray(values, dtype=np.uint8)[order][pos]
+
+
+def write_class_mask(path: str | Path, mask: np.ndarray, spec: DatasetSpec) -> None:
+    """Write a ground-truth mask in the spec's encoding: a palette PNG of the values, or (``rgb``) an
+    RGB PNG of their colours; atomically."""
+    if spec.mask_encoding == "rgb":
+        write_rgb(path, np.asarray(spec.flat_palette(), dtype=np.uint8).reshape(256, 3)[mask])
+    else:
+        write_mask(path, mask, spec.flat_palette())
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -14,8 +14,8 @@ from torch.utils.data import Dataset
 from wsss.data import augment
 from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
-from wsss.data.png import read_mask, read_rgb
-from wsss.data.specs import BACKGROUND_INDEX
+from wsss.data.png import check_mask_values, read_mask, read_rgb
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
 
@@ -78,7 +78,9 @@ class PseudoMaskDataset(Dataset):
 
     Item: ``(image (3, S, S) float, masks (L, S, S) long, index)``. Image resized bilinearly and masks
     by nearest neighbour to ``image_size`` (``None``: the patches' own size), after augmentation.
-    Mask values are tissue classes ``0..C-1`` or the background index (ignored by the loss).
+    Mask values are tissue classes ``0..C-1`` or the spec's background index (ignored by the loss);
+    any other value is an error naming the file. Pseudo-masks (and the synthetic ``train_gt``
+    masks used as the upper bound) are palette PNGs of values, whatever the spec's mask encoding.
     """
 
     def __init__(
@@ -87,7 +89,7 @@ class PseudoMaskDataset(Dataset):
         mask_paths: Sequence[Sequence[Path]],
         image_size: int | None,
         norm: InputNorm,
-        num_classes: int,
+        spec: DatasetSpec,
         augment: bool = True,
         geometric: str = "hflip",
         stain: float = 0.0,
@@ -97,7 +99,7 @@ class PseudoMaskDataset(Dataset):
         self.mask_paths = [list(row) for row in mask_paths]
         self.image_size = image_size
         self.norm = norm
-        self.num_classes = num_classes
+        self.spec = spec
         self.augment = augment
         self.geometric = geometric
         self.stain = stain
@@ -114,9 +116,7 @@ class PseudoMaskDataset(Dataset):
             mask = read_mask(path)
             if mask.shape != shape:
                 raise WsssError(f"pseudo-mask {path} is {mask.shape[1]}×{mask.shape[0]}, its patch {shape[1]}×{shape[0]}")
-            bad = (mask >= self.num_classes) & (mask != BACKGROUND_INDEX)
-            if bad.any():
-                raise WsssError(f"pseudo-mask {path} holds value {int(mask[bad][0])}, not a class index")
+            check_mask_values(mask, self.spec, path)
             masks.append(mask)
         return np.stack(masks)
 
@@ -154,17 +154,19 @@ class MultiViewMaskedDataset(Dataset):
     as ``(3, S_i, S_i)`` for ``sizes[i]`` / ``norms[i]`` (size ``None``: unresized).
     """
 
-    def __init__(self, samples: Sequence[MaskedSample], sizes: Sequence[int | None], norms: Sequence[InputNorm]) -> None:
+    def __init__(self, samples: Sequence[MaskedSample], sizes: Sequence[int | None], norms: Sequence[InputNorm],
+                 spec: DatasetSpec) -> None:
         if len(sizes) != len(norms):
             raise ValueError("one size per normalisation")
         self.samples = list(samples)
         self.sizes = list(sizes)
         self.norms = list(norms)
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        image, mask = read_masked(self.samples[index])
+        image, mask = read_masked(self.samples[index], self.spec)
         views = tuple(to_tensor(resize_rgb(image, s), n) for s, n in zip(self.sizes, self.norms))
         return views, torch.from_numpy(mask.astype(np.int64)), index

@@ -33,8 +33,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from wsss.data.labels import format_label
-from wsss.data.png import write_mask, write_rgb
-from wsss.data.specs import BACKGROUND_INDEX, LUAD
+from wsss.data.png import write_class_mask, write_mask, write_rgb
+from wsss.data.specs import LUAD, DatasetSpec
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path
 
@@ -103,7 +103,9 @@ def resolve_look(name: str = "default", **overrides: float | None) -> Look:
 
 # Per-class multipliers of the rendered (h, e) densities. They pull the class mean colours
 # together so that only texture separates the classes; per-patch stain variation does the rest.
-_CLASS_GAIN = {0: (1.05, 0.95), 1: (0.85, 1.2), 2: (1.3, 0.85), 3: (0.7, 1.05)}
+_CLASS_GAIN = {0: (1.05, 0.95), 1: (0.85, 1.2), 2: (1.3, 0.85), 3: (0.7, 1.05),
+               4: (1.0, 1.0), 5: (0.8, 1.05), 6: (1.1, 0.95), 7: (0.9, 0.95), 8: (0.95, 1.0), 9: (0.75, 1.05),
+               10: (0.9, 1.05), 11: (0.85, 1.05), 12: (1.1, 1.05), 13: (0.85, 1.0), 14: (1.0, 1.0), 15: (0.8, 1.0)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,7 +344,243 @@ def _fibres(
     return fib.astype(np.float32), angle
 
 
-_TEXTURES: tuple[_Texture, ...] = (_tumour, _necrosis, _lymphocytes, _stroma)  # LUAD order
+# --------------------------------------------------------------------------------------------
+# further textures, for dataset specs with more than four classes (class i gets _TEXTURES[i])
+# --------------------------------------------------------------------------------------------
+
+
+def _rotated(size: int, th: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coordinates ``u`` (along direction ``th``) and ``v`` (across it) of every pixel, ``(size, size)``
+    each, from the patch centre."""
+    yy, xx = (g - size / 2 for g in _grid(size))
+    return xx * np.cos(th) + yy * np.sin(th), -xx * np.sin(th) + yy * np.cos(th)
+
+
+def _streaks(rng: np.random.Generator, size: int, th: float, across: float, along: float) -> np.ndarray:
+    """Straight streaks along direction ``th``, ``(size, size)`` in [0, 1]: anisotropic noise with
+    correlation lengths ``across`` and ``along`` px, seen through rotated coordinates."""
+    side = int(np.ceil(size * 1.5 + 2 * along))
+    base = _aniso_noise(rng, side, side, across, along)
+    u, v = _rotated(size, th)
+    dens = ndimage.map_coordinates(base, [v + side / 2, u + side / 2], order=1, mode="reflect")
+    return (1.0 / (1.0 + np.exp(-2.2 * dens))).astype(np.float32)
+
+
+def _nearest(size: int, cy: np.ndarray, cx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index ``(size, size)`` of the nearest of the points ``cy, cx`` (N,) and the distance to it in px."""
+    pad = int(size // 2)
+    side = size + 2 * pad
+    lab = np.zeros((side, side), np.int32)
+    iy = np.clip(np.round(cy).astype(int) + pad, 0, side - 1)
+    ix = np.clip(np.round(cx).astype(int) + pad, 0, side - 1)
+    lab[iy, ix] = np.arange(1, len(cy) + 1)
+    dist, idx = ndimage.distance_transform_edt(lab == 0, return_indices=True)
+    owner = lab[idx[0], idx[1]][pad:-pad, pad:-pad] - 1
+    return owner, dist[pad:-pad, pad:-pad].astype(np.float32)
+
+
+def _dots(size: int, cy: np.ndarray, cx: np.ndarray, radius: float) -> np.ndarray:
+    """Round dots (nucleoli, granules) of ``radius`` px at ``cy, cx`` (N,): coverage ``(size, size)``."""
+    n = len(cy)
+    zeros = np.zeros(n)
+    return _nuclei(size, cy, cx, np.full(n, radius), np.full(n, radius), zeros, zeros, zeros)[0]
+
+
+def _glands(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """GLA: glands: a ring of tall nuclei pointing at the centre around a pale mucin-filled lumen,
+    set in pink stroma."""
+    s = size / _REF_SIZE * zoom
+    gy, gx = _grid_points(rng, size, rng.uniform(44, 52) * s, 0.12, keep=0.9)
+    if len(gy) == 0:
+        gy, gx = np.array([size / 2]), np.array([size / 2])
+    radius = rng.uniform(13, 18, len(gy)) * s
+    owner, dist = _nearest(size, gy, gx)
+    rel = dist / radius[owner]
+    counts = np.maximum(6, np.round(2 * np.pi * radius / (5.5 * s))).astype(int)
+    ang = np.concatenate([np.arange(n) * 2 * np.pi / n + rng.uniform(0, 2 * np.pi) for n in counts])
+    ring = np.repeat(0.9 * radius, counts)
+    cy, cx = np.repeat(gy, counts) + ring * np.sin(ang), np.repeat(gx, counts) + ring * np.cos(ang)
+    ink, nuc = _random_nuclei(rng, size, (cy, cx), (3.8 * s, 5.2 * s), (0.38, 0.55), (0.02, 0.12), ang)
+    dark = _per_nucleus(rng.uniform(0.75, 1.05, len(cy)), nuc)
+    lumen = np.clip((0.62 - rel) / 0.08, 0, 1)
+    cyto = np.clip((1.2 - rel) / 0.1, 0, 1) * (1 - lumen)
+    stroma = 0.62 * (1.0 + 0.12 * _smooth_noise(rng, size, 5 * s)) * (1 - lumen - cyto)
+    e = (stroma + 0.55 * cyto + 0.38 * lumen) * (1.0 - 0.65 * ink)
+    return 0.08 + 0.12 * lumen + ink * dark, e
+
+
+def _muscle(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """MUS: smooth muscle: dense, evenly spaced cigar-shaped nuclei all along one direction in smooth,
+    deeply eosinophilic cytoplasm (faint straight streaks, no wavy collagen)."""
+    s = size / _REF_SIZE * zoom
+    th = rng.uniform(0, np.pi)
+    fib = _streaks(rng, size, th, 5.0 * s, 60.0 * s)
+    cy, cx = _grid_points(rng, size, rng.uniform(13, 15) * s, 0.25, keep=0.85)
+    theta = th + rng.normal(0, 0.06, len(cy))
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (7.0 * s, 10.0 * s), (0.17, 0.24), (0.0, 0.06), theta)
+    dark = _per_nucleus(rng.uniform(0.8, 1.05, len(cy)), owner)
+    halo = np.clip(2.0 * ndimage.gaussian_filter(ink, 2.0 * s) - ink, 0, 1)  # clear space around each nucleus
+    e = 0.8 * (0.85 + 0.3 * fib) * (1.0 - 0.6 * ink) * (1.0 - 0.3 * halo)
+    return 0.1 + 0.05 * fib + ink * dark, e
+
+
+def _plasma(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """PLA: plasma-cell-rich infiltrate: medium round nuclei with coarse clumped chromatin, each set
+    off-centre in its own pink cytoplasm."""
+    s = size / _REF_SIZE * zoom
+    cy, cx = _grid_points(rng, size, rng.uniform(11.5, 13.0) * s, 0.25, keep=0.88)
+    shift = rng.normal(0, 2.2 * s, (2, len(cy)))
+    ink, owner = _random_nuclei(rng, size, (cy + shift[0], cx + shift[1]), (3.2 * s, 4.2 * s), (0.8, 1.0), (0.02, 0.1))
+    dark = _per_nucleus(rng.uniform(0.8, 1.1, len(cy)), owner)
+    clumps = 1.0 + 0.35 * _smooth_noise(rng, size, 1.0 * s)
+    e = 0.62 * (1.0 + 0.1 * _smooth_noise(rng, size, 6 * s)) * (1.0 - 0.65 * ink) + 0.1 * _cell_borders(owner)
+    return 0.1 + ink * dark * clumps, e
+
+
+def _myxoid(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """MYX: loose myxoid tissue: pale bluish ground substance with fine wispy strands and sparse small
+    stellate nuclei."""
+    s = size / _REF_SIZE * zoom
+    wisp = np.clip(_smooth_noise(rng, size, 1.6 * s) - 0.6, 0, 1.5)
+    cy, cx = _grid_points(rng, size, rng.uniform(28, 34) * s, 0.35, keep=0.75)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (2.5 * s, 4.0 * s), (0.35, 0.6), (0.25, 0.4))
+    dark = _per_nucleus(rng.uniform(0.75, 1.05, len(cy)), owner)
+    return 0.2 + 0.12 * wisp + ink * dark, (0.4 + 0.3 * wisp) * (1.0 - 0.6 * ink)
+
+
+def _giant(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """GIA: sheets of very large vesicular nuclei (r ~ 9-12 px, dark rim, pale centre, one dark
+    nucleolus) in abundant pink cytoplasm."""
+    s = size / _REF_SIZE * zoom
+    cy, cx = _grid_points(rng, size, rng.uniform(27, 31) * s, 0.2, keep=0.85)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (8.5 * s, 12.0 * s), (0.6, 0.9), (0.15, 0.3))
+    dark = _per_nucleus(rng.uniform(0.75, 1.05, len(cy)), owner)
+    vesicular = 0.4 + 0.6 * (1.0 - ndimage.gaussian_filter(ink, 3.0 * s) ** 4)
+    nucleolus = _dots(size, cy, cx, 1.8 * s)
+    e = 0.56 * (1.0 + 0.1 * _smooth_noise(rng, size, 8 * s)) * (1.0 - 0.6 * ink)
+    return 0.1 + ink * dark * vesicular + 0.9 * nucleolus, e
+
+
+def _woven(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """WOV: woven collagen: two crossing sets of straight fibres, few small round nuclei."""
+    s = size / _REF_SIZE * zoom
+    th = rng.uniform(0, np.pi)
+    a = _streaks(rng, size, th, 2.0 * s, 24.0 * s)
+    b = _streaks(rng, size, th + rng.uniform(1.1, 2.0), 2.0 * s, 24.0 * s)
+    cy, cx = _grid_points(rng, size, rng.uniform(30, 38) * s, 0.35, keep=0.5)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (2.5 * s, 3.5 * s), (0.7, 1.0), (0.0, 0.1))
+    dark = _per_nucleus(rng.uniform(0.8, 1.05, len(cy)), owner)
+    e = 0.8 * (0.35 + 0.45 * a + 0.45 * b) * (1.0 - 0.6 * ink)
+    return 0.08 + 0.06 * (a + b) + ink * dark, e
+
+
+def _palisade(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """PAL: palisades: nuclei lined up in parallel rows, each elongated across its row, with
+    fibrillary pink bands between the rows."""
+    s = size / _REF_SIZE * zoom
+    th, gap, step = rng.uniform(0, np.pi), rng.uniform(13, 16) * s, rng.uniform(5.5, 6.5) * s
+    half = 0.75 * size + gap
+    rows, cols = np.meshgrid(np.arange(-half, half, gap), np.arange(-half, half, step), indexing="ij")
+    v = rows.ravel() + rng.normal(0, 0.08 * gap, rows.size)
+    u = cols.ravel() + rng.normal(0, 0.15 * step, rows.size)
+    cy, cx = u * np.sin(th) + v * np.cos(th) + size / 2, u * np.cos(th) - v * np.sin(th) + size / 2
+    inside = (cy > -gap) & (cy < size + gap) & (cx > -gap) & (cx < size + gap) & (rng.random(cy.shape) < 0.9)
+    cy, cx = cy[inside], cx[inside]
+    theta = th + np.pi / 2 + rng.normal(0, 0.1, len(cy))
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (5.0 * s, 7.0 * s), (0.3, 0.42), (0.0, 0.1), theta)
+    dark = _per_nucleus(rng.uniform(0.8, 1.05, len(cy)), owner)
+    _, across = _rotated(size, th)
+    band = 0.5 - 0.5 * np.cos(2 * np.pi * (across - v.min()) / gap)  # 0 on the rows, 1 between them
+    fib = _streaks(rng, size, th, 1.5 * s, 20.0 * s)
+    e = (0.45 + 0.35 * band * (0.6 + 0.8 * fib)) * (1.0 - 0.6 * ink)
+    return 0.1 + ink * dark, e
+
+
+def _granular(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """GRA: granular cells: large polygonal cells packed with coarse eosinophilic granules, a small
+    dark round nucleus each."""
+    s = size / _REF_SIZE * zoom
+    cy, cx = _grid_points(rng, size, rng.uniform(19, 22) * s, 0.2, keep=0.95)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (2.8 * s, 3.6 * s), (0.8, 1.0), (0.0, 0.08))
+    dark = _per_nucleus(rng.uniform(0.85, 1.1, len(cy)), owner)
+    granules = np.clip(_smooth_noise(rng, size, 0.9 * s), 0, 2)
+    e = (0.5 + 0.3 * granules + 0.12 * _cell_borders(owner)) * (1.0 - 0.65 * ink)
+    return 0.1 + 0.04 * granules + ink * dark, e
+
+
+def _nests(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """NES: tight balls of small dark nuclei scattered in smooth pale pink loose tissue."""
+    s = size / _REF_SIZE * zoom
+    n_balls = rng.poisson(16 * s * s / zoom**4) + 2
+    ky, kx = rng.uniform(0, size, n_balls), rng.uniform(0, size, n_balls)
+    per = rng.poisson(10, n_balls) + 4
+    spread = rng.normal(0, 4.5 * s, (2, per.sum()))
+    cy, cx = np.repeat(ky, per) + spread[0], np.repeat(kx, per) + spread[1]
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (2.4 * s, 3.4 * s), (0.7, 1.0), (0.05, 0.2))
+    dark = _per_nucleus(rng.uniform(0.85, 1.15, len(cy)), owner)
+    e = 0.48 * (1.0 + 0.06 * _smooth_noise(rng, size, 10 * s)) * (1.0 - 0.6 * ink)
+    return 0.1 + ink * dark, e
+
+
+def _whorls(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """WHO: whorls: concentric eosinophilic lamellae around scattered centres (like keratin pearls),
+    flat nuclei lying along the rings."""
+    s = size / _REF_SIZE * zoom
+    gy, gx = _grid_points(rng, size, rng.uniform(40, 48) * s, 0.2, keep=0.95)
+    if len(gy) == 0:
+        gy, gx = np.array([size / 2]), np.array([size / 2])
+    owner, dist = _nearest(size, gy, gx)
+    rings = 0.5 + 0.5 * np.cos(2 * np.pi * dist / (rng.uniform(5.0, 6.0) * s))
+    cy, cx = _grid_points(rng, size, rng.uniform(15, 18) * s, 0.3, keep=0.8)
+    iy, ix = np.clip(np.round(cy).astype(int), 0, size - 1), np.clip(np.round(cx).astype(int), 0, size - 1)
+    centre = owner[iy, ix]
+    theta = np.arctan2(cy - gy[centre], cx - gx[centre]) + np.pi / 2  # tangential
+    ink, nuc = _random_nuclei(rng, size, (cy, cx), (5.0 * s, 7.0 * s), (0.25, 0.35), (0.0, 0.08), theta)
+    dark = _per_nucleus(rng.uniform(0.75, 1.0, len(cy)), nuc)
+    e = (0.45 + 0.45 * rings) * (1.0 - 0.6 * ink)
+    return 0.08 + ink * dark, e
+
+
+def _clear_cells(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """CLE: clear cells: polygonal cells with pale, nearly empty cytoplasm, crisp membranes and a small
+    dark central nucleus."""
+    s = size / _REF_SIZE * zoom
+    cy, cx = _grid_points(rng, size, rng.uniform(16, 19) * s, 0.2, keep=1.0)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (2.4 * s, 3.2 * s), (0.75, 1.0), (0.0, 0.1))
+    dark = _per_nucleus(rng.uniform(0.85, 1.1, len(cy)), owner)
+    borders = np.clip(_cell_borders(owner), 0, 1)
+    return 0.18 + 0.15 * borders + ink * dark, (0.4 + 0.5 * borders) * (1.0 - 0.6 * ink)
+
+
+def _striated(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """STM: striated muscle: broad parallel fibres with fine regular cross-striations, thin pale
+    gaps between fibres and flat nuclei along the gaps."""
+    s = size / _REF_SIZE * zoom
+    th, width, period = rng.uniform(0, np.pi), rng.uniform(18, 24) * s, rng.uniform(3.2, 3.8) * s
+    u, v = _rotated(size, th)
+    phase = rng.uniform(0, 1)
+    stripes = 0.5 + 0.5 * np.cos(2 * np.pi * u / period)
+    edge = np.abs((v / width + phase) % 1.0 - 0.5) * width  # distance to the middle of the gap... mirrored
+    gap = np.exp(-(((width / 2) - edge) / (1.2 * s)) ** 2)
+    n_lines = int(np.ceil(1.5 * size / width)) + 2
+    lines = (np.arange(n_lines) - n_lines // 2 - phase) * width
+    along = rng.uniform(-0.75 * size, 0.75 * size, (n_lines, max(1, int(1.5 * size / (28 * s)))))
+    vv, uu = np.repeat(lines, along.shape[1]), along.ravel()
+    cy, cx = uu * np.sin(th) + vv * np.cos(th) + size / 2, uu * np.cos(th) - vv * np.sin(th) + size / 2
+    theta = np.full(len(cy), th)
+    ink, owner = _random_nuclei(rng, size, (cy, cx), (5.0 * s, 7.0 * s), (0.22, 0.3), (0.0, 0.06), theta)
+    dark = _per_nucleus(rng.uniform(0.8, 1.05, len(cy)), owner)
+    e = 0.78 * (0.72 + 0.28 * stripes) * (1.0 - 0.65 * gap) * (1.0 - 0.6 * ink)
+    return 0.08 + ink * dark, e
+
+
+_TEXTURES: tuple[_Texture, ...] = (
+    _tumour, _necrosis, _lymphocytes, _stroma,  # LUAD order: a luad spec gets exactly the patches it always got
+    _glands, _muscle, _plasma, _myxoid, _giant, _woven, _palisade, _granular, _nests, _whorls, _clear_cells,
+    _striated,
+)
+MAX_CLASSES = len(_TEXTURES)
+"""Class ``i`` of any spec is drawn with texture ``i``: specs of up to this many classes can be synthesised."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -350,17 +588,18 @@ _TEXTURES: tuple[_Texture, ...] = (_tumour, _necrosis, _lymphocytes, _stroma)  #
 # --------------------------------------------------------------------------------------------
 
 
-def _layout(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Region mask ``(size, size)`` uint8: 1-3 tissue classes (0..3) and optional background (4).
+def _layout(rng: np.random.Generator, size: int, num_classes: int = 4, background: int = 4) -> np.ndarray:
+    """Region mask ``(size, size)`` uint8: 1-3 tissue classes (of ``0..num_classes-1``) and optional
+    background (value ``background``).
 
     Voronoi cells of a few random seeds, computed on domain-warped coordinates so that borders
     are irregular; few seeds keep regions large (typically > 40 px across at 224 px).
     """
     k = rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])
-    classes = rng.choice(len(_TEXTURES), size=k, replace=False)
+    classes = rng.choice(num_classes, size=min(k, num_classes), replace=False)
     seed_cls = np.concatenate([classes, rng.choice(classes, rng.integers(0, 3))])
     if rng.random() < 0.3:
-        seed_cls = np.append(seed_cls, BACKGROUND_INDEX)
+        seed_cls = np.append(seed_cls, background)
     pts = rng.uniform(0, size, (len(seed_cls), 2))
     yy, xx = _grid(size)
     wy = yy + _warp(rng, size)
@@ -375,7 +614,7 @@ def _layout(rng: np.random.Generator, size: int) -> np.ndarray:
         cell = np.flatnonzero(big)[np.argmin(d2[big], axis=0)]
     mask = seed_cls[cell].astype(np.uint8)
     if rng.random() < 0.2:
-        mask[_lumens(rng, size)] = BACKGROUND_INDEX
+        mask[_lumens(rng, size)] = background
     return mask
 
 
@@ -439,18 +678,21 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def make_patch(rng: np.random.Generator, size: int, look: Look = Look()) -> tuple[np.ndarray, np.ndarray]:
+def make_patch(rng: np.random.Generator, size: int, look: Look = Look(),
+               spec: DatasetSpec = LUAD) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic H&E patch.
 
-    Returns ``image`` (size, size, 3) uint8 RGB and ``mask`` (size, size) uint8 with 0..3 the
-    LUAD tissue classes (TE, NEC, LYM, TAS) and 4 white background. Pure given ``rng``; the
-    default ``look`` draws nothing extra from it, so its patches are those of earlier versions.
+    Returns ``image`` (size, size, 3) uint8 RGB and ``mask`` (size, size) uint8 with the spec's
+    tissue classes ``0..C-1`` (class ``i`` drawn with texture ``i``: for luad TE, NEC, LYM, TAS) and
+    its background index on white glass. Pure given ``rng``; the default ``look`` draws nothing extra
+    from it, so luad patches are those of earlier versions.
     """
-    mask = _layout(rng, size)
+    check_synth_spec(spec)
+    mask = _layout(rng, size, spec.num_classes, spec.background_index)
     h = np.full((size, size), 0.015, np.float32)  # background: near-white glass
     e = np.full((size, size), 0.03, np.float32)
     for c in np.unique(mask):
-        if c == BACKGROUND_INDEX:
+        if c == spec.background_index:
             continue
         hc, ec = _TEXTURES[c](rng, size, look.texture_scale)
         gain_h, gain_e = _CLASS_GAIN[int(c)]
@@ -463,6 +705,13 @@ def make_patch(rng: np.random.Generator, size: int, look: Look = Look()) -> tupl
             h[sel] *= (0.45 + 0.55 * fade)[sel]  # nuclei stay visible: the texture still tells the class
             e[sel] *= fade[sel]
     return _stain(rng, h, e, look), mask
+
+
+def check_synth_spec(spec: DatasetSpec) -> None:
+    """The generator has :data:`MAX_CLASSES` textures."""
+    if spec.num_classes > MAX_CLASSES:
+        raise WsssError(f"the synthetic generator has {MAX_CLASSES} distinct textures; "
+                        f"the {spec.name} spec has {spec.num_classes} classes")
 
 
 def patch_label(
@@ -486,38 +735,42 @@ def patch_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def labelled_patch(
-    rng: np.random.Generator, size: int, look: Look = Look()
+    rng: np.random.Generator, size: int, look: Look = Look(), spec: DatasetSpec = LUAD
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """:func:`make_patch` redrawn until at least one tissue class covers >= 2 % of the patch.
 
     Returns ``image`` (size, size, 3) uint8, ``mask`` (size, size) uint8 and its label.
     """
     while True:
-        image, mask = make_patch(rng, size, look)
-        label = patch_label(mask, LUAD.num_classes)
+        image, mask = make_patch(rng, size, look, spec)
+        label = patch_label(mask, spec.num_classes)
         if any(label):
             return image, mask, label
 
 
-def patch_name(split: str, index: int, label: tuple[int, ...]) -> str:
-    """File name of a patch: the label rides in training names only, as in LUAD-HistoSeg."""
+def patch_name(split: str, index: int, label: tuple[int, ...] | None) -> str:
+    """File name of a patch: the label rides in training names only, as in LUAD-HistoSeg (``None``:
+    no label in the name, for a spec whose labels are in a CSV)."""
     if split == "train":
-        return f"synth-{index:06d}-{format_label(label)}.png"
+        return f"synth-{index:06d}.png" if label is None else f"synth-{index:06d}-{format_label(label)}.png"
     return f"synth-{split}-{index:06d}.png"
 
 
-def _write_one(task: tuple[Path, str, int, int, int, Look]) -> tuple[str, tuple[int, ...]]:
-    """Make and write patch ``index`` of ``split``; returns ``(split, label)``. Runs in workers."""
-    out, split, index, size, seed, look = task
-    image, mask, label = labelled_patch(patch_rng(seed, split, index), size, look)
-    name = patch_name(split, index, label)
+def _write_one(task: tuple[Path, str, int, int, int, Look, DatasetSpec]) -> tuple[str, str, tuple[int, ...]]:
+    """Make and write patch ``index`` of ``split``; returns ``(split, name, label)``. Runs in workers.
+
+    Evaluation masks are written in the spec's mask encoding; the true training masks (``train_gt``,
+    read like pseudo-masks) are always palette PNGs."""
+    out, split, index, size, seed, look, spec = task
+    image, mask, label = labelled_patch(patch_rng(seed, split, index), size, look, spec)
+    name = patch_name(split, index, None if spec.labels_csv else label)
     if split == "train":
-        img_path, mask_path = out / "train" / name, out / "train_gt" / name
+        write_rgb(out / "train" / name, image)
+        write_mask(out / "train_gt" / name, mask, spec.flat_palette())
     else:
-        img_path, mask_path = out / split / "img" / name, out / split / "mask" / name
-    write_rgb(img_path, image)
-    write_mask(mask_path, mask, LUAD.flat_palette())
-    return split, label
+        write_rgb(out / split / "img" / name, image)
+        write_class_mask(out / split / "mask" / name, mask, spec)
+    return split, name, label
 
 
 def _layout_dirs(out: Path) -> list[Path]:
@@ -556,26 +809,34 @@ def generate(
     workers: int = 2,
     progress: bool = True,
     look: Look = Look(),
+    spec: DatasetSpec = LUAD,
 ) -> dict:
-    """Write a synthetic LUAD-HistoSeg-style data set under ``out`` (layout in the module doc).
+    """Write a synthetic LUAD-HistoSeg-style data set of the classes of ``spec`` under ``out`` (layout
+    in the module doc); when the spec names a label CSV, the training labels go there (its path under
+    ``out``) instead of into the file names.
 
-    Output is byte-identical for a given ``seed``, ``size`` and ``look`` whatever ``workers`` is.
-    Returns a summary: patch counts per split, the look, per-class label counts and frequencies over
-    the training split, and the wall time in seconds.
+    Output is byte-identical for a given ``seed``, ``size``, ``look`` and spec whatever ``workers``
+    is. Returns a summary: patch counts per split, the spec and look, per-class label counts and
+    frequencies over the training split, and the wall time in seconds.
     """
     if min(n_train, n_val, n_test) < 0 or size < 16:
         raise WsssError(f"need non-negative split sizes and size >= 16, got size={size}")
+    check_synth_spec(spec)
     start = time.perf_counter()
     out = Path(out)
     _prepare_dirs(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    tasks = [(out, sp, i, size, seed, look) for sp in SPLITS for i in range(counts[sp])]
-    label_counts = np.zeros(LUAD.num_classes, np.int64)
+    tasks = [(out, sp, i, size, seed, look, spec) for sp in SPLITS for i in range(counts[sp])]
+    label_counts = np.zeros(spec.num_classes, np.int64)
+    train_labels: dict[str, tuple[int, ...]] = {}
     with tqdm(total=len(tasks), desc="synth", unit="patch", disable=not progress) as bar:
-        for split, label in _run_tasks(tasks, workers):
+        for split, name, label in _run_tasks(tasks, workers):
             if split == "train":
                 label_counts += label
+                train_labels[name] = label
             bar.update()
+    if spec.labels_csv:
+        _write_label_csv(spec.labels_csv_path(out), train_labels, spec)
     seconds = time.perf_counter() - start
     log.info("wrote %d synthetic patches to %s in %.1f s", len(tasks), out, seconds)
     summary = {
@@ -583,9 +844,10 @@ def generate(
         "size": size,
         "seed": seed,
         "counts": counts,
+        "spec": spec.to_dict(),
         "look": look.to_dict(),
-        "train_label_counts": dict(zip(LUAD.classes, label_counts.tolist())),
-        "train_label_freq": dict(zip(LUAD.classes, (label_counts / max(n_train, 1)).tolist())),
+        "train_label_counts": dict(zip(spec.classes, label_counts.tolist())),
+        "train_label_freq": dict(zip(spec.classes, (label_counts / max(n_train, 1)).tolist())),
         "seconds": round(seconds, 2),
     }
     with atomic_path(out / SUMMARY_NAME) as tmp:
@@ -593,7 +855,15 @@ def generate(
     return summary
 
 
-def _run_tasks(tasks: list, workers: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+def _write_label_csv(path: Path, labels: dict[str, tuple[int, ...]], spec: DatasetSpec) -> None:
+    """The training labels as a label CSV (:mod:`wsss.data.labels`), rows sorted by file name."""
+    lines = [",".join(["file", *spec.classes])]
+    lines += [",".join([name, *map(str, labels[name])]) for name in sorted(labels)]
+    with atomic_path(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _run_tasks(tasks: list, workers: int) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """Yield :func:`_write_one` results, in a process pool when ``workers > 1``."""
     if workers <= 1 or len(tasks) < 2:
         yield from map(_write_one, tasks)

@@ -3,7 +3,8 @@ images, of any size.
 
 Outputs, for every input image ``<name>.<ext>``::
 
-    OUT/<name>_mask.png      palette PNG of class indices (the dataset's palette; 4 = white background)
+    OUT/<name>_mask.png      palette PNG of class indices (the spec's palette; its background index = white
+                             background, for specs whose white is background)
     OUT/<name>_overlay.png   the image blended with the class colours, a legend underneath
     OUT/summary.csv          one row per processed image: size and area fraction of every class
 
@@ -33,13 +34,12 @@ from scipy import ndimage
 from wsss.data.background import to_grey
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.png import write_mask, write_rgb
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.models.deeplab import read_checkpoint
 from wsss.runtime import atomic_path, resolve_device
 from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier
 from wsss.gate import check_gate_options, gate_logits
-from wsss.stages.stage2 import LoadedSegmenter, class_probs, load_segmenter, segment
+from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
 from wsss.viz import legend, overlay
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class PredictConfig:
     inputs: tuple[Path, ...]
     checkpoint: Path
     out: Path
-    dataset: str | None = None  # None: the one recorded in the checkpoint
+    dataset: str | None = None  # None: the spec recorded in the checkpoint
     gate: bool = False
     stage1_checkpoint: Path | None = None
     gate_threshold: float = 0.1
@@ -451,27 +451,12 @@ def _pixels(img: Image.Image) -> np.ndarray:
 # --------------------------------------------------------------------------- models
 
 
-def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
-    """The dataset spec (classes, palette): ``--dataset`` when given, else the checkpoint's record."""
-    if dataset is not None:
-        return get_spec(dataset)
-    recorded = read_checkpoint(checkpoint).get("dataset")
-    if not isinstance(recorded, str):
-        raise WsssError(f"{checkpoint} does not record its dataset; pass --dataset (luad or bcss)")
-    return get_spec(recorded)
-
-
 def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
-    """The tile predictor and the dataset spec; a wrong checkpoint or class count is a user error."""
-    seg = load_segmenter(cfg.checkpoint)
-    spec = resolve_dataset(cfg.checkpoint, cfg.dataset)
-    if seg.model.num_classes != spec.num_classes:
-        raise WsssError(f"{cfg.checkpoint} was trained for {seg.model.num_classes} classes; "
-                        f"the {spec.name} dataset has {spec.num_classes}")
-    if seg.class_names is not None and tuple(seg.class_names) != spec.classes:
-        log.warning("%s was trained on classes %s; naming them %s (--dataset %s)", cfg.checkpoint,
-                    ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
-    gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
+    """The tile predictor and the dataset spec: the one recorded in the checkpoint, or ``--dataset``
+    (needed for published checkpoints; refused when it differs from the record). A wrong checkpoint,
+    class count or a gate classifier trained on another spec is a user error."""
+    seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
+    gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
     predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp,
                               cfg.gate_mode)
     return predictor, spec

@@ -3,7 +3,8 @@ against the true training masks of synthetic data (``wsss eval-pm``).
 
 Outputs, one palette PNG per training patch and layer (DESIGN.md, "Pseudo-masks")::
 
-    OUT/PM_<layer>/<training file stem>.png   0..C-1 tissue, 4 background (luad white only)
+    OUT/PM_<layer>/<training file stem>.png   0..C-1 tissue, the spec's background index on white
+                                              (specs whose white is background, e.g. luad)
     OUT/pseudo_masks_config.json              the configuration of the last run
 
 Every PNG is written atomically as soon as its batch is done, so an interrupted run leaves only
@@ -30,13 +31,13 @@ from wsss.cam.gradcam import GRADCAM_LAYERS, averaged_gradcam, check_layers, cla
 from wsss.data.background import WHITE_RULES, white_mask
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.layout import TrainSample, default_pm_dir, list_images, list_train, pseudo_mask_path, train_gt_dir
-from wsss.data.png import image_size, read_mask, read_rgb, write_mask
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.png import check_mask_values, image_size, read_mask, read_rgb, write_mask
+from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import atomic_path, resolve_device
-from wsss.stages.stage1 import _progress, load_classifier
+from wsss.stages.stage1 import _progress, classifier_and_spec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ CONFIG_NAME = "pseudo_masks_config.json"
 class PseudoMaskConfig:
     """``wsss generate-pm``: which classifier, which layers, where to write, how to run."""
 
-    dataset: str
+    dataset: str | None  # None: the spec recorded in the checkpoint
     data: Path
     checkpoint: Path
     layers: tuple[str, ...] = GRADCAM_LAYERS
@@ -60,6 +61,7 @@ class PseudoMaskConfig:
     scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
     flip: bool = False  # ... and their left-right flips (the reference: one view)
     white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
+    labels_csv: Path | None = None  # None: the spec's label source
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
@@ -103,9 +105,9 @@ def parse_layers(text: str | Sequence[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------- existing outputs
 
 
-def existing_mask(path: Path, size: tuple[int, int], max_value: int) -> np.ndarray | None:
-    """The (H, W) mask at ``path`` if it is a complete palette PNG of ``size`` = (H, W) holding no
-    value above ``max_value``; None when it is missing, truncated, corrupt or does not fit."""
+def existing_mask(path: Path, size: tuple[int, int], spec: DatasetSpec) -> np.ndarray | None:
+    """The (H, W) mask at ``path`` if it is a complete palette PNG of ``size`` = (H, W) holding only
+    class and background values of ``spec``; None when it is missing, truncated, corrupt or does not fit."""
     try:
         with Image.open(path) as img:
             if img.mode != "P" or img.size != (size[1], size[0]):
@@ -114,7 +116,13 @@ def existing_mask(path: Path, size: tuple[int, int], max_value: int) -> np.ndarr
             mask = np.asarray(img, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
         return None
-    return mask if mask.size and int(mask.max()) <= max_value else None
+    if not mask.size:
+        return None
+    try:
+        check_mask_values(mask, spec, path)
+    except WsssError:
+        return None
+    return mask
 
 
 # --------------------------------------------------------------------------- data
@@ -124,7 +132,7 @@ class PseudoMaskDataset(Dataset):
     """Training patches together with what is already on disk for them.
 
     Item, a dict: ``index``; ``todo``, the layers whose PNG must be (re)written (all of them with
-    ``force``); ``counts`` ``{layer: (C+1,) int64}`` pixel counts of the valid masks already there.
+    ``force``); ``counts`` ``{layer: (256,) int64}`` pixel counts of the valid masks already there.
     When ``todo`` is not empty also ``x`` (3, S, S) model input, ``label`` (C,) bool, ``size``
     (H, W) of the patch, and ``white`` (H, W) bool or None (white is tissue, e.g. BCSS). Checking
     existing PNGs here spreads the resume check over the loader's workers.
@@ -151,12 +159,11 @@ class PseudoMaskDataset(Dataset):
             width, height = image_size(sample.path)
             item["todo"] = []
             for layer in self.layers:
-                mask = existing_mask(pseudo_mask_path(self.out, layer, sample.path), (height, width),
-                                     self.spec.background_index)
+                mask = existing_mask(pseudo_mask_path(self.out, layer, sample.path), (height, width), self.spec)
                 if mask is None:
                     item["todo"].append(layer)
                 else:
-                    item["counts"][layer] = np.bincount(mask.ravel(), minlength=self.spec.background_index + 1)
+                    item["counts"][layer] = np.bincount(mask.ravel(), minlength=256)
         if item["todo"]:
             item.update(patch_item(read_rgb(sample.path), sample.label, self.spec, self.norm, self.model_size,
                                    self.white_rule))
@@ -208,13 +215,14 @@ def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Seque
 
 
 class _MaskWriter:
-    """Writes the pseudo-masks of computed items and tallies pixel counts of every value 0..C per layer."""
+    """Writes the pseudo-masks of computed items and tallies pixel counts of every value per layer."""
 
     def __init__(self, samples: Sequence[TrainSample], out: Path, spec: DatasetSpec, layers: Sequence[str]) -> None:
         self.samples = samples
         self.out = out
+        self.spec = spec
         self.palette = spec.flat_palette()
-        self.num_values = spec.background_index + 1
+        self.num_values = 256
         self.counts = {layer: np.zeros(self.num_values, np.int64) for layer in layers}
         self.computed = 0
         self.files = 0
@@ -233,21 +241,23 @@ class _MaskWriter:
                 self.files += 1
             self.computed += 1
 
-    def fractions(self, names: Sequence[str]) -> dict[str, dict[str, float]]:
+    def fractions(self) -> dict[str, dict[str, float]]:
+        """``{layer: {class name ..., "background": fraction of the pixels}}``."""
+        names = [*self.spec.classes, BACKGROUND_NAME]
+        values = [*range(self.spec.num_classes), self.spec.background_index]
         out = {}
         for layer, counts in self.counts.items():
             total = max(int(counts.sum()), 1)
-            out[layer] = {name: round(int(n) / total, 6) for name, n in zip(names, counts)}
+            out[layer] = {name: round(int(counts[v]) / total, 6) for name, v in zip(names, values)}
         return out
 
 
 def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
     """Write the pseudo-masks of every training patch; returns a summary (see :func:`format_summary`)."""
     started = time.perf_counter()
-    spec = get_spec(cfg.dataset)
+    clf, spec = classifier_and_spec(cfg.checkpoint, cfg.dataset, cfg.labels_csv)
     layers = parse_layers(cfg.layers)
-    samples = list_train(cfg.data, spec.num_classes)
-    clf = load_classifier(cfg.checkpoint, spec.num_classes)
+    samples = list_train(cfg.data, spec)
     device = resolve_device(cfg.device)
     model = clf.model.to(device).eval()
     out = cfg.out_dir
@@ -264,7 +274,6 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
             needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
             writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method))
         del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
-    names = [*spec.classes, "background"][: spec.background_index + 1]
     summary = {
         "patches": len(samples),
         "computed": writer.computed,
@@ -273,7 +282,7 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
         "seconds": round(time.perf_counter() - started, 1),
         "layers": list(layers),
         "out": str(out),
-        "class_fractions": writer.fractions(names),
+        "class_fractions": writer.fractions(),
     }
     log.info("pseudo-masks: %d patches computed, %d skipped, %.1f s", summary["computed"], summary["skipped"],
              summary["seconds"])
@@ -340,11 +349,11 @@ def evaluate(data: Path, spec: DatasetSpec, pm_dir: Path | None = None) -> dict[
 
     Returns ``{layer: metrics}`` with the keys of :func:`wsss.metrics.scores_to_json` plus
     ``background_on_tissue`` and ``background_recall``. The C×C confusion matrix counts pixels
-    that are tissue in the true mask (ground truth 4 is never evaluated) *and* carry a tissue class
-    in the pseudo-mask. Pixels the pseudo-mask marks as background (4) cannot enter a C×C matrix;
-    instead ``background_on_tissue`` is the fraction of true-tissue pixels marked 4 (stage 2
-    ignores them: lost supervision, not wrong supervision), and ``background_recall`` the fraction
-    of true-background pixels marked 4.
+    that are tissue in the true mask (true background, the spec's background value, is never
+    evaluated) *and* carry a tissue class in the pseudo-mask. Pixels the pseudo-mask marks as
+    background cannot enter a C×C matrix; instead ``background_on_tissue`` is the fraction of
+    true-tissue pixels marked background (stage 2 ignores them: lost supervision, not wrong
+    supervision), and ``background_recall`` the fraction of true-background pixels marked background.
     """
     gt_dir = train_gt_dir(data)
     if not gt_dir.is_dir():
@@ -360,6 +369,7 @@ def evaluate(data: Path, spec: DatasetSpec, pm_dir: Path | None = None) -> dict[
     meters = {layer: _PmMeter(spec) for layer in layers}
     for gt_path in _progress(gts, True, desc="eval-pm", unit="patch"):
         gt = read_mask(gt_path)
+        check_mask_values(gt, spec, gt_path)
         for layer in layers:
             meters[layer].update(_read_pm(pseudo_mask_path(pm_dir, layer, gt_path), gt.shape, spec), gt)
     return {layer: meter.to_json(spec.classes) for layer, meter in meters.items()}
@@ -371,8 +381,7 @@ def _read_pm(path: Path, shape: tuple[int, int], spec: DatasetSpec) -> np.ndarra
     pm = read_mask(path)
     if pm.shape != shape:
         raise WsssError(f"pseudo-mask {path} is {pm.shape[1]}x{pm.shape[0]}, its true mask {shape[1]}x{shape[0]}")
-    if pm.size and int(pm.max()) > spec.background_index:
-        raise WsssError(f"pseudo-mask {path} holds value {int(pm.max())}, above {spec.background_index}")
+    check_mask_values(pm, spec, path)
     return pm
 
 

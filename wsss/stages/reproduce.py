@@ -37,8 +37,8 @@ import torch
 from wsss import config as cfglib
 from wsss.config import IMPROVEMENTS, PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
 from wsss.data.layout import train_gt_dir
+from wsss.data.specs import SPECS, DatasetSpec, get_spec
 from wsss.data.synth import resolve_look
-from wsss.data.specs import DatasetSpec, get_spec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
@@ -51,11 +51,21 @@ SYNTH_MARKER = "synth.json"  # wsss.data.synth.SUMMARY_NAME: written once the sy
 SEED_RESULT = "seed_result.json"
 
 
+def default_run(dataset: str, synth: bool) -> str:
+    """The run name when ``--run`` is not given: the spec's name, ``synthetic`` for synthetic luad
+    data (``make reproduce``) and ``synthetic-<name>`` for synthetic data of another spec."""
+    name = get_spec(dataset).name
+    if not synth:
+        return name
+    return "synthetic" if name == "luad" else f"synthetic-{name}"
+
+
 @dataclass(frozen=True)
 class ReproduceConfig:
-    dataset: str
+    dataset: str  # luad, bcss or the path of a TOML spec file
     data: Path
     run: str  # names the checkpoint and report folders (e.g. "synthetic", "luad")
+    labels_csv: Path | None = None  # None: the spec's label source
     preset: str | None = None  # "cpu", "best" or None (the paper's settings)
     out: Path | None = None  # None: checkpoints/<run>
     report: Path | None = None  # None: results/<run>
@@ -98,7 +108,8 @@ class ReproduceConfig:
 
     def signature(self) -> dict:
         """What the results depend on (not how or where they are computed)."""
-        return {"dataset": get_spec(self.dataset).name, "data": str(self.data), "preset": self.preset,
+        spec = get_spec(self.dataset)
+        return {"dataset": spec.name, "classes": list(spec.classes), "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
                 "gate_mode": self.gate_mode,
                 "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None}
@@ -106,6 +117,14 @@ class ReproduceConfig:
 
 # Keys added to the signature after the first release, with the value older progress files meant.
 _SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None}
+
+
+def _with_defaults(saved: dict) -> dict:
+    """A saved signature completed with what older progress files meant (their dataset was luad or bcss)."""
+    old = {**_SIGNATURE_DEFAULTS, **saved}
+    if "classes" not in old and str(old.get("dataset")) in SPECS:
+        old["classes"] = list(SPECS[old["dataset"]].classes)
+    return old
 
 
 def _str(p: Path | None) -> str | None:
@@ -132,7 +151,7 @@ class Progress:
         except (OSError, ValueError):
             log.warning("%s is unreadable: starting the bookkeeping afresh", path)
             return cls(path, signature)
-        old = {**_SIGNATURE_DEFAULTS, **(saved.get("signature") or {})}
+        old = _with_defaults(saved.get("signature") or {})
         if old != signature:
             raise WsssError(
                 f"{path} records a run with other settings ({_diff(old, signature)}); "
@@ -242,21 +261,21 @@ def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
     n_train, n_val, n_test = cfg.synth_counts
-    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
-             workers=max(1, os.cpu_count() or 1), look=resolve_look(cfg.synth_look))
+    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, workers=max(1, os.cpu_count() or 1),
+             look=resolve_look(cfg.synth_look), spec=get_spec(cfg.dataset))
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
+                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
                           seed=seed, **overrides)
 
 
 def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, pm_dir: Path, seed: int = 0,
                   **overrides) -> Stage2Config:
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, report=report, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
+                          out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
                           gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
                           workers=cfg.workers, seed=seed, **overrides)
 
@@ -266,7 +285,8 @@ def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides)
 
     values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
     return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force, **values)
+                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force,
+                            labels_csv=cfg.labels_csv, **values)
 
 
 def _stage1(s1: Stage1Config, force: bool) -> dict:
@@ -318,6 +338,7 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
 
 
 def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path, pm) -> dict:
+    """examples.png and cams.png of one seed (``spec`` carries the label source)."""
     from wsss.figures import cam_figure, examples_figure
 
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
@@ -457,7 +478,7 @@ def _row(result: dict) -> dict:
 
 def run(cfg: ReproduceConfig) -> dict:
     """Run (or continue) the pipeline for every seed; returns the report (also written as JSON and Markdown)."""
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(cfg.dataset, cfg.labels_csv)
     data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
     if cfg.synth and not (data / SYNTH_MARKER).is_file():

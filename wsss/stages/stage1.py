@@ -1,6 +1,6 @@
 """Stage 1: train the ResNet38 multi-label classifier with PDA, then evaluate its CAMs.
 
-Outputs in ``OUT`` (``<d>`` is the dataset name):
+Outputs in ``OUT`` (``<d>`` is the dataset spec's name):
 
 * ``stage1_checkpoint_trained_on_<d>.pth`` — the trained classifier (what later stages load)
 * ``stage1_<d>_last.pth`` — resumable state after the last finished epoch
@@ -30,7 +30,7 @@ from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
 from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
 from wsss.data.layout import list_masked, list_train
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
@@ -93,9 +93,11 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
+def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int,
+                 white_is_background: bool = True) -> DataLoader:
     dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
-                                    geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
+                                    geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic,
+                                    white_is_background=white_is_background)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
@@ -171,6 +173,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
         "config": cfglib.to_dict(cfg),
         "dataset": spec.name,
         "class_names": list(spec.classes),
+        "spec": spec.to_dict(),
         "input_norm": get_input_norm(cfg.input_norm).to_dict(),
         "image_size": cfg.image_size,
         "frozen_pretrained": model.is_frozen_pretrained,
@@ -180,9 +183,11 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
 
 def train(cfg: Stage1Config, resume: bool = False, force: bool = False) -> dict:
     """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary."""
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(cfg.dataset, cfg.labels_csv)
     paths = Stage1Paths(Path(cfg.out), spec.name)
     cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force)
+    if state is not None:
+        check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
     dist = Distributed(cfg.device)
     try:
         return _train(cfg, spec, paths, state, dist)
@@ -194,11 +199,11 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     seed_everything(cfg.seed, dist.rank)
-    samples = list_train(cfg.data, spec.num_classes)
+    samples = list_train(cfg.data, spec)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    steps_per_epoch = len(train_loader(cfg, samples, dist, 0))
+    steps_per_epoch = len(train_loader(cfg, samples, dist, 0, spec.white_is_background))
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -226,7 +231,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        loader = train_loader(cfg, samples, dist, epoch)
+        loader = train_loader(cfg, samples, dist, epoch, spec.white_is_background)
         stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
@@ -268,21 +273,24 @@ class LoadedClassifier:
     norm: InputNorm
     image_size: int | None
     class_names: list[str] | None
+    spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
 
 
-def load_classifier(path: Path, num_classes: int | None = None) -> LoadedClassifier:
+def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
     """A stage-1 classifier from our checkpoint or a published WSSS-Tissue state_dict (``[0,1]`` input).
 
-    Width and class count come from the file; a mismatch with ``num_classes`` is a user error.
+    Width and class count come from the file. ``spec``: the dataset spec it must have been trained on
+    (another recorded spec is a user error naming the difference) or just a class count.
     """
     ckpt = load_checkpoint(path)
+    num_classes = spec.num_classes if isinstance(spec, DatasetSpec) else spec
     if "stage" in ckpt:
-        expect_stage(ckpt, path, 1, num_classes)
+        expect_stage(ckpt, path, 1, spec)
         arch = ckpt["arch"]
         model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
         model.load_state_dict(ckpt["model"])
         return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
-                                ckpt.get("image_size"), ckpt.get("class_names"))
+                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path))
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if "fc8.weight" not in state or "conv1a.weight" not in state:
         raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")
@@ -294,6 +302,18 @@ def load_classifier(path: Path, num_classes: int | None = None) -> LoadedClassif
     if report.missing or report.shape_mismatch:
         raise WsssError(f"{path} does not fit a ResNet38 classifier: {report.summary()}")
     return LoadedClassifier(model.eval(), InputNorm(), None, None)
+
+
+def classifier_and_spec(path: Path, dataset: str | None, labels_csv: Path | None = None
+                        ) -> tuple[LoadedClassifier, DatasetSpec]:
+    """The classifier at ``path`` and the dataset spec to use it with: the one it records, or
+    ``--dataset`` (required for published files, refused when it differs from the record)."""
+    clf = load_classifier(path)
+    spec = resolve_with_checkpoint(dataset, clf.spec, path, labels_csv)
+    if clf.model.num_classes != spec.num_classes:
+        raise WsssError(f"{path} was trained for {clf.model.num_classes} classes; "
+                        f"the {spec.name} dataset has {spec.num_classes}")
+    return clf, spec
 
 
 @torch.no_grad()
@@ -309,7 +329,7 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
                   amp: bool = False, tie_rule: str = "ours") -> dict:
     """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
     samples = list_masked(data, split)
-    loader = DataLoader(MaskedDataset(samples, image_size, norm), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers)
     meter = ConfusionMeter(spec.num_classes, spec.background_index)
     model.eval().to(device)
     for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):

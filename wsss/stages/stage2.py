@@ -1,7 +1,7 @@
 """Stage 2: DeepLab v3+ trained on the multi-layer pseudo-masks, validated every epoch, tested
 with and without the classification gate.
 
-Outputs (``<d>`` is the dataset name)::
+Outputs (``<d>`` is the dataset spec's name)::
 
     OUT/stage2_checkpoint_trained_on_<d>.pth   the best-validation-mIoU model (what `evaluate` loads)
     OUT/stage2_<d>_last.pth                    resumable state after the last finished epoch
@@ -31,7 +31,7 @@ from wsss.data.datasets import InputNorm, get_input_norm, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train, pseudo_mask_path
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
@@ -89,23 +89,26 @@ class LoadedSegmenter:
     image_size: int | None
     class_names: list[str] | None
     batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
+    spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
 
 
-def load_segmenter(path: Path, num_classes: int | None = None) -> LoadedSegmenter:
+def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedSegmenter:
     """A stage-2 model from our checkpoint or a published WSSS-Tissue / pytorch-deeplab-xception file.
 
     A published file (``{"state_dict": ...}`` or a plain state dict) is taken as the reference
     trained it: output stride 16, ``[0, 1]`` RGB input (its ``Normalize`` has mean 0, std 1), the
-    patches' own size; backbone, class count and head width are read from the weights.
+    patches' own size; backbone, class count and head width are read from the weights. ``spec``: the
+    dataset spec it must have been trained on (another recorded spec is a user error), or a class count.
     """
     ckpt = read_checkpoint(path)
+    num_classes = spec.num_classes if isinstance(spec, DatasetSpec) else spec
     if "stage" in ckpt:
-        expect_stage(ckpt, path, 2, num_classes)
+        expect_stage(ckpt, path, 2, spec)
         model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
         model.load_state_dict(ckpt["model"])
         batch = (ckpt.get("config") or {}).get("batch_size")
         return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
-                               ckpt.get("class_names"), batch)
+                               ckpt.get("class_names"), batch, recorded_spec(ckpt, path))
     raw = state_dict_of(ckpt, path)
     if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
         raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
@@ -121,6 +124,17 @@ def load_segmenter(path: Path, num_classes: int | None = None) -> LoadedSegmente
     if report.missing or report.shape_mismatch or report.unexpected:
         raise WsssError(f"{path} does not fit a DeepLab v3+ {arch.backbone}: {report.summary()}")
     return LoadedSegmenter(model.eval(), InputNorm(), None, None)
+
+
+def segmenter_and_spec(path: Path, dataset: str | None) -> tuple[LoadedSegmenter, DatasetSpec]:
+    """The segmenter at ``path`` and the dataset spec to use it with: the one it records, or
+    ``--dataset`` (required for published files, refused when it differs from the record)."""
+    seg = load_segmenter(path)
+    spec = resolve_with_checkpoint(dataset, seg.spec, path)
+    if seg.model.num_classes != spec.num_classes:
+        raise WsssError(f"{path} was trained for {seg.model.num_classes} classes; "
+                        f"the {spec.name} dataset has {spec.num_classes}")
+    return seg, spec
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -159,14 +173,15 @@ def evaluate_samples(
 
     Each model sees the patch at its own input size and normalisation; logits are upsampled to the
     mask's size. With ``pred_dirs`` (same keys) each prediction is written as a palette PNG named
-    after the image, with the pixels the ground truth marks as background (not evaluated) set to 4.
+    after the image, with the pixels the ground truth marks as background (not evaluated) set to the
+    spec's background index.
     """
     sizes, norms = [seg.image_size], [seg.norm]
     if gate is not None:
         sizes.append(gate.image_size)
         norms.append(gate.norm)
         gate.model.eval().to(device)
-    loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms), batch_size=batch_size,
+    loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms, spec), batch_size=batch_size,
                         num_workers=workers, worker_init_fn=seed_worker)
     meters = {"plain": ConfusionMeter(spec.num_classes, spec.background_index)}
     if gate is not None:
@@ -193,7 +208,7 @@ def _write_predictions(folder: Path, pred: torch.Tensor, mask: torch.Tensor, sam
 
 
 def evaluate_checkpoint(
-    spec: DatasetSpec,
+    dataset: str | DatasetSpec | None,
     data: Path,
     checkpoint: Path,
     split: str,
@@ -207,14 +222,15 @@ def evaluate_checkpoint(
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
 
-    ``batch_size`` defaults to the checkpoint's training batch size, which the end-of-training test
-    used too, so the numbers match those in ``metrics.json`` exactly.
+    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size`` defaults to the
+    checkpoint's training batch size, which the end-of-training test used too, so the numbers match
+    those in ``metrics.json`` exactly.
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
     check_gate_options(gate_mode, threshold)
-    seg = load_segmenter(checkpoint, spec.num_classes)
-    gate = load_classifier(stage1_checkpoint, spec.num_classes) if stage1_checkpoint is not None else None
+    seg, spec = segmenter_and_spec(checkpoint, dataset)
+    gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
     meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
                               batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
                               gate_mode=gate_mode)
@@ -306,6 +322,7 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
         "config": cfglib.to_dict(cfg),
         "dataset": spec.name,
         "class_names": list(spec.classes),
+        "spec": spec.to_dict(),
         "input_norm": get_input_norm(cfg.input_norm).to_dict(),
         "image_size": cfg.image_size,
         **extra,
@@ -324,7 +341,7 @@ def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier |
         return None
     if cfg.stage1_checkpoint is None:
         raise WsssError("the gate needs the stage-1 classifier: pass --stage1-checkpoint (or --no-gate)")
-    return load_classifier(cfg.stage1_checkpoint, spec.num_classes)
+    return load_classifier(cfg.stage1_checkpoint, spec)
 
 
 # --------------------------------------------------------------------------- the stage
@@ -332,9 +349,11 @@ def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier |
 
 def train(cfg: Stage2Config, resume: bool = False, force: bool = False) -> dict:
     """Train stage 2 (single process or one process of a ``torchrun`` job), then test; returns a summary."""
-    spec = get_spec(cfg.dataset)
+    spec = get_spec(cfg.dataset, cfg.labels_csv)
     paths = Stage2Paths.of(cfg)
     cfg, state = resume_state(cfg, paths, STAGE2_RUNTIME_FIELDS, resume, force, read_checkpoint)
+    if state is not None:
+        check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
     paths = Stage2Paths.of(cfg)
     dist = Distributed(cfg.device)
     try:
@@ -465,7 +484,7 @@ def _self_training_set(model, cfg: Stage2Config, spec: DatasetSpec, dataset: Pse
                               "patches": len(dataset)})
         dist.barrier()
     paths = pseudo_mask_paths(dataset.samples, folder, (RELABEL_LAYER,), spec.name)
-    return PseudoMaskDataset(dataset.samples, paths, cfg.image_size, dataset.norm, spec.num_classes,
+    return PseudoMaskDataset(dataset.samples, paths, cfg.image_size, dataset.norm, spec,
                              geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
@@ -474,10 +493,10 @@ def _score(miou: float | None) -> float:
 
 
 def _training_set(cfg: Stage2Config, spec: DatasetSpec) -> PseudoMaskDataset:
-    samples = list_train(cfg.data, spec.num_classes)
+    samples = list_train(cfg.data, spec)
     pm_dir = Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
-    mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, spec.name)
-    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec.num_classes,
+    mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, cfg.dataset)
+    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec,
                              geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
@@ -510,7 +529,7 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
                     gate: LoadedClassifier | None, best: dict) -> dict:
     """Test the best checkpoint (read back from disk, as ``wsss evaluate`` would) with and without
     the gate; write ``metrics.json`` and the prediction PNGs; log the tables."""
-    seg = load_segmenter(paths.checkpoint, spec.num_classes)
+    seg = load_segmenter(paths.checkpoint, spec)
     pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
     meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
                               cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test", gate_mode=cfg.gate_mode)

@@ -119,7 +119,7 @@ def class_features(labels: np.ndarray, spec: DatasetSpec,
     features = []
     for c, rings in class_regions(labels, range(spec.num_classes)):
         coords = [transform(np.asarray(ring, dtype=np.float64)) for ring in rings]
-        features.append(annotation(coords, spec.classes[c], spec.palette[c]))
+        features.append(annotation(coords, spec.classes[c], spec.colors[c]))
     return features
 
 

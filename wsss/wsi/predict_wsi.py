@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from wsss.data.png import write_mask, write_rgb
-from wsss.data.specs import DatasetSpec
+from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
@@ -364,8 +364,7 @@ def write_label_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tup
     the (memory-mapped) array, atomically; resolution tags give ``mpp`` when known."""
     import tifffile
 
-    colormap = np.zeros((3, 256), dtype=np.uint16)
-    colormap[:, : len(spec.palette)] = np.asarray(spec.palette, dtype=np.uint16).T * 257
+    colormap = np.asarray(spec.flat_palette(), dtype=np.uint16).reshape(256, 3).T * 257  # (3, 256), 16-bit
     extra = {}
     if mpp is not None:
         extra = {"resolution": (1e4 / mpp[0], 1e4 / mpp[1]), "resolutionunit": "CENTIMETER"}
@@ -428,7 +427,7 @@ def summarise(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, label
     """The summary: what was processed, at which resolution, and how much of each class was found."""
     mpp = grid.mpp(slide.mpp)
     counts = class_counts(labels, max(spec.num_classes, spec.background_index) + 1)
-    names = [*spec.classes, "background"]
+    names = [*spec.classes, BACKGROUND_NAME]
     indices = [*range(spec.num_classes), spec.background_index]
     classes = {}
     for name, i in zip(names, indices):
