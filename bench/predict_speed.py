@@ -34,7 +34,8 @@ from wsss.data.specs import LUAD  # noqa: E402
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
 from wsss.runtime import save_checkpoint  # noqa: E402
 from wsss.stages import stage2  # noqa: E402
-from wsss.stages.predict import TilePredictor, tiles_of  # noqa: E402
+from wsss.inference import TilePredictor  # noqa: E402
+from wsss.tiling import tiles_of  # noqa: E402
 
 
 def make_checkpoint(path: Path, cfg: Stage2Config) -> None:

@@ -25,7 +25,8 @@ from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import save_checkpoint
-from wsss.stages import predict as P
+from wsss import inference as I
+from wsss import tiling as TL
 from wsss.stages import stage1, stage2
 from wsss.wsi import geojson as G
 from wsss.wsi import predict_wsi as W
@@ -86,8 +87,8 @@ def s1_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(ckpt) -> P.TilePredictor:
-    return P.TilePredictor(stage2.load_segmenter(ckpt), TILE, torch.device("cpu"))
+def predictor(ckpt) -> I.TilePredictor:
+    return I.TilePredictor(stage2.load_segmenter(ckpt), TILE, torch.device("cpu"))
 
 
 def _args(slide_path, ckpt, out, *extra):
@@ -215,7 +216,7 @@ def test_grid_maps_label_pixels_to_level_0():
 
 def test_replay_start_goes_back_to_every_row_that_reaches_the_next():
     assert [W.replay_start(YS, TILE, k) for k in range(5)] == [0, 0, 1, 2, 4]  # 48 + 64 > 96; 96 + 64 > 128
-    ys = P.tile_starts(100, 64, 48)  # stride 16: three rows above reach row 36
+    ys = TL.tile_starts(100, 64, 48)  # stride 16: three rows above reach row 36
     assert ys == [0, 16, 32, 36] and W.replay_start(ys, 64, 3) == 0
 
 
@@ -323,7 +324,7 @@ def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, t
     assert code == 0, err
     assert json.loads((tmp_path / "all" / "slide_summary.json").read_text())["reader"] == "tifffile"
     full = _read_png(tmp_path / "all" / "slide_mask.png")
-    expected = P.predict_mask(levels[1], predictor, TILE, OVERLAP, 8)  # `wsss predict` on level 1 as an image
+    expected = TL.predict_mask(levels[1], predictor, TILE, OVERLAP, 8)  # `wsss predict` on level 1 as an image
     expected[white_mask(levels[1])] = 4
     assert np.array_equal(full, expected)
     assert np.array_equal(mask[:96, :144], full[:96, :144])
@@ -365,8 +366,8 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     assert code == 0, err
     mask = _read_png(tmp_path / "roi" / "slide_mask.png")
     crop = levels[1][40:90, 30:125]
-    gated = P.TilePredictor(predictor.seg, TILE, torch.device("cpu"), stage1.load_classifier(s1_ckpt, 4), 0.5)
-    assert np.array_equal(mask, P.predict_mask(crop, gated, TILE, OVERLAP, 8))
+    gated = I.TilePredictor(predictor.seg, TILE, torch.device("cpu"), stage1.load_classifier(s1_ckpt, 4), 0.5)
+    assert np.array_equal(mask, TL.predict_mask(crop, gated, TILE, OVERLAP, 8))
     summary = json.loads((tmp_path / "roi" / "slide_summary.json").read_text())
     assert summary["region"] == [60, 80, 250, 180] and summary["tiles"]["skipped"] == 0
     features = json.loads((tmp_path / "roi" / "slide.geojson").read_text())["features"]
@@ -443,7 +444,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
     spy_load(None)
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args, "--overlap", 8))[0] == 0
-    assert len(P.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
+    assert len(TL.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
 
 
 def test_large_label_images_are_written_as_tiled_tiff(tmp_path):

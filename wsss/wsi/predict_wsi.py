@@ -12,7 +12,7 @@ Outputs, for a slide ``<name>.<ext>``::
 
 The processed region (the slide or ``--roi``, in level-0 pixels) is read at ``--level``, or at the
 level closest to ``--mpp`` and resized, one row of windows at a time; windows are tiled, predicted
-and blended exactly as in ``wsss predict`` (:mod:`wsss.stages.predict`). A window whose tissue
+and blended exactly as in ``wsss predict`` (:mod:`wsss.tiling`). A window whose tissue
 fraction is below ``--min-tissue`` (saturation above the Otsu threshold of a slide thumbnail) is
 not segmented; pixels no segmented window covers are background.
 
@@ -41,10 +41,9 @@ from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.runtime import atomic_path
-from wsss.stages.predict import (
-    RowBlender, TilePredictor, check_window_options, class_counts, final_rows, load_models,
-    overlay_with_legend, row_blocks, tile_starts, white_background,
-)
+from wsss.inference import TilePredictor, check_window_options, load_models
+from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
+from wsss.tiling import RowBlender, final_rows, tile_starts
 from wsss.stages.stage1 import _progress
 from wsss.wsi.geojson import class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail

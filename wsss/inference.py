@@ -1,0 +1,125 @@
+"""The model side of every predict command: class probabilities of image windows from a stage-2
+segmenter (gated by the stage-1 classifier when asked), and loading both from checkpoints.
+Used by ``wsss predict`` and ``wsss predict-wsi``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.gate import gate_logits
+from wsss.models.deeplab import read_checkpoint
+from wsss.runtime import resolve_device
+from wsss.stages.stage1 import LoadedClassifier, load_classifier
+from wsss.stages.stage2 import LoadedSegmenter, class_probs, load_segmenter, segment
+
+log = logging.getLogger(__name__)
+
+
+def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
+    """The sliding-window and gate options every predict command shares; a bad one is a user error."""
+    if tile < 16:
+        raise WsssError(f"--tile must be at least 16 px, not {tile}")
+    if not 0 <= overlap < tile:
+        raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
+    if batch_size < 1:
+        raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
+    if gate and stage1_checkpoint is None:
+        raise WsssError("--gate needs --stage1-checkpoint")
+
+
+class ModelOptions(Protocol):
+    """What :func:`load_models` reads from a config (:class:`PredictConfig` and the whole-slide one)."""
+
+    checkpoint: Path
+    dataset: str | None
+    gate: bool
+    stage1_checkpoint: Path | None
+    gate_threshold: float
+    gate_mode: str
+    tile: int
+    device: str
+    amp: bool
+
+
+def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> tuple[int, int]:
+    """Model input ``(h, w)`` for a window of ``tile_hw`` px: scaled by ``image_size / tile`` (the
+    training scale) when the checkpoint records an input size, else the window as it is."""
+    if image_size is None:
+        return tile_hw
+    scale = image_size / tile
+    return tuple(max(1, round(side * scale)) for side in tile_hw)
+
+
+def _batch(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm, device: torch.device) -> torch.Tensor:
+    """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on ``device``."""
+    return torch.stack([to_tensor(resize_rgb(t, size), norm) for t in tiles]).to(device)
+
+
+@dataclass
+class TilePredictor:
+    """Class probabilities of image windows: the segmenter's softmax, with the gate when given.
+
+    ``tile`` is the window side the models' training scale refers to (``--tile``).
+    """
+
+    seg: LoadedSegmenter
+    tile: int
+    device: torch.device
+    gate: LoadedClassifier | None = None
+    threshold: float = 0.1
+    amp: bool = False
+    gate_mode: str = "mask"
+
+    def __post_init__(self) -> None:
+        self.seg.model.eval().to(self.device)
+        if self.gate is not None:
+            self.gate.model.eval().to(self.device)
+
+    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
+        """Windows of one size ``(h, w, 3)`` uint8 → probabilities ``(B, C, h, w)`` float32.
+
+        With the gate, each window's classes that the classifier rules out get probability 0.
+        """
+        size = tiles[0].shape[:2]
+        x = _batch(tiles, model_size(size, self.tile, self.seg.image_size), self.seg.norm, self.device)
+        logits = segment(self.seg.model, x, size, self.amp)
+        if self.gate is not None:
+            xg = _batch(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm, self.device)
+            logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold, self.gate_mode)
+        return logits.softmax(dim=1)
+
+
+def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
+    """The dataset spec (classes, palette): ``--dataset`` when given, else the checkpoint's record."""
+    if dataset is not None:
+        return get_spec(dataset)
+    recorded = read_checkpoint(checkpoint).get("dataset")
+    if not isinstance(recorded, str):
+        raise WsssError(f"{checkpoint} does not record its dataset; pass --dataset (luad or bcss)")
+    return get_spec(recorded)
+
+
+def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
+    """The tile predictor and the dataset spec; a wrong checkpoint or class count is a user error."""
+    seg = load_segmenter(cfg.checkpoint)
+    spec = resolve_dataset(cfg.checkpoint, cfg.dataset)
+    if seg.model.num_classes != spec.num_classes:
+        raise WsssError(f"{cfg.checkpoint} was trained for {seg.model.num_classes} classes; "
+                        f"the {spec.name} dataset has {spec.num_classes}")
+    if seg.class_names is not None and tuple(seg.class_names) != spec.classes:
+        log.warning("%s was trained on classes %s; naming them %s (--dataset %s)", cfg.checkpoint,
+                    ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
+    gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
+    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp,
+                              cfg.gate_mode)
+    return predictor, spec
