@@ -409,8 +409,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     spies = []
 
     def spy_load(stop_at):
-        def patched(cfg):
-            predictor, spec = load(cfg)
+        def patched(cfg, *args):
+            predictor, spec = load(cfg, *args)
             spies.append(_Interrupting(predictor, stop_at))
             return spies[-1], spec
         monkeypatch.setattr(W, "load_models", patched)
@@ -445,6 +445,37 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     spy_load(None)
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args, "--overlap", 8))[0] == 0
     assert len(TL.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
+
+
+def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """Batches of 8 with 5 windows a row: rows go in groups of 2 (10 windows: batches of 8 and 2).
+    A conv's floating-point result depends on the batch it ran in, so a resumed run must run the
+    same batches: it goes back to the start of the group holding the rows it must replay."""
+    path, _ = slide
+    load = W.load_models
+    spies = []
+
+    def spy_load(stop_at):
+        def patched(cfg, *args):
+            predictor, spec = load(cfg, *args)
+            spies.append(_Interrupting(predictor, stop_at))
+            return spies[-1], spec
+        monkeypatch.setattr(W, "load_models", patched)
+
+    args = ("--level", 1, "--min-tissue", 0, "--batch-size", 8, "--geojson")
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "once", *args))[0] == 0
+    assert spies[-1].calls == 4
+    out = tmp_path / "out"
+    spy_load(3)  # stopped in the second group's first batch: rows 0 and 1 are on disk
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
+    assert json.loads((out / "slide_partial" / "state.json").read_text())["rows_done"] == 2
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 0
+    # row 2's blend needs row 1's windows (48 + 64 > 96): row 1's whole group (rows 0 and 1) again
+    assert spies[-1].calls == 4
+    for name in ("slide_mask.png", "slide.geojson"):
+        assert (out / name).read_bytes() == (tmp_path / "once" / name).read_bytes()
 
 
 def test_large_label_images_are_written_as_tiled_tiff(tmp_path):

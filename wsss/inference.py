@@ -21,6 +21,7 @@ from wsss.models.deeplab import read_checkpoint
 from wsss.runtime import resolve_device
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, load_segmenter, segment
+from wsss.tiling import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,23 @@ def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> t
     return tuple(max(1, round(side * scale)) for side in tile_hw)
 
 
-def _batch(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm, device: torch.device) -> torch.Tensor:
-    """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on ``device``."""
-    return torch.stack([to_tensor(resize_rgb(t, size), norm) for t in tiles]).to(device)
+def prepare_windows(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm) -> torch.Tensor:
+    """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on the CPU."""
+    return torch.stack([to_tensor(resize_rgb(t, size), norm) for t in tiles])
 
 
 @dataclass
-class TilePredictor:
+class PreparedWindows:
+    """Windows of one size ``(h, w)`` as model inputs: the segmenter's and, with the gate, the
+    classifier's (each at its own training scale and normalisation), on the CPU."""
+
+    size: tuple[int, int]
+    seg: torch.Tensor
+    gate: torch.Tensor | None = None
+
+
+@dataclass
+class TilePredictor(Predictor):
     """Class probabilities of image windows: the segmenter's softmax, with the gate when given.
 
     ``tile`` is the window side the models' training scale refers to (``--tile``).
@@ -85,16 +96,28 @@ class TilePredictor:
         if self.gate is not None:
             self.gate.model.eval().to(self.device)
 
-    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
-        """Windows of one size ``(h, w, 3)`` uint8 → probabilities ``(B, C, h, w)`` float32.
+    def prepare(self, tiles: Sequence[np.ndarray]) -> PreparedWindows:
+        """Resize and normalise windows of one size ``(h, w, 3)`` uint8 for both models (CPU work);
+        pinned when the models are on a GPU, so that the copy overlaps the computation."""
+        size = tiles[0].shape[:2]
+        x = prepare_windows(tiles, model_size(size, self.tile, self.seg.image_size), self.seg.norm)
+        xg = None
+        if self.gate is not None:
+            xg = prepare_windows(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm)
+        if self.device.type == "cuda":
+            x, xg = x.pin_memory(), xg.pin_memory() if xg is not None else None
+        return PreparedWindows(size, x, xg)
+
+    @torch.no_grad()
+    def forward(self, inputs: PreparedWindows, start: int, stop: int) -> torch.Tensor:
+        """Probabilities ``(stop - start, C, h, w)`` float32 of the prepared windows ``start:stop``.
 
         With the gate, each window's classes that the classifier rules out get probability 0.
         """
-        size = tiles[0].shape[:2]
-        x = _batch(tiles, model_size(size, self.tile, self.seg.image_size), self.seg.norm, self.device)
-        logits = segment(self.seg.model, x, size, self.amp)
+        x = inputs.seg[start:stop].to(self.device, non_blocking=True)
+        logits = segment(self.seg.model, x, inputs.size, self.amp)
         if self.gate is not None:
-            xg = _batch(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm, self.device)
+            xg = inputs.gate[start:stop].to(self.device, non_blocking=True)
             logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold, self.gate_mode)
         return logits.softmax(dim=1)
 
@@ -109,8 +132,9 @@ def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
     return get_spec(recorded)
 
 
-def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
-    """The tile predictor and the dataset spec; a wrong checkpoint or class count is a user error."""
+def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, DatasetSpec]:
+    """The tile predictor (on GPU ``local_rank`` when the device is ``cuda``) and the dataset spec;
+    a wrong checkpoint or class count is a user error."""
     seg = load_segmenter(cfg.checkpoint)
     spec = resolve_dataset(cfg.checkpoint, cfg.dataset)
     if seg.model.num_classes != spec.num_classes:
@@ -120,6 +144,6 @@ def load_models(cfg: ModelOptions) -> tuple[TilePredictor, DatasetSpec]:
         log.warning("%s was trained on classes %s; naming them %s (--dataset %s)", cfg.checkpoint,
                     ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
     gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
-    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device), gate, cfg.gate_threshold, cfg.amp,
+    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device, local_rank), gate, cfg.gate_threshold, cfg.amp,
                               cfg.gate_mode)
     return predictor, spec

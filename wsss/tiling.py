@@ -1,20 +1,34 @@
-"""Sliding windows: where windows go, how their class probabilities are blended, one row of windows at
-a time. Shared by ``wsss predict`` (images) and ``wsss predict-wsi`` (slides, one slide or a cohort).
+"""Sliding windows: where windows go, how their class probabilities are batched, predicted and
+blended. Shared by ``wsss predict`` (images) and ``wsss predict-wsi`` (slides, one or a cohort).
 
 An image is cut into ``tile`` × ``tile`` windows (stride ``tile - overlap``, the last window flush with
 the border). Each window's class probabilities are blended with a tapered weight, so no seam shows
 where windows meet. Only the rows still overlapped by the next window row are kept as
 probabilities: memory grows with ``tile × width``, never with ``classes × height × width``.
+
+Batches: consecutive window rows are taken in fixed groups of :func:`rows_per_group` rows (enough
+windows for one full batch), and a group's windows are predicted in batches of ``batch_size``, so a
+narrow image or a slide row with little tissue still fills a GPU batch. Groups start at multiples of
+the group size from row 0: a run resumed at some row rebuilds exactly the batches of an uninterrupted
+run. Reading the pixels of the next group and turning them into model inputs (resize, normalise)
+happens in a background thread (:func:`prefetch`) while the model runs on the current one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from wsss.stages.stage1 import _progress
+
+PREFETCH_GROUPS = 2
+"""Groups of window rows read and prepared ahead of the model (0: no background thread)."""
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -93,51 +107,234 @@ def final_rows(ys: Sequence[int], r: int, th: int) -> int:
     return ys[r + 1] - ys[r] if r + 1 < len(ys) else th
 
 
+@dataclass(frozen=True)
+class WindowGrid:
+    """The windows of a ``height × width`` image: ``th × tw`` windows (the tile, clipped to the image)
+    at rows ``ys`` and columns ``xs``."""
+
+    height: int
+    width: int
+    tile: int
+    overlap: int
+    th: int = field(init=False)
+    tw: int = field(init=False)
+    ys: list[int] = field(init=False)
+    xs: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        th, tw = min(self.tile, self.height), min(self.tile, self.width)
+        object.__setattr__(self, "th", th)
+        object.__setattr__(self, "tw", tw)
+        object.__setattr__(self, "ys", tile_starts(self.height, th, self.overlap))
+        object.__setattr__(self, "xs", tile_starts(self.width, tw, self.overlap))
+
+    @property
+    def count(self) -> int:
+        return len(self.ys) * len(self.xs)
+
+
+def tiles_of(height: int, width: int, tile: int, overlap: int) -> int:
+    """How many windows cover an image of ``height × width``."""
+    return WindowGrid(height, width, tile, overlap).count
+
+
+def rows_per_group(batch_size: int, windows_per_row: int) -> int:
+    """Window rows batched together: the fewest whose windows fill one batch."""
+    return max(1, -(-batch_size // max(windows_per_row, 1)))
+
+
+def group_start(row: int, group: int) -> int:
+    """First row of the group holding window row ``row`` (groups start at multiples of ``group``)."""
+    return row // group * group
+
+
+@dataclass
+class WindowRow:
+    """One row of windows: its pixels ``band`` ``(th, width, 3)`` uint8 and the columns of the windows
+    to segment (all of them, or only those with tissue)."""
+
+    index: int
+    top: int
+    band: np.ndarray
+    starts: list[int]
+
+
+@dataclass
+class RowGroup:
+    """Consecutive window rows and the model inputs of all their windows, in row order."""
+
+    rows: list[WindowRow]
+    inputs: Any = None  # what the predictor's ``prepare`` made of the windows; None without windows
+
+    @property
+    def windows(self) -> int:
+        return sum(len(row.starts) for row in self.rows)
+
+
+# --------------------------------------------------------------------------- predictors
+
+
+class Predictor:
+    """Class probabilities of windows in two steps: ``prepare`` (CPU work on the pixels: resize,
+    normalise; runs in the prefetch thread) and ``forward`` (the model, on a slice of the prepared
+    windows). ``predictor(tiles)`` does both."""
+
+    def prepare(self, tiles: Sequence[np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def forward(self, inputs: Any, start: int, stop: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
+        """Windows of one size ``(h, w, 3)`` uint8 → probabilities ``(B, C, h, w)`` float32."""
+        return self.forward(self.prepare(tiles), 0, len(tiles))
+
+
+class CallablePredictor(Predictor):
+    """A plain function of a list of windows, as a :class:`Predictor` (no preparation step)."""
+
+    def __init__(self, predict: Callable[[Sequence[np.ndarray]], torch.Tensor]) -> None:
+        self.predict = predict
+
+    def prepare(self, tiles: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return list(tiles)
+
+    def forward(self, inputs: list[np.ndarray], start: int, stop: int) -> torch.Tensor:
+        return self.predict(inputs[start:stop])
+
+
+def as_predictor(predict) -> Predictor:
+    return predict if isinstance(predict, Predictor) else CallablePredictor(predict)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def row_groups(make_row: Callable[[int], WindowRow], rows: range, group: int, tw: int,
+               prepare: Callable[[Sequence[np.ndarray]], Any]) -> Iterator[RowGroup]:
+    """Groups of ``group`` window rows from ``rows.start`` (a group start) on, their windows prepared."""
+    for first in range(rows.start, rows.stop, group):
+        members = [make_row(r) for r in range(first, min(first + group, rows.stop))]
+        tiles = [row.band[:, x0 : x0 + tw] for row in members for x0 in row.starts]
+        yield RowGroup(members, prepare(tiles) if tiles else None)
+
+
+def window_probs(predictor: Predictor, group: RowGroup, batch_size: int) -> Iterator[torch.Tensor]:
+    """The group's windows' probabilities ``(C, h, w)`` one by one, a batch predicted when needed."""
+    n = group.windows
+    for start in range(0, n, batch_size):
+        yield from predictor.forward(group.inputs, start, min(start + batch_size, n))
+
+
+def blend_groups(groups: Iterable[RowGroup], predictor: Predictor, grid: WindowGrid,
+                 batch_size: int) -> Iterator[tuple[WindowRow, tuple[torch.Tensor, torch.Tensor] | None]]:
+    """``(row, blended)`` for every window row of ``groups`` in order, as soon as it is final:
+    ``blended`` is :meth:`RowBlender.pop`'s ``(probs (C, n, W), weights (n, W))`` for the row's
+    :func:`final_rows`, None while no window has been added at all."""
+    blender = RowBlender(grid.width, grid.th, grid.tw, grid.overlap)
+    for group in groups:
+        probs = window_probs(predictor, group, batch_size)
+        for row in group.rows:
+            for x0 in row.starts:
+                blender.add(x0, next(probs))
+            yield row, blender.pop(final_rows(grid.ys, row.index, grid.th))
+
+
+class _Failed:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def prefetch(items: Iterator, depth: int = PREFETCH_GROUPS) -> Iterator:
+    """``items`` produced by a background thread, at most ``depth`` ahead of the consumer (0: in
+    this thread). An exception in the producer is raised in the consumer; when the consumer stops
+    early (an error, Ctrl-C), the producer is stopped and joined before this generator returns."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="wsss-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def image_row(image: np.ndarray, grid: WindowGrid) -> Callable[[int], WindowRow]:
+    """Window row ``r`` of an in-memory image: a view of its pixels, every window segmented."""
+    return lambda r: WindowRow(r, grid.ys[r], image[grid.ys[r] : grid.ys[r] + grid.th], grid.xs)
+
+
 def probability_bands(
     image: np.ndarray,
-    predict: Callable[[Sequence[np.ndarray]], torch.Tensor],
+    predict: Callable[[Sequence[np.ndarray]], torch.Tensor] | Predictor,
     tile: int,
     overlap: int,
     batch_size: int,
     progress: bool = False,
+    group: int | None = None,
+    depth: int = PREFETCH_GROUPS,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Blended class probabilities of an ``(H, W, 3)`` image, top to bottom.
 
     Yields ``(top, probs)``: rows ``top .. top + n`` are final, ``probs`` ``(C, n, W)`` float32 (on
-    the predictor's device). Only one window row of weighted sums is held at a time, plus the rows
-    the next window row still overlaps.
+    the predictor's device). ``group`` window rows are batched together (default
+    :func:`rows_per_group`; 1 batches within a row only) and ``depth`` groups prepared ahead.
     """
-    height, width = image.shape[:2]
-    th, tw = min(tile, height), min(tile, width)
-    ys, xs = tile_starts(height, th, overlap), tile_starts(width, tw, overlap)
-    blender = RowBlender(width, th, tw, overlap)
-    with _progress(None, progress, total=len(ys) * len(xs), desc="tiles", leave=False) as bar:
-        for r, y0 in enumerate(ys):
-            for b in range(0, len(xs), batch_size):
-                starts = xs[b : b + batch_size]
-                probs = predict([image[y0 : y0 + th, x0 : x0 + tw] for x0 in starts])
-                for x0, p in zip(starts, probs):
-                    blender.add(x0, p)
-                bar.update(len(starts))
-            yield y0, blender.pop(final_rows(ys, r, th))[0]
+    grid = WindowGrid(image.shape[0], image.shape[1], tile, overlap)
+    predictor = as_predictor(predict)
+    group = group or rows_per_group(batch_size, len(grid.xs))
+    groups = prefetch(row_groups(image_row(image, grid), range(len(grid.ys)), group, grid.tw, predictor.prepare), depth)
+    with _progress(None, progress, total=grid.count, desc="tiles", leave=False) as bar:
+        for row, blended in blend_groups(groups, predictor, grid, batch_size):
+            bar.update(len(row.starts))
+            yield row.top, blended[0]
 
 
 def predict_mask(
     image: np.ndarray,
-    predict: Callable[[Sequence[np.ndarray]], torch.Tensor],
+    predict: Callable[[Sequence[np.ndarray]], torch.Tensor] | Predictor,
     tile: int,
     overlap: int,
     batch_size: int,
     progress: bool = False,
+    group: int | None = None,
+    depth: int = PREFETCH_GROUPS,
 ) -> np.ndarray:
     """Class indices ``(H, W)`` uint8: argmax of the blended probabilities of :func:`probability_bands`."""
     mask = np.empty(image.shape[:2], dtype=np.uint8)
-    for top, probs in probability_bands(image, predict, tile, overlap, batch_size, progress):
+    for top, probs in probability_bands(image, predict, tile, overlap, batch_size, progress, group, depth):
         # max(dim=0) rather than argmax(dim=0): same first-maximum indices, several times faster on CPU.
         mask[top : top + probs.shape[1]] = probs.max(dim=0).indices.to("cpu", torch.uint8).numpy()
     return mask
-
-
-def tiles_of(height: int, width: int, tile: int, overlap: int) -> int:
-    """How many windows :func:`probability_bands` runs on an image of ``height × width``."""
-    return len(tile_starts(height, min(tile, height), overlap)) * len(tile_starts(width, min(tile, width), overlap))

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import shutil
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +42,11 @@ from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.runtime import atomic_path
-from wsss.inference import TilePredictor, check_window_options, load_models
+from wsss.inference import check_window_options, load_models
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
-from wsss.tiling import RowBlender, final_rows, tile_starts
+from wsss.tiling import (
+    Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
+)
 from wsss.stages.stage1 import _progress
 from wsss.wsi.geojson import class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
@@ -284,6 +287,7 @@ def fingerprint(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, thr
         "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
         "dataset": spec.name, "level": grid.level, "box": grid.box, "size": grid.size, "tile": cfg.tile,
         "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "tissue_threshold": threshold, "amp": cfg.amp,
+        "batch_size": cfg.batch_size,
     }
 
 
@@ -308,37 +312,43 @@ def band_labels(blended: tuple[torch.Tensor, torch.Tensor] | None, band: np.ndar
     return labels
 
 
-def segment_slide(slide: Slide, grid: Grid, predictor: TilePredictor, spec: DatasetSpec, threshold: int,
+def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetSpec, threshold: int,
                   cfg: WsiConfig, state: BandProgress, progress: bool = False) -> None:
     """Fill ``state.labels`` window row by window row, from the first unfinished one.
 
     Each window row's pixels are read whole (``tile × width``); windows with less than
-    ``cfg.min_tissue`` tissue are skipped; the others are predicted in batches and blended. When
-    resuming, the rows whose windows reach into the first unfinished one are run again (and not
-    written) to rebuild its blend.
+    ``cfg.min_tissue`` tissue are skipped; the others are predicted in batches (across the rows of
+    a :func:`~wsss.tiling.rows_per_group` group) and blended, the next group read and prepared in a
+    background thread meanwhile. When resuming, the group holding the first row whose windows reach
+    into the first unfinished one is run again (and not written), which rebuilds its blend from the
+    same batches as an uninterrupted run.
     """
+    predictor = as_predictor(predictor)
     width, height = grid.size
-    th, tw = min(cfg.tile, height), min(cfg.tile, width)
-    ys, xs = tile_starts(height, th, cfg.overlap), tile_starts(width, tw, cfg.overlap)
+    windows = WindowGrid(height, width, cfg.tile, cfg.overlap)
+    group = rows_per_group(cfg.batch_size, len(windows.xs))
     start = state.rows_done
-    blender = RowBlender(width, th, tw, cfg.overlap)
-    with _progress(None, progress, total=len(ys) * len(xs), initial=min(start, len(ys)) * len(xs), desc="tiles") as bar:
-        for r in range(replay_start(ys, th, start), len(ys)):
-            y0 = ys[r]
-            band = read_resampled(slide, grid.level, grid.rows_box(y0, y0 + th), (width, th))
-            tissue = saturation(band) > threshold
-            keep = [x0 for x0, f in zip(xs, tissue_fractions(tissue, xs, tw)) if f >= cfg.min_tissue]
-            for b in range(0, len(keep), cfg.batch_size):
-                starts = keep[b : b + cfg.batch_size]
-                for x0, p in zip(starts, predictor([band[:, x0 : x0 + tw] for x0 in starts])):
-                    blender.add(x0, p)
-            rows = final_rows(ys, r, th)
-            blended = blender.pop(rows)
-            if r < start:
+    first = group_start(replay_start(windows.ys, windows.th, start), group) if start < len(windows.ys) else start
+
+    def read_row(r: int) -> WindowRow:
+        y0 = windows.ys[r]
+        band = read_resampled(slide, grid.level, grid.rows_box(y0, y0 + windows.th), (width, windows.th))
+        tissue = saturation(band) > threshold
+        fractions = tissue_fractions(tissue, windows.xs, windows.tw)
+        return WindowRow(r, y0, band, [x0 for x0, f in zip(windows.xs, fractions) if f >= cfg.min_tissue])
+
+    per_row = len(windows.xs)
+    groups = row_groups(read_row, range(first, len(windows.ys)), group, windows.tw, predictor.prepare)
+    with closing(prefetch(groups)) as groups, \
+            _progress(None, progress, total=windows.count, initial=min(start, len(windows.ys)) * per_row,
+                      desc="tiles") as bar:
+        for row, blended in blend_groups(groups, predictor, windows, cfg.batch_size):
+            if row.index < start:
                 continue  # run again only to rebuild the blend of the rows below
-            state.labels[y0 : y0 + rows] = band_labels(blended, band, rows, spec)
-            state.finish_row(len(keep), len(xs) - len(keep))
-            bar.update(len(xs))
+            rows = final_rows(windows.ys, row.index, windows.th)
+            state.labels[row.top : row.top + rows] = band_labels(blended, row.band, rows, spec)
+            state.finish_row(len(row.starts), per_row - len(row.starts))
+            bar.update(per_row)
 
 
 # --------------------------------------------------------------------------- outputs
