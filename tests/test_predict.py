@@ -14,7 +14,7 @@ from PIL import Image
 from cli_helpers import run_cli
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
-from wsss.data.datasets import to_tensor
+from wsss.data.datasets import InputNorm, to_tensor
 from wsss.data.specs import BCSS, LUAD
 from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
@@ -385,6 +385,8 @@ def test_bad_inputs_end_in_one_clear_line(ckpts, tmp_path, capsys, monkeypatch):
     assert "stage-1" in _one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--gate", "--stage1-checkpoint", ckpts["s2"])
     assert "--overlap must be" in _one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--overlap", TILE)
+    assert "--tta must be one of none, flip, d4, not 'd8'" in _one_line_error(
+        capsys, monkeypatch, "predict", good, *s2, *base, "--tta", "d8")
     assert "unknown dataset 'lung'" in _one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--dataset", "lung")
     assert not out.exists()
@@ -466,3 +468,64 @@ def test_memory_grows_with_the_tile_row_not_with_classes_times_pixels(ckpts, tmp
         peaks[side] = _peak_extra_rss(lambda path=path: P.predict_image(path, predictor, LUAD, cfg))
     per_pixel = (peaks[n] - peaks[n // 2]) / (n * n - (n // 2) ** 2)
     assert per_pixel < 16, f"{per_pixel:.1f} bytes per pixel"
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+class _SymmetricConv(torch.nn.Module):
+    """A segmenter equivariant under every flip and 90° rotation: one 3 × 3 convolution whose kernels
+    are D4-symmetric (one weight for the centre, one for the 4 edge neighbours, one for the 4
+    corners), zero padding, then bilinear resizing to the window."""
+
+    num_classes = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        centre, edge, corner = torch.randn(3, 3, 3, generator=g)  # each (out, in)
+        kernel = torch.empty(3, 3, 3, 3)
+        kernel[:, :, 1, 1] = centre
+        for i, j in ((0, 1), (1, 0), (1, 2), (2, 1)):
+            kernel[:, :, i, j] = edge
+        for i, j in ((0, 0), (0, 2), (2, 0), (2, 2)):
+            kernel[:, :, i, j] = corner
+        self.kernel = torch.nn.Parameter(kernel)
+
+    def forward(self, x, size=None):
+        logits = torch.nn.functional.conv2d(x, self.kernel, padding=1)
+        return {"out": torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=True)}
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 56)])
+def test_tta_leaves_an_equivariant_model_unchanged(shape):
+    seg = stage2.LoadedSegmenter(_SymmetricConv(), InputNorm(), None, None)
+    tiles = [_random_image(*shape, seed=s) for s in range(3)]
+    plain = I.TilePredictor(seg, 64, torch.device("cpu"))(tiles)
+    for mode in ("flip", "d4"):
+        augmented = I.TilePredictor(seg, 64, torch.device("cpu"), tta=mode)(tiles)
+        assert torch.allclose(augmented, plain, atol=1e-6)
+        assert torch.equal(augmented.argmax(dim=1), plain.argmax(dim=1))
+
+
+def test_tta_averages_the_softmax_of_every_flip_and_rotation_mapped_back(seg):
+    tiles = [_random_image(TILE, 48, seed=s) for s in range(2)]  # not square: rotations swap h and w
+    x = torch.stack([to_tensor(np.asarray(Image.fromarray(t).resize((24, 32), Image.BILINEAR)), seg.norm)
+                     for t in tiles])  # the model input: windows at half scale
+
+    def probs(xt, size, undo):
+        return undo(stage2.segment(seg.model, xt, size).softmax(dim=1))
+
+    h, w = TILE, 48
+    flips = [probs(x, (h, w), lambda p: p), probs(x.flip(3), (h, w), lambda p: p.flip(3)),
+             probs(x.flip(2), (h, w), lambda p: p.flip(2)), probs(x.flip(2).flip(3), (h, w), lambda p: p.flip(3).flip(2))]
+    xt = x.permute(0, 1, 3, 2)  # transposed windows (w, h); each result is mapped back by the inverse
+    turned = [probs(xt, (w, h), lambda p: p.permute(0, 1, 3, 2)),
+              probs(torch.rot90(x, 1, (2, 3)), (w, h), lambda p: torch.rot90(p, -1, (2, 3))),
+              probs(torch.rot90(x, 3, (2, 3)), (w, h), lambda p: torch.rot90(p, -3, (2, 3))),
+              probs(xt.flip(2).flip(3), (w, h), lambda p: p.flip(2).flip(3).permute(0, 1, 3, 2))]
+    flip = I.TilePredictor(seg, TILE, torch.device("cpu"), tta="flip")(tiles)
+    d4 = I.TilePredictor(seg, TILE, torch.device("cpu"), tta="d4")(tiles)
+    assert torch.allclose(flip, torch.stack(flips).mean(dim=0), atol=1e-6)
+    assert torch.allclose(d4, torch.stack(flips + turned).mean(dim=0), atol=1e-6)
+    assert not torch.allclose(d4, flips[0], atol=1e-3)  # an untrained network is far from equivariant

@@ -21,6 +21,9 @@ app = typer.Typer(
 )
 
 DatasetOpt = typer.Option(..., "--dataset", help="Dataset spec: luad or bcss.")
+TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right, upside down and both: 4 passes) "
+            "or d4 (those and their transposes, every 90° rotation with and without a flip: 8 passes); "
+            "softmax probabilities are mapped back and averaged.")
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 
@@ -392,7 +395,9 @@ def predict(
              "sees tissue at the scale it learned; probabilities come back at window size."),
     overlap: int = typer.Option(
         32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
+    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
 ) -> None:
@@ -406,8 +411,7 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap,
-        batch_size=batch_size, device=device, amp=amp,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -441,7 +445,9 @@ def predict_wsi(
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
     tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
     overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
+    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     min_tissue: float = typer.Option(
         0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
     geojson: bool = typer.Option(False, "--geojson/--no-geojson", help="Also write <name>.geojson for QuPath."),
@@ -462,8 +468,7 @@ def predict_wsi(
     cfg = WsiConfig(
         slide=slide, checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
         gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp, roi=region, tile=tile,
-        overlap=overlap,
-        batch_size=batch_size, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
+        overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
     )
     result = run_wsi(cfg, progress=sys.stderr.isatty())
     s = result.summary

@@ -5,7 +5,7 @@ Used by ``wsss predict`` and ``wsss predict-wsi``."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -50,6 +50,7 @@ class ModelOptions(Protocol):
     tile: int
     device: str
     amp: bool
+    tta: str
 
 
 def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> tuple[int, int]:
@@ -59,6 +60,64 @@ def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> t
         return tile_hw
     scale = image_size / tile
     return tuple(max(1, round(side * scale)) for side in tile_hw)
+
+
+TTA_MODES: tuple[str, ...] = ("none", "flip", "d4")
+"""Test-time augmentation: ``none``; ``flip``: the window as it is, flipped left-right, upside down
+and both (4 passes); ``d4``: those and their transposes, i.e. every rotation by 90° with and
+without a flip (8 passes). Softmax probabilities are mapped back and averaged."""
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-2, -1)
+
+
+def _rot90(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x, 1, (-2, -1))
+
+
+def _rot270(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x, -1, (-2, -1))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One element of the dihedral group D4 on the last two axes of a ``(B, C, H, W)`` tensor:
+    ``apply``, its inverse ``undo``, and whether it swaps height and width."""
+
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    undo: Callable[[torch.Tensor], torch.Tensor]
+    swaps: bool = False
+
+
+_FLIPS = (
+    Transform("identity", _same, _same),
+    Transform("hflip", lambda x: x.flip(-1), lambda x: x.flip(-1)),
+    Transform("vflip", lambda x: x.flip(-2), lambda x: x.flip(-2)),
+    Transform("rot180", lambda x: x.flip(-2, -1), lambda x: x.flip(-2, -1)),
+)
+_TRANSPOSED = (
+    Transform("transpose", _transpose, _transpose, True),
+    Transform("rot90", _rot90, _rot270, True),
+    Transform("rot270", _rot270, _rot90, True),
+    Transform("antitranspose", lambda x: _transpose(x).flip(-2, -1), lambda x: _transpose(x).flip(-2, -1), True),
+)
+
+
+def tta_transforms(mode: str) -> tuple[Transform, ...]:
+    """The transforms of a ``--tta`` mode; an unknown mode is a user error."""
+    check_tta(mode)
+    return {"none": _FLIPS[:1], "flip": _FLIPS, "d4": _FLIPS + _TRANSPOSED}[mode]
+
+
+def check_tta(mode: str) -> None:
+    if mode not in TTA_MODES:
+        raise WsssError(f"--tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
 
 
 def prepare_windows(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm) -> torch.Tensor:
@@ -90,8 +149,10 @@ class TilePredictor(Predictor):
     threshold: float = 0.1
     amp: bool = False
     gate_mode: str = "mask"
+    tta: str = "none"
 
     def __post_init__(self) -> None:
+        self.transforms = tta_transforms(self.tta)
         self.seg.model.eval().to(self.device)
         if self.gate is not None:
             self.gate.model.eval().to(self.device)
@@ -112,14 +173,22 @@ class TilePredictor(Predictor):
     def forward(self, inputs: PreparedWindows, start: int, stop: int) -> torch.Tensor:
         """Probabilities ``(stop - start, C, h, w)`` float32 of the prepared windows ``start:stop``.
 
-        With the gate, each window's classes that the classifier rules out get probability 0.
+        With the gate, each window's classes that the classifier rules out get probability 0 (the
+        classifier sees the window as it is, once). With test-time augmentation, the mean of the
+        softmax of every transformed window, each mapped back.
         """
         x = inputs.seg[start:stop].to(self.device, non_blocking=True)
-        logits = segment(self.seg.model, x, inputs.size, self.amp)
+        gate_probs = None
         if self.gate is not None:
-            xg = inputs.gate[start:stop].to(self.device, non_blocking=True)
-            logits = gate_logits(logits, class_probs(self.gate, xg, self.amp), self.threshold, self.gate_mode)
-        return logits.softmax(dim=1)
+            gate_probs = class_probs(self.gate, inputs.gate[start:stop].to(self.device, non_blocking=True), self.amp)
+        probs = None
+        for t in self.transforms:
+            logits = segment(self.seg.model, t.apply(x), inputs.size[::-1] if t.swaps else inputs.size, self.amp)
+            if gate_probs is not None:
+                logits = gate_logits(logits, gate_probs, self.threshold, self.gate_mode)
+            p = t.undo(logits.softmax(dim=1))
+            probs = p if probs is None else probs.add_(p)
+        return probs if len(self.transforms) == 1 else probs.div_(len(self.transforms))
 
 
 def resolve_dataset(checkpoint: Path, dataset: str | None) -> DatasetSpec:
@@ -145,5 +214,5 @@ def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, 
                     ", ".join(seg.class_names), ", ".join(spec.classes), spec.name)
     gate = load_classifier(cfg.stage1_checkpoint, spec.num_classes) if cfg.gate else None
     predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device, local_rank), gate, cfg.gate_threshold, cfg.amp,
-                              cfg.gate_mode)
+                              cfg.gate_mode, cfg.tta)
     return predictor, spec

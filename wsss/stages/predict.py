@@ -28,7 +28,7 @@ from wsss.data.png import write_mask, write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
-from wsss.inference import TilePredictor, check_window_options, load_models
+from wsss.inference import TilePredictor, check_tta, check_window_options, load_models
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
 from wsss.runtime import atomic_path
 from wsss.stages.stage1 import _progress
@@ -65,10 +65,12 @@ class PredictConfig:
     batch_size: int = 8
     device: str = "auto"
     amp: bool = False
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
+        check_tta(self.tta)
 
 
 @dataclass

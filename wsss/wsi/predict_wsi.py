@@ -42,7 +42,7 @@ from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.runtime import atomic_path
-from wsss.inference import check_window_options, load_models
+from wsss.inference import check_tta, check_window_options, load_models
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
@@ -94,10 +94,12 @@ class WsiConfig:
     reader: str = "auto"
     device: str = "auto"
     amp: bool = False
+    tta: str = "none"
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
+        check_tta(self.tta)
         if self.level is not None and self.mpp is not None:
             raise WsssError("--level and --mpp both pick the level to read; give one of them")
         if self.level is not None and self.level < 0:
@@ -287,7 +289,7 @@ def fingerprint(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, thr
         "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
         "dataset": spec.name, "level": grid.level, "box": grid.box, "size": grid.size, "tile": cfg.tile,
         "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "tissue_threshold": threshold, "amp": cfg.amp,
-        "batch_size": cfg.batch_size,
+        "batch_size": cfg.batch_size, "tta": cfg.tta,
     }
 
 
