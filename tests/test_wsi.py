@@ -29,6 +29,7 @@ from wsss import inference as I
 from wsss import tiling as TL
 from wsss.stages import stage1, stage2
 from wsss.wsi import geojson as G
+from wsss.wsi import label_image as L
 from wsss.wsi import predict_wsi as W
 from wsss.wsi import slide as S
 from wsss.wsi import tissue as T
@@ -478,19 +479,66 @@ def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path
         assert (out / name).read_bytes() == (tmp_path / "once" / name).read_bytes()
 
 
-def test_large_label_images_are_written_as_tiled_tiff(tmp_path):
+def test_label_images_png_or_pyramidal_ome_tiff_read_back_by_tifffile_and_openslide(tmp_path):
     labels = np.random.default_rng(0).integers(0, 5, (300, 520)).astype(np.uint8)
     stem = tmp_path / "s"
-    assert W.write_label_image(stem, labels, LUAD, (1.5, 2.0)).name == "s_mask.png"
-    path = W.write_label_image(stem, labels, LUAD, (1.5, 2.0), png_max_pixels=1000)
-    assert path.name == "s_mask.tif" and not (tmp_path / "s_mask.png").exists()
+    (tmp_path / "s_mask.tif").write_bytes(b"a flat TIFF of an earlier version")
+    assert L.write_label_image(stem, labels, LUAD, (1.5, 2.0)).name == "s_mask.png"
+    assert not (tmp_path / "s_mask.tif").exists()
+    path = L.write_label_image(stem, labels, LUAD, (1.5, 2.0), png_max_pixels=1000)
+    assert path.name == "s_mask.ome.tif" and not (tmp_path / "s_mask.png").exists()
+    assert L.write_label_image(stem, labels, LUAD, None, "ome-tiff") == path  # forced, whatever the size
+    first = path.read_bytes()
+    L.write_label_image(stem, labels, LUAD, (1.5, 2.0), "ome-tiff")
     with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and len(tif.series) == 1
+        levels = tif.series[0].levels  # 520 wide: halved twice until one 256-px tile holds it
+        assert [lv.shape for lv in levels] == [(300, 520), (150, 260), (75, 130)]
+        for k, level in enumerate(levels):
+            assert np.array_equal(level.asarray(), labels[:: 2**k, :: 2**k])
         page = tif.pages[0]
         assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256) and page.photometric == 3
-        assert np.array_equal(page.asarray(), labels)
         assert (page.colormap[:, 2] // 257).tolist() == list(LUAD.palette[2])
         assert S.tiff_mpp(page.tags) == pytest.approx((1.5, 2.0))
+        ome = tifffile.xml2dict(tif.ome_metadata)["OME"]
+        assert S.ome_mpp(tif.ome_metadata) == pytest.approx((1.5, 2.0))  # what our slide readers take
+    pixels = ome["Image"]["Pixels"]
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"], pixels["PhysicalSizeXUnit"]) == (1.5, 2.0, "µm")
+    classes, colours = ome["StructuredAnnotations"]["MapAnnotation"]
+    assert classes["Namespace"] == "wsss/classes"
+    assert [(m["K"], m["value"]) for m in classes["Value"]["M"]] == [
+        (0, "TE"), (1, "NEC"), (2, "LYM"), (3, "TAS"), (4, "background")]
+    assert colours["Value"]["M"][0]["value"] == "#cd3333"  # TE (205, 51, 51)
+    if HAVE_OPENSLIDE:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as osl:  # a generic tiled TIFF to OpenSlide: level 0 only
+            assert osl.dimensions == (520, 300)
+            rgb = np.asarray(osl.read_region((0, 0), 0, (520, 300)))[..., :3]
+        palette = np.asarray(LUAD.palette, dtype=np.uint8)
+        assert np.array_equal(rgb, palette[labels])
+    # same labels, same bytes (no time stamp or random UUID inside): a resumed run writes the same file
+    L.write_label_image(stem, labels, LUAD, None, "ome-tiff")
+    assert path.read_bytes() == first
     assert np.array_equal(W.sample_labels(labels, (260, 150)), labels[1::2, 1::2])
+
+
+@pytest.mark.parametrize("reader", READER_NAMES)
+def test_ome_tiff_slides_give_their_physical_pixel_size(tmp_path, reader):
+    image = _slide_pixels()[:128, :192]
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:  # OME pixel size only: no resolution tags
+        tif.write(image, tile=(64, 64), photometric="rgb", metadata={
+            "axes": "YXS", "PhysicalSizeX": 250.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.25})
+    with tifffile.TiffFile(path) as tif:
+        assert S.tiff_mpp(tif.pages[0].tags) is None
+    with S.open_slide(path, reader) as s:
+        assert s.mpp == pytest.approx((0.25, 0.25))  # 250 nm; Y without a unit is in µm
+    assert S.ome_mpp('<OME><Image><Pixels PhysicalSizeX="2" PhysicalSizeXUnit="mm" PhysicalSizeY="4"'
+                     ' PhysicalSizeYUnit="mm"/></Image></OME>') == (2000.0, 4000.0)
+    assert S.ome_mpp('<OME><Image><Pixels PhysicalSizeX="2" PhysicalSizeXUnit="inch" PhysicalSizeY="2"/>'
+                     '</Image></OME>') is None
+    assert S.ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and S.ome_mpp("not xml") is None
 
 
 def _one_line_error(capsys, monkeypatch, *args) -> str:

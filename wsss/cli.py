@@ -432,7 +432,7 @@ def predict(
 def predict_wsi(
     slide: Path = typer.Argument(..., help="Whole-slide image: pyramidal TIFF, or .svs/.ndpi/... with OpenSlide."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
-    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.tif, _overlay.png, _summary.json."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.ome.tif, _overlay.png, _summary.json."),
     dataset: Optional[str] = typer.Option(
         None, "--dataset", help="luad or bcss (default: recorded in the checkpoint; needed for published ones)."),
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
@@ -451,6 +451,10 @@ def predict_wsi(
     min_tissue: float = typer.Option(
         0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
     geojson: bool = typer.Option(False, "--geojson/--no-geojson", help="Also write <name>.geojson for QuPath."),
+    mask_format: str = typer.Option(
+        "auto", "--mask-format",
+        help="Label image: png, ome-tiff (tiled pyramidal OME-TIFF with palette, class names and µm/px; opens in "
+             "QuPath), or auto (PNG up to 89.5 megapixels, else OME-TIFF)."),
     reader: str = typer.Option(
         "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -468,7 +472,7 @@ def predict_wsi(
     cfg = WsiConfig(
         slide=slide, checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
         gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp, roi=region, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
+        overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson, mask_format=mask_format, reader=reader, device=device, amp=amp,
     )
     result = run_wsi(cfg, progress=sys.stderr.isatty())
     s = result.summary

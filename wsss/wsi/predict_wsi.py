@@ -3,7 +3,8 @@
 Outputs, for a slide ``<name>.<ext>``::
 
     OUT/<name>_mask.png        class indices at the processed level, palette PNG (4 = background) …
-    OUT/<name>_mask.tif        … or, above PNG_MAX_PIXELS, a tiled deflate palette TIFF with µm/px tags
+    OUT/<name>_mask.ome.tif    … or, above PNG_MAX_PIXELS (or with --mask-format ome-tiff), a tiled
+                               pyramidal palette OME-TIFF with µm/px and class names (label_image.py)
     OUT/<name>_overlay.png     thumbnail of the processed region, classes blended in, legend below
     OUT/<name>_summary.json    level, scale, µm per pixel, tiles segmented and skipped, per-class
                                pixels, fractions and (when the slide records µm/px) areas in µm²
@@ -36,18 +37,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from wsss.data.png import write_mask, write_rgb
+from wsss.data.png import write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
-from wsss.runtime import atomic_path
 from wsss.inference import check_tta, check_window_options, load_models
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
 from wsss.stages.stage1 import _progress
+from wsss.wsi.label_image import check_mask_format, write_label_image
 from wsss.wsi.geojson import class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
 from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
@@ -57,10 +58,6 @@ log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.05
 """A level within 5% of ``--mpp`` is used as it is (a 0.2527 µm/px scan's 4× level for ``--mpp 1``)."""
 
-PNG_MAX_PIXELS = 89_478_485
-"""Largest label image written as PNG: PIL's decompression-bomb warning limit, so that
-``Image.open`` reads it without complaint. Larger label images are written as tiled TIFF."""
-
 GEOJSON_MAX_PIXELS = 2**26
 """Largest label grid traced for GeoJSON at full resolution (8192²): labelling its regions and
 their holes peaks at about 8 bytes a pixel (540 MB measured). A larger label image is traced on
@@ -68,7 +65,6 @@ every ``step``-th pixel and row, ``step`` the smallest that fits."""
 
 THUMBNAIL_SIDE = 1024  # the whole-slide thumbnail that sets the tissue threshold
 OVERLAY_SIDE = 2048  # longest side of the overlay picture
-TIFF_TILE = 256
 
 
 @dataclass(frozen=True)
@@ -95,11 +91,13 @@ class WsiConfig:
     device: str = "auto"
     amp: bool = False
     tta: str = "none"
+    mask_format: str = "auto"
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_tta(self.tta)
+        check_mask_format(self.mask_format)
         if self.level is not None and self.mpp is not None:
             raise WsssError("--level and --mpp both pick the level to read; give one of them")
         if self.level is not None and self.level < 0:
@@ -356,48 +354,6 @@ def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetS
 # --------------------------------------------------------------------------- outputs
 
 
-def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None,
-                      png_max_pixels: int = PNG_MAX_PIXELS) -> Path:
-    """``<stem>_mask.png`` (palette PNG) up to ``png_max_pixels`` pixels, else ``<stem>_mask.tif``
-    (tiled palette TIFF); a file of the other kind left by an earlier run is removed."""
-    png, tif = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_mask.tif")
-    path, other = (png, tif) if labels.size <= png_max_pixels else (tif, png)
-    if path == png:
-        write_mask(png, np.asarray(labels), spec.flat_palette())
-    else:
-        write_label_tiff(tif, labels, spec, mpp)
-    other.unlink(missing_ok=True)
-    return path
-
-
-def write_label_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None) -> None:
-    """A tiled, deflate-compressed palette TIFF of ``labels`` ``(H, W)``, written tile by tile from
-    the (memory-mapped) array, atomically; resolution tags give ``mpp`` when known."""
-    import tifffile
-
-    colormap = np.zeros((3, 256), dtype=np.uint16)
-    colormap[:, : len(spec.palette)] = np.asarray(spec.palette, dtype=np.uint16).T * 257
-    extra = {}
-    if mpp is not None:
-        extra = {"resolution": (1e4 / mpp[0], 1e4 / mpp[1]), "resolutionunit": "CENTIMETER"}
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=labels.size > 2**31) as tif:
-            tif.write(_tiles(labels, TIFF_TILE), shape=labels.shape, dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE),
-                      photometric="palette", colormap=colormap, compression="zlib", **extra)
-
-
-def _tiles(labels: np.ndarray, side: int):
-    """``side × side`` tiles of ``labels`` in row order, zero-padded at the right and bottom edges."""
-    height, width = labels.shape
-    for top in range(0, height, side):
-        rows = np.asarray(labels[top : top + side])
-        for left in range(0, width, side):
-            tile = np.zeros((side, side), dtype=np.uint8)
-            block = rows[:, left : left + side]
-            tile[: block.shape[0], : block.shape[1]] = block
-            yield tile
-
-
 def sample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``labels`` ``(H, W)`` shrunk to ``size`` = ``(w, h)`` by taking the pixel under each centre."""
     height, width = labels.shape
@@ -466,7 +422,7 @@ def write_outputs(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, t
     stem = cfg.out / cfg.slide.stem
     labels = state.labels
     summary = summarise(cfg, slide, grid, spec, labels, threshold, state)
-    mask = write_label_image(stem, labels, spec, grid.mpp(slide.mpp))
+    mask = write_label_image(stem, labels, spec, grid.mpp(slide.mpp), cfg.mask_format)
     overlay = stem.with_name(stem.name + "_overlay.png")
     write_overlay(overlay, slide, grid, labels, spec)
     files = [mask, overlay]

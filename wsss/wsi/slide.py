@@ -7,6 +7,9 @@
   pages or as SubIFDs, tiled or in strips, uncompressed, deflate or LZW; JPEG tiles need the
   ``imagecodecs`` package), so TIFFs work without OpenSlide.
 
+µm per pixel: OpenSlide's ``openslide.mpp-x/y``, or the TIFF resolution tags; an OME-TIFF's
+``PhysicalSizeX/Y`` take precedence over the tags (either reader).
+
 ``auto`` takes OpenSlide when it is installed and recognises the file, else tifffile for ``.tif``
 and ``.tiff``. Coordinates: :meth:`Slide.read` takes the level's own pixels; ``downsamples[level]``
 is level-0 pixels per level pixel (OpenSlide's convention: the mean over the two axes).
@@ -148,7 +151,8 @@ class TiffSlide(Slide):
         (w0, h0) = (pages[0].imagewidth, pages[0].imagelength)
         dims = [(p.imagewidth, p.imagelength) for p in pages]
         downsamples = [(w0 / w + h0 / h) / 2 for w, h in dims]
-        super().__init__(path, dims, downsamples, tiff_mpp(pages[0].tags))
+        mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else None
+        super().__init__(path, dims, downsamples, mpp or tiff_mpp(pages[0].tags))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         self._check_box(level, x, y, w, h)
@@ -217,6 +221,49 @@ def tiff_mpp(tags) -> tuple[float, float] | None:
     return _mpp_pair(mpp(xres.value), mpp(yres.value))
 
 
+_MICRONS_PER_OME_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4,
+                         "dm": 1e5, "m": 1e6, "Å": 1e-4}
+
+
+def ome_mpp(xml: str | None) -> tuple[float, float] | None:
+    """Microns per pixel ``(x, y)`` from the first image's ``PhysicalSizeX/Y`` of OME-XML (unit
+    ``PhysicalSizeXUnit``, µm when absent); None without them, in another unit, or unreadable."""
+    if not xml:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+
+    def size(axis: str) -> float | None:
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is None or unit not in _MICRONS_PER_OME_UNIT:
+            return None
+        try:
+            return float(value) * _MICRONS_PER_OME_UNIT[unit]
+        except ValueError:
+            return None
+
+    return _mpp_pair(size("X"), size("Y"))
+
+
+def _tiff_ome_mpp(path: Path) -> tuple[float, float] | None:
+    """The OME-XML µm/px of a TIFF that OpenSlide opened (its generic TIFF driver reads only the
+    resolution tags, which OME-TIFF writers often leave out)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return ome_mpp(tif.ome_metadata) if tif.is_ome else None
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------- opening
 
 
@@ -241,7 +288,10 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
     if reader == "openslide" and openslide is None:
         raise WsssError(f"reading slides with OpenSlide needs it installed: {INSTALL_HINT}")
     if openslide is not None and (reader == "openslide" or _detect(openslide, path)):
-        return OpenSlideSlide(path, openslide)
+        slide = OpenSlideSlide(path, openslide)
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            slide.mpp = _tiff_ome_mpp(path) or slide.mpp
+        return slide
     if reader == "tifffile" or path.suffix.lower() in TIFF_SUFFIXES:
         return TiffSlide(path)
     if openslide is None:
