@@ -281,16 +281,38 @@ def test_polygons_cover_exactly_the_pixels_of_random_label_images():
             assert area == (labels == c).sum()
 
 
-def test_features_are_qupath_annotations_in_level_0_coordinates():
+def test_features_are_qupath_objects_in_level_0_coordinates():
     labels = np.full((4, 8), LUAD.background_index, dtype=np.uint8)
     labels[1:3, 3:6] = 2  # LYM: 3 × 2 label pixels at column 3, row 1
+    labels[0, 7] = 2  # and one more LYM pixel, apart
     grid = W.Grid(level=1, level_downsample=2.0, box=(50, 30, 58, 34), size=(8, 4))  # origin (100, 60)
-    [feature] = G.class_features(labels, LUAD, grid.to_level0)
-    assert feature == {
+    # per region: Polygons, areas in level-0 px² (2 × 2 per label pixel) when µm/px is unknown
+    first, second = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-region"), None, 4.0)
+    assert first == {
         "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [[[106, 62], [112, 62], [112, 66], [106, 66], [106, 62]]]},
-        "properties": {"objectType": "annotation", "classification": {"name": "LYM", "color": [65, 105, 225]}},
+        "geometry": {"type": "Polygon", "coordinates": [[[114, 60], [116, 60], [116, 62], [114, 62], [114, 60]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "LYM", "color": [65, 105, 225]},
+                       "measurements": {"wsss area px^2": 4.0}},
     }
+    assert second["geometry"]["coordinates"] == [[[106, 62], [112, 62], [112, 66], [106, 66], [106, 62]]]
+    assert second["properties"]["measurements"] == {"wsss area px^2": 24.0}
+    # per class: one MultiPolygon of both, as detections, areas in µm² (0.25 µm² per label pixel)
+    [both] = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-class", "detection"), 0.25, 4.0)
+    assert both["geometry"] == {"type": "MultiPolygon", "coordinates": [first["geometry"]["coordinates"],
+                                                                         second["geometry"]["coordinates"]]}
+    assert both["properties"]["objectType"] == "detection"
+    assert both["properties"]["measurements"] == {"wsss area µm^2": 7 * 0.25, "wsss regions": 2}
+    # --min-area 1 µm² drops the 1-pixel region (0.25 µm²) and keeps the 6-pixel one (1.5 µm²)
+    [kept] = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-class", min_area=1.0), 0.25, 4.0)
+    assert kept["geometry"]["coordinates"] == [second["geometry"]["coordinates"]]
+    with pytest.raises(WsssError, match="--min-area is in µm², and the slide does not record its µm/px"):
+        G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions(min_area=1.0), None)
+    for bad, message in (({"mode": "per-slide"}, "--geojson-mode must be one of per-class, per-region"),
+                         ({"object_type": "cell"}, "--object-type must be one of annotation, detection"),
+                         ({"min_area": -1.0}, "--min-area is an area in µm²"),
+                         ({"simplify": -0.5}, "--simplify is a tolerance in label pixels")):
+        with pytest.raises(WsssError, match=message):
+            G.GeoJsonOptions(**bad)
 
 
 # --------------------------------------------------------------------------- the command
@@ -299,7 +321,8 @@ def test_features_are_qupath_annotations_in_level_0_coordinates():
 def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, tmp_path, capsys, monkeypatch):
     path, levels = slide
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, out, "--level", 1, "--geojson"))
+    code, stdout, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, out, "--level", 1, "--geojson",
+                                                            "--geojson-mode", "per-region"))
     assert code == 0, err
     assert "level 1 (downsample 2, 1 µm/px), 256×192 px; tiles: 6 segmented, 14 without tissue skipped" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_mask.png", "slide_overlay.png",
@@ -350,6 +373,8 @@ def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, t
         assert xy.min() >= 0 and xy[:, 0].max() <= 2 * (96 + TILE) and xy[:, 1].max() <= 2 * (48 + TILE)
         assert np.all(xy % 2 == 0)  # label pixel corners, ×2 at level 0
         areas[name] += sum(G.ring_area(r) for r in rings)
+        # level 0 is 0.5 µm/px: 0.25 µm² per level-0 px²
+        assert props["measurements"]["wsss area µm^2"] == 0.25 * sum(G.ring_area(r) for r in rings)
     assert [areas[n] for n in LUAD.classes] == [4 * counts[i] for i in range(4)]  # level-0 px² = 2 × 2 per pixel
 
     with Image.open(out / "slide_overlay.png") as img:
@@ -363,6 +388,7 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     # gated per window as `wsss predict` gates
     code, _, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "roi", "--level", 1,
                                                        "--roi", "60,80,190,100", "--geojson", "--gate",
+                                                       "--geojson-mode", "per-region",
                                                        "--stage1-checkpoint", s1_ckpt, "--gate-threshold", 0.5))
     assert code == 0, err
     mask = _read_png(tmp_path / "roi" / "slide_mask.png")
@@ -389,6 +415,36 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     assert mask.shape == (128, 171)
     te = int((mask == 0).sum())
     assert summary["classes"]["TE"]["area_um2"] == pytest.approx(te * 0.5 * 512 / 171 * 1.5)
+
+
+@pytest.mark.skipif(not HAVE_OPENSLIDE, reason="needs OpenSlide")
+def test_geojson_is_shifted_as_qupath_crops_slides_to_their_bounds(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """QuPath shows a slide with openslide.bounds-* cropped: its pixel (0, 0) is OpenSlide's level-0
+    (bounds-x, bounds-y), and imported objects are placed in those coordinates."""
+    import openslide
+
+    path, _ = slide
+    args = ("--level", 1, "--geojson", "--reader", "openslide", "--geojson-mode", "per-region")
+
+    def coordinates(out):
+        features = json.loads((out / "slide.geojson").read_text())["features"]
+        return [np.asarray(r) for f in features for r in f["geometry"]["coordinates"]]
+
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "plain", *args))[0] == 0
+    plain = coordinates(tmp_path / "plain")
+    properties = openslide.OpenSlide.properties
+
+    def with_bounds(self):  # what a MIRAX or Leica SCN slide reports
+        return {**properties.fget(self), "openslide.bounds-x": "40", "openslide.bounds-y": "20",
+                "openslide.bounds-width": "400", "openslide.bounds-height": "300"}
+
+    monkeypatch.setattr(openslide.OpenSlide, "properties", property(with_bounds))
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "cropped", *args))[0] == 0
+    cropped = coordinates(tmp_path / "cropped")
+    assert len(cropped) == len(plain) and all(np.array_equal(c, p - [40, 20]) for c, p in zip(cropped, plain))
+    assert json.loads((tmp_path / "cropped" / "slide_summary.json").read_text())["geojson_offset"] == [40, 20]
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "uncropped", *args, "--no-bounds-offset"))[0] == 0
+    assert all(np.array_equal(c, p) for c, p in zip(coordinates(tmp_path / "uncropped"), plain))
 
 
 class _Interrupting:

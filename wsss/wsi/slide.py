@@ -47,11 +47,13 @@ class Slide(ABC):
 
     reader = ""
 
-    def __init__(self, path: Path, dimensions, downsamples, mpp: tuple[float, float] | None) -> None:
+    def __init__(self, path: Path, dimensions, downsamples, mpp: tuple[float, float] | None,
+                 qupath_offset: tuple[int, int] = (0, 0)) -> None:
         self.path = path
         self.dimensions: tuple[tuple[int, int], ...] = tuple((int(w), int(h)) for w, h in dimensions)
         self.downsamples: tuple[float, ...] = tuple(float(d) for d in downsamples)
         self.mpp = mpp
+        self.qupath_offset = qupath_offset  # level-0 (x, y) where QuPath's image starts; see qupath_offset()
 
     @property
     def level_count(self) -> int:
@@ -91,7 +93,8 @@ class OpenSlideSlide(Slide):
             raise WsssError(f"cannot read slide {path}: {exc}") from None
         props = self._slide.properties
         mpp = _mpp_pair(props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y))
-        super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp)
+        super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp,
+                         qupath_offset(props))
         self._error = openslide.OpenSlideError
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -105,6 +108,32 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+BOUNDS_PROPERTIES = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
+
+
+def qupath_offset(properties) -> tuple[int, int]:
+    """Where QuPath's picture of an OpenSlide slide starts, in OpenSlide's level-0 pixels.
+
+    QuPath's OpenSlide server crops a slide to its bounding box by default (MIRAX, Leica SCN,
+    Hamamatsu VMS and others record one): when all four ``openslide.bounds-*`` properties are
+    present and parse as integers, its image is ``bounds-width × bounds-height`` and its pixel
+    ``(0, 0)`` is level-0 ``(bounds-x, bounds-y)``; objects imported into QuPath are placed in those
+    cropped coordinates. Otherwise (or a value that is not an integer) nothing is cropped: ``(0, 0)``.
+    QuPath ``qupath-extension-openslide``: ``OpenslideImageServer`` (constructor, ``readTile`` adds
+    ``boundsX/Y``), ``OpenSlideOptions.cropBoundingBox`` (default true), ``--no-crop`` server argument.
+    """
+    if not all(name in properties for name in BOUNDS_PROPERTIES):
+        return 0, 0
+    try:  # Java's Integer.parseInt: an optional sign, then decimal digits only
+        x, y = (int(properties[name]) for name in BOUNDS_PROPERTIES[:2])
+        for name in BOUNDS_PROPERTIES:
+            if not str(properties[name]).lstrip("+-").isdigit():
+                raise ValueError(name)
+    except ValueError:
+        return 0, 0
+    return x, y
 
 
 def rgba_on_white(rgba: np.ndarray) -> np.ndarray:
