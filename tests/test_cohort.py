@@ -133,6 +133,9 @@ def test_bad_cohort_inputs_end_in_one_clear_line(cohort_dir, ckpt, tmp_path, cap
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1, err
         assert message in err, err
     assert not out.exists()
+    for folder, message in ((tmp_path / "empty", "holds no cohort tables"), (out, "is not a folder")):
+        code, _, err = run_cli(capsys, monkeypatch, "cohort-summary", folder)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_shards_from_options_and_slurm():
