@@ -33,10 +33,12 @@ def test_read_mask_refuses_rgb_and_corrupt(tmp_path):
         read_rgb(tmp_path / "bad.png")
 
 
-def test_grey_matches_pil():
-    rng = np.random.default_rng(0)
-    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert np.array_equal(to_grey(img), np.asarray(Image.fromarray(img).convert("L")))
+def test_grey_is_cv2_rgb2gray():
+    # cv2.cvtColor(RGB2GRAY), as the reference: (4899 R + 9617 G + 1868 B + 8192) >> 14, by hand.
+    # (229, 182, 221): 3293185 >> 14 = 201, where (299 R + 587 G + 114 B + 500) // 1000 gives 200;
+    # (79, 252, 254): 3293169 >> 14 = 200, where that rounding and PIL's convert("L") give 201.
+    img = np.array([[[229, 182, 221], [79, 252, 254], [255, 255, 255], [0, 0, 0], [10, 20, 30]]], dtype=np.uint8)
+    assert to_grey(img).tolist() == [[201, 200, 255, 0, 18]]
 
 
 def test_white_mask_keeps_large_blobs_drops_small_ones():

@@ -39,13 +39,27 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Seed; same seed, same files."),
     workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it already holds a dataset."),
+    look: str = typer.Option(
+        "default", "--look", help="default, or shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a "
+                                  "model was not tuned to); the options below override its values."),
+    stain_scale: Optional[float] = typer.Option(
+        None, "--stain-scale", help="Multiplier of the H and E optical densities (default look 1.0)."),
+    hue_shift: Optional[float] = typer.Option(
+        None, "--hue-shift", help="Rotate the H and E stain vectors by this many degrees (default look 0)."),
+    texture_scale: Optional[float] = typer.Option(
+        None, "--texture-scale", help="Multiplier of nucleus, fibre and spacing sizes (default look 1.0)."),
+    pale: Optional[float] = typer.Option(
+        None, "--pale", help="Probability that a tissue region is rendered pale, partly above the white-glass "
+                             "rule (grey > 200) while still tissue in the masks (default look 0)."),
 ) -> None:
     """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks)."""
-    from wsss.data.synth import generate
+    from wsss.data.synth import generate, resolve_look
 
+    appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
-    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers)
+    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
+                       look=appearance)
     typer.echo(json.dumps(summary, indent=2))
 
 
@@ -102,6 +116,9 @@ def train_stage1(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
     warmup_epochs: Optional[float] = typer.Option(
         None, "--warmup-epochs", help="Linear learning-rate warm-up before the poly decay (0: none, the reference)."),
+    mosaic: Optional[float] = typer.Option(
+        None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, labelled "
+                               "with the classes it shows (0: off, the reference)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -118,7 +135,7 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        warmup_epochs=warmup_epochs, device=device, amp=amp, workers=workers, seed=seed,
+        warmup_epochs=warmup_epochs, mosaic=mosaic, device=device, amp=amp, workers=workers, seed=seed,
     )
     summary = train(cfg, resume=resume, force=force)
     if "cam_metrics" in summary:
@@ -173,13 +190,21 @@ def generate_pm(
     tie_rule: str = typer.Option(
         "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
                                    "where unlabelled classes score 0; differs at a few pixels)."),
+    scales: str = typer.Option(
+        "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
+                              "(reference: 1)."),
+    flip: bool = typer.Option(False, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch."),
+    white_rule: str = typer.Option(
+        "grey", "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
+                                     "pale tissue stays tissue)."),
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
 
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           tie_rule=tie_rule)
+                           tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
+                           white_rule=white_rule)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -233,6 +258,14 @@ def train_stage2(
         None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
     stain_jitter: Optional[float] = typer.Option(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    mosaic: Optional[float] = typer.Option(
+        None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
+                               "masks are exact (0: off, the reference)."),
+    relabel_epoch: Optional[int] = typer.Option(
+        None, "--relabel-epoch", help="Self-training: from this 0-based epoch on, train on the model's own "
+                                      "predictions of the training patches, within each patch's label (0: off)."),
+    relabel_threshold: Optional[float] = typer.Option(
+        None, "--relabel-threshold", help="Self-training keeps pixels predicted with at least this probability (0.7)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -261,7 +294,8 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, init_weights=init_weights,
+        stain_jitter=stain_jitter, mosaic=mosaic, relabel_epoch=relabel_epoch, relabel_threshold=relabel_threshold,
+        init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )
@@ -355,6 +389,12 @@ def reproduce(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    synth_look: str = typer.Option(
+        "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
+                                        "pale tissue; see wsss synth --look)."),
+    transfer: Optional[Path] = typer.Option(
+        None, "--transfer", help="Also test each seed's stage 2 (and gate) on this dataset's test split, e.g. "
+                                 "synthetic data of another look."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
@@ -370,7 +410,7 @@ def reproduce(
         dataset=dataset, data=data, run=run or ("synthetic" if synth else dataset.lower()),
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
-        upper_bound=upper_bound, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        upper_bound=upper_bound, synth_look=synth_look, transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))

@@ -32,7 +32,7 @@ from wsss.data.png import read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path, resolve_device
-from wsss.stages.pseudo_masks import parse_layers, patch_item, pseudo_masks
+from wsss.stages.pseudo_masks import PmMethod, parse_layers, patch_item, pseudo_masks
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.viz import colorbar, colorize, grid, heatmap_overlay, legend
 
@@ -113,11 +113,11 @@ def _model_input(image: np.ndarray, clf: LoadedClassifier) -> torch.Tensor:
 
 
 def patch_pseudo_masks(clf: LoadedClassifier, image: np.ndarray, label: Sequence[int], layers: Sequence[str],
-                       spec: DatasetSpec, device: torch.device) -> dict[str, np.ndarray]:
+                       spec: DatasetSpec, device: torch.device, method: PmMethod = PmMethod()) -> dict[str, np.ndarray]:
     """``{layer: (H, W) uint8}`` pseudo-masks of one patch ``(H, W, 3)`` with multi-hot ``label``,
     computed as ``wsss generate-pm`` computes them (same item fields, same function)."""
-    item = patch_item(image, label, spec, clf.norm, clf.image_size)
-    masks = pseudo_masks(clf.model, [item], layers, spec, device)
+    item = patch_item(image, label, spec, clf.norm, clf.image_size, method.white_rule)
+    masks = pseudo_masks(clf.model, [item], layers, spec, device, method)
     return {layer: mask[0].numpy() for layer, mask in masks.items()}
 
 
@@ -184,6 +184,7 @@ def examples_figure(
     n: int = 8,
     device: str | torch.device = "cpu",
     cell: int = CELL,
+    method: PmMethod = PmMethod(),
 ) -> Path:
     """Write ``out`` (PNG): ``n`` test patches, image | ground truth | PM per layer | each existing
     folder of ``pred_dirs`` (``{column title: folder}``), with a class legend. Returns ``out``."""
@@ -192,7 +193,7 @@ def examples_figure(
     picked = [samples[i] for i in pick_covering(_test_labels(samples, spec), len(samples), n)]
     columns = existing_pred_dirs(pred_dirs)
     clf, device = _load(stage1_checkpoint, spec, device)
-    rows = [_example_row(sample, clf, layers, columns, spec, device) for sample in picked]
+    rows = [_example_row(sample, clf, layers, columns, spec, device, method) for sample in picked]
     titles = ["image", "ground truth", *(f"PM {layer}" for layer in layers), *columns]
     row_titles = [wrap_name(sample.image.stem) for sample in picked]
     figure = grid(rows, titles, cell=cell, footer=legend(spec), row_titles=row_titles, outline=OUTLINE)
@@ -205,12 +206,12 @@ def _test_labels(samples: Sequence[MaskedSample], spec: DatasetSpec) -> Iterable
 
 
 def _example_row(sample: MaskedSample, clf: LoadedClassifier, layers: Sequence[str], columns: dict[str, Path],
-                 spec: DatasetSpec, device: torch.device) -> list[np.ndarray]:
+                 spec: DatasetSpec, device: torch.device, method: PmMethod) -> list[np.ndarray]:
     """The pictures of one test patch: image, ground truth, pseudo-masks, stage-2 predictions."""
     image, truth = read_rgb(sample.image), read_mask(sample.mask)
     if image.shape[:2] != truth.shape:
         raise WsssError(f"size mismatch between {sample.image} and its mask")
-    pms = patch_pseudo_masks(clf, image, mask_label(truth, spec.num_classes), layers, spec, device)
+    pms = patch_pseudo_masks(clf, image, mask_label(truth, spec.num_classes), layers, spec, device, method)
     row = [image, colorize(truth, spec), *(colorize(pms[layer], spec) for layer in layers)]
     for folder in columns.values():
         pred = read_prediction(folder, sample.image.stem, truth.shape)

@@ -148,6 +148,44 @@ def multi_layer_gradcam(
     return cams
 
 
+def averaged_gradcam(
+    model: ResNet38Classifier,
+    x: Tensor,
+    layers: Sequence[str],
+    size: tuple[int, int],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = False,
+    gradcam=None,
+) -> dict[str, Tensor]:
+    """Grad-CAMs ``{layer: (B, C, H, W)}`` at ``size``, each view jointly min-max normalised over
+    classes, averaged over input scales and flips.
+
+    Each view is ``x`` (B, 3, S, S) bilinearly resized by a factor of ``scales[i]`` (and, with
+    ``flip``, also mirrored left-right); its Grad-CAMs are resized to ``size``, un-mirrored,
+    normalised per image as the fusion does (:func:`minmax_normalise`) and averaged with the other
+    views (multi-scale CAM inference as in PSA/IRN). Normalising first matters: a Grad-CAM's scale
+    goes as 1/(h·w) of the view through the global pooling, so raw maps of a larger view would
+    count less. With one view this is ``minmax_normalise`` of :func:`multi_layer_gradcam`, whose
+    fusion is bit-identical to that of the raw maps. ``gradcam(model, x, layers, size)`` replaces
+    :func:`multi_layer_gradcam` (tests use a toy map).
+    """
+    gradcam = gradcam or multi_layer_gradcam
+    total: dict[str, Tensor] = {}
+    views = 0
+    for scale in scales:
+        xs = x
+        if scale != 1.0:
+            side = [max(8, round(s * scale)) for s in x.shape[-2:]]
+            xs = torch.nn.functional.interpolate(x, size=side, mode="bilinear", align_corners=False)
+        for mirrored in ((False, True) if flip else (False,)):
+            cams = gradcam(model, xs.flip(-1) if mirrored else xs, layers, size=size)
+            for name, cam in cams.items():
+                cam = minmax_normalise(cam.flip(-1) if mirrored else cam)
+                total[name] = cam if name not in total else total[name] + cam
+            views += 1
+    return {name: cam / views for name, cam in total.items()}
+
+
 def fuse_pseudo_mask(
     cams: Tensor, labels: Tensor, white: Tensor | None, background_index: int, tie_rule: str = "ours"
 ) -> Tensor:
@@ -216,6 +254,7 @@ __all__ = [
     "class_weights",
     "first_argmax",
     "frozen_parameters",
+    "averaged_gradcam",
     "fuse_pseudo_mask",
     "graph_from",
     "multi_layer_gradcam",

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from wsss.data import augment
-from wsss.data.datasets import InputNorm, read_masked, resize_mask, resize_rgb, to_tensor
+from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import read_mask, read_rgb
 from wsss.data.specs import BACKGROUND_INDEX
@@ -58,6 +58,21 @@ def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip"
     return np.ascontiguousarray(image), np.ascontiguousarray(masks)
 
 
+def compose_mosaic(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cut: tuple[int, int]
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """A 2×2 mosaic of four equally sized patches, cut at ``cut = (row, col)``.
+
+    ``images[i]`` (H, W, 3) and ``masks[i]`` (L, H, W); quadrant ``i`` (top-left, top-right,
+    bottom-left, bottom-right) is the same region of patch ``i``, at its own scale, with its masks.
+    """
+    image = np.empty_like(images[0])
+    mask = np.empty_like(masks[0])
+    for (rows, cols), im, ms in zip(quadrants(*cut), images, masks):
+        image[rows, cols] = im[rows, cols]
+        mask[:, rows, cols] = ms[:, rows, cols]
+    return image, mask
+
+
 class PseudoMaskDataset(Dataset):
     """Training patches with one pseudo-mask per layer.
 
@@ -76,6 +91,7 @@ class PseudoMaskDataset(Dataset):
         augment: bool = True,
         geometric: str = "hflip",
         stain: float = 0.0,
+        mosaic: float = 0.0,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -85,6 +101,9 @@ class PseudoMaskDataset(Dataset):
         self.augment = augment
         self.geometric = geometric
         self.stain = stain
+        self.mosaic = mosaic
+        # Patches with one class: their pseudo-masks are exact (that class, or background on white).
+        self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -101,14 +120,31 @@ class PseudoMaskDataset(Dataset):
             masks.append(mask)
         return np.stack(masks)
 
-    def __getitem__(self, index: int):
+    def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image = read_rgb(self.samples[index].path)
-        masks = self._masks(index, image.shape[:2])
+        return image, self._masks(index, image.shape[:2])
+
+    def __getitem__(self, index: int):
+        image, masks = self._read(index)
+        if self.augment and self.mosaic > 0 and len(self.single) >= 2 and float(torch.rand(())) < self.mosaic:
+            image, masks = self._mosaic(image.shape[:2]) or (image, masks)
         if self.augment:
             image, masks = flip_and_blur(image, masks, self.geometric, self.stain)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
+
+
+    def _mosaic(self, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Four random single-class patches of ``shape`` cut together (PistoSeg-style mosaic); their
+        masks are exact labels. None when the draw holds a patch of another size."""
+        picks = [self.single[int(i)] for i in torch.randint(len(self.single), (4,))]
+        parts = [self._read(i) for i in picks]
+        if any(im.shape[:2] != tuple(shape) for im, _ in parts):
+            return None
+        h, w = shape
+        cut = (int(torch.randint(h // 4, h - h // 4 + 1, ())), int(torch.randint(w // 4, w - w // 4 + 1, ())))
+        return compose_mosaic([im for im, _ in parts], [ms for _, ms in parts], cut)
 
 
 class MultiViewMaskedDataset(Dataset):

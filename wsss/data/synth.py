@@ -13,15 +13,19 @@ Layout written by :func:`generate`::
     OUT/train_gt/synth-000123-[1 0 0 1].png   its palette mask (never read by training)
     OUT/val/img/synth-val-000012.png          + OUT/val/mask/<same name>
     OUT/test/img/synth-test-000012.png        + OUT/test/mask/<same name>
+    OUT/synth.json                            the settings, look and label counts (written last)
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +36,70 @@ from wsss.data.labels import format_label
 from wsss.data.png import write_mask, write_rgb
 from wsss.data.specs import BACKGROUND_INDEX, LUAD
 from wsss.errors import WsssError
+from wsss.runtime import atomic_path
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+SUMMARY_NAME = "synth.json"
+"""Written last into the output folder: the summary of :func:`generate` (its settings and look)."""
 _SPLIT_KEY = {"train": 0, "val": 1, "test": 2}
 _REF_SIZE = 224.0  # all lengths below are in pixels of a 224-px patch and scale with `size`
 
 # Macenko-style reference optical-density vectors (RGB) of haematoxylin and eosin.
 _H_VEC = np.array([0.5626, 0.7201, 0.4062])
 _E_VEC = np.array([0.2159, 0.8012, 0.5581])
+
+
+
+@dataclass(frozen=True)
+class Look:
+    """How the patches look, so that a model can be tested on data it was not tuned to.
+
+    ``stain_scale`` multiplies the haematoxylin and eosin optical densities (below 1: paler, weaker
+    staining); ``hue_shift`` rotates both stain OD vectors by that many degrees about the grey axis
+    (another hue of H and E); ``texture_scale`` multiplies every length of the class textures
+    (nuclei, fibres, their spacing: a higher magnification); ``pale`` is the probability that a tissue
+    region is rendered pale: its eosin fades to a tenth over blotches covering about a third of it
+    (nuclei keep about half their density), so parts of it cross the white-glass rule (grey > 200)
+    while the true masks still call it tissue. The defaults are the generator's usual look.
+    """
+
+    stain_scale: float = 1.0
+    hue_shift: float = 0.0
+    texture_scale: float = 1.0
+    pale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.2 <= self.stain_scale <= 3.0:
+            raise WsssError(f"--stain-scale must be in [0.2, 3], not {self.stain_scale:g}")
+        if not -90.0 <= self.hue_shift <= 90.0:
+            raise WsssError(f"--hue-shift must be in [-90, 90] degrees, not {self.hue_shift:g}")
+        if not 0.5 <= self.texture_scale <= 2.5:
+            raise WsssError(f"--texture-scale must be in [0.5, 2.5], not {self.texture_scale:g}")
+        if not 0.0 <= self.pale <= 1.0:
+            raise WsssError(f"--pale is a probability in [0, 1], not {self.pale:g}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+LOOKS: dict[str, Look] = {
+    "default": Look(),
+    # Clearly another lab and scanner: weaker stains of another hue (browner nuclei, more orange
+    # eosin), 1.3x magnification, and pale regions that the white-glass rule partly takes for
+    # background; the classes keep their textures.
+    "shifted": Look(stain_scale=0.8, hue_shift=12.0, texture_scale=1.3, pale=0.3),
+}
+
+
+def resolve_look(name: str = "default", **overrides: float | None) -> Look:
+    """The named look (``default`` or ``shifted``) with the options that are not None replacing its values."""
+    if name not in LOOKS:
+        raise WsssError(f"--look must be one of {', '.join(LOOKS)}, not {name!r}")
+    values = {**LOOKS[name].to_dict(), **{k: float(v) for k, v in overrides.items() if v is not None}}
+    return Look(**values)
+
 
 # Per-class multipliers of the rendered (h, e) densities. They pull the class mean colours
 # together so that only texture separates the classes; per-patch stain variation does the rest.
@@ -185,12 +243,14 @@ def _per_nucleus(values: np.ndarray, owner: np.ndarray) -> np.ndarray:
 # class textures: each returns haematoxylin and eosin densities (h, e), both (size, size)
 # --------------------------------------------------------------------------------------------
 
-_Texture = Callable[[np.random.Generator, int], tuple[np.ndarray, np.ndarray]]
+_Texture = Callable[[np.random.Generator, int, float], tuple[np.ndarray, np.ndarray]]
+"""``texture(rng, size, zoom)``: ``zoom`` multiplies every length of the texture (nuclei, fibres,
+spacings), so the patch shows ``1 / zoom**2`` as many cells."""
 
 
-def _tumour(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _tumour(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """TE: sheets of large pleomorphic nuclei (r ~ 4-7 px) with pink cytoplasm between them."""
-    s = size / _REF_SIZE
+    s = size / _REF_SIZE * zoom
     centres = _grid_points(rng, size, rng.uniform(15, 18) * s, 0.22, keep=0.9)
     ink, owner = _random_nuclei(rng, size, centres, (4.2 * s, 7.0 * s), (0.6, 0.95), (0.04, 0.2))
     dark = _per_nucleus(rng.uniform(0.7, 1.1, len(centres[0])), owner)
@@ -212,14 +272,15 @@ def _cell_borders(owner: np.ndarray) -> np.ndarray:
     return ndimage.gaussian_filter(edge.astype(np.float32), 0.8) * 2.0
 
 
-def _necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _necrosis(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """NEC: smudgy amorphous eosinophilic background with scattered small nuclear debris."""
-    s = size / _REF_SIZE
-    n_clusters = rng.poisson(22 * s * s) + 1
+    s = size / _REF_SIZE * zoom
+    # counts per patch fall with the square of the zoom: s * s / zoom**4 == (size / 224 / zoom) ** 2
+    n_clusters = rng.poisson(22 * s * s / zoom**4) + 1
     ky, kx = rng.uniform(0, size, n_clusters), rng.uniform(0, size, n_clusters)
     per = rng.poisson(5, n_clusters) + 1
     spread = rng.normal(0, 5 * s, (2, per.sum()))
-    n_free = rng.poisson(60 * s * s)
+    n_free = rng.poisson(60 * s * s / zoom**4)
     cy = np.concatenate([np.repeat(ky, per) + spread[0], rng.uniform(0, size, n_free)])
     cx = np.concatenate([np.repeat(kx, per) + spread[1], rng.uniform(0, size, n_free)])
     ink, owner = _random_nuclei(rng, size, (cy, cx), (1.2 * s, 2.6 * s), (0.45, 1.0), (0.1, 0.35))
@@ -230,9 +291,9 @@ def _necrosis(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarr
     return smudge + ink * dark, e * (1.0 - 0.5 * ink)
 
 
-def _lymphocytes(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _lymphocytes(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """LYM: small (r ~ 2-3 px), dark, round nuclei packed tightly with little cytoplasm."""
-    s = size / _REF_SIZE
+    s = size / _REF_SIZE * zoom
     centres = _grid_points(rng, size, rng.uniform(6.8, 7.8) * s, 0.2, keep=0.93)
     ink, owner = _random_nuclei(rng, size, centres, (2.2 * s, 3.2 * s), (0.8, 1.0), (0.0, 0.08))
     dark = _per_nucleus(rng.uniform(0.85, 1.15, len(centres[0])), owner)
@@ -240,9 +301,9 @@ def _lymphocytes(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.nd
     return 0.1 + ink * dark, e * (1.0 - 0.6 * ink)
 
 
-def _stroma(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _stroma(rng: np.random.Generator, size: int, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """TAS: wavy eosinophilic fibres along one random direction, sparse spindle nuclei."""
-    s = size / _REF_SIZE
+    s = size / _REF_SIZE * zoom
     fib, angle = _fibres(rng, size, s)
     cy, cx = _grid_points(rng, size, rng.uniform(22, 28) * s, 0.3, keep=0.7)
     theta = angle(cy, cx) + rng.normal(0, 0.12, len(cy))
@@ -337,22 +398,40 @@ def _warp(rng: np.random.Generator, size: int) -> np.ndarray:
     return coarse + 0.025 * size * _smooth_noise(rng, size, 0.06 * size)
 
 
-def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray) -> np.ndarray:
+def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray, look: Look = Look()) -> np.ndarray:
     """Beer-Lambert rendering of densities ``h, e`` (H, W) to RGB ``(H, W, 3)`` uint8.
 
     Stain vectors, stain strengths and section thickness vary per patch (like different labs,
     scanners and staining batches); that variation is what makes class mean colours overlap.
+    ``look`` rotates the stain vectors and scales the optical density (:class:`Look`).
     """
     size = h.shape[0]
-    h_vec = _unit(_H_VEC + rng.normal(0, 0.05, 3)).astype(np.float32)
-    e_vec = _unit(_E_VEC + rng.normal(0, 0.05, 3)).astype(np.float32)
+    h_vec = _unit(_hue_rotate(_H_VEC, look.hue_shift) + rng.normal(0, 0.05, 3)).astype(np.float32)
+    e_vec = _unit(_hue_rotate(_E_VEC, look.hue_shift) + rng.normal(0, 0.05, 3)).astype(np.float32)
     thick = 1.0 + 0.08 * _smooth_noise(rng, size, size / 3)
     optics = 0.6 * size / _REF_SIZE  # slight optical blur, applied to densities (it is linear)
     h = ndimage.gaussian_filter(h, optics) * thick * np.float32(rng.uniform(0.7, 1.3))
     e = ndimage.gaussian_filter(e, optics) * thick * np.float32(rng.uniform(0.7, 1.35))
-    od = h[..., None] * h_vec + e[..., None] * e_vec
+    od = (h[..., None] * h_vec + e[..., None] * e_vec) * np.float32(look.stain_scale)
     rgb = 255.0 * np.exp(-od) + 3.0 * rng.standard_normal(od.shape, dtype=np.float32)
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+
+
+def _hue_rotate(vec: np.ndarray, degrees: float) -> np.ndarray:
+    """``vec`` (3,) rotated by ``degrees`` about the grey axis (1, 1, 1): its hue turns, its
+    grey component (overall darkness) stays. Rodrigues' formula; 0 degrees returns ``vec`` itself."""
+    if degrees == 0:
+        return vec
+    k = np.full(3, 1.0 / math.sqrt(3.0))
+    t = math.radians(degrees)
+    return vec * math.cos(t) + np.cross(k, vec) * math.sin(t) + k * (k @ vec) * (1.0 - math.cos(t))
+
+
+def _pale_fade(rng: np.random.Generator, size: int) -> np.ndarray:
+    """``(size, size)`` float32 in [0.1, 1]: 1 mostly, fading to 0.1 over broad blotches that
+    cover about a third of the patch (where a smooth field falls below -0.45 std)."""
+    field = _smooth_noise(rng, size, 0.12 * size)
+    return np.clip(0.5 + 0.9 * field, 0.1, 1.0).astype(np.float32)
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -360,11 +439,12 @@ def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-def make_patch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+def make_patch(rng: np.random.Generator, size: int, look: Look = Look()) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic H&E patch.
 
     Returns ``image`` (size, size, 3) uint8 RGB and ``mask`` (size, size) uint8 with 0..3 the
-    LUAD tissue classes (TE, NEC, LYM, TAS) and 4 white background. Pure given ``rng``.
+    LUAD tissue classes (TE, NEC, LYM, TAS) and 4 white background. Pure given ``rng``; the
+    default ``look`` draws nothing extra from it, so its patches are those of earlier versions.
     """
     mask = _layout(rng, size)
     h = np.full((size, size), 0.015, np.float32)  # background: near-white glass
@@ -372,13 +452,17 @@ def make_patch(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     for c in np.unique(mask):
         if c == BACKGROUND_INDEX:
             continue
-        hc, ec = _TEXTURES[c](rng, size)
+        hc, ec = _TEXTURES[c](rng, size, look.texture_scale)
         gain_h, gain_e = _CLASS_GAIN[int(c)]
         jitter = rng.uniform(0.85, 1.15, 2)  # regions within one slide differ a little too
         sel = mask == c
         h[sel] = (hc * gain_h * jitter[0])[sel]
         e[sel] = (ec * gain_e * jitter[1])[sel]
-    return _stain(rng, h, e), mask
+        if look.pale > 0 and rng.random() < look.pale:
+            fade = _pale_fade(rng, size)
+            h[sel] *= (0.45 + 0.55 * fade)[sel]  # nuclei stay visible: the texture still tells the class
+            e[sel] *= fade[sel]
+    return _stain(rng, h, e, look), mask
 
 
 def patch_label(
@@ -402,14 +486,14 @@ def patch_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def labelled_patch(
-    rng: np.random.Generator, size: int
+    rng: np.random.Generator, size: int, look: Look = Look()
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """:func:`make_patch` redrawn until at least one tissue class covers >= 2 % of the patch.
 
     Returns ``image`` (size, size, 3) uint8, ``mask`` (size, size) uint8 and its label.
     """
     while True:
-        image, mask = make_patch(rng, size)
+        image, mask = make_patch(rng, size, look)
         label = patch_label(mask, LUAD.num_classes)
         if any(label):
             return image, mask, label
@@ -422,10 +506,10 @@ def patch_name(split: str, index: int, label: tuple[int, ...]) -> str:
     return f"synth-{split}-{index:06d}.png"
 
 
-def _write_one(task: tuple[Path, str, int, int, int]) -> tuple[str, tuple[int, ...]]:
+def _write_one(task: tuple[Path, str, int, int, int, Look]) -> tuple[str, tuple[int, ...]]:
     """Make and write patch ``index`` of ``split``; returns ``(split, label)``. Runs in workers."""
-    out, split, index, size, seed = task
-    image, mask, label = labelled_patch(patch_rng(seed, split, index), size)
+    out, split, index, size, seed, look = task
+    image, mask, label = labelled_patch(patch_rng(seed, split, index), size, look)
     name = patch_name(split, index, label)
     if split == "train":
         img_path, mask_path = out / "train" / name, out / "train_gt" / name
@@ -449,6 +533,7 @@ def _prepare_dirs(out: Path) -> None:
     """
     if out.exists() and not out.is_dir():
         raise WsssError(f"output path {out} exists and is not a directory")
+    (out / SUMMARY_NAME).unlink(missing_ok=True)  # the summary of the patches about to be replaced
     for d in _layout_dirs(out):
         if d.is_dir():
             foreign = [p.name for p in d.glob("*.png") if not p.name.startswith("synth-")]
@@ -470,12 +555,13 @@ def generate(
     seed: int = 0,
     workers: int = 2,
     progress: bool = True,
+    look: Look = Look(),
 ) -> dict:
     """Write a synthetic LUAD-HistoSeg-style data set under ``out`` (layout in the module doc).
 
-    Output is byte-identical for a given ``seed`` and ``size`` whatever ``workers`` is. Returns a
-    summary: patch counts per split, per-class label counts and frequencies over the training
-    split, and the wall time in seconds.
+    Output is byte-identical for a given ``seed``, ``size`` and ``look`` whatever ``workers`` is.
+    Returns a summary: patch counts per split, the look, per-class label counts and frequencies over
+    the training split, and the wall time in seconds.
     """
     if min(n_train, n_val, n_test) < 0 or size < 16:
         raise WsssError(f"need non-negative split sizes and size >= 16, got size={size}")
@@ -483,7 +569,7 @@ def generate(
     out = Path(out)
     _prepare_dirs(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    tasks = [(out, sp, i, size, seed) for sp in SPLITS for i in range(counts[sp])]
+    tasks = [(out, sp, i, size, seed, look) for sp in SPLITS for i in range(counts[sp])]
     label_counts = np.zeros(LUAD.num_classes, np.int64)
     with tqdm(total=len(tasks), desc="synth", unit="patch", disable=not progress) as bar:
         for split, label in _run_tasks(tasks, workers):
@@ -492,15 +578,19 @@ def generate(
             bar.update()
     seconds = time.perf_counter() - start
     log.info("wrote %d synthetic patches to %s in %.1f s", len(tasks), out, seconds)
-    return {
+    summary = {
         "out": str(out),
         "size": size,
         "seed": seed,
         "counts": counts,
+        "look": look.to_dict(),
         "train_label_counts": dict(zip(LUAD.classes, label_counts.tolist())),
         "train_label_freq": dict(zip(LUAD.classes, (label_counts / max(n_train, 1)).tolist())),
         "seconds": round(seconds, 2),
     }
+    with atomic_path(out / SUMMARY_NAME) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def _run_tasks(tasks: list, workers: int) -> Iterator[tuple[str, tuple[int, ...]]]:

@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
 from wsss.cam.cam import check_tie_rule
-from wsss.cam.gradcam import GRADCAM_LAYERS, check_layers, class_pixel_counts, fuse_pseudo_mask, multi_layer_gradcam
-from wsss.data.background import white_mask
+from wsss.cam.gradcam import GRADCAM_LAYERS, averaged_gradcam, check_layers, class_pixel_counts, fuse_pseudo_mask
+from wsss.data.background import WHITE_RULES, white_mask
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.layout import TrainSample, default_pm_dir, list_images, list_train, pseudo_mask_path, train_gt_dir
 from wsss.data.png import image_size, read_mask, read_rgb, write_mask
@@ -57,13 +57,38 @@ class PseudoMaskConfig:
     workers: int = 2
     force: bool = False
     tie_rule: str = "ours"  # "reference": see wsss.cam.gradcam.fuse_pseudo_mask
+    scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
+    flip: bool = False  # ... and their left-right flips (the reference: one view)
+    white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
 
     def __post_init__(self) -> None:
-        check_tie_rule(self.tie_rule)
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        self.method  # validates
 
     @property
     def out_dir(self) -> Path:
         return Path(self.out) if self.out is not None else default_pm_dir(self.data)
+
+    @property
+    def method(self) -> "PmMethod":
+        return PmMethod(self.tie_rule, self.scales, self.flip, self.white_rule)
+
+
+@dataclass(frozen=True)
+class PmMethod:
+    """How a patch's Grad-CAMs become its pseudo-masks (shared by generate-pm and the figures)."""
+
+    tie_rule: str = "ours"
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    white_rule: str = "grey"
+
+    def __post_init__(self) -> None:
+        check_tie_rule(self.tie_rule)
+        if not self.scales or any(not 0.25 <= s <= 4.0 for s in self.scales):
+            raise WsssError(f"--scales must be between 0.25 and 4, not {','.join(f'{s:g}' for s in self.scales)}")
+        if self.white_rule not in WHITE_RULES:
+            raise WsssError(f"--white-rule must be one of {', '.join(WHITE_RULES)}, not {self.white_rule!r}")
 
 
 def parse_layers(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -106,7 +131,7 @@ class PseudoMaskDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[TrainSample], spec: DatasetSpec, layers: Sequence[str], out: Path,
-                 norm: InputNorm, model_size: int | None, force: bool) -> None:
+                 norm: InputNorm, model_size: int | None, force: bool, white_rule: str = "grey") -> None:
         self.samples = list(samples)
         self.spec = spec
         self.layers = tuple(layers)
@@ -114,6 +139,7 @@ class PseudoMaskDataset(Dataset):
         self.norm = norm
         self.model_size = model_size
         self.force = force
+        self.white_rule = white_rule
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -132,19 +158,20 @@ class PseudoMaskDataset(Dataset):
                 else:
                     item["counts"][layer] = np.bincount(mask.ravel(), minlength=self.spec.background_index + 1)
         if item["todo"]:
-            item.update(patch_item(read_rgb(sample.path), sample.label, self.spec, self.norm, self.model_size))
+            item.update(patch_item(read_rgb(sample.path), sample.label, self.spec, self.norm, self.model_size,
+                                   self.white_rule))
         return item
 
 
 def patch_item(image: np.ndarray, label: Sequence[int], spec: DatasetSpec, norm: InputNorm,
-               model_size: int | None) -> dict:
+               model_size: int | None, white_rule: str = "grey") -> dict:
     """What :func:`pseudo_masks` needs of one patch ``(H, W, 3)`` uint8 with multi-hot ``label``:
     ``x`` model input, ``label`` bool, ``size`` (H, W), ``white`` background mask or None."""
     return {
         "x": to_tensor(resize_rgb(image, model_size), norm),
         "label": torch.tensor(label, dtype=torch.bool),
         "size": tuple(image.shape[:2]),
-        "white": torch.from_numpy(white_mask(image)) if spec.white_is_background else None,
+        "white": torch.from_numpy(white_mask(image, rule=white_rule)) if spec.white_is_background else None,
     }
 
 
@@ -167,15 +194,16 @@ def _shape_groups(items: Sequence[dict]) -> Iterator[list[dict]]:
 
 
 def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Sequence[str], spec: DatasetSpec,
-                 device: torch.device, tie_rule: str = "ours") -> dict[str, torch.Tensor]:
+                 device: torch.device, method: PmMethod = PmMethod()) -> dict[str, torch.Tensor]:
     """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items)."""
     x = torch.stack([item["x"] for item in items]).to(device)
     labels = torch.stack([item["label"] for item in items]).to(device)
     white = None
     if items[0]["white"] is not None:
         white = torch.stack([item["white"] for item in items]).to(device)
-    cams = multi_layer_gradcam(model, x, layers, size=tuple(items[0]["size"]))
-    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index, tie_rule).to(torch.uint8).cpu()
+    cams = averaged_gradcam(model, x, layers, tuple(items[0]["size"]), method.scales, method.flip)
+    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index,
+                                    method.tie_rule).to(torch.uint8).cpu()
             for layer in layers}
 
 
@@ -225,7 +253,7 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
     out = cfg.out_dir
     _save_config(cfg, out)
     loader = DataLoader(
-        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force),
+        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list,
         pin_memory=device.type == "cuda",
     )
@@ -234,7 +262,7 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
         writer.count_existing(batch)
         for group in _shape_groups(batch):
             needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
-            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.tie_rule))
+            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method))
         del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
     names = [*spec.classes, "background"][: spec.background_index + 1]
     summary = {

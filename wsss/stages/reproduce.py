@@ -20,6 +20,7 @@ clear message instead of mixing results (``--force`` starts over).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,8 +35,9 @@ from typing import Any
 import torch
 
 from wsss import config as cfglib
-from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
-from wsss.data.layout import default_pm_dir, train_gt_dir
+from wsss.config import IMPROVEMENTS, PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
+from wsss.data.layout import train_gt_dir
+from wsss.data.synth import resolve_look
 from wsss.data.specs import DatasetSpec, get_spec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
@@ -45,7 +47,7 @@ from wsss.runtime import atomic_path
 log = logging.getLogger(__name__)
 
 PM_LAYERS = ("b4_5", "b5_2", "bn7")
-SYNTH_MARKER = "synth.json"
+SYNTH_MARKER = "synth.json"  # wsss.data.synth.SUMMARY_NAME: written once the synthetic data is complete
 SEED_RESULT = "seed_result.json"
 
 
@@ -59,7 +61,8 @@ class ReproduceConfig:
     report: Path | None = None  # None: results/<run>
     synth: bool = False  # generate the synthetic dataset into DATA first (skipped when it is there)
     synth_counts: tuple[int, int, int] = (1000, 100, 100)
-    synth_options: Mapping[str, Any] = field(default_factory=dict)  # the look of the synthetic data
+    synth_look: str = "default"  # the look of the synthetic data (wsss.data.synth.LOOKS)
+    transfer: Path | None = None  # also test each seed's stage 2 on this dataset's test split
     stage1_init: Path | None = None
     stage2_init: Path | None = None
     seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
@@ -73,6 +76,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         check_gate_options(self.gate_mode, 0.1)
+        resolve_look(self.synth_look)
         seeds = tuple(int(s) for s in self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
@@ -96,11 +100,12 @@ class ReproduceConfig:
         """What the results depend on (not how or where they are computed)."""
         return {"dataset": get_spec(self.dataset).name, "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
-                "gate_mode": self.gate_mode}
+                "gate_mode": self.gate_mode,
+                "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None}
 
 
 # Keys added to the signature after the first release, with the value older progress files meant.
-_SIGNATURE_DEFAULTS = {"gate_mode": "mask"}
+_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None}
 
 
 def _str(p: Path | None) -> str | None:
@@ -191,31 +196,43 @@ UPPER_BOUND = Variant("gt", "fully supervised (true masks)", true_masks=True,
                       stage2={"pm_layers": ("gt",), "pm_weights": (1.0,)})
 
 
-def _preset_value(presets: dict, cls: type, preset: str | None, name: str):
-    values = presets.get(preset or "paper", {})
-    if name in values:
-        return values[name]
-    return next(f.default for f in cls.__dataclass_fields__.values() if f.name == name)
+def _default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def improvement_variants(preset: str | None) -> list[Variant]:
+    """One row per setting in which our presets differ from the reference (``config.IMPROVEMENTS``):
+    for a preset that has it, the row goes back to the paper's value; for one that does not, the row
+    turns it on. So every improvement, and every recipe correction, shows what it does."""
+    from wsss.stages.pseudo_masks import PseudoMaskConfig
+
+    steps = {"stage1": ("stage 1", STAGE1_PRESETS, Stage1Config), "pm": ("pseudo-masks", PM_PRESETS, PseudoMaskConfig),
+             "stage2": ("stage 2", STAGE2_PRESETS, Stage2Config)}
+    variants = []
+    for step, ours in IMPROVEMENTS.items():
+        title, presets, cls = steps[step]
+        values = presets.get(preset or "paper", {})
+        for key, improved in ours.items():
+            paper = _default(cls, key)
+            other = paper if values.get(key, paper) != paper else improved
+            label = "paper" if other == paper else "ours"
+            variants.append(Variant(f"{step}_{key}_{_fmt(other)}",
+                                    f"{title} --{key.replace('_', '-')} {_fmt(other)} ({label})",
+                                    **{step: {key: other}}))
+    return variants
 
 
 def ablation_variants(preset: str | None) -> list[Variant]:
     """The README's ablations for ``preset``: each changes one thing of the full method."""
-    variants = [
+    return [
         Variant("bn7_only", "single-layer PM (bn7)", stage2={"pm_layers": ("bn7",), "pm_weights": (1.0,)}),
         Variant("no_pda", "no PDA", stage1={"pda": False}),
+        *improvement_variants(preset),
     ]
-    # The two recipe differences from the reference (README, "Fidelity to the reference"): each row
-    # runs the other recipe, so a user sees what the difference does.
-    momentum = _preset_value(STAGE1_PRESETS, Stage1Config, preset, "momentum")
-    other = 0.9 if momentum == 0.0005 else 0.0005
-    variants.append(Variant(f"stage1_momentum_{other:g}",
-                            f"stage-1 momentum {other:g} ({'reference' if other == 0.0005 else 'corrected'})",
-                            stage1={"momentum": other}))
-    reduction = _preset_value(STAGE2_PRESETS, Stage2Config, preset, "loss_reduction")
-    other = "mean" if reduction == "reference" else "reference"
-    variants.append(Variant(f"loss_reduction_{other}", f"stage-2 --loss-reduction {other}",
-                            stage2={"loss_reduction": other}))
-    return variants
 
 
 # --------------------------------------------------------------------------- the steps
@@ -225,9 +242,8 @@ def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
     n_train, n_val, n_test = cfg.synth_counts
-    summary = generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
-                       workers=max(1, os.cpu_count() or 1), **dict(cfg.synth_options))
-    write_json(Path(cfg.data) / SYNTH_MARKER, summary)
+    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test,
+             workers=max(1, os.cpu_count() or 1), look=resolve_look(cfg.synth_look))
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
@@ -289,12 +305,24 @@ def _stage2(s2: Stage2Config, force: bool) -> dict:
     return summary["metrics"]
 
 
-def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path) -> dict:
+def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1: Path) -> dict:
+    """The seed's stage 2 (and gate) tested on another dataset's test split: data it never saw."""
+    from wsss.runtime import resolve_device
+    from wsss.stages.stage2 import evaluate_checkpoint
+
+    if not Path(cfg.transfer).is_dir():
+        raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
+    metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
+                                  gate_mode=cfg.gate_mode)
+    return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
+
+
+def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path, pm) -> dict:
     from wsss.figures import cam_figure, examples_figure
 
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
     examples = examples_figure(spec, Path(cfg.data), stage1, pred_dirs, report / "examples.png",
-                               layers=PM_LAYERS, device=cfg.device)
+                               layers=PM_LAYERS, device=cfg.device, method=pm.method)
     cams = cam_figure(spec, Path(cfg.data), stage1, report / "cams.png", device=cfg.device)
     return {"examples": str(examples), "cams": str(cams)}
 
@@ -339,7 +367,7 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
     s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
     stage1 = ctx.step(f"{key}stage1", f"{title}stage 1: train-stage1 + eval-cam", lambda: _stage1(s1, cfg.force),
                       (s1_ckpt,))
-    pm_dir = default_pm_dir(data) if seed == 0 else out / "train_PM"
+    pm_dir = out / "train_PM"  # the run's own pseudo-masks (DATA/train_PM may hold someone else's)
     pm = pm_config(cfg, s1_ckpt, pm_dir)
     ctx.step(f"{key}pseudo_masks", f"{title}pseudo-masks: generate-pm", lambda: _pseudo_masks(pm),
              tuple(pm_dir / f"PM_{layer}" for layer in PM_LAYERS))
@@ -373,8 +401,12 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
         if result["upper_bound"] is not None:
             rows[UPPER_BOUND.title] = _row({"stage1_cam": None, "stage2": result["upper_bound"]})
         result["ablations"] = rows
+    if cfg.transfer is not None:
+        result["transfer"] = ctx.step(
+            f"{key}transfer", f"{title}transfer: evaluate on {cfg.transfer}",
+            lambda: _transfer(cfg, spec, out / f"stage2_checkpoint_trained_on_{spec.name}.pth", s1_ckpt))
     if figures:
-        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report),
+        ctx.step(f"{key}figures", f"{title}figures", lambda: _figures(spec, cfg, s1_ckpt, report, pm),
                  (report / "examples.png", report / "cams.png"))
     write_json(report / SEED_RESULT, result)
     return result
@@ -461,6 +493,7 @@ def run(cfg: ReproduceConfig) -> dict:
         "stage2": first["stage2"],
         "stage2_val_best": first["stage2_val_best"],
         "upper_bound": first["upper_bound"],
+        "transfer": first.get("transfer"),
         "ablations": first["ablations"],
         "summary": aggregate_files([cfg.seed_dirs(seed)[1] / SEED_RESULT for seed in cfg.seeds]),
         "times": ctx.times,
@@ -487,6 +520,10 @@ def result_rows(result: dict) -> dict[str, float | None]:
     if result.get("upper_bound"):
         rows["upper bound: stage 2 on true masks (test)"] = _miou(result["upper_bound"]["test"])
         rows["upper bound + gate (test)"] = _miou(result["upper_bound"].get("test_gate"))
+    if result.get("transfer"):
+        name = Path(result["transfer"]["data"]).name
+        rows[f"stage 2 tested on {name}"] = _miou(result["transfer"]["test"])
+        rows[f"stage 2 + gate tested on {name}"] = _miou(result["transfer"]["test_gate"])
     for name, row in (result.get("ablations") or {}).items():
         if name == "full method":
             continue
@@ -574,6 +611,10 @@ def _detail_table(r: dict) -> list[str]:
     if r.get("upper_bound"):
         rows.append(("upper bound: stage 2 on true masks (test)", r["upper_bound"]["test"]))
         rows.append(("upper bound + gate (test)", r["upper_bound"]["test_gate"]))
+    if r.get("transfer"):
+        name = Path(r["transfer"]["data"]).name
+        rows.append((f"stage 2 tested on {name}", r["transfer"]["test"]))
+        rows.append((f"stage 2 + gate tested on {name}", r["transfer"]["test_gate"]))
     lines = ["| result | mIoU | fwIoU | pixel acc | " + " | ".join(f"IoU {c}" for c in classes) + " |",
              "|---|---:|---:|---:|" + "---:|" * len(classes)]
     for name, m in rows:
