@@ -3,6 +3,7 @@ then the wall time and peak memory of a whole large image.
 
     python bench/predict_speed.py [--preset cpu|paper] [--backbone NAME --head-channels N --image-size N]
                                   [--tile 224 --overlap 32 --batch-size 8] [--size 10000] [--threads N]
+                                  [--pipeline]
 
 Part 1 times the tile predictor (resize, normalise, DeepLab forward, softmax) on a batch of random
 windows of a randomly initialised model of the preset's architecture. Part 2 (``--size N``, 0 skips
@@ -10,6 +11,11 @@ it) writes an N × N synthetic PNG (a random H&E-coloured texture with white gla
 ``python -m wsss predict`` on it in a child process, so the peak resident memory reported (the child's
 ``ru_maxrss``) is the command's own, from interpreter start to the last PNG written; the same command
 on a 224-px image gives the fixed part (Python, torch, the model).
+
+Part 3 (``--pipeline``) times the whole sliding window (``wsss.tiling.predict_mask``) on a narrow and
+a wide synthetic image, batching as before this change (within one row of windows, no prefetch
+thread) and as now (rows grouped to fill a batch, the next group prepared in a background thread),
+alternating the two so that both see the same machine load; windows/s and GEMM fraction side by side.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from wsss.data.specs import LUAD  # noqa: E402
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
 from wsss.runtime import save_checkpoint  # noqa: E402
 from wsss.stages import stage2  # noqa: E402
-from wsss.stages.predict import TilePredictor, tiles_of  # noqa: E402
+from wsss.inference import TilePredictor  # noqa: E402
+from wsss.tiling import predict_mask, tiles_of  # noqa: E402
 
 
 def make_checkpoint(path: Path, cfg: Stage2Config) -> None:
@@ -58,6 +65,34 @@ def bench_tiles(path: Path, tile: int, batch: int, repeats: int) -> float:
     print(f"  {flops / batch / 1e9:.3f} GFLOP per window -> {flops / seconds / 1e9:.1f} GFLOP/s; "
           f"fp32 GEMM peak measured now {peak / 1e9:.1f} GFLOP/s; fraction reached {flops / seconds / peak:.2f}")
     return batch / seconds
+
+
+def bench_pipeline(path: Path, args) -> None:
+    """Print windows/s of the sliding window batched within rows (before) and across rows with
+    prefetch (now), on a narrow image (fewer windows a row than a batch) and a wide one."""
+    seg = stage2.load_segmenter(path)
+    predict = TilePredictor(seg, args.tile, torch.device("cpu"))
+    stride = args.tile - args.overlap
+    peak = gemm_flops_per_second()
+    rng = np.random.default_rng(0)
+    per_window = count_flops(lambda: predict([rng.integers(0, 256, (args.tile, args.tile, 3), dtype=np.uint8)]))
+    for name, (cols, rows) in (("narrow", (2, 12)), ("wide", (12, 2))):
+        h, w = args.tile + stride * (rows - 1), args.tile + stride * (cols - 1)
+        image = synthetic_image(max(h, w))[:h, :w]
+        n = tiles_of(h, w, args.tile, args.overlap)
+        modes = {"within rows, no prefetch (before)": dict(group=1, depth=0), "across rows + prefetch (now)": {}}
+        times = {mode: [] for mode in modes}
+        predict_mask(image, predict, args.tile, args.overlap, args.batch_size)  # warm-up
+        for _ in range(args.repeats):
+            for mode, kw in modes.items():
+                t = time.perf_counter()
+                predict_mask(image, predict, args.tile, args.overlap, args.batch_size, **kw)
+                times[mode].append(time.perf_counter() - t)
+        print(f"  {name} image {w} x {h} px ({cols} windows a row, {n} windows, batch {args.batch_size}):")
+        for mode, ts in times.items():
+            best = sorted(ts)[len(ts) // 2]
+            print(f"    {mode:36s} {n / best:7.1f} windows/s, GEMM fraction {per_window * n / best / peak:.2f}")
+    print(f"  fp32 GEMM peak measured now {peak / 1e9:.1f} GFLOP/s")
 
 
 def synthetic_image(size: int, seed: int = 0) -> np.ndarray:
@@ -107,6 +142,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=0, help="also run wsss predict on an N x N image (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--pipeline", action="store_true", help="also time the whole sliding window, before/now")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -119,6 +155,8 @@ def main() -> None:
         checkpoint = Path(tmp) / "stage2.pth"
         make_checkpoint(checkpoint, cfg)
         bench_tiles(checkpoint, args.tile, args.batch_size, args.repeats)
+        if args.pipeline:
+            bench_pipeline(checkpoint, args)
         if args.size:
             bench_image(checkpoint, Path(tmp), args)
 

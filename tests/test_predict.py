@@ -14,12 +14,15 @@ from PIL import Image
 from cli_helpers import run_cli
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
-from wsss.data.datasets import to_tensor
+from wsss.data.datasets import InputNorm, to_tensor
 from wsss.data.specs import BCSS, LUAD
 from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import save_checkpoint
+from wsss import inference as I
+from wsss import pixels as X
+from wsss import tiling as TL
 from wsss.stages import predict as P
 from wsss.stages import stage1, stage2
 from wsss.viz import legend, overlay
@@ -71,44 +74,44 @@ def _save(path: Path, image: np.ndarray, mode: str | None = None) -> Path:
 
 
 def test_tile_starts_cover_the_image_with_the_last_tile_flush():
-    assert P.tile_starts(500, 224, 32) == [0, 192, 276]  # stride 192; 276 + 224 = 500
-    assert P.tile_starts(416, 224, 32) == [0, 192]  # 192 + 224 = 416 exactly: no extra tile
-    assert P.tile_starts(224, 224, 32) == [0]
-    assert P.tile_starts(100, 224, 32) == [0]
-    assert P.tile_starts(130, 64, 0) == [0, 64, 66]
-    assert P.tiles_of(500, 100, 224, 32) == 3
+    assert TL.tile_starts(500, 224, 32) == [0, 192, 276]  # stride 192; 276 + 224 = 500
+    assert TL.tile_starts(416, 224, 32) == [0, 192]  # 192 + 224 = 416 exactly: no extra tile
+    assert TL.tile_starts(224, 224, 32) == [0]
+    assert TL.tile_starts(100, 224, 32) == [0]
+    assert TL.tile_starts(130, 64, 0) == [0, 64, 66]
+    assert TL.tiles_of(500, 100, 224, 32) == 3
 
 
 def test_blend_window_tapers_and_sums_to_one_across_an_overlap():
     s1, s3 = np.sin(np.pi / 8) ** 2, np.sin(3 * np.pi / 8) ** 2  # sin²(π/2 · (i + ½) / 2), i = 0, 1
-    assert np.allclose(P.blend_window(6, 2), [s1, s3, 1, 1, s3, s1])
-    assert np.array_equal(P.blend_window(5, 0), np.ones(5, dtype=np.float32))
-    assert P.blend_window(4, 8).min() >= 1e-3 and P.blend_window(4, 8)[0] == P.blend_window(4, 8)[-1]
+    assert np.allclose(TL.blend_window(6, 2), [s1, s3, 1, 1, s3, s1])
+    assert np.array_equal(TL.blend_window(5, 0), np.ones(5, dtype=np.float32))
+    assert TL.blend_window(4, 8).min() >= 1e-3 and TL.blend_window(4, 8)[0] == TL.blend_window(4, 8)[-1]
     # two windows of 64 overlapping by 16: the weights of the shared pixels add up to 1 (sin² + cos²)
-    w = P.blend_window(64, 16)
+    w = TL.blend_window(64, 16)
     assert np.allclose(w[48:] + w[:16], 1.0, atol=1e-6)
 
 
 def test_model_size_keeps_the_training_scale():
-    assert P.model_size((224, 224), 224, 112) == (112, 112)
-    assert P.model_size((40, 64), 64, 32) == (20, 32)  # a window clipped to a small image keeps the scale
-    assert P.model_size((40, 64), 64, None) == (40, 64)  # published checkpoints: native resolution
+    assert I.model_size((224, 224), 224, 112) == (112, 112)
+    assert I.model_size((40, 64), 64, 32) == (20, 32)  # a window clipped to a small image keeps the scale
+    assert I.model_size((40, 64), 64, None) == (40, 64)  # published checkpoints: native resolution
 
 
 # --------------------------------------------------------------------------- sliding window
 
 
 def test_one_tile_equals_whole_image_inference(seg):
-    predictor = P.TilePredictor(seg, TILE, torch.device("cpu"))
+    predictor = I.TilePredictor(seg, TILE, torch.device("cpu"))
     image = _random_image(TILE, TILE)
     x = to_tensor(np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR)), seg.norm)[None]
     expected = stage2.segment(seg.model, x, (TILE, TILE)).argmax(dim=1)[0].numpy()
-    assert np.array_equal(P.predict_mask(image, predictor, TILE, 16, 4), expected)
+    assert np.array_equal(TL.predict_mask(image, predictor, TILE, 16, 4), expected)
 
     small = _random_image(40, 56, seed=1)  # smaller than a tile: one window of 40 × 56 at half scale
     x = to_tensor(np.asarray(Image.fromarray(small).resize((28, 20), Image.BILINEAR)), seg.norm)[None]
     expected = stage2.segment(seg.model, x, (40, 56)).argmax(dim=1)[0].numpy()
-    assert np.array_equal(P.predict_mask(small, predictor, TILE, 16, 4), expected)
+    assert np.array_equal(TL.predict_mask(small, predictor, TILE, 16, 4), expected)
 
 
 def _content_predictor(tiles):
@@ -125,10 +128,10 @@ def _full_blend(image, predict, tile, overlap):
     """The straightforward sliding window: whole-image (C, H, W) sums, for comparison."""
     height, width = image.shape[:2]
     th, tw = min(tile, height), min(tile, width)
-    weight = torch.from_numpy(np.outer(P.blend_window(th, overlap), P.blend_window(tw, overlap)))
+    weight = torch.from_numpy(np.outer(TL.blend_window(th, overlap), TL.blend_window(tw, overlap)))
     acc, wsum = torch.zeros(3, height, width), torch.zeros(height, width)
-    for y0 in P.tile_starts(height, th, overlap):
-        for x0 in P.tile_starts(width, tw, overlap):
+    for y0 in TL.tile_starts(height, th, overlap):
+        for x0 in TL.tile_starts(width, tw, overlap):
             acc[:, y0 : y0 + th, x0 : x0 + tw] += predict([image[y0 : y0 + th, x0 : x0 + tw]])[0] * weight
             wsum[y0 : y0 + th, x0 : x0 + tw] += weight
     return acc / wsum
@@ -141,8 +144,8 @@ def _full_blend(image, predict, tile, overlap):
 ])
 def test_row_by_row_blending_equals_whole_image_blending(size, tile, overlap, batch):
     image = _random_image(*size, seed=2)
-    bands = list(P.probability_bands(image, _content_predictor, tile, overlap, batch))
-    assert [top for top, _ in bands] == P.tile_starts(size[0], min(tile, size[0]), overlap)
+    bands = list(TL.probability_bands(image, _content_predictor, tile, overlap, batch))
+    assert [top for top, _ in bands] == TL.tile_starts(size[0], min(tile, size[0]), overlap)
     probs = torch.cat([p for _, p in bands], dim=1)
     assert probs.shape == (3, *size)
     assert torch.allclose(probs, _full_blend(image, _content_predictor, tile, overlap), atol=1e-6)
@@ -169,16 +172,16 @@ def test_constant_texture_gets_the_same_class_at_tile_borders_as_in_tile_centres
     ys, xs = np.arange(192)[:, None], np.arange(256)[None, :]
 
     # without overlap every window's 8-px frame shows: a seam grid of class 1 at the window borders
-    plain = P.predict_mask(image, predict, TILE, 0, 4)
+    plain = TL.predict_mask(image, predict, TILE, 0, 4)
     near_tile_edge = (np.minimum(ys % TILE, TILE - 1 - ys % TILE) < 8) | (np.minimum(xs % TILE, TILE - 1 - xs % TILE) < 8)
     assert np.array_equal(plain, near_tile_edge.astype(np.uint8))
 
     # blended: class 1 only in the 8-px frame of the image itself, where no neighbour window exists
-    blended = P.predict_mask(image, predict, TILE, 32, 4)
+    blended = TL.predict_mask(image, predict, TILE, 32, 4)
     near_image_edge = (np.minimum(ys, 191 - ys) < 8) | (np.minimum(xs, 255 - xs) < 8)
     assert np.array_equal(blended, near_image_edge.astype(np.uint8))
     inner = blended[8:-8, 8:-8]
-    starts = [s for s in P.tile_starts(256, TILE, 32) if s > 8]
+    starts = [s for s in TL.tile_starts(256, TILE, 32) if s > 8]
     assert set(inner[:, [s - 8 for s in starts]].ravel()) == {0} == set(inner[TILE // 2 - 8 :: TILE].ravel())
 
 
@@ -192,12 +195,12 @@ def _seam_jumps(probs: torch.Tensor, starts: list[int], tile: int) -> tuple[floa
 
 
 def test_blended_probabilities_of_a_real_network_vary_smoothly_across_tile_borders(seg):
-    predictor = P.TilePredictor(seg, TILE, torch.device("cpu"))
+    predictor = I.TilePredictor(seg, TILE, torch.device("cpu"))
     image = np.full((200, 200, 3), (180, 90, 160), dtype=np.uint8)
     for overlap, seams in ((0, True), (32, False)):
-        probs = torch.cat([p for _, p in P.probability_bands(image, predictor, TILE, overlap, 8)], dim=1)
+        probs = torch.cat([p for _, p in TL.probability_bands(image, predictor, TILE, overlap, 8)], dim=1)
         for view in (probs, probs.transpose(1, 2)):  # columns, then rows
-            at, elsewhere = _seam_jumps(view, P.tile_starts(200, TILE, overlap), TILE)
+            at, elsewhere = _seam_jumps(view, TL.tile_starts(200, TILE, overlap), TILE)
             if seams:  # the untrained network's padding effects: a jump at every window border
                 assert at > 2 * elsewhere
             else:
@@ -212,8 +215,8 @@ def test_gate_zeroes_the_probability_of_classes_the_classifier_rules_out_per_til
     cls = stage2.class_probs(clf, xg)  # (2, 4), the classifier at its own 48 px
     c = int((cls[0] - cls[1]).abs().argmax())
     threshold = float(cls[:, c].mean())  # class c is gated in exactly one of the two tiles
-    gated = P.TilePredictor(seg, TILE, torch.device("cpu"), clf, threshold)(tiles)
-    plain = P.TilePredictor(seg, TILE, torch.device("cpu"))(tiles)
+    gated = I.TilePredictor(seg, TILE, torch.device("cpu"), clf, threshold)(tiles)
+    plain = I.TilePredictor(seg, TILE, torch.device("cpu"))(tiles)
     x = torch.stack([to_tensor(np.asarray(Image.fromarray(t).resize((32, 32), Image.BILINEAR)), seg.norm)
                      for t in tiles])
     logits = stage2.segment(seg.model, x, (TILE, TILE))
@@ -237,15 +240,15 @@ def test_white_background_by_row_blocks_equals_white_mask():
     image[100:, :20] = 230  # background touching the image border
     expected = white_mask(image)
     assert expected[25, 70] and not expected[20, 60] and not expected[5, 5] and expected[5, 30]
-    assert np.array_equal(P.white_background(image, block_pixels=90 * 7), expected)
-    assert np.array_equal(P.white_background(image), expected)
+    assert np.array_equal(X.white_background(image, block_pixels=90 * 7), expected)
+    assert np.array_equal(X.white_background(image), expected)
 
 
 def test_class_fractions_and_overlay_with_legend():
     mask = np.array([[0, 0, 1, 4], [4, 4, 2, 0]], dtype=np.uint8)
-    assert np.allclose(P.class_fractions(mask, 5), [3 / 8, 1 / 8, 1 / 8, 0, 3 / 8])
+    assert np.allclose(X.class_fractions(mask, 5), [3 / 8, 1 / 8, 1 / 8, 0, 3 / 8])
     image = _random_image(2, 4)
-    canvas = P.overlay_with_legend(image, mask, LUAD)
+    canvas = X.overlay_with_legend(image, mask, LUAD)
     key = np.asarray(legend(LUAD))
     assert canvas.shape == (2 + key.shape[0], max(4, key.shape[1]), 3)
     assert np.array_equal(canvas[:2, :4], overlay(image, mask, LUAD))
@@ -314,7 +317,7 @@ def test_predict_writes_masks_overlays_and_summary(ckpts, seg, tmp_path, capsys,
     mask, palette = _read_mask(out / "wide_mask.png")
     assert palette[: 3 * 5] == LUAD.flat_palette()[: 3 * 5]
     gate = stage1.load_classifier(ckpts["s1"], 4)
-    expected = P.predict_mask(wide, P.TilePredictor(seg, TILE, torch.device("cpu"), gate, 0.5), TILE, 16, 3)
+    expected = TL.predict_mask(wide, I.TilePredictor(seg, TILE, torch.device("cpu"), gate, 0.5), TILE, 16, 3)
     expected[white_mask(wide)] = 4
     assert np.array_equal(mask, expected)
     assert np.all(mask[60:, :40] == 4) and set(np.unique(mask)) <= {0, 1, 2, 3, 4}
@@ -390,6 +393,8 @@ def test_bad_inputs_end_in_one_clear_line(ckpts, tmp_path, capsys, monkeypatch):
     assert "stage-1" in _one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--gate", "--stage1-checkpoint", ckpts["s2"])
     assert "--overlap must be" in _one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--overlap", TILE)
+    assert "--tta must be one of none, flip, d4, not 'd8'" in _one_line_error(
+        capsys, monkeypatch, "predict", good, *s2, *base, "--tta", "d8")
     assert "unknown dataset 'lung'" in _one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--dataset", "lung")
     assert not out.exists()
@@ -449,14 +454,14 @@ def _can_measure_rss() -> bool:
 def test_memory_grows_with_the_tile_row_not_with_classes_times_pixels(ckpts, tmp_path):
     """A 3000 × 3000 image: whole-image float32 sums (4 classes + weight) would take 172 MiB."""
     seg = stage2.load_segmenter(ckpts["s2"])
-    predictor = P.TilePredictor(seg, 224, torch.device("cpu"))  # windows of 224 px, the model at 32
+    predictor = I.TilePredictor(seg, 224, torch.device("cpu"))  # windows of 224 px, the model at 32
     predictor([np.zeros((224, 224, 3), dtype=np.uint8)] * 8)  # first-call allocations out of the way
     n = 3000
     image = np.full((n, n, 3), (200, 120, 180), dtype=np.uint8)
     image[::7] = (90, 40, 120)
     image[:, : n // 4] = 250  # glass
 
-    extra = _peak_extra_rss(lambda: P.predict_mask(image, predictor, 224, 32, 8))
+    extra = _peak_extra_rss(lambda: TL.predict_mask(image, predictor, 224, 32, 8))
     full = 5 * n * n * 4
     assert extra < full / 3, f"{extra / 2**20:.0f} MiB"
 
@@ -471,3 +476,64 @@ def test_memory_grows_with_the_tile_row_not_with_classes_times_pixels(ckpts, tmp
         peaks[side] = _peak_extra_rss(lambda path=path: P.predict_image(path, predictor, LUAD, cfg))
     per_pixel = (peaks[n] - peaks[n // 2]) / (n * n - (n // 2) ** 2)
     assert per_pixel < 16, f"{per_pixel:.1f} bytes per pixel"
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+
+class _SymmetricConv(torch.nn.Module):
+    """A segmenter equivariant under every flip and 90° rotation: one 3 × 3 convolution whose kernels
+    are D4-symmetric (one weight for the centre, one for the 4 edge neighbours, one for the 4
+    corners), zero padding, then bilinear resizing to the window."""
+
+    num_classes = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        centre, edge, corner = torch.randn(3, 3, 3, generator=g)  # each (out, in)
+        kernel = torch.empty(3, 3, 3, 3)
+        kernel[:, :, 1, 1] = centre
+        for i, j in ((0, 1), (1, 0), (1, 2), (2, 1)):
+            kernel[:, :, i, j] = edge
+        for i, j in ((0, 0), (0, 2), (2, 0), (2, 2)):
+            kernel[:, :, i, j] = corner
+        self.kernel = torch.nn.Parameter(kernel)
+
+    def forward(self, x, size=None):
+        logits = torch.nn.functional.conv2d(x, self.kernel, padding=1)
+        return {"out": torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=True)}
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (40, 56)])
+def test_tta_leaves_an_equivariant_model_unchanged(shape):
+    seg = stage2.LoadedSegmenter(_SymmetricConv(), InputNorm(), None, None)
+    tiles = [_random_image(*shape, seed=s) for s in range(3)]
+    plain = I.TilePredictor(seg, 64, torch.device("cpu"))(tiles)
+    for mode in ("flip", "d4"):
+        augmented = I.TilePredictor(seg, 64, torch.device("cpu"), tta=mode)(tiles)
+        assert torch.allclose(augmented, plain, atol=1e-6)
+        assert torch.equal(augmented.argmax(dim=1), plain.argmax(dim=1))
+
+
+def test_tta_averages_the_softmax_of_every_flip_and_rotation_mapped_back(seg):
+    tiles = [_random_image(TILE, 48, seed=s) for s in range(2)]  # not square: rotations swap h and w
+    x = torch.stack([to_tensor(np.asarray(Image.fromarray(t).resize((24, 32), Image.BILINEAR)), seg.norm)
+                     for t in tiles])  # the model input: windows at half scale
+
+    def probs(xt, size, undo):
+        return undo(stage2.segment(seg.model, xt, size).softmax(dim=1))
+
+    h, w = TILE, 48
+    flips = [probs(x, (h, w), lambda p: p), probs(x.flip(3), (h, w), lambda p: p.flip(3)),
+             probs(x.flip(2), (h, w), lambda p: p.flip(2)), probs(x.flip(2).flip(3), (h, w), lambda p: p.flip(3).flip(2))]
+    xt = x.permute(0, 1, 3, 2)  # transposed windows (w, h); each result is mapped back by the inverse
+    turned = [probs(xt, (w, h), lambda p: p.permute(0, 1, 3, 2)),
+              probs(torch.rot90(x, 1, (2, 3)), (w, h), lambda p: torch.rot90(p, -1, (2, 3))),
+              probs(torch.rot90(x, 3, (2, 3)), (w, h), lambda p: torch.rot90(p, -3, (2, 3))),
+              probs(xt.flip(2).flip(3), (w, h), lambda p: p.flip(2).flip(3).permute(0, 1, 3, 2))]
+    flip = I.TilePredictor(seg, TILE, torch.device("cpu"), tta="flip")(tiles)
+    d4 = I.TilePredictor(seg, TILE, torch.device("cpu"), tta="d4")(tiles)
+    assert torch.allclose(flip, torch.stack(flips).mean(dim=0), atol=1e-6)
+    assert torch.allclose(d4, torch.stack(flips + turned).mean(dim=0), atol=1e-6)
+    assert not torch.allclose(d4, flips[0], atol=1e-3)  # an untrained network is far from equivariant

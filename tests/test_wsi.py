@@ -25,9 +25,11 @@ from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import save_checkpoint
-from wsss.stages import predict as P
+from wsss import inference as I
+from wsss import tiling as TL
 from wsss.stages import stage1, stage2
 from wsss.wsi import geojson as G
+from wsss.wsi import label_image as L
 from wsss.wsi import predict_wsi as W
 from wsss.wsi import slide as S
 from wsss.wsi import tissue as T
@@ -86,8 +88,8 @@ def s1_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def predictor(ckpt) -> P.TilePredictor:
-    return P.TilePredictor(stage2.load_segmenter(ckpt), TILE, torch.device("cpu"))
+def predictor(ckpt) -> I.TilePredictor:
+    return I.TilePredictor(stage2.load_segmenter(ckpt), TILE, torch.device("cpu"))
 
 
 def _args(slide_path, ckpt, out, *extra):
@@ -215,7 +217,7 @@ def test_grid_maps_label_pixels_to_level_0():
 
 def test_replay_start_goes_back_to_every_row_that_reaches_the_next():
     assert [W.replay_start(YS, TILE, k) for k in range(5)] == [0, 0, 1, 2, 4]  # 48 + 64 > 96; 96 + 64 > 128
-    ys = P.tile_starts(100, 64, 48)  # stride 16: three rows above reach row 36
+    ys = TL.tile_starts(100, 64, 48)  # stride 16: three rows above reach row 36
     assert ys == [0, 16, 32, 36] and W.replay_start(ys, 64, 3) == 0
 
 
@@ -279,16 +281,38 @@ def test_polygons_cover_exactly_the_pixels_of_random_label_images():
             assert area == (labels == c).sum()
 
 
-def test_features_are_qupath_annotations_in_level_0_coordinates():
+def test_features_are_qupath_objects_in_level_0_coordinates():
     labels = np.full((4, 8), LUAD.background_index, dtype=np.uint8)
     labels[1:3, 3:6] = 2  # LYM: 3 × 2 label pixels at column 3, row 1
+    labels[0, 7] = 2  # and one more LYM pixel, apart
     grid = W.Grid(level=1, level_downsample=2.0, box=(50, 30, 58, 34), size=(8, 4))  # origin (100, 60)
-    [feature] = G.class_features(labels, LUAD, grid.to_level0)
-    assert feature == {
+    # per region: Polygons, areas in level-0 px² (2 × 2 per label pixel) when µm/px is unknown
+    first, second = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-region"), None, 4.0)
+    assert first == {
         "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [[[106, 62], [112, 62], [112, 66], [106, 66], [106, 62]]]},
-        "properties": {"objectType": "annotation", "classification": {"name": "LYM", "color": [65, 105, 225]}},
+        "geometry": {"type": "Polygon", "coordinates": [[[114, 60], [116, 60], [116, 62], [114, 62], [114, 60]]]},
+        "properties": {"objectType": "annotation", "classification": {"name": "LYM", "color": [65, 105, 225]},
+                       "measurements": {"wsss area px^2": 4.0}},
     }
+    assert second["geometry"]["coordinates"] == [[[106, 62], [112, 62], [112, 66], [106, 66], [106, 62]]]
+    assert second["properties"]["measurements"] == {"wsss area px^2": 24.0}
+    # per class: one MultiPolygon of both, as detections, areas in µm² (0.25 µm² per label pixel)
+    [both] = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-class", "detection"), 0.25, 4.0)
+    assert both["geometry"] == {"type": "MultiPolygon", "coordinates": [first["geometry"]["coordinates"],
+                                                                         second["geometry"]["coordinates"]]}
+    assert both["properties"]["objectType"] == "detection"
+    assert both["properties"]["measurements"] == {"wsss area µm^2": 7 * 0.25, "wsss regions": 2}
+    # --min-area 1 µm² drops the 1-pixel region (0.25 µm²) and keeps the 6-pixel one (1.5 µm²)
+    [kept] = G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions("per-class", min_area=1.0), 0.25, 4.0)
+    assert kept["geometry"]["coordinates"] == [second["geometry"]["coordinates"]]
+    with pytest.raises(WsssError, match="--min-area is in µm², and the slide does not record its µm/px"):
+        G.class_features(labels, LUAD, grid.to_level0, G.GeoJsonOptions(min_area=1.0), None)
+    for bad, message in (({"mode": "per-slide"}, "--geojson-mode must be one of per-class, per-region"),
+                         ({"object_type": "cell"}, "--object-type must be one of annotation, detection"),
+                         ({"min_area": -1.0}, "--min-area is an area in µm²"),
+                         ({"simplify": -0.5}, "--simplify is a tolerance in label pixels")):
+        with pytest.raises(WsssError, match=message):
+            G.GeoJsonOptions(**bad)
 
 
 # --------------------------------------------------------------------------- the command
@@ -297,7 +321,8 @@ def test_features_are_qupath_annotations_in_level_0_coordinates():
 def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, tmp_path, capsys, monkeypatch):
     path, levels = slide
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, out, "--level", 1, "--geojson"))
+    code, stdout, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, out, "--level", 1, "--geojson",
+                                                            "--geojson-mode", "per-region"))
     assert code == 0, err
     assert "level 1 (downsample 2, 1 µm/px), 256×192 px; tiles: 6 segmented, 14 without tissue skipped" in stdout
     assert sorted(p.name for p in out.iterdir()) == ["slide.geojson", "slide_mask.png", "slide_overlay.png",
@@ -323,7 +348,7 @@ def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, t
     assert code == 0, err
     assert json.loads((tmp_path / "all" / "slide_summary.json").read_text())["reader"] == "tifffile"
     full = _read_png(tmp_path / "all" / "slide_mask.png")
-    expected = P.predict_mask(levels[1], predictor, TILE, OVERLAP, 8)  # `wsss predict` on level 1 as an image
+    expected = TL.predict_mask(levels[1], predictor, TILE, OVERLAP, 8)  # `wsss predict` on level 1 as an image
     expected[white_mask(levels[1])] = 4
     assert np.array_equal(full, expected)
     assert np.array_equal(mask[:96, :144], full[:96, :144])
@@ -348,6 +373,8 @@ def test_predict_wsi_skips_glass_and_writes_everything(slide, ckpt, predictor, t
         assert xy.min() >= 0 and xy[:, 0].max() <= 2 * (96 + TILE) and xy[:, 1].max() <= 2 * (48 + TILE)
         assert np.all(xy % 2 == 0)  # label pixel corners, ×2 at level 0
         areas[name] += sum(G.ring_area(r) for r in rings)
+        # level 0 is 0.5 µm/px: 0.25 µm² per level-0 px²
+        assert props["measurements"]["wsss area µm^2"] == 0.25 * sum(G.ring_area(r) for r in rings)
     assert [areas[n] for n in LUAD.classes] == [4 * counts[i] for i in range(4)]  # level-0 px² = 2 × 2 per pixel
 
     with Image.open(out / "slide_overlay.png") as img:
@@ -361,12 +388,13 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     # gated per window as `wsss predict` gates
     code, _, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "roi", "--level", 1,
                                                        "--roi", "60,80,190,100", "--geojson", "--gate",
+                                                       "--geojson-mode", "per-region",
                                                        "--stage1-checkpoint", s1_ckpt, "--gate-threshold", 0.5))
     assert code == 0, err
     mask = _read_png(tmp_path / "roi" / "slide_mask.png")
     crop = levels[1][40:90, 30:125]
-    gated = P.TilePredictor(predictor.seg, TILE, torch.device("cpu"), stage1.load_classifier(s1_ckpt, 4), 0.5)
-    assert np.array_equal(mask, P.predict_mask(crop, gated, TILE, OVERLAP, 8))
+    gated = I.TilePredictor(predictor.seg, TILE, torch.device("cpu"), stage1.load_classifier(s1_ckpt, 4), 0.5)
+    assert np.array_equal(mask, TL.predict_mask(crop, gated, TILE, OVERLAP, 8))
     summary = json.loads((tmp_path / "roi" / "slide_summary.json").read_text())
     assert summary["region"] == [60, 80, 250, 180] and summary["tiles"]["skipped"] == 0
     features = json.loads((tmp_path / "roi" / "slide.geojson").read_text())["features"]
@@ -389,6 +417,36 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     assert summary["classes"]["TE"]["area_um2"] == pytest.approx(te * 0.5 * 512 / 171 * 1.5)
 
 
+@pytest.mark.skipif(not HAVE_OPENSLIDE, reason="needs OpenSlide")
+def test_geojson_is_shifted_as_qupath_crops_slides_to_their_bounds(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """QuPath shows a slide with openslide.bounds-* cropped: its pixel (0, 0) is OpenSlide's level-0
+    (bounds-x, bounds-y), and imported objects are placed in those coordinates."""
+    import openslide
+
+    path, _ = slide
+    args = ("--level", 1, "--geojson", "--reader", "openslide", "--geojson-mode", "per-region")
+
+    def coordinates(out):
+        features = json.loads((out / "slide.geojson").read_text())["features"]
+        return [np.asarray(r) for f in features for r in f["geometry"]["coordinates"]]
+
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "plain", *args))[0] == 0
+    plain = coordinates(tmp_path / "plain")
+    properties = openslide.OpenSlide.properties
+
+    def with_bounds(self):  # what a MIRAX or Leica SCN slide reports
+        return {**properties.fget(self), "openslide.bounds-x": "40", "openslide.bounds-y": "20",
+                "openslide.bounds-width": "400", "openslide.bounds-height": "300"}
+
+    monkeypatch.setattr(openslide.OpenSlide, "properties", property(with_bounds))
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "cropped", *args))[0] == 0
+    cropped = coordinates(tmp_path / "cropped")
+    assert len(cropped) == len(plain) and all(np.array_equal(c, p - [40, 20]) for c, p in zip(cropped, plain))
+    assert json.loads((tmp_path / "cropped" / "slide_summary.json").read_text())["geojson_offset"] == [40, 20]
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "uncropped", *args, "--no-bounds-offset"))[0] == 0
+    assert all(np.array_equal(c, p) for c, p in zip(coordinates(tmp_path / "uncropped"), plain))
+
+
 class _Interrupting:
     """A predictor that counts its calls and stops the run (as Ctrl-C would) at call ``stop_at``."""
 
@@ -408,8 +466,8 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     spies = []
 
     def spy_load(stop_at):
-        def patched(cfg):
-            predictor, spec = load(cfg)
+        def patched(cfg, *args):
+            predictor, spec = load(cfg, *args)
             spies.append(_Interrupting(predictor, stop_at))
             return spies[-1], spec
         monkeypatch.setattr(W, "load_models", patched)
@@ -443,22 +501,100 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
     spy_load(None)
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args, "--overlap", 8))[0] == 0
-    assert len(P.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
+    assert len(TL.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
 
 
-def test_large_label_images_are_written_as_tiled_tiff(tmp_path):
+def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """Batches of 8 with 5 windows a row: rows go in groups of 2 (10 windows: batches of 8 and 2).
+    A conv's floating-point result depends on the batch it ran in, so a resumed run must run the
+    same batches: it goes back to the start of the group holding the rows it must replay."""
+    path, _ = slide
+    load = W.load_models
+    spies = []
+
+    def spy_load(stop_at):
+        def patched(cfg, *args):
+            predictor, spec = load(cfg, *args)
+            spies.append(_Interrupting(predictor, stop_at))
+            return spies[-1], spec
+        monkeypatch.setattr(W, "load_models", patched)
+
+    args = ("--level", 1, "--min-tissue", 0, "--batch-size", 8, "--geojson")
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, tmp_path / "once", *args))[0] == 0
+    assert spies[-1].calls == 4
+    out = tmp_path / "out"
+    spy_load(3)  # stopped in the second group's first batch: rows 0 and 1 are on disk
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
+    assert json.loads((out / "slide_partial" / "state.json").read_text())["rows_done"] == 2
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 0
+    # row 2's blend needs row 1's windows (48 + 64 > 96): row 1's whole group (rows 0 and 1) again
+    assert spies[-1].calls == 4
+    for name in ("slide_mask.png", "slide.geojson"):
+        assert (out / name).read_bytes() == (tmp_path / "once" / name).read_bytes()
+
+
+def test_label_images_png_or_pyramidal_ome_tiff_read_back_by_tifffile_and_openslide(tmp_path):
     labels = np.random.default_rng(0).integers(0, 5, (300, 520)).astype(np.uint8)
     stem = tmp_path / "s"
-    assert W.write_label_image(stem, labels, LUAD, (1.5, 2.0)).name == "s_mask.png"
-    path = W.write_label_image(stem, labels, LUAD, (1.5, 2.0), png_max_pixels=1000)
-    assert path.name == "s_mask.tif" and not (tmp_path / "s_mask.png").exists()
+    (tmp_path / "s_mask.tif").write_bytes(b"a flat TIFF of an earlier version")
+    assert L.write_label_image(stem, labels, LUAD, (1.5, 2.0)).name == "s_mask.png"
+    assert not (tmp_path / "s_mask.tif").exists()
+    path = L.write_label_image(stem, labels, LUAD, (1.5, 2.0), png_max_pixels=1000)
+    assert path.name == "s_mask.ome.tif" and not (tmp_path / "s_mask.png").exists()
+    assert L.write_label_image(stem, labels, LUAD, None, "ome-tiff") == path  # forced, whatever the size
+    first = path.read_bytes()
+    L.write_label_image(stem, labels, LUAD, (1.5, 2.0), "ome-tiff")
     with tifffile.TiffFile(path) as tif:
+        assert tif.is_ome and len(tif.series) == 1
+        levels = tif.series[0].levels  # 520 wide: halved twice until one 256-px tile holds it
+        assert [lv.shape for lv in levels] == [(300, 520), (150, 260), (75, 130)]
+        for k, level in enumerate(levels):
+            assert np.array_equal(level.asarray(), labels[:: 2**k, :: 2**k])
         page = tif.pages[0]
         assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256) and page.photometric == 3
-        assert np.array_equal(page.asarray(), labels)
         assert (page.colormap[:, 2] // 257).tolist() == list(LUAD.palette[2])
         assert S.tiff_mpp(page.tags) == pytest.approx((1.5, 2.0))
+        ome = tifffile.xml2dict(tif.ome_metadata)["OME"]
+        assert S.ome_mpp(tif.ome_metadata) == pytest.approx((1.5, 2.0))  # what our slide readers take
+    pixels = ome["Image"]["Pixels"]
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"], pixels["PhysicalSizeXUnit"]) == (1.5, 2.0, "µm")
+    classes, colours = ome["StructuredAnnotations"]["MapAnnotation"]
+    assert classes["Namespace"] == "wsss/classes"
+    assert [(m["K"], m["value"]) for m in classes["Value"]["M"]] == [
+        (0, "TE"), (1, "NEC"), (2, "LYM"), (3, "TAS"), (4, "background")]
+    assert colours["Value"]["M"][0]["value"] == "#cd3333"  # TE (205, 51, 51)
+    if HAVE_OPENSLIDE:
+        import openslide
+
+        with openslide.OpenSlide(str(path)) as osl:  # a generic tiled TIFF to OpenSlide: level 0 only
+            assert osl.dimensions == (520, 300)
+            rgb = np.asarray(osl.read_region((0, 0), 0, (520, 300)))[..., :3]
+        palette = np.asarray(LUAD.palette, dtype=np.uint8)
+        assert np.array_equal(rgb, palette[labels])
+    # same labels, same bytes (no time stamp or random UUID inside): a resumed run writes the same file
+    L.write_label_image(stem, labels, LUAD, None, "ome-tiff")
+    assert path.read_bytes() == first
     assert np.array_equal(W.sample_labels(labels, (260, 150)), labels[1::2, 1::2])
+
+
+@pytest.mark.parametrize("reader", READER_NAMES)
+def test_ome_tiff_slides_give_their_physical_pixel_size(tmp_path, reader):
+    image = _slide_pixels()[:128, :192]
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tif:  # OME pixel size only: no resolution tags
+        tif.write(image, tile=(64, 64), photometric="rgb", metadata={
+            "axes": "YXS", "PhysicalSizeX": 250.0, "PhysicalSizeXUnit": "nm", "PhysicalSizeY": 0.25})
+    with tifffile.TiffFile(path) as tif:
+        assert S.tiff_mpp(tif.pages[0].tags) is None
+    with S.open_slide(path, reader) as s:
+        assert s.mpp == pytest.approx((0.25, 0.25))  # 250 nm; Y without a unit is in µm
+    assert S.ome_mpp('<OME><Image><Pixels PhysicalSizeX="2" PhysicalSizeXUnit="mm" PhysicalSizeY="4"'
+                     ' PhysicalSizeYUnit="mm"/></Image></OME>') == (2000.0, 4000.0)
+    assert S.ome_mpp('<OME><Image><Pixels PhysicalSizeX="2" PhysicalSizeXUnit="inch" PhysicalSizeY="2"/>'
+                     '</Image></OME>') is None
+    assert S.ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and S.ome_mpp("not xml") is None
 
 
 def _one_line_error(capsys, monkeypatch, *args) -> str:

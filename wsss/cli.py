@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -28,6 +29,9 @@ CheckpointDatasetOpt = typer.Option(
 LabelsCsvOpt = typer.Option(
     None, "--labels-csv", help="Training labels from this CSV (a file column, then one 0/1 column per class, named "
                                "by class) instead of the spec's label source.")
+TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right, upside down and both: 4 passes) "
+            "or d4 (those and their transposes, every 90° rotation with and without a flip: 8 passes); "
+            "softmax probabilities are mapped back and averaged.")
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 
@@ -447,7 +451,9 @@ def predict(
              "sees tissue at the scale it learned; probabilities come back at window size."),
     overlap: int = typer.Option(
         32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
+    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
 ) -> None:
@@ -461,8 +467,7 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap,
-        batch_size=batch_size, device=device, amp=amp,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -481,9 +486,14 @@ def predict(
 
 @app.command("predict-wsi")
 def predict_wsi(
-    slide: Path = typer.Argument(..., help="Whole-slide image: pyramidal TIFF, or .svs/.ndpi/... with OpenSlide."),
+    slides: list[Path] = typer.Argument(
+        ..., show_default=False,
+        help="Whole-slide images (pyramidal TIFF, or .svs/.ndpi/.mrxs/... with OpenSlide), folders of them "
+             "(searched recursively), or manifest CSVs (a path column; optional mpp: the slide's own level-0 "
+             "µm/px, and roi: x,y,w,h). One slide file: outputs directly in OUT; otherwise a cohort: "
+             "OUT/<name>/ per slide and OUT/cohort.csv."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
-    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.tif, _overlay.png, _summary.json."),
+    out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.ome.tif, _overlay.png, _summary.json."),
     dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
@@ -495,37 +505,107 @@ def predict_wsi(
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
     tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
     overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per forward pass."),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
+    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     min_tissue: float = typer.Option(
         0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
     geojson: bool = typer.Option(False, "--geojson/--no-geojson", help="Also write <name>.geojson for QuPath."),
+    geojson_mode: str = typer.Option(
+        "per-class", "--geojson-mode", help="per-class (one MultiPolygon per class) or per-region (one Polygon per "
+                                            "connected region)."),
+    object_type: str = typer.Option("annotation", "--object-type", help="QuPath object type: annotation or detection."),
+    min_area: float = typer.Option(0.0, "--min-area", help="Leave out regions smaller than this many µm²."),
+    simplify: float = typer.Option(
+        0.0, "--simplify", help="Simplify outlines, dropping details of about this many label pixels (0: exact pixel "
+                                "edges); neighbouring classes stay edge to edge."),
+    bounds_offset: bool = typer.Option(
+        True, "--bounds-offset/--no-bounds-offset",
+        help="Shift GeoJSON by openslide.bounds-x/y, as QuPath crops such slides (MIRAX, ...) by default; "
+             "--no-bounds-offset for slides QuPath opens uncropped (its --no-crop)."),
+    mask_format: str = typer.Option(
+        "auto", "--mask-format",
+        help="Label image: png, ome-tiff (tiled pyramidal OME-TIFF with palette, class names and µm/px; opens in "
+             "QuPath), or auto (PNG up to 89.5 megapixels, else OME-TIFF)."),
+    shard: Optional[str] = typer.Option(
+        None, "--shard", help="I/N: this job takes every N-th slide from the I-th (I from 0); default from "
+                              "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT in an array job."),
     reader: str = typer.Option(
         "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: the rank's GPU)."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
 ) -> None:
-    """Segment a whole-slide image tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
+    """Segment whole-slide images tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
 
     Windows without tissue (Otsu on a thumbnail's saturation) are skipped. Progress is kept in
-    OUT/<name>_partial/ after every row of windows: run the same command again to continue."""
-    from wsss.wsi.predict_wsi import WsiConfig, run as run_wsi
+    <name>_partial/ after every row of windows: run the same command again to continue. A cohort
+    (several slides, a folder, a manifest) loads the models once, skips finished slides, records a
+    slide that fails and goes on (exit status 1 if any failed); under torchrun each rank, and with
+    --shard each array job, takes its share of the slides."""
+    from wsss.wsi.cohort import parse_shard
+    from wsss.wsi.predict_wsi import WsiConfig
 
     region = _csv(roi, int, "--roi")
     if region is not None and len(region) != 4:
         raise WsssError(f"--roi needs four numbers x,y,w,h (level-0 pixels), not {roi!r}")
     cfg = WsiConfig(
-        slide=slide, checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
-        gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp, roi=region, tile=tile,
-        overlap=overlap,
-        batch_size=batch_size, min_tissue=min_tissue, geojson=geojson, reader=reader, device=device, amp=amp,
+        inputs=tuple(slides), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
+        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp,
+        roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
+        geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
+        bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
+        amp=amp,
     )
+    one = slides[0]
+    cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None
+              or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    if cohort:
+        _predict_cohort(cfg)
+        return
+    from wsss.wsi.predict_wsi import run as run_wsi
+
     result = run_wsi(cfg, progress=sys.stderr.isatty())
     s = result.summary
     at = f", {s['mpp'][0]:.3g} µm/px" if s["mpp"] else ""
-    typer.echo(f"{slide.name}: level {s['level']} (downsample {s['downsample'][0]:.3g}{at}), "
+    typer.echo(f"{one.name}: level {s['level']} (downsample {s['downsample'][0]:.3g}{at}), "
                f"{s['size'][0]}×{s['size'][1]} px; tiles: {s['tiles']['segmented']} segmented, "
                f"{s['tiles']['skipped']} without tissue skipped")
     typer.echo("written: " + ", ".join(str(p) for p in result.files))
+
+
+def _predict_cohort(cfg) -> None:
+    from wsss.wsi.cohort import run as run_cohort
+
+    result = run_cohort(cfg, progress=sys.stderr.isatty())
+    done, failed, locked = (result.count(s) for s in ("done", "failed", "locked"))
+    share = f"{len(result.rows)} of the cohort's {result.total}" if result.worker.count > 1 else str(result.total)
+    typer.echo(f"{result.worker.describe()}: {share} slides: {done} done, {failed} failed"
+               + (f", {locked} locked by other processes" if locked else "") + f"; table {result.table}")
+    if result.merged is not None and result.merged != result.table:
+        typer.echo(f"every slide of the cohort is in the tables: merged into {result.merged}")
+    for row in result.rows:
+        if row["status"] != "done":
+            typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command("cohort-summary")
+def cohort_summary(
+    out: Path = typer.Argument(..., help="The --out folder of predict-wsi cohort runs (shards, ranks)."),
+) -> None:
+    """Merge the per-shard and per-rank tables of a cohort into OUT/cohort.csv and count the slides by
+    status; exit status 1 if any slide failed."""
+    from wsss.wsi.cohort import summarise_folder
+
+    table, rows = summarise_folder(out)
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "locked")}
+    typer.echo(f"{table}: {len(rows)} slides: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
+    for row in rows:
+        if row["status"] != "done":
+            typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
+    if counts["failed"]:
+        raise typer.Exit(1)
 
 
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:

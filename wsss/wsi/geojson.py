@@ -1,4 +1,5 @@
-"""Label images → QuPath GeoJSON: one polygon annotation per connected region per class.
+"""Label images → QuPath GeoJSON: one MultiPolygon per class (``per-class``) or one Polygon per
+connected region (``per-region``), as QuPath annotations or detections.
 
 Regions are 4-connected (pixels sharing an edge). Their outlines follow pixel edges, so each
 polygon covers exactly the region's pixels: the exterior ring, then one ring per hole (pixels of
@@ -10,19 +11,37 @@ across the corner, keeping the two pixels joined. Inside one 4-connected region 
 diagonal then becomes a hole touching the exterior at that point, which OGC simple-features rules
 allow, and no ring passes the same point twice. Exterior rings have a positive shoelace area in
 the (x, y) numbers (counter-clockwise, RFC 7946's right-hand rule, in a y-up frame); holes negative.
+
+The exact outlines come from our own tracer (below); ``shapely`` does the rest: areas, dropping
+regions under ``--min-area`` µm², and ``--simplify`` by coverage simplification
+(``shapely.coverage_simplify``, Visvalingam–Whyatt on the edges of all classes' regions at once,
+which keeps neighbouring classes edge to edge: no gaps, no overlaps). Simplification only removes
+vertices, so every vertex stays on a pixel corner.
+
+QuPath reads ``properties.objectType`` (``annotation`` or ``detection``), ``classification``
+(``name``, ``color``) and ``measurements`` (a name → number object, QuPath 0.4 and later); see
+``qupath-core/src/main/java/qupath/lib/io/QuPathTypeAdapters.java`` (``PathObjectTypeAdapter``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
 from wsss.data.specs import DatasetSpec
+from wsss.errors import WsssError
 from wsss.runtime import atomic_path
+
+GEOJSON_MODES = ("per-class", "per-region")
+OBJECT_TYPES = ("annotation", "detection")
+AREA_UM2 = "wsss area µm^2"
+AREA_PX2 = "wsss area px^2"  # level-0 pixels², when the slide records no µm/px
+REGIONS = "wsss regions"
 
 Ring = list[tuple[int, int]]
 
@@ -100,27 +119,104 @@ def ring_area(ring: Sequence[Sequence[float]]) -> float:
     return float(np.sum(xy[:-1, 0] * xy[1:, 1] - xy[1:, 0] * xy[:-1, 1]) / 2)
 
 
-def annotation(rings: Sequence[np.ndarray], name: str, colour: Sequence[int]) -> dict:
-    """A QuPath annotation feature: a GeoJSON Polygon with a named, coloured classification."""
+@dataclass(frozen=True)
+class GeoJsonOptions:
+    """``--geojson-mode``, ``--object-type``, ``--min-area`` (µm²) and ``--simplify`` (label pixels)."""
+
+    mode: str = "per-class"
+    object_type: str = "annotation"
+    min_area: float = 0.0
+    simplify: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in GEOJSON_MODES:
+            raise WsssError(f"--geojson-mode must be one of {', '.join(GEOJSON_MODES)}, not {self.mode!r}")
+        if self.object_type not in OBJECT_TYPES:
+            raise WsssError(f"--object-type must be one of {', '.join(OBJECT_TYPES)}, not {self.object_type!r}")
+        if not self.min_area >= 0:
+            raise WsssError(f"--min-area is an area in µm², 0 or more, not {self.min_area:g}")
+        if not self.simplify >= 0:
+            raise WsssError(f"--simplify is a tolerance in label pixels, 0 or more, not {self.simplify:g}")
+
+
+def region_polygons(labels: np.ndarray, classes: Sequence[int]):
+    """``(class indices, shapely Polygons)`` of every 4-connected region of ``classes``, exact, in
+    label-pixel corner coordinates."""
+    from shapely.geometry import Polygon
+
+    found, polygons = [], []
+    for c, rings in class_regions(labels, classes):
+        found.append(c)
+        polygons.append(Polygon(rings[0], rings[1:]))
+    return found, polygons
+
+
+def shape_regions(classes: list[int], polygons: list, options: GeoJsonOptions, um2_per_pixel: float | None):
+    """Drop regions under ``options.min_area`` µm² (label pixels of ``um2_per_pixel`` µm² each),
+    then simplify what is left as one coverage."""
+    import shapely
+
+    if options.min_area > 0:
+        if um2_per_pixel is None:
+            raise WsssError("--min-area is in µm², and the slide does not record its µm/px")
+        keep = [k for k, p in enumerate(polygons) if p.area * um2_per_pixel >= options.min_area]
+        classes, polygons = [classes[k] for k in keep], [polygons[k] for k in keep]
+    if options.simplify > 0 and polygons:
+        polygons = list(shapely.coverage_simplify(polygons, options.simplify))
+    return classes, polygons
+
+
+def _coordinates(polygon, transform: Callable[[np.ndarray], np.ndarray]) -> list:
+    """GeoJSON rings of a shapely Polygon: exterior counter-clockwise in the numbers, holes the
+    other way, each mapped by ``transform`` and rounded to 3 decimals."""
+    from shapely.geometry.polygon import orient
+
+    polygon = orient(polygon, sign=1.0)
+    rings = [polygon.exterior, *polygon.interiors]
+    return [np.round(transform(np.asarray(r.coords, dtype=np.float64)), 3).tolist() for r in rings]
+
+
+def feature(geometry: dict, name: str, colour: Sequence[int], object_type: str, measurements: dict) -> dict:
+    """A QuPath object: a GeoJSON geometry with a named, coloured classification and measurements."""
     return {
         "type": "Feature",
-        "geometry": {"type": "Polygon", "coordinates": [np.round(r, 3).tolist() for r in rings]},
+        "geometry": geometry,
         "properties": {
-            "objectType": "annotation",
+            "objectType": object_type,
             "classification": {"name": name, "color": [int(v) for v in colour]},
+            "measurements": measurements,
         },
     }
 
 
-def class_features(labels: np.ndarray, spec: DatasetSpec,
-                   transform: Callable[[np.ndarray], np.ndarray]) -> list[dict]:
-    """One annotation per connected region of each tissue class of ``labels`` (not the background);
-    ``transform`` maps ``(N, 2)`` pixel-corner ``(x, y)`` to output (level-0) coordinates."""
-    features = []
-    for c, rings in class_regions(labels, range(spec.num_classes)):
-        coords = [transform(np.asarray(ring, dtype=np.float64)) for ring in rings]
-        features.append(annotation(coords, spec.classes[c], spec.colors[c]))
-    return features
+def _area(polygons, um2_per_pixel: float | None, px2_per_pixel: float) -> dict:
+    area = sum(p.area for p in polygons)
+    return {AREA_UM2: area * um2_per_pixel} if um2_per_pixel is not None else {AREA_PX2: area * px2_per_pixel}
+
+
+def class_features(labels: np.ndarray, spec: DatasetSpec, transform: Callable[[np.ndarray], np.ndarray],
+                   options: GeoJsonOptions = GeoJsonOptions(mode="per-region"), um2_per_pixel: float | None = None,
+                   px2_per_pixel: float = 1.0) -> list[dict]:
+    """QuPath objects of the tissue classes of ``labels`` (not the background): one per region or
+    one MultiPolygon per class. ``transform`` maps ``(N, 2)`` label-pixel corners ``(x, y)`` to
+    output (level-0) coordinates; a label pixel covers ``um2_per_pixel`` µm² (None: unknown) and
+    ``px2_per_pixel`` output units², which the area measurements use."""
+    classes, polygons = shape_regions(*region_polygons(labels, range(spec.num_classes)), options, um2_per_pixel)
+    out = []
+    if options.mode == "per-region":
+        for c, p in zip(classes, polygons):
+            geometry = {"type": "Polygon", "coordinates": _coordinates(p, transform)}
+            out.append(feature(geometry, spec.classes[c], spec.colors[c], options.object_type,
+                               _area([p], um2_per_pixel, px2_per_pixel)))
+        return out
+    for c in range(spec.num_classes):
+        parts = [p for k, p in zip(classes, polygons) if k == c]
+        if not parts:
+            continue
+        geometry = {"type": "MultiPolygon", "coordinates": [_coordinates(p, transform) for p in parts]}
+        measurements = {**_area(parts, um2_per_pixel, px2_per_pixel), REGIONS: len(parts)}
+        out.append(feature(geometry, spec.classes[c], spec.colors[c], options.object_type, measurements))
+    return out
 
 
 def write_geojson(path: Path, features: list[dict]) -> None:

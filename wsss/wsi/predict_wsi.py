@@ -1,18 +1,23 @@
-"""``wsss predict-wsi``: segment a whole-slide image tile by tile and export the result.
+"""``wsss predict-wsi``: segment a whole-slide image tile by tile and export the result (one slide;
+a cohort of slides runs each through :func:`run_slide`, see :mod:`wsss.wsi.cohort`).
 
-Outputs, for a slide ``<name>.<ext>``::
+Outputs, for a slide ``<name>.<ext>`` (a cohort: in ``OUT/<name>/``)::
 
     OUT/<name>_mask.png        class indices at the processed level, palette PNG (4 = background) …
-    OUT/<name>_mask.tif        … or, above PNG_MAX_PIXELS, a tiled deflate palette TIFF with µm/px tags
+    OUT/<name>_mask.ome.tif    … or, above PNG_MAX_PIXELS (or with --mask-format ome-tiff), a tiled
+                               pyramidal palette OME-TIFF with µm/px and class names (label_image.py)
     OUT/<name>_overlay.png     thumbnail of the processed region, classes blended in, legend below
     OUT/<name>_summary.json    level, scale, µm per pixel, tiles segmented and skipped, per-class
-                               pixels, fractions and (when the slide records µm/px) areas in µm²
-    OUT/<name>.geojson         with --geojson: one QuPath annotation per connected region per
-                               class, in level-0 pixel coordinates
+                               pixels, fractions and (when the slide records µm/px) areas in µm²,
+                               seconds, and the fingerprint of inputs and options (a cohort re-run
+                               skips a slide whose summary has the same fingerprint)
+    OUT/<name>.geojson         with --geojson: QuPath objects (one MultiPolygon per class, or one
+                               Polygon per region), in level-0 pixels shifted as QuPath shows the
+                               slide (:func:`wsss.wsi.slide.qupath_offset`)
 
 The processed region (the slide or ``--roi``, in level-0 pixels) is read at ``--level``, or at the
 level closest to ``--mpp`` and resized, one row of windows at a time; windows are tiled, predicted
-and blended exactly as in ``wsss predict`` (:mod:`wsss.stages.predict`). A window whose tissue
+and blended exactly as in ``wsss predict`` (:mod:`wsss.tiling`). A window whose tissue
 fraction is below ``--min-tissue`` (saturation above the Otsu threshold of a slide thumbnail) is
 not segmented; pixels no segmented window covers are background.
 
@@ -29,24 +34,27 @@ import json
 import logging
 import math
 import shutil
+import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from wsss.data.png import write_mask, write_rgb
+from wsss.data.png import write_rgb
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
-from wsss.runtime import atomic_path
-from wsss.stages.predict import (
-    RowBlender, TilePredictor, check_window_options, class_counts, final_rows, load_models,
-    overlay_with_legend, row_blocks, tile_starts, white_background,
+from wsss.inference import check_tta, check_window_options, load_models
+from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
+from wsss.tiling import (
+    Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
 from wsss.stages.stage1 import _progress
-from wsss.wsi.geojson import class_features, write_geojson
+from wsss.wsi.label_image import check_mask_format, write_label_image
+from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
 from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
 
@@ -55,10 +63,6 @@ log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.05
 """A level within 5% of ``--mpp`` is used as it is (a 0.2527 µm/px scan's 4× level for ``--mpp 1``)."""
 
-PNG_MAX_PIXELS = 89_478_485
-"""Largest label image written as PNG: PIL's decompression-bomb warning limit, so that
-``Image.open`` reads it without complaint. Larger label images are written as tiled TIFF."""
-
 GEOJSON_MAX_PIXELS = 2**26
 """Largest label grid traced for GeoJSON at full resolution (8192²): labelling its regions and
 their holes peaks at about 8 bytes a pixel (540 MB measured). A larger label image is traced on
@@ -66,14 +70,14 @@ every ``step``-th pixel and row, ``step`` the smallest that fits."""
 
 THUMBNAIL_SIDE = 1024  # the whole-slide thumbnail that sets the tissue threshold
 OVERLAY_SIDE = 2048  # longest side of the overlay picture
-TIFF_TILE = 256
 
 
 @dataclass(frozen=True)
 class WsiConfig:
-    """``wsss predict-wsi``: which slide and models, which level and region, how to tile, where to write."""
+    """``wsss predict-wsi``: which slides and models, which level and region, how to tile, what to
+    write where, and (a cohort) which share of the slides this process takes."""
 
-    slide: Path
+    inputs: tuple[Path, ...]
     checkpoint: Path
     out: Path
     dataset: str | None = None  # None: the one recorded in the checkpoint
@@ -92,10 +96,23 @@ class WsiConfig:
     reader: str = "auto"
     device: str = "auto"
     amp: bool = False
+    tta: str = "none"
+    mask_format: str = "auto"
+    geojson_mode: str = "per-class"
+    object_type: str = "annotation"
+    min_area: float = 0.0  # µm²
+    simplify: float = 0.0  # label pixels
+    bounds_offset: bool = True  # shift GeoJSON as QuPath crops slides to openslide.bounds-*
+    shard: tuple[int, int] | None = None  # (index, count) of a cluster array job
 
     def __post_init__(self) -> None:
+        if not self.inputs:
+            raise WsssError("no slides given")
+        self.geojson_options  # validates the GeoJSON options
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
+        check_tta(self.tta)
+        check_mask_format(self.mask_format)
         if self.level is not None and self.mpp is not None:
             raise WsssError("--level and --mpp both pick the level to read; give one of them")
         if self.level is not None and self.level < 0:
@@ -108,6 +125,45 @@ class WsiConfig:
             raise WsssError(f"--min-tissue is a fraction from 0 to 1, not {self.min_tissue}")
         if self.reader not in READERS:
             raise WsssError(f"unknown slide reader {self.reader!r}; use {', '.join(READERS)}")
+
+    @property
+    def geojson_options(self) -> GeoJsonOptions:
+        return GeoJsonOptions(self.geojson_mode, self.object_type, self.min_area, self.simplify)
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """One slide to segment: its file, the folder and file-name stem of its outputs, and what a
+    cohort manifest may set per slide: its level-0 µm/px (for files that do not record it) and
+    its region (level-0 ``x, y, w, h``)."""
+
+    path: Path
+    out: Path
+    name: str
+    mpp: float | None = None
+    roi: tuple[int, int, int, int] | None = None
+
+    @property
+    def stem(self) -> Path:
+        return self.out / self.name
+
+    @property
+    def partial(self) -> Path:
+        """Where an unfinished run keeps its label image and progress."""
+        return self.out / f"{self.name}_partial"
+
+    @property
+    def summary(self) -> Path:
+        return self.out / f"{self.name}_summary.json"
+
+
+def slide_name(path: Path) -> str:
+    """Output file-name stem of a slide: its name without the extension (``x.ome.tif`` → ``x``)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
 
 
 @dataclass
@@ -230,6 +286,11 @@ class BandProgress:
 
     def __init__(self, folder: Path, labels: np.ndarray, state: dict) -> None:
         self.folder, self.labels, self.state = folder, labels, state
+        self._since = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds spent on this slide: by earlier, interrupted runs and by this one so far."""
+        return float(self.state.get("seconds", 0.0)) + time.monotonic() - self._since
 
     @classmethod
     def open(cls, folder: Path, fingerprint: dict, shape: tuple[int, int]) -> BandProgress:
@@ -247,7 +308,8 @@ class BandProgress:
             log.info("%s holds an unfinished run with other settings; starting over", folder)
         folder.mkdir(parents=True, exist_ok=True)
         labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
-        progress = cls(folder, labels, {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0, "skipped": 0})
+        progress = cls(folder, labels, {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0, "skipped": 0,
+                                        "seconds": 0.0})
         progress.save()
         return progress
 
@@ -261,6 +323,8 @@ class BandProgress:
         self.state["rows_done"] += 1
         self.state["segmented"] += segmented
         self.state["skipped"] += skipped
+        self.state["seconds"] = self.elapsed()
+        self._since = time.monotonic()
         self.save()
 
     def save(self) -> None:
@@ -278,14 +342,33 @@ def _file_id(path: Path | None) -> list | None:
     return [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def fingerprint(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, threshold: int) -> dict:
-    """What the label image depends on; a run resumes only when all of it is unchanged."""
+def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
+    """What the label image depends on, known before the slide is opened."""
     return {
-        "slide": _file_id(cfg.slide), "reader": slide.reader, "checkpoint": _file_id(cfg.checkpoint),
+        "slide": _file_id(job.path), "slide_mpp": job.mpp, "roi": job.roi or cfg.roi, "reader": cfg.reader,
+        "checkpoint": _file_id(cfg.checkpoint),
         "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
-        "dataset": spec.name, "level": grid.level, "box": grid.box, "size": grid.size, "tile": cfg.tile,
-        "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "tissue_threshold": threshold, "amp": cfg.amp,
+        "dataset": [spec.name, list(spec.classes)], "level": cfg.level, "mpp": cfg.mpp, "tile": cfg.tile,
+        "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "amp": cfg.amp, "batch_size": cfg.batch_size,
+        "tta": cfg.tta,
     }
+
+
+def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
+    """What every output of a slide depends on: a finished slide whose summary records the same
+    fingerprint is not segmented again."""
+    outputs = {"mask_format": cfg.mask_format, "geojson": cfg.geojson}
+    if cfg.geojson:
+        outputs.update(geojson_mode=cfg.geojson_mode, object_type=cfg.object_type, min_area=cfg.min_area,
+                       simplify=cfg.simplify, bounds_offset=cfg.bounds_offset)
+    return json.loads(json.dumps({**labels_fingerprint(cfg, job, spec), "outputs": outputs}))
+
+
+def band_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec, slide: Slide, grid: Grid,
+                     threshold: int) -> dict:
+    """What the label image depends on; an unfinished slide resumes only when all of it is unchanged."""
+    return {**labels_fingerprint(cfg, job, spec), "reader": slide.reader, "grid": [grid.level, grid.box, grid.size],
+            "tissue_threshold": threshold}
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -309,81 +392,46 @@ def band_labels(blended: tuple[torch.Tensor, torch.Tensor] | None, band: np.ndar
     return labels
 
 
-def segment_slide(slide: Slide, grid: Grid, predictor: TilePredictor, spec: DatasetSpec, threshold: int,
+def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetSpec, threshold: int,
                   cfg: WsiConfig, state: BandProgress, progress: bool = False) -> None:
     """Fill ``state.labels`` window row by window row, from the first unfinished one.
 
     Each window row's pixels are read whole (``tile × width``); windows with less than
-    ``cfg.min_tissue`` tissue are skipped; the others are predicted in batches and blended. When
-    resuming, the rows whose windows reach into the first unfinished one are run again (and not
-    written) to rebuild its blend.
+    ``cfg.min_tissue`` tissue are skipped; the others are predicted in batches (across the rows of
+    a :func:`~wsss.tiling.rows_per_group` group) and blended, the next group read and prepared in a
+    background thread meanwhile. When resuming, the group holding the first row whose windows reach
+    into the first unfinished one is run again (and not written), which rebuilds its blend from the
+    same batches as an uninterrupted run.
     """
+    predictor = as_predictor(predictor)
     width, height = grid.size
-    th, tw = min(cfg.tile, height), min(cfg.tile, width)
-    ys, xs = tile_starts(height, th, cfg.overlap), tile_starts(width, tw, cfg.overlap)
+    windows = WindowGrid(height, width, cfg.tile, cfg.overlap)
+    group = rows_per_group(cfg.batch_size, len(windows.xs))
     start = state.rows_done
-    blender = RowBlender(width, th, tw, cfg.overlap)
-    with _progress(None, progress, total=len(ys) * len(xs), initial=min(start, len(ys)) * len(xs), desc="tiles") as bar:
-        for r in range(replay_start(ys, th, start), len(ys)):
-            y0 = ys[r]
-            band = read_resampled(slide, grid.level, grid.rows_box(y0, y0 + th), (width, th))
-            tissue = saturation(band) > threshold
-            keep = [x0 for x0, f in zip(xs, tissue_fractions(tissue, xs, tw)) if f >= cfg.min_tissue]
-            for b in range(0, len(keep), cfg.batch_size):
-                starts = keep[b : b + cfg.batch_size]
-                for x0, p in zip(starts, predictor([band[:, x0 : x0 + tw] for x0 in starts])):
-                    blender.add(x0, p)
-            rows = final_rows(ys, r, th)
-            blended = blender.pop(rows)
-            if r < start:
+    first = group_start(replay_start(windows.ys, windows.th, start), group) if start < len(windows.ys) else start
+
+    def read_row(r: int) -> WindowRow:
+        y0 = windows.ys[r]
+        band = read_resampled(slide, grid.level, grid.rows_box(y0, y0 + windows.th), (width, windows.th))
+        tissue = saturation(band) > threshold
+        fractions = tissue_fractions(tissue, windows.xs, windows.tw)
+        return WindowRow(r, y0, band, [x0 for x0, f in zip(windows.xs, fractions) if f >= cfg.min_tissue])
+
+    per_row = len(windows.xs)
+    groups = row_groups(read_row, range(first, len(windows.ys)), group, windows.tw, predictor.prepare)
+    with closing(prefetch(groups)) as groups, \
+            _progress(None, progress, total=windows.count, initial=min(start, len(windows.ys)) * per_row,
+                      desc="tiles") as bar:
+        for row, blended in blend_groups(groups, predictor, windows, cfg.batch_size):
+            if row.index < start:
                 continue  # run again only to rebuild the blend of the rows below
-            state.labels[y0 : y0 + rows] = band_labels(blended, band, rows, spec)
-            state.finish_row(len(keep), len(xs) - len(keep))
-            bar.update(len(xs))
+            rows = final_rows(windows.ys, row.index, windows.th)
+            state.labels[row.top : row.top + rows] = band_labels(blended, row.band, rows, spec)
+            state.finish_row(len(row.starts), per_row - len(row.starts))
+            bar.update(per_row)
 
 
 # --------------------------------------------------------------------------- outputs
-
-
-def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None,
-                      png_max_pixels: int = PNG_MAX_PIXELS) -> Path:
-    """``<stem>_mask.png`` (palette PNG) up to ``png_max_pixels`` pixels, else ``<stem>_mask.tif``
-    (tiled palette TIFF); a file of the other kind left by an earlier run is removed."""
-    png, tif = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_mask.tif")
-    path, other = (png, tif) if labels.size <= png_max_pixels else (tif, png)
-    if path == png:
-        write_mask(png, np.asarray(labels), spec.flat_palette())
-    else:
-        write_label_tiff(tif, labels, spec, mpp)
-    other.unlink(missing_ok=True)
-    return path
-
-
-def write_label_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None) -> None:
-    """A tiled, deflate-compressed palette TIFF of ``labels`` ``(H, W)``, written tile by tile from
-    the (memory-mapped) array, atomically; resolution tags give ``mpp`` when known."""
-    import tifffile
-
-    colormap = np.asarray(spec.flat_palette(), dtype=np.uint16).reshape(256, 3).T * 257  # (3, 256), 16-bit
-    extra = {}
-    if mpp is not None:
-        extra = {"resolution": (1e4 / mpp[0], 1e4 / mpp[1]), "resolutionunit": "CENTIMETER"}
-    with atomic_path(path) as tmp:
-        with tifffile.TiffWriter(tmp, bigtiff=labels.size > 2**31) as tif:
-            tif.write(_tiles(labels, TIFF_TILE), shape=labels.shape, dtype=np.uint8, tile=(TIFF_TILE, TIFF_TILE),
-                      photometric="palette", colormap=colormap, compression="zlib", **extra)
-
-
-def _tiles(labels: np.ndarray, side: int):
-    """``side × side`` tiles of ``labels`` in row order, zero-padded at the right and bottom edges."""
-    height, width = labels.shape
-    for top in range(0, height, side):
-        rows = np.asarray(labels[top : top + side])
-        for left in range(0, width, side):
-            tile = np.zeros((side, side), dtype=np.uint8)
-            block = rows[:, left : left + side]
-            tile[: block.shape[0], : block.shape[1]] = block
-            yield tile
 
 
 def sample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -406,23 +454,35 @@ def write_overlay(path: Path, slide: Slide, grid: Grid, labels: np.ndarray, spec
     write_rgb(path, overlay_with_legend(image, sample_labels(labels, size), spec))
 
 
-def write_regions(path: Path, labels: np.ndarray, spec: DatasetSpec, grid: Grid,
+def geojson_transform(grid: Grid, step: int, offset: tuple[float, float]):
+    """Label-pixel corners ``(N, 2)`` of a label image traced on every ``step``-th pixel → level-0
+    pixels, less ``offset`` (where QuPath's picture of the slide starts)."""
+    limit = np.asarray(grid.size, dtype=np.float64)
+    shift = np.asarray(offset, dtype=np.float64)
+
+    def transform(xy: np.ndarray) -> np.ndarray:
+        return grid.to_level0(np.minimum(xy * step, limit)) - shift
+
+    return transform
+
+
+def write_regions(path: Path, labels: np.ndarray, spec: DatasetSpec, grid: Grid, slide: Slide, cfg: WsiConfig,
                   max_pixels: int = GEOJSON_MAX_PIXELS) -> int:
-    """The GeoJSON of ``labels``' regions in level-0 coordinates; returns the number of features."""
+    """The GeoJSON of ``labels``' regions in QuPath's coordinates; returns the number of features."""
     step = max(1, math.ceil(math.sqrt(labels.size / max_pixels)))
     if step > 1:
         log.info("tracing regions on every %d-th label pixel (%d×%d px)", step, *grid.size)
-    limit = np.asarray(grid.size, dtype=np.float64)
-
-    def transform(xy: np.ndarray) -> np.ndarray:
-        return grid.to_level0(np.minimum(xy * step, limit))
-
-    features = class_features(np.asarray(labels[::step, ::step]), spec, transform)
+    offset = slide.qupath_offset if cfg.bounds_offset else (0, 0)
+    mpp = grid.mpp(slide.mpp)
+    um2 = mpp[0] * mpp[1] * step * step if mpp is not None else None
+    px2 = grid.downsample[0] * grid.downsample[1] * step * step
+    features = class_features(np.asarray(labels[::step, ::step]), spec, geojson_transform(grid, step, offset),
+                              cfg.geojson_options, um2, px2)
     write_geojson(path, features)
     return len(features)
 
 
-def summarise(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, labels: np.ndarray,
+def summarise(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, labels: np.ndarray,
               threshold: int, state: BandProgress) -> dict:
     """The summary: what was processed, at which resolution, and how much of each class was found."""
     mpp = grid.mpp(slide.mpp)
@@ -436,11 +496,11 @@ def summarise(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, label
             entry["area_um2"] = float(counts[i] * mpp[0] * mpp[1])
         classes[name] = entry
     return {
-        "slide": str(cfg.slide), "reader": slide.reader, "dataset": spec.name,
+        "slide": str(job.path), "reader": slide.reader, "dataset": spec.name,
         "level": grid.level, "level_downsample": grid.level_downsample, "scale": list(grid.scale),
         "downsample": list(grid.downsample), "mpp": list(mpp) if mpp else None,
         "region": [round(v, 3) for v in grid.box0], "size": list(grid.size),
-        "tile": cfg.tile, "overlap": cfg.overlap,
+        "tile": cfg.tile, "overlap": cfg.overlap, "tta": cfg.tta,
         "tiles": {"total": state.state["segmented"] + state.state["skipped"],
                   "segmented": state.state["segmented"], "skipped": state.state["skipped"]},
         "tissue_threshold": threshold, "min_tissue": cfg.min_tissue,
@@ -448,51 +508,84 @@ def summarise(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, label
     }
 
 
-def write_outputs(cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, threshold: int,
+def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec: DatasetSpec, threshold: int,
                   state: BandProgress) -> WsiResult:
-    """Mask, overlay, GeoJSON (when asked) and the summary naming them, each written atomically."""
-    stem = cfg.out / cfg.slide.stem
+    """Mask, overlay, GeoJSON (when asked) and the summary naming them, each written atomically;
+    the summary last, so that it exists only when everything else does."""
+    stem = job.stem
     labels = state.labels
-    summary = summarise(cfg, slide, grid, spec, labels, threshold, state)
-    mask = write_label_image(stem, labels, spec, grid.mpp(slide.mpp))
+    summary = summarise(job, cfg, slide, grid, spec, labels, threshold, state)
+    mask = write_label_image(stem, labels, spec, grid.mpp(slide.mpp), cfg.mask_format)
     overlay = stem.with_name(stem.name + "_overlay.png")
     write_overlay(overlay, slide, grid, labels, spec)
     files = [mask, overlay]
     summary["mask"], summary["overlay"] = mask.name, overlay.name
+    regions = stem.with_name(stem.name + ".geojson")
     if cfg.geojson:
-        regions = stem.with_name(stem.name + ".geojson")
-        summary["geojson"], summary["regions"] = regions.name, write_regions(regions, labels, spec, grid)
+        summary["geojson"], summary["regions"] = regions.name, write_regions(regions, labels, spec, grid, slide, cfg)
+        summary["geojson_offset"] = list(slide.qupath_offset if cfg.bounds_offset else (0, 0))
         files.append(regions)
-    summary_path = stem.with_name(stem.name + "_summary.json")
-    write_json(summary_path, summary)
-    return WsiResult(summary, [*files, summary_path])
+    else:
+        regions.unlink(missing_ok=True)  # not one of an earlier run with other options
+    summary["fingerprint"] = job_fingerprint(cfg, job, spec)
+    summary["seconds"] = round(state.elapsed(), 3)
+    write_json(job.summary, summary)
+    return WsiResult(summary, [*files, job.summary])
 
 
 # --------------------------------------------------------------------------- the run
 
 
-def partial_folder(out: Path, slide: Path) -> Path:
-    """Where an unfinished run keeps its label image and progress."""
-    return out / f"{slide.stem}_partial"
+def open_job(job: SlideJob, reader: str) -> Slide:
+    """The job's slide, with the manifest's µm/px in place of the file's when given."""
+    slide = open_slide(job.path, reader)
+    if job.mpp is not None:
+        slide.mpp = (job.mpp, job.mpp)
+    return slide
 
 
-def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
-    """Segment the slide (continuing an interrupted run) and write its outputs."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
-    with open_slide(cfg.slide, cfg.reader) as slide:
+def slide_threshold(slide: Slide) -> int:
+    """The tissue threshold of the whole-slide thumbnail; a thumbnail without any pixel above it
+    is a slide without tissue, a user error."""
+    w0, h0 = slide.dimensions[0]
+    thumbnail = read_thumbnail(slide, (0, 0, w0, h0), fit_size(w0, h0, THUMBNAIL_SIDE))
+    threshold = tissue_threshold(thumbnail)
+    if not (saturation(thumbnail) > threshold).any():
+        raise WsssError(f"{slide.path}: no tissue (no pixel of its thumbnail has a saturation above {threshold})")
+    return threshold
+
+
+def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: DatasetSpec,
+              progress: bool = True) -> WsiResult:
+    """Segment one slide (continuing an interrupted run of it) and write its outputs. A slide that
+    cannot be read, has no tissue, or lacks the µm/px ``--mpp`` needs is a :class:`WsssError`."""
+    with open_job(job, cfg.reader) as slide:
         level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
-        grid = plan_grid(slide.dimensions, slide.downsamples, level, scale, cfg.roi)
-        predictor, spec = load_models(cfg)
-        w0, h0 = slide.dimensions[0]
-        threshold = tissue_threshold(read_thumbnail(slide, (0, 0, w0, h0), fit_size(w0, h0, THUMBNAIL_SIDE)))
-        state = BandProgress.open(partial_folder(cfg.out, cfg.slide), fingerprint(cfg, slide, grid, spec, threshold),
+        grid = plan_grid(slide.dimensions, slide.downsamples, level, scale, job.roi or cfg.roi)
+        threshold = slide_threshold(slide)
+        state = BandProgress.open(job.partial, band_fingerprint(cfg, job, spec, slide, grid, threshold),
                                   grid.size[::-1])
         resumed = state.rows_done
         if resumed:
-            log.info("continuing %s from window row %d", cfg.slide, resumed + 1)
+            log.info("continuing %s from window row %d", job.path, resumed + 1)
         segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
-        result = write_outputs(cfg, slide, grid, spec, threshold, state)
+        if state.state["segmented"] == 0:
+            state.remove()
+            raise WsssError(f"{job.path}: no tissue (no window reaches --min-tissue {cfg.min_tissue:g} of "
+                            f"pixels with a saturation above {threshold})")
+        result = write_outputs(job, cfg, slide, grid, spec, threshold, state)
     state.remove()
     result.resumed_rows = resumed
     return result
+
+
+def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
+    """``wsss predict-wsi SLIDE``: one slide, outputs directly in ``--out``."""
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
+    path = cfg.inputs[0]
+    job = SlideJob(path, cfg.out, slide_name(path))
+    with open_job(job, cfg.reader) as slide:  # a slide that cannot be used fails before the models load
+        choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
+    predictor, spec = load_models(cfg)
+    return run_slide(job, cfg, predictor, spec, progress)

@@ -7,6 +7,9 @@
   pages or as SubIFDs, tiled or in strips, uncompressed, deflate or LZW; JPEG tiles need the
   ``imagecodecs`` package), so TIFFs work without OpenSlide.
 
+µm per pixel: OpenSlide's ``openslide.mpp-x/y``, or the TIFF resolution tags; an OME-TIFF's
+``PhysicalSizeX/Y`` take precedence over the tags (either reader).
+
 ``auto`` takes OpenSlide when it is installed and recognises the file, else tifffile for ``.tif``
 and ``.tiff``. Coordinates: :meth:`Slide.read` takes the level's own pixels; ``downsamples[level]``
 is level-0 pixels per level pixel (OpenSlide's convention: the mean over the two axes).
@@ -44,11 +47,13 @@ class Slide(ABC):
 
     reader = ""
 
-    def __init__(self, path: Path, dimensions, downsamples, mpp: tuple[float, float] | None) -> None:
+    def __init__(self, path: Path, dimensions, downsamples, mpp: tuple[float, float] | None,
+                 qupath_offset: tuple[int, int] = (0, 0)) -> None:
         self.path = path
         self.dimensions: tuple[tuple[int, int], ...] = tuple((int(w), int(h)) for w, h in dimensions)
         self.downsamples: tuple[float, ...] = tuple(float(d) for d in downsamples)
         self.mpp = mpp
+        self.qupath_offset = qupath_offset  # level-0 (x, y) where QuPath's image starts; see qupath_offset()
 
     @property
     def level_count(self) -> int:
@@ -88,7 +93,8 @@ class OpenSlideSlide(Slide):
             raise WsssError(f"cannot read slide {path}: {exc}") from None
         props = self._slide.properties
         mpp = _mpp_pair(props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y))
-        super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp)
+        super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp,
+                         qupath_offset(props))
         self._error = openslide.OpenSlideError
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -102,6 +108,32 @@ class OpenSlideSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+BOUNDS_PROPERTIES = ("openslide.bounds-x", "openslide.bounds-y", "openslide.bounds-width", "openslide.bounds-height")
+
+
+def qupath_offset(properties) -> tuple[int, int]:
+    """Where QuPath's picture of an OpenSlide slide starts, in OpenSlide's level-0 pixels.
+
+    QuPath's OpenSlide server crops a slide to its bounding box by default (MIRAX, Leica SCN,
+    Hamamatsu VMS and others record one): when all four ``openslide.bounds-*`` properties are
+    present and parse as integers, its image is ``bounds-width × bounds-height`` and its pixel
+    ``(0, 0)`` is level-0 ``(bounds-x, bounds-y)``; objects imported into QuPath are placed in those
+    cropped coordinates. Otherwise (or a value that is not an integer) nothing is cropped: ``(0, 0)``.
+    QuPath ``qupath-extension-openslide``: ``OpenslideImageServer`` (constructor, ``readTile`` adds
+    ``boundsX/Y``), ``OpenSlideOptions.cropBoundingBox`` (default true), ``--no-crop`` server argument.
+    """
+    if not all(name in properties for name in BOUNDS_PROPERTIES):
+        return 0, 0
+    try:  # Java's Integer.parseInt: an optional sign, then decimal digits only
+        x, y = (int(properties[name]) for name in BOUNDS_PROPERTIES[:2])
+        for name in BOUNDS_PROPERTIES:
+            if not str(properties[name]).lstrip("+-").isdigit():
+                raise ValueError(name)
+    except ValueError:
+        return 0, 0
+    return x, y
 
 
 def rgba_on_white(rgba: np.ndarray) -> np.ndarray:
@@ -148,7 +180,8 @@ class TiffSlide(Slide):
         (w0, h0) = (pages[0].imagewidth, pages[0].imagelength)
         dims = [(p.imagewidth, p.imagelength) for p in pages]
         downsamples = [(w0 / w + h0 / h) / 2 for w, h in dims]
-        super().__init__(path, dims, downsamples, tiff_mpp(pages[0].tags))
+        mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else None
+        super().__init__(path, dims, downsamples, mpp or tiff_mpp(pages[0].tags))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         self._check_box(level, x, y, w, h)
@@ -217,6 +250,49 @@ def tiff_mpp(tags) -> tuple[float, float] | None:
     return _mpp_pair(mpp(xres.value), mpp(yres.value))
 
 
+_MICRONS_PER_OME_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4,
+                         "dm": 1e5, "m": 1e6, "Å": 1e-4}
+
+
+def ome_mpp(xml: str | None) -> tuple[float, float] | None:
+    """Microns per pixel ``(x, y)`` from the first image's ``PhysicalSizeX/Y`` of OME-XML (unit
+    ``PhysicalSizeXUnit``, µm when absent); None without them, in another unit, or unreadable."""
+    if not xml:
+        return None
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+
+    def size(axis: str) -> float | None:
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is None or unit not in _MICRONS_PER_OME_UNIT:
+            return None
+        try:
+            return float(value) * _MICRONS_PER_OME_UNIT[unit]
+        except ValueError:
+            return None
+
+    return _mpp_pair(size("X"), size("Y"))
+
+
+def _tiff_ome_mpp(path: Path) -> tuple[float, float] | None:
+    """The OME-XML µm/px of a TIFF that OpenSlide opened (its generic TIFF driver reads only the
+    resolution tags, which OME-TIFF writers often leave out)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return ome_mpp(tif.ome_metadata) if tif.is_ome else None
+    except (tifffile.TiffFileError, OSError, ValueError):
+        return None
+
+
 # --------------------------------------------------------------------------- opening
 
 
@@ -241,7 +317,10 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
     if reader == "openslide" and openslide is None:
         raise WsssError(f"reading slides with OpenSlide needs it installed: {INSTALL_HINT}")
     if openslide is not None and (reader == "openslide" or _detect(openslide, path)):
-        return OpenSlideSlide(path, openslide)
+        slide = OpenSlideSlide(path, openslide)
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            slide.mpp = _tiff_ome_mpp(path) or slide.mpp
+        return slide
     if reader == "tifffile" or path.suffix.lower() in TIFF_SUFFIXES:
         return TiffSlide(path)
     if openslide is None:

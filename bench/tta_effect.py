@@ -1,0 +1,75 @@
+"""What test-time augmentation (``--tta``) does to a trained stage-2 model: mIoU on a test split and
+windows/s, for ``none``, ``flip`` and ``d4``, side by side in one run.
+
+    python bench/tta_effect.py --checkpoint stage2.pth --data DATASET [--split test] [--tile 224]
+                               [--batch-size 8] [--repeats 2] [--threads N]
+
+Every test patch is segmented as ``wsss predict`` segments a window of ``--tile`` px (resized to the
+checkpoint's training size, softmax, TTA averaged, the argmax over the tissue classes) and scored
+against its mask (background pixels not evaluated), exactly as ``wsss evaluate`` scores. Times are
+the median over ``--repeats`` passes over the split, the modes alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine  # noqa: E402
+
+from wsss.data.layout import list_masked  # noqa: E402
+from wsss.data.png import read_mask, read_rgb  # noqa: E402
+from wsss.inference import TTA_MODES, TilePredictor  # noqa: E402
+from wsss.metrics import confusion_matrix, scores  # noqa: E402
+from wsss.stages import stage2  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--tile", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seg = stage2.load_segmenter(args.checkpoint)
+    samples = list_masked(args.data, args.split)
+    images = [read_rgb(s.image) for s in samples]
+    masks = np.stack([read_mask(s.mask) for s in samples])
+    num_classes = seg.model.num_classes
+    print(f"machine: {machine()}")
+    print(f"{args.checkpoint.name}: {len(samples)} {args.split} patches, windows of {args.tile} px -> model input "
+          f"{seg.image_size or args.tile} px, batch {args.batch_size}")
+    predictors = {mode: TilePredictor(seg, args.tile, torch.device("cpu"), tta=mode) for mode in TTA_MODES}
+    times: dict[str, list[float]] = {mode: [] for mode in TTA_MODES}
+    preds: dict[str, np.ndarray] = {}
+    for _ in range(args.repeats):
+        for mode, predict in predictors.items():
+            start = time.perf_counter()
+            out = [predict(images[i : i + args.batch_size]).argmax(dim=1).numpy()
+                   for i in range(0, len(images), args.batch_size)]
+            times[mode].append(time.perf_counter() - start)
+            preds[mode] = np.concatenate(out)
+    base = None
+    for mode in TTA_MODES:
+        s = scores(confusion_matrix(preds[mode], masks, num_classes))
+        seconds = sorted(times[mode])[len(times[mode]) // 2]
+        rate = len(images) / seconds
+        base = base or rate
+        per_class = " ".join(f"{v:.4f}" for v in s["iou"])
+        print(f"  tta {mode:5s} mIoU {s['mIoU']:.4f}  pixel acc {s['pixel_acc']:.4f}  IoU per class {per_class}  "
+              f"{rate:6.1f} windows/s ({base / rate:.1f}x the time of none)")
+
+
+if __name__ == "__main__":
+    main()

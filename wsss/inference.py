@@ -1,0 +1,202 @@
+"""The model side of every predict command: class probabilities of image windows from a stage-2
+segmenter (gated by the stage-1 classifier when asked), and loading both from checkpoints.
+Used by ``wsss predict`` and ``wsss predict-wsi``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.data.specs import DatasetSpec, get_spec
+from wsss.errors import WsssError
+from wsss.gate import gate_logits
+from wsss.runtime import resolve_device
+from wsss.stages.stage1 import LoadedClassifier, load_classifier
+from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
+from wsss.tiling import Predictor
+
+log = logging.getLogger(__name__)
+
+
+def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
+    """The sliding-window and gate options every predict command shares; a bad one is a user error."""
+    if tile < 16:
+        raise WsssError(f"--tile must be at least 16 px, not {tile}")
+    if not 0 <= overlap < tile:
+        raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
+    if batch_size < 1:
+        raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
+    if gate and stage1_checkpoint is None:
+        raise WsssError("--gate needs --stage1-checkpoint")
+
+
+class ModelOptions(Protocol):
+    """What :func:`load_models` reads from a config (:class:`PredictConfig` and the whole-slide one)."""
+
+    checkpoint: Path
+    dataset: str | None
+    gate: bool
+    stage1_checkpoint: Path | None
+    gate_threshold: float
+    gate_mode: str
+    tile: int
+    device: str
+    amp: bool
+    tta: str
+
+
+def model_size(tile_hw: tuple[int, int], tile: int, image_size: int | None) -> tuple[int, int]:
+    """Model input ``(h, w)`` for a window of ``tile_hw`` px: scaled by ``image_size / tile`` (the
+    training scale) when the checkpoint records an input size, else the window as it is."""
+    if image_size is None:
+        return tile_hw
+    scale = image_size / tile
+    return tuple(max(1, round(side * scale)) for side in tile_hw)
+
+
+TTA_MODES: tuple[str, ...] = ("none", "flip", "d4")
+"""Test-time augmentation: ``none``; ``flip``: the window as it is, flipped left-right, upside down
+and both (4 passes); ``d4``: those and their transposes, i.e. every rotation by 90° with and
+without a flip (8 passes). Softmax probabilities are mapped back and averaged."""
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _transpose(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-2, -1)
+
+
+def _rot90(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x, 1, (-2, -1))
+
+
+def _rot270(x: torch.Tensor) -> torch.Tensor:
+    return torch.rot90(x, -1, (-2, -1))
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One element of the dihedral group D4 on the last two axes of a ``(B, C, H, W)`` tensor:
+    ``apply``, its inverse ``undo``, and whether it swaps height and width."""
+
+    name: str
+    apply: Callable[[torch.Tensor], torch.Tensor]
+    undo: Callable[[torch.Tensor], torch.Tensor]
+    swaps: bool = False
+
+
+_FLIPS = (
+    Transform("identity", _same, _same),
+    Transform("hflip", lambda x: x.flip(-1), lambda x: x.flip(-1)),
+    Transform("vflip", lambda x: x.flip(-2), lambda x: x.flip(-2)),
+    Transform("rot180", lambda x: x.flip(-2, -1), lambda x: x.flip(-2, -1)),
+)
+_TRANSPOSED = (
+    Transform("transpose", _transpose, _transpose, True),
+    Transform("rot90", _rot90, _rot270, True),
+    Transform("rot270", _rot270, _rot90, True),
+    Transform("antitranspose", lambda x: _transpose(x).flip(-2, -1), lambda x: _transpose(x).flip(-2, -1), True),
+)
+
+
+def tta_transforms(mode: str) -> tuple[Transform, ...]:
+    """The transforms of a ``--tta`` mode; an unknown mode is a user error."""
+    check_tta(mode)
+    return {"none": _FLIPS[:1], "flip": _FLIPS, "d4": _FLIPS + _TRANSPOSED}[mode]
+
+
+def check_tta(mode: str) -> None:
+    if mode not in TTA_MODES:
+        raise WsssError(f"--tta must be one of {', '.join(TTA_MODES)}, not {mode!r}")
+
+
+def prepare_windows(tiles: Sequence[np.ndarray], size: tuple[int, int], norm: InputNorm) -> torch.Tensor:
+    """Windows ``(h, w, 3)`` uint8 → normalised model input ``(B, 3, *size)`` on the CPU."""
+    return torch.stack([to_tensor(resize_rgb(t, size), norm) for t in tiles])
+
+
+@dataclass
+class PreparedWindows:
+    """Windows of one size ``(h, w)`` as model inputs: the segmenter's and, with the gate, the
+    classifier's (each at its own training scale and normalisation), on the CPU."""
+
+    size: tuple[int, int]
+    seg: torch.Tensor
+    gate: torch.Tensor | None = None
+
+
+@dataclass
+class TilePredictor(Predictor):
+    """Class probabilities of image windows: the segmenter's softmax, with the gate when given.
+
+    ``tile`` is the window side the models' training scale refers to (``--tile``).
+    """
+
+    seg: LoadedSegmenter
+    tile: int
+    device: torch.device
+    gate: LoadedClassifier | None = None
+    threshold: float = 0.1
+    amp: bool = False
+    gate_mode: str = "mask"
+    tta: str = "none"
+
+    def __post_init__(self) -> None:
+        self.transforms = tta_transforms(self.tta)
+        self.seg.model.eval().to(self.device)
+        if self.gate is not None:
+            self.gate.model.eval().to(self.device)
+
+    def prepare(self, tiles: Sequence[np.ndarray]) -> PreparedWindows:
+        """Resize and normalise windows of one size ``(h, w, 3)`` uint8 for both models (CPU work);
+        pinned when the models are on a GPU, so that the copy overlaps the computation."""
+        size = tiles[0].shape[:2]
+        x = prepare_windows(tiles, model_size(size, self.tile, self.seg.image_size), self.seg.norm)
+        xg = None
+        if self.gate is not None:
+            xg = prepare_windows(tiles, model_size(size, self.tile, self.gate.image_size), self.gate.norm)
+        if self.device.type == "cuda":
+            x, xg = x.pin_memory(), xg.pin_memory() if xg is not None else None
+        return PreparedWindows(size, x, xg)
+
+    @torch.no_grad()
+    def forward(self, inputs: PreparedWindows, start: int, stop: int) -> torch.Tensor:
+        """Probabilities ``(stop - start, C, h, w)`` float32 of the prepared windows ``start:stop``.
+
+        With the gate, each window's classes that the classifier rules out get probability 0 (the
+        classifier sees the window as it is, once). With test-time augmentation, the mean of the
+        softmax of every transformed window, each mapped back.
+        """
+        x = inputs.seg[start:stop].to(self.device, non_blocking=True)
+        gate_probs = None
+        if self.gate is not None:
+            gate_probs = class_probs(self.gate, inputs.gate[start:stop].to(self.device, non_blocking=True), self.amp)
+        probs = None
+        for t in self.transforms:
+            logits = segment(self.seg.model, t.apply(x), inputs.size[::-1] if t.swaps else inputs.size, self.amp)
+            if gate_probs is not None:
+                logits = gate_logits(logits, gate_probs, self.threshold, self.gate_mode)
+            p = t.undo(logits.softmax(dim=1))
+            probs = p if probs is None else probs.add_(p)
+        return probs if len(self.transforms) == 1 else probs.div_(len(self.transforms))
+
+
+def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, DatasetSpec]:
+    """The tile predictor (on GPU ``local_rank`` when the device is ``cuda``) and the dataset spec: the
+    one recorded in the checkpoint, or ``--dataset`` (needed for published checkpoints; refused when it
+    differs from the record). A wrong checkpoint, class count or a gate classifier trained on another
+    spec is a user error."""
+    seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
+    gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
+    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device, local_rank), gate, cfg.gate_threshold, cfg.amp,
+                              cfg.gate_mode, cfg.tta)
+    return predictor, spec
