@@ -25,9 +25,11 @@ the partial folder removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +42,8 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
-from wsss.runtime import atomic_path
+from wsss.ownership import check_output_folder, owned_folder, owner_of
+from wsss.runtime import atomic_path, note_saved
 from wsss.stages.predict import (
     RowBlender, TilePredictor, check_window_options, class_counts, final_rows, load_models,
     overlay_with_legend, row_blocks, tile_starts, white_background,
@@ -92,6 +95,7 @@ class WsiConfig:
     reader: str = "auto"
     device: str = "auto"
     amp: bool = False
+    force: bool = False  # replace files in OUT that wsss did not write
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
@@ -246,7 +250,12 @@ class BandProgress:
                 return cls(folder, labels, state)
             log.info("%s holds an unfinished run with other settings; starting over", folder)
         folder.mkdir(parents=True, exist_ok=True)
-        labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
+        try:
+            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
+            _reserve(labels_path)
+        except OSError as exc:
+            labels_path.unlink(missing_ok=True)
+            raise WsssError(f"cannot write {labels_path}: {exc.strerror or exc}") from None
         progress = cls(folder, labels, {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0, "skipped": 0})
         progress.save()
         return progress
@@ -262,13 +271,30 @@ class BandProgress:
         self.state["segmented"] += segmented
         self.state["skipped"] += skipped
         self.save()
+        note_saved(f"{self.rows_done} window rows saved in {self.folder} (the same command continues from there)")
 
     def save(self) -> None:
-        write_json(self.folder / "state.json", self.state)
+        # Scratch, rewritten after every row: not recorded in OUT's manifest (the folder is removed at the end).
+        with atomic_path(self.folder / "state.json", owned=False) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2) + "\n", encoding="utf-8")
 
     def remove(self) -> None:
         del self.labels
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: on a full disk a write into a sparse mapping kills
+    the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # the file system cannot preallocate: nothing to gain
+            raise
 
 
 def _file_id(path: Path | None) -> list | None:
@@ -349,14 +375,29 @@ def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tu
                       png_max_pixels: int = PNG_MAX_PIXELS) -> Path:
     """``<stem>_mask.png`` (palette PNG) up to ``png_max_pixels`` pixels, else ``<stem>_mask.tif``
     (tiled palette TIFF); a file of the other kind left by an earlier run is removed."""
-    png, tif = stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_mask.tif")
+    png, tif = label_image_paths(stem)
     path, other = (png, tif) if labels.size <= png_max_pixels else (tif, png)
     if path == png:
         write_mask(png, np.asarray(labels), spec.flat_palette())
     else:
         write_label_tiff(tif, labels, spec, mpp)
+    owner = owner_of(other)
+    if owner is not None and other.exists():
+        owner.may_write(other)  # only an earlier run's label image of the other kind is removed
     other.unlink(missing_ok=True)
     return path
+
+
+def label_image_paths(stem: Path) -> tuple[Path, Path]:
+    """``(<stem>_mask.png, <stem>_mask.tif)``."""
+    return stem.with_name(stem.name + "_mask.png"), stem.with_name(stem.name + "_mask.tif")
+
+
+def output_files(out: Path, slide: Path) -> list[Path]:
+    """Every file a run on ``slide`` may write into ``out``."""
+    stem = out / slide.stem
+    return [*label_image_paths(stem), *(stem.with_name(stem.name + suffix)
+                                        for suffix in ("_overlay.png", "_summary.json", ".geojson"))]
 
 
 def write_label_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None) -> None:
@@ -478,22 +519,42 @@ def partial_folder(out: Path, slide: Path) -> Path:
 
 
 def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
-    """Segment the slide (continuing an interrupted run) and write its outputs."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
+    """Segment the slide (continuing an interrupted run) and write its outputs.
+
+    OUT is held for this slide only (a per-slide lock: runs on other slides may share OUT); files
+    of this slide's names that wsss did not write are not replaced unless ``cfg.force``."""
+    check_output_folder(cfg.out)
     with open_slide(cfg.slide, cfg.reader) as slide:
         level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
         grid = plan_grid(slide.dimensions, slide.downsamples, level, scale, cfg.roi)
         predictor, spec = load_models(cfg)
         w0, h0 = slide.dimensions[0]
-        threshold = tissue_threshold(read_thumbnail(slide, (0, 0, w0, h0), fit_size(w0, h0, THUMBNAIL_SIDE)))
-        state = BandProgress.open(partial_folder(cfg.out, cfg.slide), fingerprint(cfg, slide, grid, spec, threshold),
-                                  grid.size[::-1])
-        resumed = state.rows_done
-        if resumed:
-            log.info("continuing %s from window row %d", cfg.slide, resumed + 1)
-        segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
-        result = write_outputs(cfg, slide, grid, spec, threshold, state)
-    state.remove()
+        thumbnail = read_thumbnail(slide, (0, 0, w0, h0), fit_size(w0, h0, THUMBNAIL_SIDE))
+        check_colour(thumbnail, cfg.slide)
+        threshold = tissue_threshold(thumbnail)
+        with owned_folder(cfg.out, "predict-wsi", key=f"predict-wsi {cfg.slide.name}", force=cfg.force,
+                          scope=cfg.slide.stem, read_from=[cfg.slide.parent]) as owner:
+            owner.begin({"slide": str(cfg.slide)}, {"fingerprint": fingerprint(cfg, slide, grid, spec, threshold)})
+            owner.claim(output_files(cfg.out, cfg.slide))
+            state = BandProgress.open(partial_folder(cfg.out, cfg.slide),
+                                      fingerprint(cfg, slide, grid, spec, threshold), grid.size[::-1])
+            resumed = state.rows_done
+            if resumed:
+                log.info("continuing %s from window row %d", cfg.slide, resumed + 1)
+            segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
+            result = write_outputs(cfg, slide, grid, spec, threshold, state)
+            state.remove()
+    if result.summary["tiles"]["segmented"] == 0:
+        log.warning("warning: no window of %s reached --min-tissue %g: nothing was segmented, the label image is "
+                    "all background", cfg.slide, cfg.min_tissue)
     result.resumed_rows = resumed
     return result
+
+
+def check_colour(thumbnail: np.ndarray, path: Path, spread: int = 2) -> None:
+    """Refuse a slide without colour: a greyscale scan (which OpenSlide returns as RGB) has no
+    saturated pixel, so no window would ever count as tissue and the output would be all background."""
+    rgb = thumbnail.astype(np.int16)
+    if int((rgb.max(axis=-1) - rgb.min(axis=-1)).max(initial=0)) <= spread:
+        raise WsssError(f"{path} has no colour (a greyscale image, or empty glass): predict-wsi segments RGB H&E "
+                        "slides")
