@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wsss.cam.gradcam import averaged_gradcam, multi_layer_gradcam
+from wsss.cam.gradcam import averaged_gradcam, fuse_pseudo_mask, multi_layer_gradcam
 from wsss.data import augment
 from wsss.data.background import white_mask
 from wsss.data.seg_datasets import compose_mosaic as augment_mosaic
@@ -30,14 +30,17 @@ def test_multi_scale_cams_of_a_scale_invariant_model_equal_single_scale():
                              gradcam=_pixelwise_cams)
     for layer in ("b4_5", "bn7"):
         assert torch.allclose(single[layer], multi[layer], atol=1e-6)
-        assert torch.allclose(single[layer][:, 1], torch.full((2, 24, 24), 0.7 * (1 if layer == "b4_5" else 2)))
+        # joint min-max over the two classes (0.2 and 0.7, times the layer's factor): 0 and 1
+        assert torch.allclose(single[layer][:, 0], torch.zeros(2, 24, 24), atol=1e-6)
+        assert torch.allclose(single[layer][:, 1], torch.ones(2, 24, 24), atol=1e-6)
 
 
 def test_flip_views_are_mirrored_back_before_averaging():
     x = torch.rand(1, 3, 8, 8)
     plain = averaged_gradcam(None, x, ("b5_2",), (8, 8), gradcam=_pixelwise_cams)["b5_2"]
     both = averaged_gradcam(None, x, ("b5_2",), (8, 8), flip=True, gradcam=_pixelwise_cams)["b5_2"]
-    assert torch.allclose(plain, x[:, :2])
+    lo, hi = x[:, :2].min(), x[:, :2].max()
+    assert torch.allclose(plain, (x[:, :2] - lo) / (hi - lo))
     assert torch.allclose(both, plain, atol=1e-6)  # the mirrored view, un-mirrored, is the same map
 
     # a map that is NOT mirror-symmetric in its response: the average is the mean of the two views
@@ -45,8 +48,27 @@ def test_flip_views_are_mirrored_back_before_averaging():
         return {layer: x[:, :2, :, 1:].mean(dim=-1, keepdim=True).expand(-1, -1, *size) for layer in layers}
 
     avg = averaged_gradcam(None, x, ("b5_2",), (8, 8), flip=True, gradcam=shifted)["b5_2"]
-    expected = (x[:, :2, :, 1:].mean(-1, keepdim=True) + x.flip(-1)[:, :2, :, 1:].mean(-1, keepdim=True)) / 2
-    assert torch.allclose(avg, expected.expand(-1, -1, 8, 8), atol=1e-6)
+
+    def norm(v):
+        return (v - v.min()) / (v.max() - v.min())
+
+    a = norm(x[:, :2, :, 1:].mean(-1, keepdim=True))
+    b = norm(x.flip(-1)[:, :2, :, 1:].mean(-1, keepdim=True))
+    assert torch.allclose(avg, ((a + b) / 2).expand(-1, -1, 8, 8), atol=1e-6)
+
+
+def test_views_are_weighted_equally_whatever_their_magnitude():
+    """A Grad-CAM's magnitude shrinks as 1/(h·w) of the view: a toy whose maps scale that way must
+    average to the same maps as a toy whose maps do not."""
+    x = torch.rand(1, 3, 16, 16)
+
+    def pooled(model, x, layers, size):
+        cam = F.interpolate(x[:, :2] / (x.shape[-1] * x.shape[-2]), size=size, mode="bilinear", align_corners=False)
+        return {layer: cam for layer in layers}
+
+    a = averaged_gradcam(None, x, ("bn7",), (16, 16), scales=(1.0, 2.0), gradcam=pooled)["bn7"]
+    b = averaged_gradcam(None, x, ("bn7",), (16, 16), scales=(1.0, 2.0), gradcam=_pixelwise_cams)["bn7"]
+    assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_averaged_gradcam_with_one_view_is_the_plain_gradcam():
@@ -55,8 +77,17 @@ def test_averaged_gradcam_with_one_view_is_the_plain_gradcam():
     x = torch.rand(2, 3, 32, 32)
     plain = multi_layer_gradcam(model, x, ("b4_5", "b5_2", "bn7"), size=(40, 40))
     same = averaged_gradcam(model, x, ("b4_5", "b5_2", "bn7"), (40, 40))
+    labels = torch.tensor([[1, 0, 1], [0, 1, 1]]).bool()
+    white = torch.rand(2, 40, 40) > 0.8
     for layer in plain:
-        assert torch.equal(plain[layer], same[layer])
+        flat = plain[layer].flatten(1)
+        lo = flat.min(1).values.view(-1, 1, 1, 1)
+        hi = flat.max(1).values.view(-1, 1, 1, 1)
+        assert torch.allclose(same[layer], (plain[layer] - lo) / (hi - lo), atol=1e-6)
+        # and the pseudo-masks made from either are the same, bit for bit
+        for rule in ("ours", "reference"):
+            assert torch.equal(fuse_pseudo_mask(plain[layer], labels, white, 4, rule),
+                               fuse_pseudo_mask(same[layer], labels, white, 4, rule))
 
 
 def test_bad_pm_methods_are_user_errors():
@@ -171,3 +202,71 @@ def test_mosaic_items_carry_exactly_their_source_patches_labels(tmp_path):
     # and the items handed to training are mosaics of the right shape and value range
     x, masks, _ = data[8]
     assert x.shape == (3, 16, 16) and masks.shape == (1, 16, 16) and set(masks.unique().tolist()) <= {0, 1, 2, 3, 4}
+
+
+def test_relabel_never_assigns_a_class_outside_the_patch_label():
+    from wsss.stages.stage2 import relabel_masks
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 8, 8) * 3
+    logits[:, 3] += 50  # class 3 dominates every pixel, but no patch below is labelled with it
+    labels = torch.tensor([[1, 0, 0, 0], [0, 1, 1, 0], [1, 1, 1, 0], [0, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 0]]).bool()
+    first = torch.zeros(6, 8, 8, dtype=torch.long)
+    first[:, :2] = 4  # white glass in the pseudo-mask stays background
+    new = relabel_masks(logits, labels, first, 0.0, 4)
+    for b in range(6):
+        assigned = set(new[b][new[b] != 4].unique().tolist())
+        assert assigned <= set(torch.nonzero(labels[b]).flatten().tolist())
+    assert (new[:, :2] == 4).all()
+    # a single-class patch is that class wherever the pseudo-mask is tissue, whatever the logits say
+    assert (new[0, 2:] == 0).all() and (new[3, 2:] == 2).all()
+
+
+def test_relabel_keeps_only_confident_pixels_by_hand():
+    from wsss.stages.stage2 import relabel_masks
+
+    # two labelled classes; softmax over them only: p = sigmoid(a - b)
+    logits = torch.tensor([[2.0, 0.0], [0.1, 0.0], [-3.0, 9.0], [0.0, 0.0]]).T.reshape(1, 2, 1, 4)
+    logits = torch.cat([logits, torch.full((1, 1, 1, 4), 99.0)], dim=1)  # an unlabelled third class
+    labels = torch.tensor([[True, True, False]])
+    new = relabel_masks(logits, labels, torch.zeros(1, 1, 4, dtype=torch.long), 0.7, 3)
+    # p(class 0) = 0.881, 0.525, 0.000006, 0.5 → class 0, unsure, class 1, unsure
+    assert new.tolist() == [[[0, 3, 1, 3]]]
+
+
+def test_stage1_mosaic_label_is_the_classes_its_quadrants_show(tmp_path):
+    """Stage-1 mosaics of single-class patches: a quadrant adds its class when it shows tissue;
+    a quadrant of glass adds nothing; multi-class patches are never used."""
+    from wsss.data.datasets import ClassificationDataset, InputNorm, quadrants
+    from wsss.data.layout import TrainSample
+    from wsss.data.png import write_rgb
+
+    samples = []
+    for i in range(8):
+        cls = i % 4
+        label = tuple(int(c == cls) for c in range(4))
+        image = np.full((32, 32, 3), 40 * cls + 20, np.uint8)  # the colour names the class
+        if i >= 4:
+            image[:, :] = 255  # glass only: its class must not enter a mosaic's label
+            image[0, 0] = 40 * cls + 20
+        path = tmp_path / f"p{i}-[{' '.join(map(str, label))}].png"
+        write_rgb(path, image)
+        samples.append(TrainSample(path, label))
+    path = tmp_path / "two-[1 1 0 0].png"
+    write_rgb(path, np.full((32, 32, 3), 90, np.uint8))
+    samples.append(TrainSample(path, (1, 1, 0, 0)))
+
+    data = ClassificationDataset(samples, None, InputNorm(), augment=True, mosaic=1.0)
+    assert data.single == list(range(8))
+    torch.manual_seed(0)
+    for _ in range(30):
+        image, label = data._mosaic((32, 32))
+        shown = set()
+        grey = image[..., 0]
+        assert not (grey == 90).any()  # never the two-class patch
+        for value in np.unique(grey):
+            if value != 255 and (grey == value).sum() >= 0.02 * 32 * 32:
+                shown.add((int(value) - 20) // 40)
+        assert set(torch.nonzero(label).flatten().tolist()) == shown
+    x, label, _ = data[8]
+    assert x.shape == (3, 32, 32) and label.sum() >= 0

@@ -157,12 +157,16 @@ def averaged_gradcam(
     flip: bool = False,
     gradcam=None,
 ) -> dict[str, Tensor]:
-    """Raw Grad-CAMs ``{layer: (B, C, H, W)}`` at ``size``, averaged over input scales and flips.
+    """Grad-CAMs ``{layer: (B, C, H, W)}`` at ``size``, each view jointly min-max normalised over
+    classes, averaged over input scales and flips.
 
     Each view is ``x`` (B, 3, S, S) bilinearly resized by a factor of ``scales[i]`` (and, with
-    ``flip``, also mirrored left-right); its Grad-CAMs are resized to ``size``, un-mirrored and
-    averaged with the others (multi-scale CAM inference as in PSA/IRN). With the defaults this is
-    :func:`multi_layer_gradcam`. ``gradcam(model, x, layers, size)`` replaces
+    ``flip``, also mirrored left-right); its Grad-CAMs are resized to ``size``, un-mirrored,
+    normalised per image as the fusion does (:func:`minmax_normalise`) and averaged with the other
+    views (multi-scale CAM inference as in PSA/IRN). Normalising first matters: a Grad-CAM's scale
+    goes as 1/(h·w) of the view through the global pooling, so raw maps of a larger view would
+    count less. With one view this is ``minmax_normalise`` of :func:`multi_layer_gradcam`, whose
+    fusion is bit-identical to that of the raw maps. ``gradcam(model, x, layers, size)`` replaces
     :func:`multi_layer_gradcam` (tests use a toy map).
     """
     gradcam = gradcam or multi_layer_gradcam
@@ -176,7 +180,7 @@ def averaged_gradcam(
         for mirrored in ((False, True) if flip else (False,)):
             cams = gradcam(model, xs.flip(-1) if mirrored else xs, layers, size=size)
             for name, cam in cams.items():
-                cam = cam.flip(-1) if mirrored else cam
+                cam = minmax_normalise(cam.flip(-1) if mirrored else cam)
                 total[name] = cam if name not in total else total[name] + cam
             views += 1
     return {name: cam / views for name, cam in total.items()}

@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from wsss.data import augment
-from wsss.data.datasets import InputNorm, read_masked, resize_mask, resize_rgb, to_tensor
+from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import read_mask, read_rgb
 from wsss.data.specs import BACKGROUND_INDEX
@@ -65,12 +65,9 @@ def compose_mosaic(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cu
     ``images[i]`` (H, W, 3) and ``masks[i]`` (L, H, W); quadrant ``i`` (top-left, top-right,
     bottom-left, bottom-right) is the same region of patch ``i``, at its own scale, with its masks.
     """
-    r, c = cut
     image = np.empty_like(images[0])
     mask = np.empty_like(masks[0])
-    regions = ((slice(0, r), slice(0, c)), (slice(0, r), slice(c, None)),
-               (slice(r, None), slice(0, c)), (slice(r, None), slice(c, None)))
-    for (rows, cols), im, ms in zip(regions, images, masks):
+    for (rows, cols), im, ms in zip(quadrants(*cut), images, masks):
         image[rows, cols] = im[rows, cols]
         mask[:, rows, cols] = ms[:, rows, cols]
     return image, mask

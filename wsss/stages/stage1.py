@@ -103,7 +103,7 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
 
 def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
     dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
-                                    geometric=cfg.augment, stain=cfg.stain_jitter)
+                                    geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
