@@ -374,6 +374,8 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
     owner.claim([paths.checkpoint, paths.last, paths.config])
+    if not resumed:  # a fresh run deletes the self-training labels of an earlier one: only if they are ours
+        owner.claim(p for p in (paths.out / "relabel").rglob("*") if p.is_file())
     test_samples = list_masked(cfg.data, "test")
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
