@@ -441,3 +441,43 @@ def test_12_ctrl_c_says_what_was_saved_and_how_to_continue(data, tmp_path, capsy
     monkeypatch.setattr(stage1, "train_one_epoch", real)
     code, _, err = run_cli(capsys, monkeypatch, *command[1:])
     assert code == 0 and "after epoch 1 of 2" in caplog.text, err
+
+
+class FillingDisk:
+    """A file that takes ``room`` bytes, then writes short and fails with ENOSPC, as a disk that
+    fills up while a checkpoint is written."""
+
+    def __init__(self, f, room: int) -> None:
+        self.f, self.room = f, room
+
+    def write(self, data) -> int:
+        data = bytes(data)
+        if self.room <= 0:
+            raise OSError(28, "No space left on device")
+        part = data[: self.room]
+        self.room -= len(part)
+        return self.f.write(part)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+@pytest.mark.parametrize("room", [0, 300, 5000])
+def test_11_a_disk_filling_up_during_a_checkpoint_write_is_one_line_and_no_file(tmp_path, capsys, monkeypatch, room):
+    """torch reports a failed write as its own RuntimeError ("unexpected pos"); the OS's cause is
+    what the user must see. ``room``: where the disk fills up (before, inside, after the header)."""
+    from wsss import runtime
+    from wsss.errors import WsssError
+
+    monkeypatch.setattr(runtime, "open", lambda path, mode="r": FillingDisk(open(path, mode), room), raising=False)
+    target = tmp_path / "ckpt.pth"
+    with pytest.raises(WsssError) as info:
+        runtime.save_checkpoint(target, {"model": {"w": torch.zeros(4096)}})
+    assert str(info.value) == f"cannot write {target}: No space left on device"
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary file

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -90,18 +91,27 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 
 class _WriteErrors:
-    """A file-like ``write`` target that keeps the OSError of a failed write (torch hides it)."""
+    """A file-like ``write`` target that keeps the OSError of a failed write, which torch turns into
+    a RuntimeError of its own (``unexpected pos``). A short write (the disk filled up in the middle)
+    is retried for the rest, so that the OS says why it fails."""
 
     def __init__(self, f) -> None:
         self.f = f
         self.error: OSError | None = None
 
     def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
         try:
-            return self.f.write(data)
+            while done < len(view):
+                n = self.f.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
         except OSError as exc:
             self.error = exc
             raise
+        return done
 
     def flush(self) -> None:
         self.f.flush()
