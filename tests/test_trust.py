@@ -354,6 +354,8 @@ def test_11_an_output_path_that_is_a_file_is_one_line_before_any_compute(data, c
 
 FULL_DISK_SCRIPT = r"""
 import json, resource, sys
+import torch
+torch.set_num_threads(1)
 from wsss.cli import main
 results = []
 for limit, argv in json.loads(sys.argv[1]):
@@ -371,7 +373,7 @@ for limit, argv in json.loads(sys.argv[1]):
 
 def test_11_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(data, ckpts, tmp_path):
     """Writes beyond a file-size limit fail as on a full disk (EFBIG instead of ENOSPC; Python ignores
-    SIGXFSZ). One process runs the four commands, each under its own limit."""
+    SIGXFSZ). One process runs the commands, each under its own limit."""
     from test_wsi import write_pyramid, _slide_pixels
 
     root = copy_data(data, tmp_path / "data")
@@ -386,6 +388,8 @@ def test_11_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(d
                "--device", "cpu"]),
         (4 * 1024, ["predict-wsi", str(slide), "--checkpoint", str(ckpts["s2"]), "--out", str(tmp_path / "w"),
                     "--tile", "64", "--device", "cpu"]),
+        (0, ["predict", str(image), "--checkpoint", str(ckpts["s2"]), "--out", str(tmp_path / "p0"), "--tile", "32",
+             "--overlap", "8", "--device", "cpu"]),  # full from the start: the lock itself cannot be written
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")])}
@@ -401,6 +405,7 @@ def test_11_a_full_disk_is_one_line_naming_the_file_and_leaves_no_partial_file(d
         assert len(errors) == 1 and "File too large" in errors[0] and str(tmp_path) in errors[0], text
     for folder in (tmp_path / "s1", root / "train_PM", tmp_path / "p", tmp_path / "w"):
         assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")], folder  # no partial file
+    assert not (tmp_path / "p0").exists()  # nothing written: nothing left
 
 
 def test_12_bad_tiff_and_checkpoint_files_are_one_line(data, tmp_path, capsys, monkeypatch):

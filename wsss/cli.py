@@ -52,11 +52,15 @@ def synth(
     """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks)."""
     from wsss.data.synth import generate, resolve_look
 
+    from wsss.ownership import owned_folder
+
     appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
-    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
-                       look=appearance)
+    settings = {"train": train, "val": val, "test": test, "size": size, "seed": seed, "look": appearance.to_dict()}
+    with owned_folder(out, "synth", config=settings, force=force):
+        summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
+                           look=appearance)
     typer.echo(json.dumps(summary, indent=2))
 
 

@@ -277,6 +277,9 @@ def _acquire(folder: Path, scope: str | None, command: str, option: str) -> _Loc
             continue
         try:
             os.write(fd, content.encode())
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            raise WsssError(f"cannot write {path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
         lock = _Lock(path)

@@ -146,7 +146,10 @@ class Progress:
 
     def finish(self, step: str, seconds: float, result: dict | None = None) -> None:
         self.steps[step] = {"seconds": round(seconds, 1), "result": result}
-        write_json(self.path, {"signature": self.signature, "steps": self.steps})
+        # Bookkeeping that the run rereads and a user may edit (to redo a step): not an output the
+        # folder's ownership protects.
+        with atomic_path(self.path, owned=False) as tmp:
+            tmp.write_text(json.dumps({"signature": self.signature, "steps": self.steps}, indent=2) + "\n")
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -466,7 +469,7 @@ def run(cfg: ReproduceConfig) -> dict:
             owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
                          config=cfg.signature()) as owner:
         ctx = _Context(cfg, spec, Progress.open(report / "progress.json", cfg.signature(), cfg.force), {})
-        owner.claim([report / "progress.json", report / "report.json", report / "report.md"])
+        owner.claim([report / "report.json", report / "report.md"])
         note_saved(f"the finished steps are recorded in {ctx.progress.path}")
         if synth_seconds is not None:
             ctx.times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
