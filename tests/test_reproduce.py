@@ -97,14 +97,17 @@ def test_reproduce_missing_data_is_one_clear_line(tmp_path, capsys, monkeypatch)
 def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets):
     result = run(tiny(tmp_path, ablations=True))
     rows = result["ablations"]
-    # the tiny preset trains stage 1 with the paper's momentum and stage 2 with the reference loss, so
-    # the recipe rows run the corrected ones
-    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", "stage-1 momentum 0.9 (corrected)",
-                          "stage-2 --loss-reduction mean", "fully supervised (true masks)"]
+    # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
+    # improvement row turns one on
+    ours = [("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
+            ("stage 1 --mosaic 0.5 (ours)", "stage1_mosaic_0.5"),
+            ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
+            ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
+            ("stage 2 --augment d4 (ours)", "stage2_augment_d4")]
+    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", *(t for t, _ in ours),
+                          "fully supervised (true masks)"]
     report = tmp_path / "report"
-    for name, folder in (("single-layer PM (bn7)", "bn7_only"), ("no PDA", "no_pda"),
-                         ("stage-1 momentum 0.9 (corrected)", "stage1_momentum_0.9"),
-                         ("stage-2 --loss-reduction mean", "loss_reduction_mean"),
+    for name, folder in (("single-layer PM (bn7)", "bn7_only"), ("no PDA", "no_pda"), *ours,
                          ("fully supervised (true masks)", "gt")):
         metrics = json.loads((report / "ablation" / folder / "metrics.json").read_text())
         assert rows[name]["stage2_test"] == metrics["test"]["mIoU"]
@@ -116,10 +119,12 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     assert no_pda["pda"] is False
     assert len(list((tmp_path / "ckpt" / "ablation" / "no_pda" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
     momentum = json.loads((tmp_path / "ckpt" / "ablation" / "stage1_momentum_0.9" / "stage1_luad_config.json").read_text())
+    assert json.loads((tmp_path / "ckpt" / "ablation" / "pm_white_rule_glass" / "train_PM" / "pseudo_masks_config.json")
+                      .read_text())["white_rule"] == "glass"
     assert momentum["momentum"] == 0.9
     main = json.loads((tmp_path / "ckpt" / "stage1_luad_config.json").read_text())
     assert main["momentum"] == 0.0005
-    mean = json.loads((tmp_path / "ckpt" / "ablation" / "loss_reduction_mean" / "stage2_luad_config.json").read_text())
+    mean = json.loads((tmp_path / "ckpt" / "ablation" / "stage2_loss_reduction_mean" / "stage2_luad_config.json").read_text())
     assert mean["loss_reduction"] == "mean"
     assert json.loads((tmp_path / "ckpt" / "stage2_luad_config.json").read_text())["loss_reduction"] == "reference"
     gt = json.loads((tmp_path / "ckpt" / "ablation" / "gt" / "stage2_luad_config.json").read_text())
@@ -163,3 +168,23 @@ def test_transfer_tests_the_seeds_model_on_the_other_dataset(tmp_path, tiny_pres
     assert result["summary"]["stage 2 + gate tested on data"]["mean"] == result["stage2"]["test_gate"]["mIoU"]
     with pytest.raises(WsssError, match="--transfer: dataset folder"):
         run(tiny(tmp_path, transfer=tmp_path / "nowhere", report=tmp_path / "r2", out=tmp_path / "c2"))
+
+
+def test_improvement_rows_of_the_cpu_preset_go_back_to_the_paper_values():
+    from wsss.config import IMPROVEMENTS, PM_PRESETS, Stage1Config, Stage2Config
+    from wsss.stages.pseudo_masks import PseudoMaskConfig
+    from wsss.stages.reproduce import improvement_variants
+
+    paper = {"stage1": Stage1Config("luad", Path(".")), "stage2": Stage2Config("luad", Path(".")),
+             "pm": PseudoMaskConfig("luad", Path("."), Path("x.pth"))}
+    variants = improvement_variants("cpu")
+    assert len(variants) == sum(len(v) for v in IMPROVEMENTS.values())
+    for v in variants:
+        (step, change), = [(k, getattr(v, k)) for k in ("stage1", "pm", "stage2") if getattr(v, k)]
+        (key, value), = change.items()
+        assert value == getattr(paper[step], key) and v.title.endswith("(paper)")
+    # the cpu and best presets carry every improvement; cpu-paper none
+    for step, presets in (("stage1", STAGE1_PRESETS), ("pm", PM_PRESETS), ("stage2", STAGE2_PRESETS)):
+        for key, value in IMPROVEMENTS[step].items():
+            assert presets["cpu"][key] == presets["best"][key] == value
+            assert key not in presets["cpu-paper"]

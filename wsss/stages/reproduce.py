@@ -20,6 +20,7 @@ clear message instead of mixing results (``--force`` starts over).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from wsss import config as cfglib
-from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
+from wsss.config import IMPROVEMENTS, PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config
 from wsss.data.layout import train_gt_dir
 from wsss.data.synth import resolve_look
 from wsss.data.specs import DatasetSpec, get_spec
@@ -200,31 +201,43 @@ UPPER_BOUND = Variant("gt", "fully supervised (true masks)", true_masks=True,
                       stage2={"pm_layers": ("gt",), "pm_weights": (1.0,)})
 
 
-def _preset_value(presets: dict, cls: type, preset: str | None, name: str):
-    values = presets.get(preset or "paper", {})
-    if name in values:
-        return values[name]
-    return next(f.default for f in cls.__dataclass_fields__.values() if f.name == name)
+def _default(cls: type, name: str):
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def improvement_variants(preset: str | None) -> list[Variant]:
+    """One row per setting in which our presets differ from the reference (``config.IMPROVEMENTS``):
+    for a preset that has it, the row goes back to the paper's value; for one that does not, the row
+    turns it on. So every improvement, and every recipe correction, shows what it does."""
+    from wsss.stages.pseudo_masks import PseudoMaskConfig
+
+    steps = {"stage1": ("stage 1", STAGE1_PRESETS, Stage1Config), "pm": ("pseudo-masks", PM_PRESETS, PseudoMaskConfig),
+             "stage2": ("stage 2", STAGE2_PRESETS, Stage2Config)}
+    variants = []
+    for step, ours in IMPROVEMENTS.items():
+        title, presets, cls = steps[step]
+        values = presets.get(preset or "paper", {})
+        for key, improved in ours.items():
+            paper = _default(cls, key)
+            other = paper if values.get(key, paper) != paper else improved
+            label = "paper" if other == paper else "ours"
+            variants.append(Variant(f"{step}_{key}_{_fmt(other)}",
+                                    f"{title} --{key.replace('_', '-')} {_fmt(other)} ({label})",
+                                    **{step: {key: other}}))
+    return variants
 
 
 def ablation_variants(preset: str | None) -> list[Variant]:
     """The README's ablations for ``preset``: each changes one thing of the full method."""
-    variants = [
+    return [
         Variant("bn7_only", "single-layer PM (bn7)", stage2={"pm_layers": ("bn7",), "pm_weights": (1.0,)}),
         Variant("no_pda", "no PDA", stage1={"pda": False}),
+        *improvement_variants(preset),
     ]
-    # The two recipe differences from the reference (README, "Fidelity to the reference"): each row
-    # runs the other recipe, so a user sees what the difference does.
-    momentum = _preset_value(STAGE1_PRESETS, Stage1Config, preset, "momentum")
-    other = 0.9 if momentum == 0.0005 else 0.0005
-    variants.append(Variant(f"stage1_momentum_{other:g}",
-                            f"stage-1 momentum {other:g} ({'reference' if other == 0.0005 else 'corrected'})",
-                            stage1={"momentum": other}))
-    reduction = _preset_value(STAGE2_PRESETS, Stage2Config, preset, "loss_reduction")
-    other = "mean" if reduction == "reference" else "reference"
-    variants.append(Variant(f"loss_reduction_{other}", f"stage-2 --loss-reduction {other}",
-                            stage2={"loss_reduction": other}))
-    return variants
 
 
 # --------------------------------------------------------------------------- the steps
