@@ -277,6 +277,20 @@ def test_7_resume_refuses_options_given_with_other_values(data, tmp_path, capsys
     assert code == 0 and "after epoch 1 of 1" in caplog.text, err
 
 
+def test_7_a_run_an_older_wsss_wrote_can_still_be_resumed(data, tmp_path, capsys, monkeypatch, caplog):
+    """No manifest at all (outputs of a wsss before manifests): --resume takes the run as it is and
+    records its files; a folder with a manifest that does not list them is another matter (test_1)."""
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "old"
+    base = ("train-stage1", "--dataset", "luad", "--data", data, "--out", out, *S1)
+    assert run_cli(capsys, monkeypatch, *base)[0] == 0
+    (out / ".wsss-manifest.jsonl").unlink()
+    code, _, err = run_cli(capsys, monkeypatch, *base, "--resume")
+    assert code == 0 and "written by an older wsss" in caplog.text, err
+    files = [json.loads(line).get("file") for line in (out / ".wsss-manifest.jsonl").read_text().splitlines()]
+    assert {"stage1_luad_last.pth", "stage1_checkpoint_trained_on_luad.pth"} <= set(files)
+
+
 def test_8_gate_threshold_outside_0_1_is_refused_everywhere(data, ckpts, tmp_path, capsys, monkeypatch):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)

@@ -367,6 +367,7 @@ class Owner:
         self.manifest = manifest if manifest is not None else Manifest()
         self._meta: dict[str, dict] = {}
         self.begun = False
+        self._begun_blank = False
 
     # ------------------------------------------------------------------ questions
 
@@ -429,6 +430,7 @@ class Owner:
             return
         if not self.begun:
             self.begin(None, None)
+            self._begun_blank = True
         st = Path(written if written is not None else path).stat()
         rel = self._rel(path)
         entry = {"file": rel, "run": self.run_id, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -454,9 +456,9 @@ class Owner:
 
     def begin(self, config: Mapping | None, inputs: Mapping | None) -> None:
         """Record the run: its configuration and input hashes (what a later run compares with)."""
-        if not self.active or self.begun:
+        if not self.active or (self.begun and not (self._begun_blank and config is not None)):
             return
-        self.begun = True
+        self.begun, self._begun_blank = True, False  # a run begun blank by an early record gets its config now
         ident = _identity()
         self._append({"run": self.run_id, "key": self.key, "command": self.command, "format": FORMAT,
                       "config": dict(config or {}), "inputs": dict(inputs or {}), "pid": ident["pid"],

@@ -43,6 +43,11 @@ class RunPaths:
     def logs(self) -> Path:
         return self.out / "runs" / f"stage{self.STAGE}_{self.dataset}"
 
+    @property
+    def outputs(self) -> list[Path]:
+        """The files of ``out`` the run writes (its tensorboard logs apart)."""
+        return [self.checkpoint, self.last, self.config]
+
 
 def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], resume: bool, force: bool,
                  read: Callable[[Path], dict] = load_checkpoint, given: Collection[str] = (),
@@ -65,16 +70,33 @@ def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], res
     if not paths.last.exists():
         log.info("no earlier run in %s: starting from scratch", paths.out)
         return cfg, None
-    if owner is not None and owner.active and not owner.ours(paths.last):
+    legacy = owner is not None and owner.active and not owner.manifest.files  # outputs of a wsss without manifests
+    if owner is not None and owner.active and not legacy and not owner.ours(paths.last):
         raise WsssError(f"{paths.last} was not written by wsss in {paths.out} (copied there, or changed since): "
                         "it is not resumed; move it, or pass --force instead of --resume to start over")
     state = read(paths.last)
     expect_stage(state, paths.last, stage)
+    if legacy:
+        _adopt_legacy_run(owner, paths, state, read)
     saved = cfglib.from_dict(type(cfg), state["config"])
     _refuse_other_options(cfg, saved, paths, set(given) - set(runtime_fields) - {"dataset", "data", "out"})
     cfg = replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
     log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
     return cfg, state
+
+
+def _adopt_legacy_run(owner: Owner, paths: RunPaths, state: dict, read: Callable[[Path], dict]) -> None:
+    """A folder an older wsss wrote (no manifest) holds the run ``--resume`` names: its resumable
+    state, and its model when that records the same configuration, are recorded as this run's."""
+    for path in paths.outputs:
+        if not path.is_file() or path == paths.checkpoint:
+            continue
+        owner.record(path)
+    if paths.checkpoint.is_file():
+        model = read(paths.checkpoint)
+        if model.get("stage") == paths.STAGE and model.get("config") == state["config"]:
+            owner.record(paths.checkpoint)
+    log.info("%s was written by an older wsss: resuming it, and recording its files as this run's", paths.out)
 
 
 def _refuse_earlier_run(paths: RunPaths, owner: Owner | None) -> None:

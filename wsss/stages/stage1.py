@@ -57,6 +57,10 @@ class Stage1Paths(RunPaths):
     def cam_metrics(self) -> Path:
         return self.out / f"stage1_{self.dataset}_cam_metrics.json"
 
+    @property
+    def outputs(self) -> list[Path]:
+        return [*super().outputs, self.cam_metrics]
+
 
 # --------------------------------------------------------------------------- building blocks
 
@@ -212,7 +216,7 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
     inputs = training_inputs(cfg, samples)
     check_same_inputs(owner, inputs, ("train",), resumed)
     owner.begin(cfglib.to_dict(cfg), inputs)
-    owner.claim([paths.checkpoint, paths.last, paths.config, paths.cam_metrics])
+    owner.claim(paths.outputs)
     problems = validate.train_problems(samples, spec)
     for split in cfg.eval_splits:
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)

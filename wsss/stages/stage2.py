@@ -373,7 +373,7 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     check_same_inputs(owner, inputs, ("train", "pseudo_masks"), resumed)
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
-    owner.claim([paths.checkpoint, paths.last, paths.config])
+    owner.claim(paths.outputs)
     if not resumed:  # a fresh run deletes the self-training labels of an earlier one: only if they are ours
         owner.claim(p for p in (paths.out / "relabel").rglob("*") if p.is_file())
     test_samples = list_masked(cfg.data, "test")
