@@ -66,3 +66,38 @@ def luad_root(tmp_path: Path) -> Path:
 def bcss_root(tmp_path: Path) -> Path:
     # BCSS copies are often distributed with valid/ instead of val/.
     return build_layout(tmp_path / "BCSS-WSSS", BCSS_TRAIN_NAMES, BCSS, val_dir="valid")
+
+
+@pytest.fixture(scope="session")
+def synth16(tmp_path_factory) -> Path:
+    """16/4/4 synthetic 32-px patches in the LUAD-HistoSeg layout; read-only (copy it to change it)."""
+    from wsss.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth16") / "data"
+    generate(root, n_train=16, n_val=4, n_test=4, size=32, seed=0, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def thin_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Untrained thin checkpoints in our format: two stage-1 classifiers (seeds 0, 1: s1a, s1b) at 32 px
+    and a ResNet-18 stage 2 (s2) at 32 px."""
+    from wsss.config import Stage1Config, Stage2Config
+    from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
+    from wsss.models.resnet38 import ResNet38Classifier
+    from wsss.runtime import save_checkpoint
+    from wsss.stages import stage1, stage2
+
+    root = tmp_path_factory.mktemp("thin_ckpts")
+    paths = {}
+    for name, seed in (("s1a", 0), ("s1b", 1)):
+        torch.manual_seed(seed)
+        cfg = Stage1Config(dataset="luad", data=Path("."), width=0.125, image_size=32)
+        paths[name] = root / f"{name}.pth"
+        save_checkpoint(paths[name], stage1.checkpoint_state(ResNet38Classifier(4, width=0.125), cfg, LUAD, 0))
+    torch.manual_seed(0)
+    model = DeepLabV3Plus(DeepLabArch("resnet18", 16, 4, 8))
+    cfg = Stage2Config(dataset="luad", data=Path("."), backbone="resnet18", head_channels=8, image_size=32)
+    paths["s2"] = root / "s2.pth"
+    save_checkpoint(paths["s2"], stage2.checkpoint_state(model, cfg, LUAD, 0, {}))
+    return paths

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +22,7 @@ from wsss.data.labels import parse_label
 from wsss.data.layout import list_images, pseudo_mask_path
 from wsss.data.png import read_mask, read_rgb, write_mask
 from wsss.data.specs import BCSS, LUAD
+from wsss.errors import WsssError
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import save_checkpoint
 from wsss.stages import stage1
@@ -93,7 +95,7 @@ def test_output_names_equal_input_names(synth_root, checkpoints, tmp_path):
     assert not (out / "PM_b4_5").exists()
 
 
-def test_resume_skips_finished_files_and_rewrites_broken_ones(synth_root, checkpoints, tmp_path):
+def test_resume_skips_finished_files_and_refuses_changed_ones(synth_root, checkpoints, tmp_path):
     out = tmp_path / "pm"
     cfg = config(synth_root, checkpoints["plain"], out)  # a published-style plain state_dict
     first = generate(cfg, progress=False)
@@ -101,19 +103,24 @@ def test_resume_skips_finished_files_and_rewrites_broken_ones(synth_root, checkp
     files = pm_files(out)
     original = {p: p.read_bytes() for p in files}
     truncated, deleted = files[1], files[-1]
-    truncated.write_bytes(original[truncated][: len(original[truncated]) // 2])
-    assert existing_mask(truncated, (48, 48), 4) is None
     deleted.unlink()
-    stamps = {p: p.stat().st_mtime_ns for p in files if p not in (truncated, deleted)}
+    stamps = {p: p.stat().st_mtime_ns for p in files if p != deleted}
 
     again = generate(cfg, progress=False)
-    assert again["files_written"] == 2 and again["computed"] == 2 and again["skipped"] == 4
+    assert again["files_written"] == 1 and again["computed"] == 1 and again["skipped"] == 5
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # finished files untouched
     assert all(p.read_bytes() == original[p] for p in files)
     assert again["class_fractions"] == first["class_fractions"]  # counted from the files on disk
 
+    # a mask changed since it was written (cut short by hand, edited): not silently replaced
+    truncated.write_bytes(original[truncated][: len(original[truncated]) // 2])
+    assert existing_mask(truncated, (48, 48), 4) is None
+    with pytest.raises(WsssError, match=re.escape(truncated.name) + ".*was not written by wsss.*--force"):
+        generate(cfg, progress=False)
+    assert truncated.read_bytes() == original[truncated][: len(original[truncated]) // 2]
     forced = generate(replace(cfg, force=True), progress=False)
     assert forced["files_written"] == 18 and forced["skipped"] == 0
+    assert truncated.read_bytes() == original[truncated]
 
 
 def white_left_images(root: Path, names: list[str]) -> Path:

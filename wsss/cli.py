@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from wsss.errors import WsssError
+from wsss.errors import Interrupted, WsssError
 
 app = typer.Typer(
     name="wsss",
@@ -66,12 +66,17 @@ def synth(
     from wsss.data.specs import get_spec
     from wsss.data.synth import generate, resolve_look
 
+    from wsss.ownership import owned_folder
+
     spec = get_spec(spec_name)
     appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
-    summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
-                       look=appearance, spec=spec)
+    settings = {"train": train, "val": val, "test": test, "size": size, "seed": seed, "look": appearance.to_dict(),
+                "spec": spec.name}
+    with owned_folder(out, "synth", config=settings, force=force):
+        summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
+                           look=appearance, spec=spec)
     typer.echo(json.dumps({**summary, "spec": spec.name}, indent=2))  # the whole spec is in OUT/synth.json
 
 
@@ -142,16 +147,18 @@ def train_stage1(
 ) -> None:
     """Train the ResNet38 classifier (stage 1) with PDA, then evaluate its CAMs on val and test."""
     from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
+    from wsss.stages.common import given_options
     from wsss.stages.stage1 import train
 
-    cfg = resolve(
-        Stage1Config, STAGE1_PRESETS, preset, dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
+    options = dict(
+        dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
         warmup_epochs=warmup_epochs, mosaic=mosaic, device=device, amp=amp, workers=workers, seed=seed,
     )
-    summary = train(cfg, resume=resume, force=force)
+    cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
+    summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
     if "cam_metrics" in summary:
         typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
 
@@ -300,11 +307,11 @@ def train_stage2(
     """Train DeepLab v3+ on the pseudo-masks (stage 2), keep the best on val, test it with and without the gate."""
     from wsss.config import STAGE2_PRESETS, Stage2Config, resolve
     from wsss.metrics import format_table
+    from wsss.stages.common import given_options
     from wsss.stages.stage2 import train
 
-    cfg = resolve(
-        Stage2Config, STAGE2_PRESETS, preset, dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint,
-        labels_csv=labels_csv,
+    options = dict(
+        dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint, labels_csv=labels_csv,
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
@@ -314,7 +321,8 @@ def train_stage2(
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,
     )
-    summary = train(cfg, resume=resume, force=force)
+    cfg = resolve(Stage2Config, STAGE2_PRESETS, preset, **options)
+    summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
     if "metrics" in summary:
         metrics = summary["metrics"]
         typer.echo(format_table(metrics["test"], "stage-2 segmentation, test split"))
@@ -366,18 +374,22 @@ def figures(
         None, "--report", help="Report folder: reads pred/ and pred_gate/ there, writes the PNGs (default results/<dataset>)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    force: bool = typer.Option(False, "--force", help="Replace figures in REPORT that wsss did not write."),
 ) -> None:
     """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
     from wsss.figures import CAMS_NAME, EXAMPLES_NAME, cam_figure, examples_figure
     from wsss.stages.stage1 import classifier_and_spec
+    from wsss.ownership import owned_folder
 
     _, spec = classifier_and_spec(stage1_checkpoint, dataset, labels_csv)
     report = report if report is not None else Path("results") / spec.name
     pred_dirs = {"stage 2": report / "pred", "stage 2 + gate": report / "pred_gate"}
-    written = [
-        examples_figure(spec, data, stage1_checkpoint, pred_dirs, report / EXAMPLES_NAME, device=device),
-        cam_figure(spec, data, stage1_checkpoint, report / CAMS_NAME, device=device),
-    ]
+    with owned_folder(report, "figures", force=force, option="--report") as owner:
+        owner.claim([report / EXAMPLES_NAME, report / CAMS_NAME])
+        written = [
+            examples_figure(spec, data, stage1_checkpoint, pred_dirs, report / EXAMPLES_NAME, device=device),
+            cam_figure(spec, data, stage1_checkpoint, report / CAMS_NAME, device=device),
+        ]
     typer.echo("written: " + ", ".join(map(str, written)))
 
 
@@ -456,6 +468,8 @@ def predict(
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
 ) -> None:
     """Segment your own images of any size with a stage-2 checkpoint (sliding window, blended overlaps).
 
@@ -467,7 +481,7 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp, force=force,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -618,7 +632,7 @@ def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
         raise WsssError(f"{option}: cannot read {text!r} as a comma-separated list") from None
 
 
-def _one_line(exc: WsssError) -> str:
+def _one_line(exc: BaseException) -> str:
     """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
     text = str(exc).strip()
     if "Original Traceback" in text:
@@ -626,14 +640,72 @@ def _one_line(exc: WsssError) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _os_error_line(exc: OSError) -> str:
+    """``PATH: cause`` of an OS error (a full disk, a missing permission, a path that is a file)."""
+    from wsss.runtime import os_reason
+
+    paths = [p for p in (exc.filename, exc.filename2) if p]
+    reason = os_reason(exc) if exc.strerror else _one_line(exc)
+    return f"{' → '.join(map(str, paths))}: {reason}" if paths else reason
+
+
+def _resume_command(needs_flag: bool) -> str:
+    """The command line that continues this run: the same one, without --force, with --resume when needed."""
+    import shlex
+
+    args = [a for a in sys.argv[1:] if a != "--force"]
+    if needs_flag and "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["wsss", *args])
+
+
+def _interrupted_line(exc: Interrupted) -> str:
+    from wsss.runtime import saved_note
+
+    note = saved_note()
+    if note is None:
+        return f"{exc.signal_name}: nothing was saved yet"
+    what, needs_flag = note
+    return f"{exc.signal_name}: {what}; to continue: {_resume_command(needs_flag)}"
+
+
+def _raise_interrupted(signum, frame) -> None:
+    import signal
+
+    if os.getpid() != _MAIN_PID[0]:
+        raise KeyboardInterrupt  # a DataLoader or synth worker: its parent reports the interruption
+    if signum == signal.SIGTERM:
+        raise Interrupted("terminated", 143)
+    raise Interrupted("interrupted", 130)
+
+
+_MAIN_PID = [os.getpid()]
+
+
 def main() -> None:
-    """Entry point: user errors become one ``error:`` line and exit status 1, never a traceback."""
+    """Entry point: user errors and OS errors become one ``error:`` line and exit status 1, an
+    interruption (Ctrl-C, SIGTERM) one line saying what was saved and how to continue (130, 143);
+    only bugs show a traceback."""
+    import signal
+
+    from wsss.runtime import clear_saved_note
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("tifffile").setLevel(logging.ERROR)  # its warnings repeat what our error line says
+    _MAIN_PID[0] = os.getpid()
+    clear_saved_note()
+    previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
     except WsssError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+    except OSError as exc:
+        typer.echo(f"error: {_os_error_line(exc)}", err=True)
+        sys.exit(1)
+    except Interrupted as exc:
+        typer.echo(_interrupted_line(exc), err=True)
+        sys.exit(exc.exit_code)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

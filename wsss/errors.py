@@ -1,4 +1,4 @@
-"""The one exception type for errors a user can cause; the CLI prints it as one line."""
+"""The exception types the CLI turns into one line: user errors, and interruptions."""
 
 
 class WsssError(Exception):
@@ -6,3 +6,13 @@ class WsssError(Exception):
 
     The CLI catches it, prints ``error: <message>`` and exits with status 1.
     """
+
+
+class Interrupted(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM in a CLI run. Not a KeyboardInterrupt, which the CLI framework
+    would swallow into a silent exit: the CLI catches this one and says what was saved."""
+
+    def __init__(self, signal_name: str, exit_code: int) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+        self.exit_code = exit_code

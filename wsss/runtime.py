@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -16,37 +17,104 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, owned: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
-    A crash or Ctrl-C leaves either the old file or the new one, never a half-written file.
+    A crash or Ctrl-C leaves either the old file or the new one, never a half-written file. Under a
+    folder a command owns (:func:`wsss.ownership.owned_folder`) the write must be allowed (``path``
+    absent, written by wsss, or ``--force``) and is recorded in the folder's manifest (``owned=False``:
+    scratch files a command keeps for itself, rewritten often, e.g. predict-wsi's progress). An OS
+    error (disk full, no permission) becomes a :class:`WsssError` naming ``path``.
     """
+    from wsss.errors import WsssError
+    from wsss.ownership import owner_of
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    owner = owner_of(path) if owned else None
+    if owner is not None:
+        owner.may_write(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise WsssError(f"cannot write {path}: {os_reason(exc)}") from None
     tmp = Path(tmp_name)
     try:
         yield tmp
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
+        if owner is not None:
+            owner.record(path, written=tmp)  # before the rename: a crash in between leaves the old file
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise WsssError(f"cannot write {path}: {os_reason(exc)}") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def os_reason(exc: BaseException) -> str:
+    """The cause of an OS error in words (``No space left on device``), without the errno prefix."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_FORMAT = 1
 
+_corrupt = "the file is truncated or corrupt, or not a PyTorch checkpoint"
+
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """``torch.save`` through a temporary file, so an interruption never leaves half a file."""
+    """``torch.save`` through a temporary file, so an interruption never leaves half a file.
+
+    torch reports a failed write (a full disk) as a RuntimeError of its zip writer; the OS error
+    underneath is raised instead, so that it names the file and the cause."""
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        with open(tmp, "wb") as f:
+            sink = _WriteErrors(f)
+            try:
+                torch.save(state, sink)
+                f.flush()
+                os.fsync(f.fileno())
+            except RuntimeError:
+                if sink.error is not None:
+                    raise sink.error from None
+                raise
+
+
+class _WriteErrors:
+    """A file-like ``write`` target that keeps the OSError of a failed write, which torch turns into
+    a RuntimeError of its own (``unexpected pos``). A short write (the disk filled up in the middle)
+    is retried for the rest, so that the OS says why it fails."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = self.f.write(view[done:])
+                if not n:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                done += n
+        except OSError as exc:
+            self.error = exc
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -62,9 +130,18 @@ def load_checkpoint(path: str | Path) -> dict:
         raise WsssError(f"checkpoint not found: {path}")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WsssError(f"cannot load checkpoint {path}: {first}") from None
+    except pickle.UnpicklingError as exc:
+        # weights_only refused an object that is not a tensor or a plain value. torch's message goes
+        # on to explain how to run the file's code anyway; that is never our advice.
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise WsssError(f"cannot load checkpoint {path}: it holds Python objects other than tensors and plain "
+                            "values (e.g. a whole pickled model); wsss reads weights only and never runs code from "
+                            "a checkpoint file: save the model's state_dict instead") from None
+        raise WsssError(f"cannot load checkpoint {path}: {_corrupt}") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+        raise WsssError(f"cannot load checkpoint {path}: {_corrupt}") from None
+    except OSError as exc:
+        raise WsssError(f"cannot read checkpoint {path}: {os_reason(exc)}") from None
     if not isinstance(obj, dict):
         raise WsssError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
@@ -95,6 +172,39 @@ def expect_stage(ckpt: dict, path: str | Path, stage: int, spec=None) -> None:
             f"{path} was trained for {len(classes)} classes ({', '.join(classes)}); "
             f"this dataset has {num_classes}"
         )
+
+
+# --------------------------------------------------------------------------- what an interruption keeps
+
+_SAVED: dict[str, object] = {}
+
+
+def note_saved(what: str, resume_flag: bool = False) -> None:
+    """Say what is on disk so far and whether continuing needs ``--resume`` (else: the same command
+    again). The CLI prints it when the run is interrupted (Ctrl-C, SIGTERM)."""
+    _SAVED.update(what=what, resume_flag=resume_flag)
+
+
+def continue_with_same_command() -> None:
+    """From now on in this process, the same command continues (``wsss reproduce`` runs the stages,
+    whose own notes would ask for ``--resume``)."""
+    _SAVED["same_command"] = True
+
+
+def saved_note() -> tuple[str, bool] | None:
+    """The last :func:`note_saved` of this process: ``(what, needs --resume)``, or None."""
+    if "what" not in _SAVED:
+        return None
+    return str(_SAVED["what"]), bool(_SAVED["resume_flag"]) and not _SAVED.get("same_command")
+
+
+def clear_saved_note() -> None:
+    _SAVED.clear()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a ``torchrun`` job, or a plain process: the one that writes outputs."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 # --------------------------------------------------------------------------- devices, seeds, DDP

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from wsss.data.layout import scan_masked, scan_train
 from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
+from wsss.data.validate import allowed_label_styles, label_style_problem
 from wsss.errors import WsssError
 
 
@@ -48,7 +49,11 @@ def _check_train(root: Path, spec: DatasetSpec, progress: bool) -> tuple[SplitSt
     scan = scan_train(root, spec)
     stats = SplitStats("train", label_counts=[0] * spec.num_classes)
     problems = list(scan.problems)
+    styles = allowed_label_styles(spec)
     for sample in tqdm(scan.samples, desc="train", disable=not progress, leave=False):
+        style = label_style_problem(sample.path, styles, spec.name)
+        if style:
+            problems.append(style)
         image = _read_image(sample.path, problems)
         if image is None:
             continue

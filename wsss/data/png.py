@@ -12,10 +12,44 @@ from wsss.errors import WsssError
 from wsss.runtime import atomic_path
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image as ``(H, W, 3)`` uint8 RGB. Raises :class:`WsssError` when unreadable."""
+# Single-channel modes, with or without alpha; every "I;16…" variant too.
+_GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+_ALPHA_MODES = ("RGBA", "RGBa", "PA")
+
+
+def check_rgb_mode(img: Image.Image, path: str | Path) -> None:
+    """Refuse what would not be an H&E colour image once converted to 8-bit RGB: single-channel
+    (greyscale, 16-bit: PIL's conversion clips 16-bit values, a white patch), transparent images.
+    Palette, CMYK and YCbCr images convert faithfully and pass. Reads the header only.
+
+    One rule for every command that reads images (training, evaluation, predict, check-data)."""
+    mode = img.mode
+    if mode in _GREY_MODES or mode.startswith("I;"):
+        raise WsssError(f"{path} is grayscale (mode {mode}); an RGB image is needed")
+    if mode in _ALPHA_MODES:
+        raise WsssError(f"{path} has an alpha channel (mode {mode}); an RGB image is needed (drop the alpha first)")
+    if mode == "P" and "transparency" in img.info:
+        raise WsssError(f"{path} has transparency; an RGB image is needed")
+
+
+def image_problem(path: str | Path) -> str | None:
+    """What is wrong with an image file as an RGB patch, from its header alone; None when nothing."""
     try:
         with Image.open(path) as img:
+            check_rgb_mode(img, path)
+    except WsssError as exc:
+        return str(exc)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        return f"cannot read image {path}: {exc}"
+    return None
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read an image as ``(H, W, 3)`` uint8 RGB. Raises :class:`WsssError` when unreadable or not
+    an RGB image (:func:`check_rgb_mode`)."""
+    try:
+        with Image.open(path) as img:
+            check_rgb_mode(img, path)
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")

@@ -10,7 +10,8 @@ from typing import Any, ClassVar
 
 from wsss import config as cfglib
 from wsss.errors import WsssError
-from wsss.runtime import Distributed, expect_stage, load_checkpoint, seed_worker
+from wsss.ownership import Owner, differences
+from wsss.runtime import Distributed, expect_stage, load_checkpoint, note_saved, seed_worker
 
 log = logging.getLogger(__name__)
 
@@ -42,30 +43,115 @@ class RunPaths:
     def logs(self) -> Path:
         return self.out / "runs" / f"stage{self.STAGE}_{self.dataset}"
 
+    @property
+    def outputs(self) -> list[Path]:
+        """The files of ``out`` the run writes (its tensorboard logs apart)."""
+        return [self.checkpoint, self.last, self.config]
+
 
 def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], resume: bool, force: bool,
-                 read: Callable[[Path], dict] = load_checkpoint) -> tuple[Any, dict | None]:
+                 read: Callable[[Path], dict] = load_checkpoint, given: Collection[str] = (),
+                 owner: Owner | None = None) -> tuple[Any, dict | None]:
     """The configuration to run with and the saved state to continue from (or None).
 
     Resuming keeps what the saved run computes (its configuration) and takes how it runs
-    (``runtime_fields``: device, workers, ...) from this invocation. Without ``resume`` an earlier
-    run in the folder is an error unless ``force``.
+    (``runtime_fields``: device, workers, ...) from this invocation; an option the user ``given``
+    with another value than the saved run's is refused (one line naming each). Without ``resume``
+    an earlier run in the folder is an error unless ``force``, and so is a checkpoint wsss did not
+    write there (downloaded weights: ``owner`` tells).
     """
     stage = paths.STAGE
+    if resume and force:
+        raise WsssError("--resume continues the saved run and --force starts over: pass one of them")
     if not resume:
-        if paths.last.exists() and not force:
-            raise WsssError(f"{paths.last} holds an earlier stage-{stage} run; pass --resume to continue it "
-                            "or --force to start over")
+        if not force:
+            _refuse_earlier_run(paths, owner)
         return cfg, None
     if not paths.last.exists():
         log.info("no earlier run in %s: starting from scratch", paths.out)
         return cfg, None
+    legacy = owner is not None and owner.active and not owner.manifest.files  # outputs of a wsss without manifests
+    if owner is not None and owner.active and not legacy and not owner.ours(paths.last):
+        raise WsssError(f"{paths.last} was not written by wsss in {paths.out} (copied there, or changed since): "
+                        "it is not resumed; move it, or pass --force instead of --resume to start over")
     state = read(paths.last)
     expect_stage(state, paths.last, stage)
+    if legacy:
+        _adopt_legacy_run(owner, paths, state, read)
     saved = cfglib.from_dict(type(cfg), state["config"])
+    _refuse_other_options(cfg, saved, paths, set(given) - set(runtime_fields) - {"dataset", "data", "out"})
     cfg = replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
     log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, cfg.epochs)
     return cfg, state
+
+
+def _adopt_legacy_run(owner: Owner, paths: RunPaths, state: dict, read: Callable[[Path], dict]) -> None:
+    """A folder an older wsss wrote (no manifest) holds the run ``--resume`` names: its resumable
+    state, and its model when that records the same configuration, are recorded as this run's."""
+    for path in paths.outputs:
+        if not path.is_file() or path == paths.checkpoint:
+            continue
+        owner.record(path)
+    if paths.checkpoint.is_file():
+        model = read(paths.checkpoint)
+        if model.get("stage") == paths.STAGE and model.get("config") == state["config"]:
+            owner.record(paths.checkpoint)
+    log.info("%s was written by an older wsss: resuming it, and recording its files as this run's", paths.out)
+
+
+def _refuse_earlier_run(paths: RunPaths, owner: Owner | None) -> None:
+    earlier = [p for p in (paths.last, paths.checkpoint) if p.exists()]
+    if not earlier:
+        return
+    foreign = [p for p in earlier if owner is not None and owner.active and not owner.ours(p)]
+    if foreign:
+        raise WsssError(f"{foreign[0]} exists and was not written by wsss (downloaded weights?): training would "
+                        f"replace it; choose another --out, move the file, or pass --force to replace it")
+    raise WsssError(f"{earlier[0]} holds an earlier stage-{paths.STAGE} run; pass --resume to continue it "
+                    "or --force to start over")
+
+
+def _refuse_other_options(cfg: Any, saved: Any, paths: RunPaths, given: Collection[str]) -> None:
+    """``--resume`` with options that change what the saved run computes is a contradiction."""
+    changed = []
+    for name in sorted(given):
+        old, new = getattr(saved, name, None), getattr(cfg, name, None)
+        if _plain(old) != _plain(new):
+            changed.append(f"--{name.replace('_', '-')} {_plain(old)} → {_plain(new)}")
+    if changed:
+        raise WsssError(f"--resume continues the run saved in {paths.last} with its own settings, but these options "
+                        f"differ from it: {', '.join(changed)}; drop them to continue, or pass --force (without "
+                        "--resume) to start over with them")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return value
+
+
+def check_same_inputs(owner: Owner, inputs: dict, names: Collection[str], resumed: bool) -> None:
+    """A resumed run must read what the interrupted one read (``names``: the inputs that matter to the
+    epochs still to run); otherwise its result would be no run's. Compared with the folder's record."""
+    if not resumed or not owner.active:
+        return
+    previous = owner.previous_run()
+    if previous is None:
+        return  # a run of an older wsss: nothing recorded to compare with
+    diffs = differences(previous.get("inputs") or {}, inputs, [n for n in names if n in (previous.get("inputs") or {})])
+    if diffs:
+        raise WsssError(f"the inputs changed since the run in {owner.folder} started ({'; '.join(diffs)}): resuming "
+                        "would mix them; pass --force (without --resume) to start over")
+
+
+def given_options(preset: str | None, options: dict[str, Any]) -> frozenset[str]:
+    """The configuration fields set on the command line (not None), ``preset`` included."""
+    given = {k for k, v in options.items() if v is not None}
+    if preset is not None:
+        given.add("preset")
+    return frozenset(given)
 
 
 def epoch_loader(dataset, batch_size: int, workers: int, seed: int, dist: Distributed, epoch: int,
@@ -85,6 +171,14 @@ def epoch_loader(dataset, batch_size: int, workers: int, seed: int, dist: Distri
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
                       worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,
                       pin_memory=dist.device.type == "cuda")
+
+
+def note_epochs(paths: RunPaths, done: int, epochs: int) -> None:
+    """What an interruption now would keep, for the CLI's last line."""
+    if done == 0:
+        note_saved(f"no epoch finished yet in {paths.out} (continuing starts from the beginning)", True)
+    else:
+        note_saved(f"epoch {done} of {epochs} saved in {paths.last}", True)
 
 
 def tensorboard_writer(log_dir: Path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,28 +26,25 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from wsss.data.png import write_mask, write_rgb
+from wsss.data.png import check_rgb_mode, write_mask, write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.inference import TilePredictor, check_tta, check_window_options, load_models
+from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
-from wsss.runtime import atomic_path
+from wsss.runtime import atomic_path, note_saved
 from wsss.stages.stage1 import _progress
 from wsss.tiling import predict_mask
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-OUTPUT_SUFFIXES = ("_mask.png", "_overlay.png")
 SUMMARY_NAME = "summary.csv"
 
 MAX_PIXELS = 1_000_000_000
 """Largest image read (3 GB as RGB); PIL's own decompression-bomb limit (89 Mpx) is lifted up to this."""
 
-# Single-channel modes, with or without alpha; every "I;16…" variant too.
-_GREY_MODES = ("1", "L", "LA", "La", "I", "F")
-_ALPHA_MODES = ("RGBA", "RGBa", "PA")
 
 
 @dataclass(frozen=True)
@@ -67,6 +65,7 @@ class PredictConfig:
     device: str = "auto"
     amp: bool = False
     tta: str = "none"
+    force: bool = False  # replace files in OUT that wsss did not write, and predictions of other settings
 
     def __post_init__(self) -> None:
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
@@ -87,18 +86,17 @@ class PredictResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def collect_images(inputs: Sequence[Path], out: Path | None = None) -> list[Path]:
+def collect_images(inputs: Sequence[Path]) -> list[Path]:
     """Image files named directly or found (not recursively) in folders, in order, without repeats.
 
-    A folder contributes its ``.png/.jpg/.jpeg/.tif/.tiff`` files; when it is the output folder, not
-    the ``_mask.png`` / ``_overlay.png`` files an earlier run wrote. A path that does not exist or a
+    A folder contributes its ``.png/.jpg/.jpeg/.tif/.tiff`` files. A path that does not exist or a
     folder holding no image is a user error (nothing is processed).
     """
     images: list[Path] = []
     seen: set[Path] = set()
     for path in map(Path, inputs):
         if path.is_dir():
-            found = _folder_images(path, out)
+            found = _folder_images(path)
             if not found:
                 raise WsssError(f"{path} holds no PNG, JPEG or TIFF images")
         elif path.exists():
@@ -115,12 +113,10 @@ def collect_images(inputs: Sequence[Path], out: Path | None = None) -> list[Path
     return images
 
 
-def _folder_images(folder: Path, out: Path | None) -> list[Path]:
-    is_out = out is not None and Path(out).resolve() == folder.resolve()
+def _folder_images(folder: Path) -> list[Path]:
     return sorted(
         p for p in folder.iterdir()
         if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-        and not (is_out and p.name.endswith(OUTPUT_SUFFIXES))
     )
 
 
@@ -133,14 +129,6 @@ def _check_output_names(images: Sequence[Path]) -> None:
             raise WsssError(f"{other} and {image} would both be written as {image.stem}_mask.png; rename one")
 
 
-def check_mode(mode: str, path: Path) -> None:
-    """Refuse single-channel and transparent images: the models were trained on RGB H&E."""
-    if mode in _GREY_MODES or mode.startswith("I;"):
-        raise WsssError(f"{path} is grayscale (mode {mode}); an RGB image is needed")
-    if mode in _ALPHA_MODES:
-        raise WsssError(f"{path} has an alpha channel (mode {mode}); an RGB image is needed (drop the alpha first)")
-
-
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """An input image as ``(H, W, 3)`` uint8; raises :class:`WsssError` when it cannot be
     read, is not RGB (palette and CMYK images are converted) or has more than ``max_pixels``."""
@@ -148,11 +136,9 @@ def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Image.MAX_IMAGE_PIXELS = None  # our own limit below, with a clearer message
     try:
         with Image.open(path) as img:
-            check_mode(img.mode, path)
+            check_rgb_mode(img, path)
             if img.width * img.height > max_pixels:
                 raise WsssError(f"{path} is {img.width}×{img.height} px; at most {max_pixels:,} pixels are read")
-            if img.mode == "P" and "transparency" in img.info:
-                raise WsssError(f"{path} has transparency; an RGB image is needed")
             img.load()
             return _pixels(img if img.mode == "RGB" else img.convert("RGB"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -178,10 +164,24 @@ def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
     return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
 
 
+MIN_SIDE_OF_TILE = 0.5
+"""An image whose shorter side is below this fraction of ``--tile`` is refused: the model would see a
+sliver of its training field of view (a 1×1 px image came out as "100 % one class")."""
+
+
+def check_image_size(path: Path, image: np.ndarray, tile: int) -> None:
+    height, width = image.shape[:2]
+    need = math.ceil(tile * MIN_SIDE_OF_TILE)
+    if min(height, width) < need:
+        raise WsssError(f"{path} is {width}×{height} px, far below the {tile} px window (at least {need} px a side "
+                        f"is needed; a smaller --tile, e.g. the training patch size, may fit)")
+
+
 def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
                   progress: bool = False) -> dict:
     """Segment one image and write its mask and overlay; returns its summary row."""
     image = read_image(path)
+    check_image_size(path, image, cfg.tile)
     mask = predict_mask(image, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
     if spec.white_is_background:
         mask[white_background(image)] = spec.background_index
@@ -214,22 +214,78 @@ def write_summary(path: Path, rows: Sequence[dict], spec: DatasetSpec) -> None:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
 
 
+def settings(cfg: PredictConfig, spec: DatasetSpec) -> dict:
+    """What a prediction depends on (the models' bytes, classes, tiling, gate); not where or how fast."""
+    return {"checkpoint_sha256": file_sha256(cfg.checkpoint), "dataset": spec.name, "tile": cfg.tile,
+            "overlap": cfg.overlap, "amp": cfg.amp, "tta": cfg.tta,
+            "gate": [file_sha256(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None}
+
+
+def input_folders_of(images: Sequence[Path], inputs: Sequence[Path]) -> list[Path]:
+    """The folders the images are read from: OUT may not be one of them."""
+    return sorted({Path(p) for p in inputs if Path(p).is_dir()} | {Path(p).parent for p in images})
+
+
 def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     """Predict every input image; an image that cannot be read is listed in ``failures`` and the
-    others still go on. ``summary.csv`` lists the processed images (none: not written)."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
-    images = collect_images(cfg.inputs, cfg.out)
+    others still go on. ``summary.csv`` lists the processed images (none: not written), together with
+    those an earlier run with the same settings wrote into OUT.
+
+    OUT is held for the run; it may not be a folder the images are read from, files in it that wsss
+    did not write are not replaced, nor predictions made with other settings, unless ``cfg.force``."""
+    check_output_folder(cfg.out)
+    images = collect_images(cfg.inputs)
     predictor, spec = load_models(cfg)
-    rows, failures = [], []
-    for path in _progress(images, progress and len(images) > 1, desc="predict"):
-        try:
-            rows.append(predict_image(path, predictor, spec, cfg, progress))
-        except WsssError as exc:
-            failures.append(str(exc))
-            log.debug("skipping %s: %s", path, exc)
-    summary = None
-    if rows:
+    now = settings(cfg, spec)
+    with owned_folder(cfg.out, "predict", force=cfg.force, read_from=input_folders_of(images, cfg.inputs)) as owner:
+        previous = _previous_settings(owner, now, cfg.force)
+        owner.begin({"settings": now, "inputs": [str(p) for p in images]}, {"checkpoint": now["checkpoint_sha256"]})
         summary = cfg.out / SUMMARY_NAME
-        write_summary(summary, rows, spec)
-    return PredictResult(rows, failures, len(images), summary)
+        owner.claim([summary, *(p for image in images for p in output_paths(cfg.out, image))], "outputs")
+        earlier = read_summary(summary, spec) if previous and owner.ours(summary) else []
+        rows, failures = [], []
+        note_saved(f"no image finished yet in {cfg.out}")
+        for path in _progress(images, progress and len(images) > 1, desc="predict"):
+            try:
+                rows.append(predict_image(path, predictor, spec, cfg, progress))
+            except WsssError as exc:
+                failures.append(str(exc))
+                log.debug("skipping %s: %s", path, exc)
+            note_saved(f"{len(rows)} of {len(images)} images segmented into {cfg.out} (a rerun does them all again)")
+        written = None
+        if rows:
+            written = summary
+            done = {row["image"] for row in rows}
+            write_summary(summary, [r for r in earlier if r["image"] not in done] + rows, spec)
+    return PredictResult(rows, failures, len(images), written)
+
+
+def _previous_settings(owner: Owner, now: dict, force: bool) -> bool:
+    """True when OUT holds predictions of an earlier run with the same settings (their summary rows
+    are kept); a run of other settings stops here unless ``force``: one summary.csv, one model."""
+    previous = owner.previous_run()
+    if previous is None:
+        return False
+    then = (previous.get("config") or {}).get("settings") or {}
+    diff = differences(then, now)
+    if not diff:
+        return True
+    if force:
+        return False
+    raise WsssError(f"{owner.folder} holds the predictions of another model or settings ({'; '.join(diff)}): "
+                    "pass --force to write these next to them (summary.csv then lists this run only), or choose "
+                    "another --out")
+
+
+def read_summary(path: Path, spec: DatasetSpec) -> list[dict]:
+    """The rows of an earlier ``summary.csv`` with the columns :func:`write_summary` writes, or none."""
+    fields = ["image", "width", "height", *spec.classes, "background"]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames != fields:
+                return []
+            return [{k: (int(v) if k in ("width", "height") else v if k == "image" else float(v))
+                     for k, v in row.items()} for row in reader]
+    except (OSError, ValueError):
+        return []

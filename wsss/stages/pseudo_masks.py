@@ -36,7 +36,10 @@ from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table
 from wsss.models.resnet38 import ResNet38Classifier
-from wsss.runtime import atomic_path, resolve_device
+from wsss.data import validate
+from wsss.data.validate import input_folders
+from wsss.ownership import Owner, differences, file_sha256, owned_folder
+from wsss.runtime import atomic_path, note_saved, resolve_device
 from wsss.stages.stage1 import _progress, classifier_and_spec
 
 log = logging.getLogger(__name__)
@@ -139,7 +142,8 @@ class PseudoMaskDataset(Dataset):
     """
 
     def __init__(self, samples: Sequence[TrainSample], spec: DatasetSpec, layers: Sequence[str], out: Path,
-                 norm: InputNorm, model_size: int | None, force: bool, white_rule: str = "grey") -> None:
+                 norm: InputNorm, model_size: int | None, force: bool, white_rule: str = "grey",
+                 reusable: dict[int, tuple[str, ...]] | None = None) -> None:
         self.samples = list(samples)
         self.spec = spec
         self.layers = tuple(layers)
@@ -148,6 +152,8 @@ class PseudoMaskDataset(Dataset):
         self.model_size = model_size
         self.force = force
         self.white_rule = white_rule
+        # {sample index: layers whose mask on disk this run may keep} (None: any valid mask on disk)
+        self.reusable = reusable
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -158,8 +164,11 @@ class PseudoMaskDataset(Dataset):
         if not self.force:
             width, height = image_size(sample.path)
             item["todo"] = []
+            keep = self.layers if self.reusable is None else self.reusable.get(index, ())
             for layer in self.layers:
-                mask = existing_mask(pseudo_mask_path(self.out, layer, sample.path), (height, width), self.spec)
+                mask = None
+                if layer in keep:
+                    mask = existing_mask(pseudo_mask_path(self.out, layer, sample.path), (height, width), self.spec)
                 if mask is None:
                     item["todo"].append(layer)
                 else:
@@ -217,10 +226,12 @@ def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Seque
 class _MaskWriter:
     """Writes the pseudo-masks of computed items and tallies pixel counts of every value per layer."""
 
-    def __init__(self, samples: Sequence[TrainSample], out: Path, spec: DatasetSpec, layers: Sequence[str]) -> None:
+    def __init__(self, samples: Sequence[TrainSample], out: Path, spec: DatasetSpec, layers: Sequence[str],
+                 owner: Owner | None = None) -> None:
         self.samples = samples
         self.out = out
         self.spec = spec
+        self.owner = owner
         self.palette = spec.flat_palette()
         self.num_values = 256
         self.counts = {layer: np.zeros(self.num_values, np.int64) for layer in layers}
@@ -236,7 +247,10 @@ class _MaskWriter:
         for i, item in enumerate(items):
             path = self.samples[item["index"]].path
             for layer in item["todo"]:
-                write_mask(pseudo_mask_path(self.out, layer, path), masks[layer][i].numpy(), self.palette)
+                target = pseudo_mask_path(self.out, layer, path)
+                if self.owner is not None:
+                    self.owner.set_meta(target, {"source": source_id(path)})
+                write_mask(target, masks[layer][i].numpy(), self.palette)
                 self.counts[layer] += class_pixel_counts(masks[layer][i], self.num_values).numpy()
                 self.files += 1
             self.computed += 1
@@ -253,27 +267,19 @@ class _MaskWriter:
 
 
 def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
-    """Write the pseudo-masks of every training patch; returns a summary (see :func:`format_summary`)."""
+    """Write the pseudo-masks of every training patch; returns a summary (see :func:`format_summary`).
+
+    The output folder is held for the run. Masks already there are kept only when this folder's
+    manifest says a run with the same checkpoint (sha256) and method wrote them from the patch as
+    it is now; masks of another checkpoint or method, or that wsss did not write, stop the run with
+    one line unless ``force`` (which recomputes everything)."""
     started = time.perf_counter()
     clf, spec = classifier_and_spec(cfg.checkpoint, cfg.dataset, cfg.labels_csv)
     layers = parse_layers(cfg.layers)
-    samples = list_train(cfg.data, spec)
-    device = resolve_device(cfg.device)
-    model = clf.model.to(device).eval()
     out = cfg.out_dir
-    _save_config(cfg, out)
-    loader = DataLoader(
-        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule),
-        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list,
-        pin_memory=device.type == "cuda",
-    )
-    writer = _MaskWriter(samples, out, spec, layers)
-    for batch in _progress(loader, progress, desc="pseudo-masks", unit="batch"):
-        writer.count_existing(batch)
-        for group in _shape_groups(batch):
-            needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
-            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method))
-        del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
+    with owned_folder(out, "generate-pm", force=cfg.force, read_from=input_folders(cfg.data)) as owner:
+        samples, reusable = _prepare(cfg, spec, layers, owner)
+        writer = _write_all(cfg, spec, layers, samples, clf, reusable, owner, progress)
     summary = {
         "patches": len(samples),
         "computed": writer.computed,
@@ -287,6 +293,103 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
     log.info("pseudo-masks: %d patches computed, %d skipped, %.1f s", summary["computed"], summary["skipped"],
              summary["seconds"])
     return summary
+
+
+def _prepare(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], owner: Owner):
+    """Before any Grad-CAM: valid patches and which masks on disk may be kept
+    (:func:`reusable_masks`). Returns ``(samples, reusable)``."""
+    samples = list_train(cfg.data, spec)
+    validate.require(validate.train_problems(samples, spec), cfg.data, spec.name)
+    signature = pm_signature(cfg, spec)
+    reusable = None if cfg.force else reusable_masks(owner, samples, layers, signature)
+    owner.begin({**cfglib.to_dict(cfg), "signature": signature}, {"checkpoint": signature["checkpoint_sha256"]})
+    owner.claim([owner.folder / CONFIG_NAME])
+    return samples, reusable
+
+
+def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], samples, clf, reusable,
+               owner: Owner, progress: bool) -> "_MaskWriter":
+    """Compute and write every mask not kept, batch by batch; returns the writer with its tallies."""
+    out = owner.folder
+    device = resolve_device(cfg.device)
+    model = clf.model.to(device).eval()
+    _save_config(cfg, out)
+    loader = DataLoader(
+        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
+        batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list, pin_memory=device.type == "cuda",
+    )
+    writer = _MaskWriter(samples, out, spec, layers, owner)
+    done = 0
+    note_saved(f"no pseudo-mask written yet to {out}")
+    for batch in _progress(loader, progress, desc="pseudo-masks", unit="batch"):
+        writer.count_existing(batch)
+        for group in _shape_groups(batch):
+            needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
+            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method))
+        done += len(batch)
+        note_saved(f"the pseudo-masks of {done} of {len(samples)} patches are in {out} (a rerun keeps them)")
+        del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
+    return writer
+
+
+def source_id(path: Path) -> list[int]:
+    """What identifies a training patch's content cheaply: ``[size, mtime_ns]``."""
+    st = Path(path).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def pm_signature(cfg: PseudoMaskConfig, spec: DatasetSpec) -> dict:
+    """What a pseudo-mask depends on besides its patch: the classifier's bytes and the method."""
+    return {"dataset": spec.name, "checkpoint": str(cfg.checkpoint),
+            "checkpoint_sha256": file_sha256(cfg.checkpoint), "tie_rule": cfg.tie_rule,
+            "scales": list(cfg.scales), "flip": cfg.flip, "white_rule": cfg.white_rule}
+
+
+_SIGNATURE_KEYS = ("dataset", "checkpoint_sha256", "tie_rule", "scales", "flip", "white_rule")
+
+
+def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequence[str],
+                   signature: dict) -> dict[int, tuple[str, ...]]:
+    """``{sample index: layers}`` whose mask on disk was written by a run with this ``signature``
+    from the patch as it is now. Raises (one line) when a mask on disk was not written by wsss or
+    comes from another checkpoint or method: recomputing would silently replace it, keeping it would
+    silently mix labels of two classifiers."""
+    runs = {run.get("run"): run for run in owner.manifest.runs}
+    keep: dict[int, tuple[str, ...]] = {}
+    foreign, stale = [], []
+    for index, sample in enumerate(samples):
+        source = None
+        ok = []
+        for layer in layers:
+            path = pseudo_mask_path(owner.folder, layer, sample.path)
+            if not path.exists():
+                continue
+            record = owner.record_of(path)
+            if record is None:
+                foreign.append(path)
+                continue
+            written_by = (runs.get(record.get("run")) or {}).get("config", {}).get("signature")
+            if not isinstance(written_by, dict) or differences(written_by, signature, _SIGNATURE_KEYS):
+                stale.append((path, written_by or {}))
+                continue
+            source = source if source is not None else source_id(sample.path)
+            if (record.get("meta") or {}).get("source") == source:
+                ok.append(layer)
+        if ok:
+            keep[index] = tuple(ok)
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise WsssError(f"{foreign[0]}{more} was not written by wsss here (another tool's pseudo-masks, an older "
+                        f"wsss, or edited since): which classifier made it is unknown; pass --force to recompute "
+                        f"and replace them, or choose another --out")
+    if stale:
+        path, old = stale[0]
+        diff = differences(old, signature, _SIGNATURE_KEYS)
+        made_with = f" (made with {old.get('checkpoint')})" if old.get("checkpoint") else ""
+        more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+        raise WsssError(f"{path}{more} come from another run{made_with}: {'; '.join(diff) or 'unrecorded settings'}; "
+                        f"pass --force to recompute them all, or choose another --out")
+    return keep
 
 
 def _save_config(cfg: PseudoMaskConfig, out: Path) -> None:

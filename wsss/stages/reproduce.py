@@ -42,7 +42,9 @@ from wsss.data.synth import resolve_look
 from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
-from wsss.runtime import atomic_path
+from wsss.data.validate import input_folders
+from wsss.ownership import owned_folder
+from wsss.runtime import atomic_path, continue_with_same_command, note_saved
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,10 @@ class Progress:
 
     def finish(self, step: str, seconds: float, result: dict | None = None) -> None:
         self.steps[step] = {"seconds": round(seconds, 1), "result": result}
-        write_json(self.path, {"signature": self.signature, "steps": self.steps})
+        # Bookkeeping that the run rereads and a user may edit (to redo a step): not an output the
+        # folder's ownership protects.
+        with atomic_path(self.path, owned=False) as tmp:
+            tmp.write_text(json.dumps({"signature": self.signature, "steps": self.steps}, indent=2) + "\n")
 
 
 def _diff(old: dict, new: dict) -> str:
@@ -492,12 +497,24 @@ def run(cfg: ReproduceConfig) -> dict:
         synth_seconds = None
     if not data.is_dir():
         raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
-    report.mkdir(parents=True, exist_ok=True)
-    ctx = _Context(cfg, spec, Progress.open(report / "progress.json", cfg.signature(), cfg.force), {})
-    if synth_seconds is not None:
-        ctx.times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
-    for i, seed in enumerate(cfg.seeds):
-        _run_seed(ctx, seed, figures=cfg.figures and i == 0)
+    continue_with_same_command()
+    folders = input_folders(data)
+    with owned_folder(cfg.out_dir, "reproduce", force=cfg.force, read_from=folders, config=cfg.signature()), \
+            owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
+                         config=cfg.signature()) as owner:
+        ctx = _Context(cfg, spec, Progress.open(report / "progress.json", cfg.signature(), cfg.force), {})
+        owner.claim([report / "report.json", report / "report.md"])
+        note_saved(f"the finished steps are recorded in {ctx.progress.path}")
+        if synth_seconds is not None:
+            ctx.times["synthetic data"] = {"seconds": round(synth_seconds, 1), "skipped": False}
+        for i, seed in enumerate(cfg.seeds):
+            _run_seed(ctx, seed, figures=cfg.figures and i == 0)
+        return _report(cfg, spec, ctx, started)
+
+
+def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: float) -> dict:
+    """The report of every seed's results: written as JSON and Markdown, and returned."""
+    data, report = Path(cfg.data), cfg.report_dir
     per_seed = {seed: json.loads((cfg.seed_dirs(seed)[1] / SEED_RESULT).read_text()) for seed in cfg.seeds}
     first = per_seed[cfg.seeds[0]]
     result = {

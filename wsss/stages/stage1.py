@@ -15,6 +15,7 @@ import contextlib
 import logging
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, replace
 from typing import ClassVar
 from pathlib import Path
@@ -35,8 +36,15 @@ from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.models.weights import load_stage1_weights
-from wsss.stages.common import RunPaths, epoch_loader, resume_state, tensorboard_writer
-from wsss.runtime import Distributed, expect_stage, load_checkpoint, save_checkpoint, seed_everything
+from wsss.data import validate
+from wsss.data.validate import input_folders
+from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
+from wsss.stages.common import (
+    RunPaths, check_same_inputs, epoch_loader, note_epochs, resume_state, tensorboard_writer,
+)
+from wsss.runtime import (
+    Distributed, expect_stage, is_main_process, load_checkpoint, note_saved, save_checkpoint, seed_everything,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +56,10 @@ class Stage1Paths(RunPaths):
     @property
     def cam_metrics(self) -> Path:
         return self.out / f"stage1_{self.dataset}_cam_metrics.json"
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [*super().outputs, self.cam_metrics]
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -181,25 +193,56 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
     }
 
 
-def train(cfg: Stage1Config, resume: bool = False, force: bool = False) -> dict:
-    """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary."""
+def train(cfg: Stage1Config, resume: bool = False, force: bool = False, given: Collection[str] = ()) -> dict:
+    """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary.
+
+    ``given``: the configuration fields set on the command line, which ``resume`` must not contradict.
+    The output folder is held for the run (:func:`wsss.ownership.owned_folder`); what it reads is
+    checked before training starts."""
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     paths = Stage1Paths(Path(cfg.out), spec.name)
-    cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force)
-    if state is not None:
-        check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
-    dist = Distributed(cfg.device)
-    try:
-        return _train(cfg, spec, paths, state, dist)
-    finally:
-        dist.close()
+    with owned_folder(paths.out, "train-stage1", key=f"train-stage1 {spec.name}", force=force,
+                      read_from=input_folders(cfg.data), enabled=is_main_process()) as owner:
+        cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force, given=given, owner=owner)
+        if state is not None:
+            check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
+        samples = _prepare(cfg, spec, paths, owner, resumed=state is not None)
+        dist = Distributed(cfg.device)
+        try:
+            return _train(cfg, spec, paths, state, dist, samples)
+        finally:
+            dist.close()
 
 
-def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed) -> dict:
+def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner, resumed: bool) -> list:
+    """Before the first epoch: a resumed run reads the patches it read before, the outputs are ours
+    to write, and every training patch and evaluation mask is valid. Returns the training samples."""
+    samples = list_train(cfg.data, spec)
+    inputs = training_inputs(cfg, samples)
+    check_same_inputs(owner, inputs, ("train",), resumed)
+    owner.begin(cfglib.to_dict(cfg), inputs)
+    owner.claim(paths.outputs)
+    problems = validate.train_problems(samples, spec)
+    for split in cfg.eval_splits:
+        problems += validate.masked_problems(list_masked(cfg.data, split), spec)
+    validate.require(problems, cfg.data, spec.name)
+    return samples
+
+
+def training_inputs(cfg: Stage1Config, samples) -> dict:
+    """What the run reads, as hashes: the training patches (names and sizes) and the initial weights."""
+    from wsss.data.layout import train_image_dir
+
+    init = Path(cfg.init_weights) if cfg.init_weights is not None else None
+    return {"train": listing_hash([s.path for s in samples], train_image_dir(cfg.data)),
+            "init_weights": file_sha256(init) if init is not None and init.is_file() else None}
+
+
+def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed,
+           samples) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     seed_everything(cfg.seed, dist.rank)
-    samples = list_train(cfg.data, spec)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
@@ -226,6 +269,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         cfglib.save_json(cfg, paths.config)
         log.info("stage 1: %d patches, %d steps/epoch, device %s, world size %d",
                  len(samples), steps_per_epoch, dist.device, dist.world_size)
+    note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
@@ -238,12 +282,14 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
             save_checkpoint(paths.last, checkpoint_state(
                 model, cfg, spec, epoch, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+            note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
     seconds = time.perf_counter() - started
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
         final_epoch = cfg.epochs - 1
         save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch))
+        note_saved(f"training finished ({paths.checkpoint} saved); the CAM evaluation was cut short", True)
         if cfg.eval_splits:
             summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics)
         if writer is not None:
@@ -329,6 +375,7 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
                   amp: bool = False, tie_rule: str = "ours") -> dict:
     """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
     samples = list_masked(data, split)
+    validate.require(validate.masked_problems(samples, spec), data, spec.name)
     loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers)
     meter = ConfusionMeter(spec.num_classes, spec.background_index)
     model.eval().to(device)

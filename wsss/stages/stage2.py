@@ -17,7 +17,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from typing import ClassVar
 from pathlib import Path
@@ -47,8 +47,16 @@ from wsss.models.deeplab import (
     state_dict_of,
 )
 from wsss.models.weights import LoadReport, _load_matching
-from wsss.stages.common import RunPaths, epoch_loader, resume_state, tensorboard_writer
-from wsss.runtime import Distributed, expect_stage, save_checkpoint, seed_everything, seed_worker
+from wsss import ownership
+from wsss.data import validate as checks
+from wsss.data.validate import input_folders
+from wsss.ownership import file_sha256, listing_hash, owned_folder
+from wsss.stages.common import (
+    RunPaths, check_same_inputs, epoch_loader, note_epochs, resume_state, tensorboard_writer,
+)
+from wsss.runtime import (
+    Distributed, expect_stage, is_main_process, note_saved, save_checkpoint, seed_everything, seed_worker,
+)
 from wsss.stages.stage1 import LoadedClassifier, _check_finite, _progress, autocast, load_classifier, poly_lambda
 
 log = logging.getLogger(__name__)
@@ -231,7 +239,9 @@ def evaluate_checkpoint(
     check_gate_options(gate_mode, threshold)
     seg, spec = segmenter_and_spec(checkpoint, dataset)
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
-    meters = evaluate_samples(seg, list_masked(data, split), spec, device, gate, threshold,
+    samples = list_masked(data, split)
+    checks.require(checks.masked_problems(samples, spec), data, spec.name)
+    meters = evaluate_samples(seg, samples, spec, device, gate, threshold,
                               batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
                               gate_mode=gate_mode)
     names = list(spec.classes)
@@ -347,27 +357,87 @@ def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier |
 # --------------------------------------------------------------------------- the stage
 
 
-def train(cfg: Stage2Config, resume: bool = False, force: bool = False) -> dict:
-    """Train stage 2 (single process or one process of a ``torchrun`` job), then test; returns a summary."""
+def train(cfg: Stage2Config, resume: bool = False, force: bool = False, given: Collection[str] = ()) -> dict:
+    """Train stage 2 (single process or one process of a ``torchrun`` job), then test; returns a summary.
+
+    ``given``: the configuration fields set on the command line, which ``resume`` must not contradict.
+    OUT and REPORT are held for the run; everything it reads (patches, pseudo-masks, val and test
+    masks) is checked before the first epoch."""
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     paths = Stage2Paths.of(cfg)
-    cfg, state = resume_state(cfg, paths, STAGE2_RUNTIME_FIELDS, resume, force, read_checkpoint)
-    if state is not None:
-        check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
-    paths = Stage2Paths.of(cfg)
-    dist = Distributed(cfg.device)
-    try:
-        return _train(cfg, spec, paths, state, dist)
-    finally:
-        dist.close()
+    key, main = f"train-stage2 {spec.name}", is_main_process()
+    with owned_folder(paths.out, "train-stage2", key=key, force=force, read_from=input_folders(cfg.data),
+                      enabled=main) as owner:
+        cfg, state = resume_state(cfg, paths, STAGE2_RUNTIME_FIELDS, resume, force, read_checkpoint, given, owner)
+        if state is not None:
+            check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
+        paths = Stage2Paths.of(cfg)
+        with owned_folder(paths.report, "train-stage2", key=key, force=force, option="--report",
+                          read_from=input_folders(cfg.data), enabled=main) as reports:
+            dataset = _prepare(cfg, spec, paths, owner, reports, resumed=state is not None)
+            dist = Distributed(cfg.device)
+            try:
+                return _train(cfg, spec, paths, state, dist, dataset)
+            finally:
+                dist.close()
 
 
-def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed) -> dict:
+def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ownership.Owner,
+             reports: ownership.Owner, resumed: bool) -> PseudoMaskDataset:
+    """Before the first epoch: a resumed run reads what it read before, the outputs are ours to
+    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set."""
+    samples = list_train(cfg.data, spec)
+    mask_paths = pseudo_mask_paths(samples, _pm_dir(cfg), cfg.pm_layers, spec.name)
+    inputs = training_inputs(cfg, samples, mask_paths)
+    check_same_inputs(owner, inputs, ("train", "pseudo_masks"), resumed)
+    for held in (owner, reports):
+        held.begin(cfglib.to_dict(cfg), inputs)
+    owner.claim(paths.outputs)
+    if not resumed:  # a fresh run deletes the self-training labels of an earlier one: only if they are ours
+        owner.claim(p for p in (paths.out / "relabel").rglob("*") if p.is_file())
+    test_samples = list_masked(cfg.data, "test")
+    reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
+                                    for d in (paths.pred, paths.pred_gate))], "predictions")
+    _check_inputs(cfg, spec, samples, mask_paths, test_samples)
+    return _training_set(cfg, spec, samples, mask_paths)
+
+
+def _pm_dir(cfg: Stage2Config) -> Path:
+    return Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
+
+
+def training_inputs(cfg: Stage2Config, samples, mask_paths) -> dict:
+    """What the run reads, as hashes: training patches (names, sizes), pseudo-masks (names, sizes and
+    times: regenerated masks keep their names), initial weights."""
+    from wsss.data.layout import train_image_dir
+
+    init = Path(cfg.init_weights) if cfg.init_weights is not None else None
+    return {"train": listing_hash([s.path for s in samples], train_image_dir(cfg.data)),
+            "pseudo_masks": listing_hash([p for row in mask_paths for p in row], _pm_dir(cfg), times=True),
+            "init_weights": file_sha256(init) if init is not None and init.is_file() else None}
+
+
+def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, test_samples) -> None:
+    """Patches, pseudo-masks (values decoded unless generate-pm recorded them), val and test masks."""
+    pm_dir = _pm_dir(cfg)
+    manifest = ownership.Manifest.read(pm_dir)
+
+    def trusted(path: Path) -> bool:
+        return ownership.manifest_record(manifest, pm_dir, path) is not None
+
+    problems = checks.train_problems(samples, spec)
+    problems += checks.pseudo_mask_problems(samples, mask_paths, spec, trusted)
+    problems += checks.masked_problems(list_masked(cfg.data, "val"), spec)
+    problems += checks.masked_problems(test_samples, spec)
+    checks.require(problems, cfg.data, spec.name)
+
+
+def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
+           dataset: PseudoMaskDataset) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
-    dataset = _training_set(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
@@ -392,6 +462,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, world size %d",
                  len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
                  steps_per_epoch, dist.device, dist.world_size)
+    note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     loss_cfg = cfg
     for epoch in range(start, cfg.epochs):
@@ -413,10 +484,12 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
             save_checkpoint(paths.last, checkpoint_state(
                 model, cfg, spec, epoch, best, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+            note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
     summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
                "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
+        note_saved(f"training finished ({paths.checkpoint} saved); the test was cut short", True)
         summary["metrics"] = test_and_report(cfg, spec, paths, dist.device, gate, best)
         summary["report"] = str(paths.report)
         if writer is not None:
@@ -492,10 +565,7 @@ def _score(miou: float | None) -> float:
     return -math.inf if miou is None or math.isnan(miou) else miou
 
 
-def _training_set(cfg: Stage2Config, spec: DatasetSpec) -> PseudoMaskDataset:
-    samples = list_train(cfg.data, spec)
-    pm_dir = Path(cfg.pm_dir) if cfg.pm_dir is not None else default_pm_dir(cfg.data)
-    mask_paths = pseudo_mask_paths(samples, pm_dir, cfg.pm_layers, cfg.dataset)
+def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec,
                              geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 

@@ -30,9 +30,11 @@ the partial folder removed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from contextlib import closing
@@ -52,6 +54,7 @@ from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_bac
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
+from wsss.runtime import note_saved
 from wsss.stages.stage1 import _progress
 from wsss.wsi.label_image import check_mask_format, write_label_image
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
@@ -307,7 +310,12 @@ class BandProgress:
                 return cls(folder, labels, state)
             log.info("%s holds an unfinished run with other settings; starting over", folder)
         folder.mkdir(parents=True, exist_ok=True)
-        labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
+        try:
+            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
+            _reserve(labels_path)
+        except OSError as exc:
+            labels_path.unlink(missing_ok=True)
+            raise WsssError(f"cannot write {labels_path}: {exc.strerror or exc}") from None
         progress = cls(folder, labels, {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0, "skipped": 0,
                                         "seconds": 0.0})
         progress.save()
@@ -326,13 +334,30 @@ class BandProgress:
         self.state["seconds"] = self.elapsed()
         self._since = time.monotonic()
         self.save()
+        note_saved(f"{self.rows_done} window rows saved in {self.folder} (the same command continues from there)")
 
     def save(self) -> None:
-        write_json(self.folder / "state.json", self.state)
+        # Scratch, rewritten after every row: not recorded in OUT's manifest (the folder is removed at the end).
+        with atomic_path(self.folder / "state.json", owned=False) as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2) + "\n", encoding="utf-8")
 
     def remove(self) -> None:
         del self.labels
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: on a full disk a write into a sparse mapping kills
+    the process (SIGBUS) instead of raising an error."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                return  # the file system cannot preallocate: nothing to gain
+            raise
 
 
 def _file_id(path: Path | None) -> list | None:
@@ -549,6 +574,7 @@ def slide_threshold(slide: Slide) -> int:
     is a slide without tissue, a user error."""
     w0, h0 = slide.dimensions[0]
     thumbnail = read_thumbnail(slide, (0, 0, w0, h0), fit_size(w0, h0, THUMBNAIL_SIDE))
+    check_colour(thumbnail, slide.path)
     threshold = tissue_threshold(thumbnail)
     if not (saturation(thumbnail) > threshold).any():
         raise WsssError(f"{slide.path}: no tissue (no pixel of its thumbnail has a saturation above {threshold})")
@@ -589,3 +615,12 @@ def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
         choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
     predictor, spec = load_models(cfg)
     return run_slide(job, cfg, predictor, spec, progress)
+
+
+def check_colour(thumbnail: np.ndarray, path: Path, spread: int = 2) -> None:
+    """Refuse a slide without colour: a greyscale scan (which OpenSlide returns as RGB) has no
+    saturated pixel, so no window would ever count as tissue and the output would be all background."""
+    rgb = thumbnail.astype(np.int16)
+    if int((rgb.max(axis=-1) - rgb.min(axis=-1)).max(initial=0)) <= spread:
+        raise WsssError(f"{path} has no colour (a greyscale image, or empty glass): predict-wsi segments RGB H&E "
+                        "slides")

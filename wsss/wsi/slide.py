@@ -167,9 +167,18 @@ class TiffSlide(Slide):
 
         try:
             self._tif = tifffile.TiffFile(path)
-            pages = [level.keyframe for level in self._tif.series[0].levels]
         except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
             raise WsssError(f"cannot read slide {path}: {exc}") from None
+        try:
+            if not self._tif.series:
+                raise WsssError(f"{path} holds no image (a TIFF without pages)")
+            pages = [level.keyframe for level in self._tif.series[0].levels]
+        except (tifffile.TiffFileError, OSError, ValueError, IndexError) as exc:
+            self._tif.close()
+            raise WsssError(f"cannot read slide {path}: {exc}") from None
+        except WsssError:
+            self._tif.close()
+            raise
         try:
             for page in pages:
                 _check_rgb_page(page, path)
@@ -317,6 +326,10 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
     if reader == "openslide" and openslide is None:
         raise WsssError(f"reading slides with OpenSlide needs it installed: {INSTALL_HINT}")
     if openslide is not None and (reader == "openslide" or _detect(openslide, path)):
+        if path.suffix.lower() in TIFF_SUFFIXES:
+            problem = _grey_tiff(path)  # OpenSlide reads a greyscale TIFF as grey RGB: refuse it as tifffile does
+            if problem:
+                raise WsssError(problem)
         slide = OpenSlideSlide(path, openslide)
         if path.suffix.lower() in TIFF_SUFFIXES:
             slide.mpp = _tiff_ome_mpp(path) or slide.mpp
@@ -326,6 +339,23 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
     if openslide is None:
         raise WsssError(f"reading {path.suffix or 'these'} slides needs OpenSlide: {INSTALL_HINT}")
     raise WsssError(f"cannot read slide {path}: not a format OpenSlide knows")
+
+
+def _grey_tiff(path: Path) -> str | None:
+    """A problem line when a TIFF holds no page or a single-channel first page; None otherwise (also
+    when tifffile cannot parse it: OpenSlide knows more TIFF variants)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if not tif.pages:
+                return f"{path} holds no image (a TIFF without pages)"
+            page = tif.pages.first
+            if page.samplesperpixel == 1 and int(page.photometric) in (0, 1):
+                return f"{path} is a greyscale TIFF (photometric {int(page.photometric)}); an RGB slide is needed"
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError, KeyError):
+        return None
+    return None
 
 
 def _detect(openslide: ModuleType, path: Path) -> bool:
