@@ -243,14 +243,14 @@ def test_5_a_16_bit_patch_is_refused_by_training_and_reported_by_check_data(data
     assert code == 1 and victim.name in out_text and "grayscale" in out_text
 
 
-def test_6_bcss_names_under_luad_and_luad_names_under_bcss_are_refused(data, tmp_path, capsys, monkeypatch):
+def test_6_bcss_names_under_luad_and_luad_names_under_bcss_are_refused(data, ckpts, tmp_path, capsys, monkeypatch):
     root = copy_data(data, tmp_path / "data")
     for path in (root / "train").iterdir():  # [1 0 0 1] → [1001], the BCSS-WSSS way
         label = path.stem[path.stem.rindex("[") + 1:-1].replace(" ", "")
         path.rename(path.with_name(f"{path.stem[:path.stem.rindex('[')]}[{label}].png"))
     example = sorted((root / "train").iterdir())[0].name
     for command in (("train-stage1", "--out", tmp_path / "o1", *S1),
-                    ("generate-pm", "--checkpoint", tmp_path / "none.pth", "--out", tmp_path / "o2")):
+                    ("generate-pm", "--checkpoint", ckpts["s1a"], "--out", tmp_path / "o2")):
         code, _, err = run_cli(capsys, monkeypatch, command[0], "--dataset", "luad", "--data", root, *command[1:])
         line = one_error_line(code, err)
         assert example in line and "--dataset bcss" in line
@@ -342,7 +342,7 @@ def test_10_mask_values_outside_the_palette_stop_before_any_compute(data, ckpts,
     for args in cases:
         code, _, err = run_cli(capsys, monkeypatch, *args, *(() if args[0] == "train-stage2" else ("--device", "cpu")))
         line = one_error_line(code, err)
-        assert "mask values [7]" in line and bad.name in line, line
+        assert "holds value 7" in line and bad.name in line, line
     # train-stage2 stopped before its first epoch: no checkpoint, no report
     assert not list(tmp_path.glob("o/*.pth")) and not (tmp_path / "r" / "metrics.json").exists()
 

@@ -54,7 +54,7 @@ from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_bac
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
-from wsss.runtime import note_saved
+from wsss.runtime import atomic_path, note_saved
 from wsss.stages.stage1 import _progress
 from wsss.wsi.label_image import check_mask_format, write_label_image
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
