@@ -100,14 +100,16 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
     # improvement row turns one on
     ours = [("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
-            ("stage 1 --mosaic 0.5 (ours)", "stage1_mosaic_0.5"),
+            ("stage 1 --no-pda (ours)", "stage1_pda_False"),
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
             ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
-            ("stage 2 --augment d4 (ours)", "stage2_augment_d4")]
-    assert list(rows) == ["full method", "single-layer PM (bn7)", "no PDA", *(t for t, _ in ours),
+            ("stage 2 --augment d4 (ours)", "stage2_augment_d4"), ("stage 2 --stain-jitter 0.05 (ours)",
+                                                                 "stage2_stain_jitter_0.05"),
+            ("stage 2 --mosaic 0.5 (ours)", "stage2_mosaic_0.5")]
+    assert list(rows) == ["full method", "single-layer PM (bn7)", *(t for t, _ in ours),
                           "fully supervised (true masks)"]
     report = tmp_path / "report"
-    for name, folder in (("single-layer PM (bn7)", "bn7_only"), ("no PDA", "no_pda"), *ours,
+    for name, folder in (("single-layer PM (bn7)", "bn7_only"), *ours,
                          ("fully supervised (true masks)", "gt")):
         metrics = json.loads((report / "ablation" / folder / "metrics.json").read_text())
         assert rows[name]["stage2_test"] == metrics["test"]["mIoU"]
@@ -115,9 +117,9 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     # each variant trained what it says
     bn7 = json.loads((tmp_path / "ckpt" / "ablation" / "bn7_only" / "stage2_luad_config.json").read_text())
     assert bn7["pm_layers"] == ["bn7"] and bn7["pm_weights"] == [1.0]
-    no_pda = json.loads((tmp_path / "ckpt" / "ablation" / "no_pda" / "stage1_luad_config.json").read_text())
+    no_pda = json.loads((tmp_path / "ckpt" / "ablation" / "stage1_pda_False" / "stage1_luad_config.json").read_text())
     assert no_pda["pda"] is False
-    assert len(list((tmp_path / "ckpt" / "ablation" / "no_pda" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
+    assert len(list((tmp_path / "ckpt" / "ablation" / "stage1_pda_False" / "train_PM" / "PM_bn7").glob("*.png"))) == 16
     momentum = json.loads((tmp_path / "ckpt" / "ablation" / "stage1_momentum_0.9" / "stage1_luad_config.json").read_text())
     assert json.loads((tmp_path / "ckpt" / "ablation" / "pm_white_rule_glass" / "train_PM" / "pseudo_masks_config.json")
                       .read_text())["white_rule"] == "glass"

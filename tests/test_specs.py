@@ -278,26 +278,3 @@ def test_a_different_spec_with_a_checkpoint_is_refused_naming_the_difference():
     stored_otherwise = make_spec(3, mask_encoding="rgb", labels_csv="l.csv")
     assert spec_difference(three, stored_otherwise) == ""
     assert resolve_with_checkpoint(None, three, "m.pth") == three
-
-
-def test_stage1_mosaic_labels_follow_the_white_rule(tmp_path):
-    """Where white is tissue (the bcss rule) a quadrant of white patch shows its class; where white
-    is glass (the luad rule) it shows none."""
-    from wsss.data.datasets import ClassificationDataset, InputNorm
-    from wsss.data.layout import TrainSample
-
-    samples = []
-    for cls in range(4):  # single-class patches: class c is a flat patch of value 40c+20, class 3 is white
-        path = tmp_path / f"p{cls}-[{' '.join('1' if c == cls else '0' for c in range(4))}].png"
-        Image.fromarray(np.full((32, 32, 3), 255 if cls == 3 else 40 * cls + 20, np.uint8)).save(path)
-        samples.append(TrainSample(path, tuple(int(c == cls) for c in range(4))))
-    for white_is_background in (True, False):
-        data = ClassificationDataset(samples, None, InputNorm(), augment=True, mosaic=1.0,
-                                     white_is_background=white_is_background)
-        torch.manual_seed(0)
-        for _ in range(20):
-            image, label = data._mosaic((32, 32))
-            shown = {(int(v) - 20) // 40 if v != 255 else 3 for v in np.unique(image[..., 0])}
-            if white_is_background:
-                shown.discard(3)
-            assert set(torch.nonzero(label).flatten().tolist()) == shown

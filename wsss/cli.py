@@ -135,9 +135,6 @@ def train_stage1(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
     warmup_epochs: Optional[float] = typer.Option(
         None, "--warmup-epochs", help="Linear learning-rate warm-up before the poly decay (0: none, the reference)."),
-    mosaic: Optional[float] = typer.Option(
-        None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, labelled "
-                               "with the classes it shows (0: off, the reference)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -155,7 +152,7 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        warmup_epochs=warmup_epochs, mosaic=mosaic, device=device, amp=amp, workers=workers, seed=seed,
+        warmup_epochs=warmup_epochs, device=device, amp=amp, workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))

@@ -45,7 +45,6 @@ class Stage1Config:
     augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
     warmup_epochs: float = 0.0  # linear lr warm-up before the poly decay (0: none, the reference)
-    mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches with their union label (0: off)
     cam_threshold: float = 0.25
     cam_tie_rule: str = "ours"  # "reference": see wsss.cam.cam.cam_to_segmentation
     eval_splits: tuple[str, ...] = ("val", "test")
@@ -64,8 +63,6 @@ class Stage1Config:
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
         _check_augment_numbers(self.stain_jitter, self.warmup_epochs)
-        if not 0.0 <= self.mosaic <= 1.0:
-            raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -107,7 +104,7 @@ STAGE1_RUNTIME_FIELDS = RUNTIME_FIELDS | {"cam_tie_rule"}
 # measured to help (README, "Beyond the paper") at CPU scale and at the paper's scale.
 CPU_SCALE_STAGE1: dict[str, Any] = {"width": 0.125, "image_size": 112, "epochs": 12, "batch_size": 16, "workers": 0,
                                     "pda_norm": "max", "head_lr_mult": 1.0}
-IMPROVEMENTS_STAGE1: dict[str, Any] = {"momentum": 0.9, "augment": "d4", "mosaic": 0.5}
+IMPROVEMENTS_STAGE1: dict[str, Any] = {"momentum": 0.9, "augment": "d4", "pda": False}
 
 STAGE1_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
@@ -251,7 +248,7 @@ STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint
 # bench/stage2_speed.py).
 CPU_SCALE_STAGE2: dict[str, Any] = {"backbone": "resnet18", "head_channels": 64, "image_size": 112, "epochs": 6,
                                     "batch_size": 16, "workers": 0}
-IMPROVEMENTS_STAGE2: dict[str, Any] = {"loss_reduction": "mean", "augment": "d4"}
+IMPROVEMENTS_STAGE2: dict[str, Any] = {"loss_reduction": "mean", "augment": "d4", "stain_jitter": 0.05, "mosaic": 0.5}
 
 STAGE2_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},

@@ -11,7 +11,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from wsss.data import augment
-from wsss.data.background import white_mask
 from wsss.data.layout import MaskedSample, TrainSample
 from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
@@ -94,8 +93,6 @@ class ClassificationDataset(Dataset):
         augment: bool = False,
         geometric: str = "flip",
         stain: float = 0.0,
-        mosaic: float = 0.0,
-        white_is_background: bool = True,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -103,9 +100,6 @@ class ClassificationDataset(Dataset):
         self.augment = augment
         self.geometric = geometric
         self.stain = stain
-        self.mosaic = mosaic
-        self.white_is_background = white_is_background  # the spec's rule: whether white glass shows no class
-        self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -113,40 +107,12 @@ class ClassificationDataset(Dataset):
     def __getitem__(self, index: int):
         sample = self.samples[index]
         image, label = read_rgb(sample.path), torch.tensor(sample.label, dtype=torch.float32)
-        if self.augment and self.mosaic > 0 and len(self.single) >= 2 and float(torch.rand(())) < self.mosaic:
-            image, label = self._mosaic(image.shape[:2]) or (image, label)
         image = resize_rgb(image, self.image_size)
         if self.augment:
             # torch's RNG is seeded per worker by the DataLoader, so augmentations are reproducible.
             (image,) = augment.geometric([image], self.geometric)
             image = augment.stain_jitter(image, self.stain)
         return to_tensor(image, self.norm), label, index
-
-    def _mosaic(self, shape: tuple[int, int]) -> tuple[np.ndarray, torch.Tensor] | None:
-        """A 2×2 mosaic of four random single-class patches of ``shape`` and its exact label: the
-        classes of the quadrants that show tissue (at least :data:`MOSAIC_MIN_TISSUE` of the mosaic
-        is not white glass). None when a drawn patch has another size."""
-        picks = [self.samples[self.single[int(i)]] for i in torch.randint(len(self.single), (4,))]
-        images = [read_rgb(s.path) for s in picks]
-        if any(im.shape[:2] != tuple(shape) for im in images):
-            return None
-        h, w = shape
-        r = int(torch.randint(h // 4, h - h // 4 + 1, ()))
-        c = int(torch.randint(w // 4, w - w // 4 + 1, ()))
-        mosaic = np.empty_like(images[0])
-        label = torch.zeros(len(picks[0].label))
-        for (rows, cols), image, sample in zip(quadrants(r, c), images, picks):
-            part = image[rows, cols]
-            mosaic[rows, cols] = part
-            tissue = (~white_mask(part)).sum() if self.white_is_background else part.shape[0] * part.shape[1]
-            if tissue >= MOSAIC_MIN_TISSUE * h * w:
-                label[sample.label.index(1)] = 1.0
-        return mosaic, label
-
-
-MOSAIC_MIN_TISSUE = 0.02
-"""A mosaic quadrant adds its class to the label when this fraction of the mosaic is its tissue
-(the synthetic data's label rule; white glass does not count)."""
 
 
 def quadrants(row: int, col: int) -> tuple[tuple[slice, slice], ...]:

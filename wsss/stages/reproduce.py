@@ -244,9 +244,9 @@ def improvement_variants(preset: str | None) -> list[Variant]:
             paper = _default(cls, key)
             other = paper if values.get(key, paper) != paper else improved
             label = "paper" if other == paper else "ours"
-            variants.append(Variant(f"{step}_{key}_{_fmt(other)}",
-                                    f"{title} --{key.replace('_', '-')} {_fmt(other)} ({label})",
-                                    **{step: {key: other}}))
+            option = key.replace("_", "-")
+            text = (f"--{option}" if other else f"--no-{option}") if isinstance(other, bool) else f"--{option} {_fmt(other)}"
+            variants.append(Variant(f"{step}_{key}_{_fmt(other)}", f"{title} {text} ({label})", **{step: {key: other}}))
     return variants
 
 
@@ -254,8 +254,7 @@ def ablation_variants(preset: str | None) -> list[Variant]:
     """The README's ablations for ``preset``: each changes one thing of the full method."""
     return [
         Variant("bn7_only", "single-layer PM (bn7)", stage2={"pm_layers": ("bn7",), "pm_weights": (1.0,)}),
-        Variant("no_pda", "no PDA", stage1={"pda": False}),
-        *improvement_variants(preset),
+        *improvement_variants(preset),  # PDA among them
     ]
 
 

@@ -105,11 +105,9 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int,
-                 white_is_background: bool = True) -> DataLoader:
+def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
     dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
-                                    geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic,
-                                    white_is_background=white_is_background)
+                                    geometric=cfg.augment, stain=cfg.stain_jitter)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
@@ -246,7 +244,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    steps_per_epoch = len(train_loader(cfg, samples, dist, 0, spec.white_is_background))
+    steps_per_epoch = len(train_loader(cfg, samples, dist, 0))
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -275,7 +273,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        loader = train_loader(cfg, samples, dist, epoch, spec.white_is_background)
+        loader = train_loader(cfg, samples, dist, epoch)
         stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
