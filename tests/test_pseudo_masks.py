@@ -202,3 +202,16 @@ def test_cli_user_errors_are_one_line(synth_root, checkpoints, tmp_path, capsys,
     fails("eval-pm", "--dataset", "luad", "--data", no_gt, expect="train_gt")
     fails("eval-pm", "--dataset", "luad", "--data", synth_root, "--pm-dir", tmp_path / "nothing",
           expect="run wsss generate-pm first")
+
+
+def test_cli_generate_pm_takes_the_white_rule_of_the_preset(synth_root, checkpoints, tmp_path, capsys, monkeypatch):
+    base = ["generate-pm", "--dataset", "luad", "--data", synth_root, "--checkpoint", checkpoints["ours"],
+            "--layers", "bn7", "--workers", "0", "--device", "cpu"]
+    for name, extra, rule in (("paper", [], "grey"), ("cpu", ["--preset", "cpu"], "glass"),
+                              ("best", ["--preset", "best"], "glass"),
+                              ("override", ["--preset", "cpu", "--white-rule", "grey"], "grey")):
+        code, _, err = run_cli(capsys, monkeypatch, *base, "--out", tmp_path / name, *extra)
+        assert code == 0, err
+        assert json.loads((tmp_path / name / "pseudo_masks_config.json").read_text())["white_rule"] == rule, name
+    code, _, err = run_cli(capsys, monkeypatch, *base, "--out", tmp_path / "bad", "--preset", "gpu")
+    assert code == 1 and "unknown preset 'gpu'" in err and len(err.strip().splitlines()) == 1

@@ -32,6 +32,9 @@ LabelsCsvOpt = typer.Option(
 TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right, upside down and both: 4 passes) "
             "or d4 (those and their transposes, every 90° rotation with and without a flip: 8 passes); "
             "softmax probabilities are mapped back and averaged.")
+PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper (the paper's method at CPU scale), "
+               "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
+               "Options given explicitly override the preset.")
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 
@@ -107,7 +110,7 @@ def train_stage1(
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (thin, fast)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr (biases 2×)."),
@@ -211,17 +214,22 @@ def generate_pm(
         "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
                               "(reference: 1)."),
     flip: bool = typer.Option(False, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch."),
-    white_rule: str = typer.Option(
-        "grey", "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
-                                     "pale tissue stays tissue)."),
+    white_rule: Optional[str] = typer.Option(
+        None, "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
+                                   "pale tissue stays tissue). Default: the preset's (paper: grey; cpu, best: glass)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
+    from wsss.config import PM_PRESETS
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
 
+    if preset is not None and preset not in PM_PRESETS:
+        raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(PM_PRESETS)}")
+    values = {**PM_PRESETS[preset or "paper"], **({"white_rule": white_rule} if white_rule is not None else {})}
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
                            tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
-                           white_rule=white_rule, labels_csv=labels_csv)
+                           labels_csv=labels_csv, **values)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -264,7 +272,7 @@ def train_stage2(
         None, "--backbone", help="resnet101 (paper), resnet50, resnet18 or mobilenet_v3_large."),
     out_stride: Optional[int] = typer.Option(None, "--out-stride", help="16 (paper) or 8."),
     head_channels: Optional[int] = typer.Option(None, "--head-channels", min=1, help="ASPP/decoder width (256)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="paper (default settings) or cpu (small, fast)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
@@ -399,9 +407,7 @@ def reproduce(
         None, "--run", help="Names checkpoints/<run> and results/<run> (default: the spec's name; with --synth "
                             "synthetic for luad, synthetic-<name> for other specs)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    preset: Optional[str] = typer.Option(
-        None, "--preset", help="paper (the default: the reference's computation), cpu (small, fast, our improvements) "
-                               "or best (full size, our improvements)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     stage1_init: Optional[Path] = typer.Option(
         None, "--stage1-init-weights", help="Stage-1 initialisation, e.g. the MXNet ImageNet .params file."),
     stage2_init: Optional[Path] = typer.Option(
