@@ -16,6 +16,7 @@ happens in a background thread (:func:`prefetch`) while the model runs on the cu
 
 from __future__ import annotations
 
+import abc
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -174,16 +175,18 @@ class RowGroup:
 # --------------------------------------------------------------------------- predictors
 
 
-class Predictor:
+class Predictor(abc.ABC):
     """Class probabilities of windows in two steps: ``prepare`` (CPU work on the pixels: resize,
     normalise; runs in the prefetch thread) and ``forward`` (the model, on a slice of the prepared
     windows). ``predictor(tiles)`` does both."""
 
+    @abc.abstractmethod
     def prepare(self, tiles: Sequence[np.ndarray]) -> Any:
-        raise NotImplementedError
+        """The windows made ready for ``forward`` (resized, normalised)."""
 
+    @abc.abstractmethod
     def forward(self, inputs: Any, start: int, stop: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Class probabilities of the prepared windows ``start:stop``."""
 
     def __call__(self, tiles: Sequence[np.ndarray]) -> torch.Tensor:
         """Windows of one size ``(h, w, 3)`` uint8 → probabilities ``(B, C, h, w)`` float32."""
