@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_cli
-from wsss.data.png import read_class_mask, read_mask, write_class_mask, write_mask
+from wsss.data.png import read_class_mask, write_class_mask, write_mask
 from wsss.data.specs import BCSS, LUAD, DatasetSpec, get_spec, recorded_spec, resolve_with_checkpoint, spec_difference
 from wsss.errors import WsssError
 from wsss.gate import gate_logits

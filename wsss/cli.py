@@ -136,8 +136,6 @@ def train_stage1(
         None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
     stain_jitter: Optional[float] = typer.Option(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
-    warmup_epochs: Optional[float] = typer.Option(
-        None, "--warmup-epochs", help="Linear learning-rate warm-up before the poly decay (0: none, the reference)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -155,7 +153,7 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        warmup_epochs=warmup_epochs, device=device, amp=amp, workers=workers, seed=seed,
+        device=device, amp=amp, workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
@@ -287,11 +285,6 @@ def train_stage2(
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
-    relabel_epoch: Optional[int] = typer.Option(
-        None, "--relabel-epoch", help="Self-training: from this 0-based epoch on, train on the model's own "
-                                      "predictions of the training patches, within each patch's label (0: off)."),
-    relabel_threshold: Optional[float] = typer.Option(
-        None, "--relabel-threshold", help="Self-training keeps pixels predicted with at least this probability (0.7)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -321,7 +314,7 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic, relabel_epoch=relabel_epoch, relabel_threshold=relabel_threshold,
+        stain_jitter=stain_jitter, mosaic=mosaic,
         init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
         report=report,

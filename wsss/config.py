@@ -44,7 +44,6 @@ class Stage1Config:
     pda_norm: str = "none"  # reference; "max" keeps the attention in [0, 1] (see wsss.cam.pda)
     augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
-    warmup_epochs: float = 0.0  # linear lr warm-up before the poly decay (0: none, the reference)
     cam_threshold: float = 0.25
     cam_tie_rule: str = "ours"  # "reference": see wsss.cam.cam.cam_to_segmentation
     eval_splits: tuple[str, ...] = ("val", "test")
@@ -62,7 +61,7 @@ class Stage1Config:
         check_sgd(self.momentum, self.weight_decay)
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
-        _check_augment_numbers(self.stain_jitter, self.warmup_epochs)
+        _check_stain_jitter(self.stain_jitter)
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -77,11 +76,9 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
         raise WsssError(f"{option} must be one of {', '.join(choices)}, not {value!r}")
 
 
-def _check_augment_numbers(stain_jitter: float, warmup_epochs: float = 0.0) -> None:
+def _check_stain_jitter(stain_jitter: float) -> None:
     if not 0.0 <= stain_jitter <= 1.0:
         raise WsssError(f"--stain-jitter must be in [0, 1], not {stain_jitter:g}")
-    if warmup_epochs < 0:
-        raise WsssError(f"--warmup-epochs must be 0 or more, not {warmup_epochs:g}")
 
 
 def check_sgd(momentum: float, weight_decay: float) -> None:
@@ -193,8 +190,6 @@ class Stage2Config:
     augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
     mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
-    relabel_epoch: int = 0  # self-training: from this 0-based epoch on, train on the model's own labels (0: off)
-    relabel_threshold: float = 0.7  # ... keeping pixels whose label-restricted probability is at least this
     init_weights: Path | None = None
     gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
     gate_threshold: float = 0.1
@@ -230,12 +225,7 @@ class Stage2Config:
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_sgd(self.momentum, self.weight_decay)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
-        _check_augment_numbers(self.stain_jitter)
-        if not 0 <= self.relabel_epoch < self.epochs:
-            raise WsssError(f"--relabel-epoch must be 0 (off) or an epoch before --epochs {self.epochs}, "
-                            f"not {self.relabel_epoch}")
-        if not 0.0 <= self.relabel_threshold < 1.0:
-            raise WsssError(f"--relabel-threshold is a probability in [0, 1), not {self.relabel_threshold:g}")
+        _check_stain_jitter(self.stain_jitter)
         if not 0.0 <= self.mosaic <= 1.0:
             raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         get_input_norm(self.input_norm)

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
-from wsss.data.specs import DatasetSpec, get_spec
+from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import gate_logits
 from wsss.runtime import resolve_device

@@ -12,7 +12,6 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wsss.data.layout import MaskedSample, TrainSample

@@ -72,13 +72,11 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
-def poly_lambda(max_step: int, power: float = 0.9, warmup: int = 0):
-    """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``, times a linear
-    warm-up ``(step + 1) / warmup`` over the first ``warmup`` steps."""
+def poly_lambda(max_step: int, power: float = 0.9):
+    """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``."""
 
     def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        return ramp * max(0.0, 1.0 - step / max_step) ** power
+        return max(0.0, 1.0 - step / max_step) ** power
 
     return factor
 
@@ -87,8 +85,7 @@ def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
     groups = model.param_groups(cfg.lr, cfg.weight_decay, cfg.head_lr_mult)
     groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    warmup = round(cfg.warmup_epochs * steps / max(cfg.epochs, 1))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps, warmup=warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(steps))
     return optimizer, scheduler
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
@@ -27,8 +26,8 @@ from torch.utils.data import DataLoader
 
 from wsss import config as cfglib
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
-from wsss.data.datasets import InputNorm, get_input_norm, resize_rgb, to_tensor
-from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train, pseudo_mask_path
+from wsss.data.datasets import InputNorm, get_input_norm
+from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
@@ -393,8 +392,6 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
-    if not resumed:  # a fresh run deletes the self-training labels of an earlier one: only if they are ours
-        owner.claim(p for p in (paths.out / "relabel").rglob("*") if p.is_file())
     test_samples = list_masked(cfg.data, "test")
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
@@ -446,8 +443,6 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
     start, best = 0, {}
-    if state is None and dist.is_main:
-        shutil.rmtree(paths.out / "relabel", ignore_errors=True)  # a fresh run never reuses old self-labels
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -464,16 +459,11 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
                  steps_per_epoch, dist.device, dist.world_size)
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
-    loss_cfg = cfg
     for epoch in range(start, cfg.epochs):
-        if cfg.relabel_epoch and epoch >= cfg.relabel_epoch and loss_cfg is cfg:
-            # Self-training: from here on the model's own predictions of epoch relabel_epoch are the labels.
-            dataset = _self_training_set(model, cfg, spec, dataset, paths.out / "relabel", dist)
-            loss_cfg = replace(cfg, pm_layers=(RELABEL_LAYER,), pm_weights=(1.0,))
         # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         loader = train_loader(cfg, dataset, dist, epoch)
-        loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, loss_cfg, dist, writer, epoch)
+        loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
         val = validate(model, cfg, spec, val_samples, dist)
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
@@ -498,67 +488,6 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
                     writer.add_scalar(f"{key}/mIoU", summary["metrics"][key]["mIoU"] or 0.0, cfg.epochs)
             writer.close()
     return summary
-
-
-# --------------------------------------------------------------------------- self-training
-
-
-RELABEL_LAYER = "relabel"
-RELABEL_DONE = "done.json"
-
-
-def relabel_masks(logits: torch.Tensor, labels: torch.Tensor, first_pm: torch.Tensor, threshold: float,
-                  background_index: int) -> torch.Tensor:
-    """New training masks from the segmenter's own predictions (self-training).
-
-    ``logits`` (B, C, H, W), ``labels`` (B, C) bool (the patch-level labels), ``first_pm`` (B, H, W)
-    the patch's first pseudo-mask. The softmax is taken over the patch's labelled classes only, so
-    no other class can be assigned; a pixel whose best probability is below ``threshold``, or that
-    the pseudo-mask calls background (white glass), gets ``background_index`` (ignored by the
-    loss). Returns (B, H, W) long.
-    """
-    masked = logits.float().masked_fill(~labels.bool()[:, :, None, None], float("-inf"))
-    probs = masked.softmax(dim=1)
-    confidence, winner = probs.max(dim=1)
-    unsure = (confidence < threshold) | (first_pm == background_index)
-    return winner.masked_fill(unsure, background_index)
-
-
-@torch.no_grad()
-def write_relabelled(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, dataset: PseudoMaskDataset,
-                     folder: Path, dist: Distributed) -> None:
-    """Write ``folder/PM_relabel/<patch>.png`` for this process's share of the training patches."""
-    model.eval()
-    layer_dir = folder / f"PM_{RELABEL_LAYER}"
-    share = range(dist.rank, len(dataset), dist.world_size)
-    for i in _progress(share, dist.is_main, desc="self-training relabel", leave=False):
-        sample = dataset.samples[i]
-        image, masks = dataset._read(i)
-        x = to_tensor(resize_rgb(image, cfg.image_size), dataset.norm)[None].to(dist.device)
-        logits = segment(model, x, image.shape[:2], cfg.amp)
-        label = torch.tensor(sample.label, dtype=torch.bool, device=dist.device)[None]
-        first = torch.from_numpy(masks[0].astype("int64")).to(dist.device)[None]
-        new = relabel_masks(logits, label, first, cfg.relabel_threshold, spec.background_index)
-        write_mask(pseudo_mask_path(folder, RELABEL_LAYER, sample.path), new[0].cpu().numpy().astype("uint8"),
-                   spec.flat_palette())
-    model.train()
-
-
-def _self_training_set(model, cfg: Stage2Config, spec: DatasetSpec, dataset: PseudoMaskDataset, folder: Path,
-                       dist: Distributed) -> PseudoMaskDataset:
-    """The training set of the epochs after ``--relabel-epoch``: the model's own confident,
-    label-restricted predictions as the one mask (made once; a resumed run reads them back)."""
-    done = folder / RELABEL_DONE
-    if not done.is_file():
-        write_relabelled(model, cfg, spec, dataset, folder, dist)
-        dist.barrier()
-        if dist.is_main:
-            write_json(done, {"epoch": cfg.relabel_epoch, "threshold": cfg.relabel_threshold,
-                              "patches": len(dataset)})
-        dist.barrier()
-    paths = pseudo_mask_paths(dataset.samples, folder, (RELABEL_LAYER,), spec.name)
-    return PseudoMaskDataset(dataset.samples, paths, cfg.image_size, dataset.norm, spec,
-                             geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
 def _score(miou: float | None) -> float:
