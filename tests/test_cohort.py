@@ -20,7 +20,7 @@ import pytest
 import tifffile
 import torch
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, spy_on_models
 from wsss.config import Stage2Config
 from wsss.data.specs import LUAD
 from wsss.errors import WsssError
@@ -271,19 +271,6 @@ def test_slides_that_fail_are_recorded_and_the_others_done(ckpt, tmp_path, capsy
     assert summary["mpp"] == [1.0, 1.0] and summary["size"] == [96, 64]  # level 0 at 0.5 µm/px, halved
 
 
-class _Interrupting:
-    """A predictor that counts its forward passes and stops the run (as a kill would) at ``stop_at``."""
-
-    def __init__(self, inner, stop_at: int | None = None) -> None:
-        self.inner, self.stop_at, self.calls = inner, stop_at, 0
-
-    def __call__(self, tiles):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return self.inner(tiles)
-
-
 def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
@@ -291,15 +278,7 @@ def _dead_pid() -> int:
 
 
 def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
-    load = C.load_models
-    spies = []
-
-    def spy_load(stop_at):
-        def patched(cfg, *args):
-            predictor, spec = load(cfg, *args)
-            spies.append(_Interrupting(predictor, stop_at))
-            return spies[-1], spec
-        monkeypatch.setattr(C, "load_models", patched)
+    spies, spy_load = spy_on_models(monkeypatch, C)
 
     slides = [cohort_dir / f"{n}.tif" for n in "abc"]
     spy_load(None)

@@ -17,7 +17,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import run_cli, spy_on_models
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
 from wsss.data.specs import LUAD
@@ -447,30 +447,9 @@ def test_geojson_is_shifted_as_qupath_crops_slides_to_their_bounds(slide, ckpt, 
     assert all(np.array_equal(c, p) for c, p in zip(coordinates(tmp_path / "uncropped"), plain))
 
 
-class _Interrupting:
-    """A predictor that counts its calls and stops the run (as Ctrl-C would) at call ``stop_at``."""
-
-    def __init__(self, inner, stop_at: int | None = None) -> None:
-        self.inner, self.stop_at, self.calls = inner, stop_at, 0
-
-    def __call__(self, tiles):
-        self.calls += 1
-        if self.calls == self.stop_at:
-            raise KeyboardInterrupt
-        return self.inner(tiles)
-
-
 def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, capsys, monkeypatch):
     path, _ = slide
-    load = W.load_models
-    spies = []
-
-    def spy_load(stop_at):
-        def patched(cfg, *args):
-            predictor, spec = load(cfg, *args)
-            spies.append(_Interrupting(predictor, stop_at))
-            return spies[-1], spec
-        monkeypatch.setattr(W, "load_models", patched)
+    spies, spy_load = spy_on_models(monkeypatch, W)
 
     # every window segmented, one batch (5 windows) per window row: one call per row, 4 rows
     args = ("--level", 1, "--min-tissue", 0, "--batch-size", 5, "--geojson")
@@ -509,15 +488,7 @@ def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path
     A conv's floating-point result depends on the batch it ran in, so a resumed run must run the
     same batches: it goes back to the start of the group holding the rows it must replay."""
     path, _ = slide
-    load = W.load_models
-    spies = []
-
-    def spy_load(stop_at):
-        def patched(cfg, *args):
-            predictor, spec = load(cfg, *args)
-            spies.append(_Interrupting(predictor, stop_at))
-            return spies[-1], spec
-        monkeypatch.setattr(W, "load_models", patched)
+    spies, spy_load = spy_on_models(monkeypatch, W)
 
     args = ("--level", 1, "--min-tissue", 0, "--batch-size", 8, "--geojson")
     spy_load(None)

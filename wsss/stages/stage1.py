@@ -134,12 +134,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
         with autocast(dist.device, cfg.amp):
             logits = model(x, pda_gamma=gamma, pda_norm=cfg.pda_norm)
         loss = F.multilabel_soft_margin_loss(logits.float(), y)
-        _check_finite(loss, dist, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
         with torch.no_grad():
             right = ((logits > 0).float() == y).float()
             n = x.shape[0]
@@ -148,12 +143,27 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
             totals[2] += right.mean(dim=1).sum().item()
             totals[3] += n
         if dist.is_main:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if writer is not None:
-                writer.add_scalar("train/loss_iter", loss.item(), steps_done + step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], steps_done + step)
+            log_step(bar, writer, "train/loss_iter", loss.item(), optimizer, steps_done + step)
     loss_sum, exact, bits, n = dist.all_reduce_sum(totals)
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler, dist: Distributed, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss, else one (scaled) optimizer step and one scheduler step."""
+    _check_finite(loss, dist, epoch, step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def log_step(bar, writer, tag: str, loss: float, optimizer, global_step: int) -> None:
+    """The progress bar's loss, and the step's loss and learning rate for tensorboard."""
+    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if writer is not None:
+        writer.add_scalar(tag, loss, global_step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
 
 
 def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) -> None:

@@ -56,7 +56,9 @@ from wsss.stages.common import (
 from wsss.runtime import (
     Distributed, expect_stage, is_main_process, note_saved, save_checkpoint, seed_everything, seed_worker,
 )
-from wsss.stages.stage1 import LoadedClassifier, _check_finite, _progress, autocast, load_classifier, poly_lambda
+from wsss.stages.stage1 import (
+    LoadedClassifier, _progress, autocast, load_classifier, log_step, optimizer_step, poly_lambda,
+)
 
 log = logging.getLogger(__name__)
 
@@ -300,19 +302,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Conf
         with autocast(dist.device, cfg.amp):
             logits = model(x)["out"]
         loss = loss_fn(logits.float(), masks)
-        _check_finite(loss, dist, epoch, step)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
         total += loss.item() * x.shape[0]
         count += x.shape[0]
         if dist.is_main:
-            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-            if writer is not None:
-                writer.add_scalar("train/total_loss_iter", loss.item(), steps_done + step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], steps_done + step)
+            log_step(bar, writer, "train/total_loss_iter", loss.item(), optimizer, steps_done + step)
     loss_sum, n = dist.all_reduce_sum([total, count])
     return loss_sum / max(n, 1)
 
