@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_cli
+from tiling_oracle import content_predictor, full_blend
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
 from wsss.data.datasets import InputNorm, to_tensor
@@ -114,29 +115,6 @@ def test_one_tile_equals_whole_image_inference(seg):
     assert np.array_equal(TL.predict_mask(small, predictor, TILE, 16, 4), expected)
 
 
-def _content_predictor(tiles):
-    """Probabilities that depend on the pixels and on the position inside the window (like the
-    padding effects of a CNN): (B, 3, h, w)."""
-    x = torch.from_numpy(np.stack(tiles)).float().permute(0, 3, 1, 2) / 255.0
-    h, w = x.shape[-2:]
-    ramp = torch.linspace(-1.0, 1.0, h)[:, None] * torch.linspace(1.0, -1.0, w)[None, :]
-    logits = torch.stack([x[:, 0] * 3, x[:, 1] * 2 + ramp, x[:, 2] - ramp], dim=1)
-    return logits.softmax(dim=1)
-
-
-def _full_blend(image, predict, tile, overlap):
-    """The straightforward sliding window: whole-image (C, H, W) sums, for comparison."""
-    height, width = image.shape[:2]
-    th, tw = min(tile, height), min(tile, width)
-    weight = torch.from_numpy(np.outer(TL.blend_window(th, overlap), TL.blend_window(tw, overlap)))
-    acc, wsum = torch.zeros(3, height, width), torch.zeros(height, width)
-    for y0 in TL.tile_starts(height, th, overlap):
-        for x0 in TL.tile_starts(width, tw, overlap):
-            acc[:, y0 : y0 + th, x0 : x0 + tw] += predict([image[y0 : y0 + th, x0 : x0 + tw]])[0] * weight
-            wsum[y0 : y0 + th, x0 : x0 + tw] += weight
-    return acc / wsum
-
-
 @pytest.mark.parametrize("size,tile,overlap,batch", [
     ((150, 130), 64, 16, 3),    # last windows flush, overlapping their neighbours by more than 16
     ((150, 130), 40, 30, 1),    # overlap above half a window: three window rows share some pixels
@@ -144,11 +122,11 @@ def _full_blend(image, predict, tile, overlap):
 ])
 def test_row_by_row_blending_equals_whole_image_blending(size, tile, overlap, batch):
     image = _random_image(*size, seed=2)
-    bands = list(TL.probability_bands(image, _content_predictor, tile, overlap, batch))
+    bands = list(TL.probability_bands(image, content_predictor, tile, overlap, batch))
     assert [top for top, _ in bands] == TL.tile_starts(size[0], min(tile, size[0]), overlap)
     probs = torch.cat([p for _, p in bands], dim=1)
     assert probs.shape == (3, *size)
-    assert torch.allclose(probs, _full_blend(image, _content_predictor, tile, overlap), atol=1e-6)
+    assert torch.allclose(probs, full_blend(image, content_predictor, tile, overlap), atol=1e-6)
     assert torch.allclose(probs.sum(dim=0), torch.ones(size), atol=1e-5)
 
 

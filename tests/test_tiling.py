@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from tiling_oracle import content_predictor, full_blend
 from wsss import tiling as TL
-
-
-def _content_predictor(tiles):
-    """Probabilities that depend on the pixels and on the position inside the window: (B, 3, h, w)."""
-    x = torch.from_numpy(np.stack(tiles)).float().permute(0, 3, 1, 2) / 255.0
-    h, w = x.shape[-2:]
-    ramp = torch.linspace(-1.0, 1.0, h)[:, None] * torch.linspace(1.0, -1.0, w)[None, :]
-    return torch.stack([x[:, 0] * 3, x[:, 1] * 2 + ramp, x[:, 2] - ramp], dim=1).softmax(dim=1)
 
 
 class _Recorder:
@@ -28,7 +21,7 @@ class _Recorder:
 
     def __call__(self, tiles):
         self.batches.append([int(t[0, 0, 0]) + 256 * int(t[0, 0, 1]) for t in tiles])
-        return _content_predictor(tiles)
+        return content_predictor(tiles)
 
 
 def _numbered_image(grid: TL.WindowGrid) -> np.ndarray:
@@ -63,25 +56,12 @@ def test_batches_span_rows_in_fixed_groups():
     assert recorder.batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
 
 
-def _full_blend(image, predict, tile, overlap):
-    """The straightforward sliding window: whole-image (C, H, W) sums, one window at a time."""
-    height, width = image.shape[:2]
-    th, tw = min(tile, height), min(tile, width)
-    weight = torch.from_numpy(np.outer(TL.blend_window(th, overlap), TL.blend_window(tw, overlap)))
-    acc, wsum = torch.zeros(3, height, width), torch.zeros(height, width)
-    for y0 in TL.tile_starts(height, th, overlap):
-        for x0 in TL.tile_starts(width, tw, overlap):
-            acc[:, y0 : y0 + th, x0 : x0 + tw] += predict([image[y0 : y0 + th, x0 : x0 + tw]])[0] * weight
-            wsum[y0 : y0 + th, x0 : x0 + tw] += weight
-    return acc / wsum
-
-
 @pytest.mark.parametrize("group,depth,batch", [(1, 0, 3), (2, 1, 3), (3, 2, 5), (None, 2, 16)])
 def test_any_grouping_and_prefetch_blends_like_the_whole_image(group, depth, batch):
     image = np.random.default_rng(2).integers(0, 256, (150, 130, 3), dtype=np.uint8)
-    bands = list(TL.probability_bands(image, _content_predictor, 40, 16, batch, group=group, depth=depth))
+    bands = list(TL.probability_bands(image, content_predictor, 40, 16, batch, group=group, depth=depth))
     probs = torch.cat([p for _, p in bands], dim=1)
-    assert torch.allclose(probs, _full_blend(image, _content_predictor, 40, 16), atol=1e-6)
+    assert torch.allclose(probs, full_blend(image, content_predictor, 40, 16), atol=1e-6)
 
 
 def _prefetch_threads() -> list[threading.Thread]:
