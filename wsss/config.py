@@ -240,7 +240,9 @@ STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint
 # bench/stage2_speed.py).
 CPU_SCALE_STAGE2: dict[str, Any] = {"backbone": "resnet18", "head_channels": 64, "image_size": 112, "epochs": 6,
                                     "batch_size": 16, "workers": 0}
-IMPROVEMENTS_STAGE2: dict[str, Any] = {"loss_reduction": "mean", "augment": "d4", "stain_jitter": 0.05, "mosaic": 0.5}
+# --stain-jitter 0.05 was in this list until measured over three seeds: stage 2 + gate 0.926 (worst 0.898)
+# with it, 0.943 (worst 0.937) without, and no better on the shifted look (README, Beyond the paper).
+IMPROVEMENTS_STAGE2: dict[str, Any] = {"loss_reduction": "mean", "augment": "d4", "mosaic": 0.5}
 
 STAGE2_PRESETS: dict[str, dict[str, Any]] = {
     "paper": {},
