@@ -7,7 +7,7 @@ no longer tests texture learning; the generator is tuned to keep it well below 0
 
     python bench/colour_baseline.py --data DIR        # DIR written by `wsss synth`
     python bench/colour_baseline.py                   # makes 1000 train / 100 test in a temp dir
-    python bench/colour_baseline.py --dataset examples/crc6.toml    # the synthetic data of another spec
+    python bench/colour_baseline.py --dataset datasets/crc6.toml    # the synthetic data of another spec
 """
 
 from __future__ import annotations

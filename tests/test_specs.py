@@ -72,8 +72,8 @@ def test_contract_spec_file(tmp_path):
     assert get_spec(write_spec(tmp_path / "s.toml", short)).background_color == (255, 255, 255)
 
 
-def test_examples_in_the_repository_load():
-    examples = Path(__file__).resolve().parents[1] / "examples"
+def test_example_specs_in_the_repository_load():
+    examples = Path(__file__).resolve().parents[1] / "datasets"
     assert get_spec(examples / "wsss4luad.toml").classes == ("tumor", "stroma", "normal")
     assert get_spec(examples / "crc6.toml").num_classes == 6
 
