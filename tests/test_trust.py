@@ -291,6 +291,35 @@ def test_7_a_run_an_older_wsss_wrote_can_still_be_resumed(data, tmp_path, capsys
     assert {"stage1_luad_last.pth", "stage1_checkpoint_trained_on_luad.pth"} <= set(files)
 
 
+def test_7_a_run_saved_with_a_setting_this_version_lacks_is_not_resumed_without_it(data, tmp_path, capsys,
+                                                                                   monkeypatch, caplog):
+    """A run saved by a wsss that had an option this one does not (removed, or newer), switched on:
+    --resume refuses rather than silently continue without it; the same setting off is harmless."""
+    from wsss.runtime import load_checkpoint, save_checkpoint
+
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    base = ("train-stage1", "--dataset", "luad", "--data", data, "--out", out, *S1)
+    assert run_cli(capsys, monkeypatch, *base)[0] == 0
+    saved = {p: load_checkpoint(p) for p in (out / "stage1_luad_last.pth", out / "stage1_checkpoint_trained_on_luad.pth")}
+
+    def older_wsss_wrote(**settings):  # its run, saved with these settings, without a manifest
+        for path, state in saved.items():
+            state["config"].update(settings)
+            save_checkpoint(path, state)
+        (out / ".wsss-manifest.jsonl").unlink()
+
+    older_wsss_wrote(warmup_epochs=1.5, future_thing=None)
+    before = tree(out)
+    code, _, err = run_cli(capsys, monkeypatch, *base, "--resume")
+    line = one_error_line(code, err)
+    assert "warmup-epochs 1.5" in line and "future" not in line and "--force" in line
+    assert tree(out) == before
+    older_wsss_wrote(warmup_epochs=0.0)  # off: the run computed what this version computes
+    code, _, err = run_cli(capsys, monkeypatch, *base, "--resume")
+    assert code == 0 and "after epoch 1 of 1" in caplog.text, err
+
+
 def test_8_gate_threshold_outside_0_1_is_refused_everywhere(data, ckpts, tmp_path, capsys, monkeypatch):
     image = tmp_path / "a.png"
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -78,6 +78,7 @@ def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], res
     expect_stage(state, paths.last, stage)
     if legacy:
         _adopt_legacy_run(owner, paths, state, read)
+    _refuse_unknown_settings(type(cfg), state["config"], paths)
     saved = cfglib.from_dict(type(cfg), state["config"])
     _refuse_other_options(cfg, saved, paths, set(given) - set(runtime_fields) - {"dataset", "data", "out"})
     cfg = replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
@@ -109,6 +110,17 @@ def _refuse_earlier_run(paths: RunPaths, owner: Owner | None) -> None:
                         f"replace it; choose another --out, move the file, or pass --force to replace it")
     raise WsssError(f"{earlier[0]} holds an earlier stage-{paths.STAGE} run; pass --resume to continue it "
                     "or --force to start over")
+
+
+def _refuse_unknown_settings(cls: type, saved: dict, paths: RunPaths) -> None:
+    """A run saved with a setting this version does not have (removed, or from a newer wsss) that was
+    on cannot be continued as it was computing: refuse rather than silently drop it."""
+    known = {f.name for f in fields(cls)}
+    unknown = {k: v for k, v in saved.items() if k not in known and v not in (None, False, 0, "", [], {})}
+    if unknown:
+        settings = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(unknown.items()))
+        raise WsssError(f"{paths.last} was saved with settings this version of wsss does not have ({settings}): "
+                        "it cannot be continued as it was; pass --force (without --resume) to start over")
 
 
 def _refuse_other_options(cfg: Any, saved: Any, paths: RunPaths, given: Collection[str]) -> None:
