@@ -96,15 +96,21 @@ def _alive(holder: Mapping) -> bool | None:
     pid = holder.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _pid_exists(pid):
         return False
-    except PermissionError:
-        pass  # exists, owned by someone else
     start = _process_start(pid)
     if holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]:
         return False  # the pid was reused by a later process
+    return True
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
     return True
 
 
