@@ -1,4 +1,4 @@
-"""What the two training stages share: their output file names, resuming, tensorboard logs."""
+"""What the two training stages share: their output file names, resuming, the optimizer step, tensorboard logs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from wsss import config as cfglib
 from wsss.errors import WsssError
@@ -198,3 +200,33 @@ def tensorboard_writer(log_dir: Path):
     from tensorboardX import SummaryWriter
 
     return SummaryWriter(str(log_dir))
+
+
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler, dist: Distributed, epoch: int, step: int) -> None:
+    """Stop on a non-finite loss, else one (scaled) optimizer step and one scheduler step."""
+    _check_finite(loss, dist, epoch, step)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+
+
+def log_step(bar, writer, tag: str, loss: float, optimizer, global_step: int) -> None:
+    """The progress bar's loss, and the step's loss and learning rate for tensorboard."""
+    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    if writer is not None:
+        writer.add_scalar(tag, loss, global_step)
+        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+
+
+def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) -> None:
+    """Stop on a NaN/inf loss; under DDP every process stops together instead of hanging."""
+    bad = float(not torch.isfinite(loss).item())
+    if dist.enabled:
+        bad = dist.all_reduce_sum([bad])[0]
+    if bad:
+        raise WsssError(
+            f"loss is not finite at epoch {epoch + 1}, step {step + 1}; try a lower --lr "
+            "(the last finished epoch is kept and can be resumed)"
+        )

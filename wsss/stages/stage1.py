@@ -40,7 +40,7 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    RunPaths, check_same_inputs, epoch_loader, note_epochs, resume_state, tensorboard_writer,
+    RunPaths, check_same_inputs, epoch_loader, log_step, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
     Distributed, expect_stage, is_main_process, load_checkpoint, note_saved, save_checkpoint, seed_everything,
@@ -146,36 +146,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
             log_step(bar, writer, "train/loss_iter", loss.item(), optimizer, steps_done + step)
     loss_sum, exact, bits, n = dist.all_reduce_sum(totals)
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
-
-
-def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler, dist: Distributed, epoch: int, step: int) -> None:
-    """Stop on a non-finite loss, else one (scaled) optimizer step and one scheduler step."""
-    _check_finite(loss, dist, epoch, step)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    scheduler.step()
-
-
-def log_step(bar, writer, tag: str, loss: float, optimizer, global_step: int) -> None:
-    """The progress bar's loss, and the step's loss and learning rate for tensorboard."""
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    if writer is not None:
-        writer.add_scalar(tag, loss, global_step)
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-
-
-def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) -> None:
-    """Stop on a NaN/inf loss; under DDP every process stops together instead of hanging."""
-    bad = float(not torch.isfinite(loss).item())
-    if dist.enabled:
-        bad = dist.all_reduce_sum([bad])[0]
-    if bad:
-        raise WsssError(
-            f"loss is not finite at epoch {epoch + 1}, step {step + 1}; try a lower --lr "
-            "(the last finished epoch is kept and can be resumed)"
-        )
 
 
 def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **extra) -> dict:

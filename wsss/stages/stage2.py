@@ -51,14 +51,12 @@ from wsss.data import validate as checks
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    RunPaths, check_same_inputs, epoch_loader, note_epochs, resume_state, tensorboard_writer,
+    RunPaths, check_same_inputs, epoch_loader, log_step, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
     Distributed, expect_stage, is_main_process, note_saved, save_checkpoint, seed_everything, seed_worker,
 )
-from wsss.stages.stage1 import (
-    LoadedClassifier, _progress, autocast, load_classifier, log_step, optimizer_step, poly_lambda,
-)
+from wsss.stages.stage1 import LoadedClassifier, _progress, autocast, load_classifier, poly_lambda
 
 log = logging.getLogger(__name__)
 
