@@ -193,3 +193,33 @@ def test_improvement_rows_of_the_cpu_preset_go_back_to_the_paper_values():
             assert key not in presets["cpu-paper"]
     best = improvement_variants("best")
     assert [v.title for v in best if v.stage1 and "pda" in v.stage1] == ["stage 1 --no-pda (ours)"]
+
+
+def test_reproduce_over_random_tasks_reports_every_task_and_seed(tmp_path, tiny_presets, capsys, monkeypatch):
+    """``--synth-tasks 1,2 --seeds 0,1``: each task gets its own data, checkpoints and report, and the
+    table's mean, worst and per-task columns are those of the four runs' own result files."""
+    code, out, err = run_cli(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "data",
+                             "--synth", "--synth-tasks", "1,2", "--seeds", "0,1", "--synth-counts", "12,3,3",
+                             "--synth-size", "48", "--preset", "tiny", "--run", "t", "--out", tmp_path / "ckpt",
+                             "--report", tmp_path / "report", "--device", "cpu", "--workers", "0", "--no-figures")
+    assert code == 0, err
+    for task in (1, 2):
+        synth = json.loads((tmp_path / "data" / f"task{task}" / "synth.json").read_text())
+        assert synth["task"]["seed"] == task and synth["size"] == 48
+    per_run = {}
+    for task in (1, 2):
+        for seed, sub in ((0, ""), (1, "seed1")):
+            path = tmp_path / "report" / f"task{task}" / sub / "seed_result.json"
+            per_run[(task, seed)] = json.loads(path.read_text())
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    cam = {k: r["stage1_cam"]["test"]["mIoU"] for k, r in per_run.items()}
+    row = report["summary"]["stage-1 CAM (test)"]
+    assert row["mean"] == pytest.approx(sum(cam.values()) / 4)
+    assert row["min"] == pytest.approx(min(cam.values()))
+    fit = report["summary"]["stage-1 label accuracy on its training patches (fit)"]
+    assert fit["min"] == pytest.approx(min(r["stage1_fit"]["label_acc"] for r in per_run.values()))
+    md = (tmp_path / "report" / "report.md").read_text()
+    task1 = (cam[(1, 0)] + cam[(1, 1)]) / 2
+    line = next(line for line in md.splitlines() if line.startswith("| stage-1 CAM (test)"))
+    assert f"{task1:.3f}" in line.split("|")[5]
+    assert "Stage 1 fits its training labels" in md

@@ -64,10 +64,22 @@ def synth(
     pale: Optional[float] = typer.Option(
         None, "--pale", help="Probability that a tissue region is rendered pale, partly above the white-glass "
                              "rule (grey > 200) while still tissue in the masks (default look 0)."),
+    task_seed: Optional[int] = typer.Option(
+        None, "--task-seed", help="A random task: every class gets a new appearance drawn from this seed (nuclear "
+                                  "size, shape and arrangement, fibres, ground texture, debris, stain mix) instead "
+                                  "of the fixed textures; same seed, same task."),
+    difficulty: float = typer.Option(
+        0.5, "--difficulty", help="Of a random task, 0-1: how alike two classes may be, how small a labelled region "
+                                  "and how fine the texture."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm/px of the patches: the tissue is drawn at this pixel size whatever --size is "
+                            "(1.0 = a 224-px patch of the default; --size 112 --mpp 1 is a quarter of its field "
+                            "at the same detail). Default: the patch spans the 224-px field at any size."),
 ) -> None:
     """Generate a synthetic H&E dataset in the LUAD-HistoSeg layout (plus train_gt/ masks) for a dataset spec."""
     from wsss.data.specs import get_spec
     from wsss.data.synth import generate, resolve_look
+    from wsss.data.tasks import check_difficulty, sample_task
 
     from wsss.ownership import owned_folder
 
@@ -75,11 +87,15 @@ def synth(
     appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
     if not force and out.is_dir() and any(out.iterdir()):
         raise WsssError(f"{out} is not empty; pass --force to write into it anyway")
+    check_difficulty(difficulty)
+    if mpp is not None and not 0.05 <= mpp <= 20:
+        raise WsssError(f"--mpp must be between 0.05 and 20 µm/px, not {mpp:g}")
+    task = None if task_seed is None else sample_task(task_seed, spec.num_classes, difficulty)
     settings = {"train": train, "val": val, "test": test, "size": size, "seed": seed, "look": appearance.to_dict(),
-                "spec": spec.name}
+                "spec": spec.name, "task_seed": task_seed, "difficulty": difficulty if task else None, "mpp": mpp}
     with owned_folder(out, "synth", config=settings, force=force):
         summary = generate(out, n_train=train, n_val=val, n_test=test, size=size, seed=seed, workers=workers,
-                           look=appearance, spec=spec)
+                           look=appearance, spec=spec, task=task, mpp=mpp)
     typer.echo(json.dumps({**summary, "spec": spec.name}, indent=2))  # the whole spec is in OUT/synth.json
 
 
@@ -417,6 +433,17 @@ def reproduce(
     synth_look: str = typer.Option(
         "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
                                         "pale tissue; see wsss synth --look)."),
+    synth_task: Optional[int] = typer.Option(
+        None, "--synth-task", help="With --synth: a random synthetic task of this seed (wsss synth --task-seed)."),
+    synth_tasks: Optional[str] = typer.Option(
+        None, "--synth-tasks", help="With --synth: several random tasks, e.g. 1,2,3,4,5; each in DATA/task<K> with its "
+                                    "own checkpoints and report, then one table over every task x seed."),
+    synth_difficulty: float = typer.Option(0.5, "--synth-difficulty", help="Difficulty of the random tasks, 0-1."),
+    synth_size: int = typer.Option(224, "--synth-size", min=32, help="Patch side of the synthetic data."),
+    synth_mpp: Optional[float] = typer.Option(
+        None, "--synth-mpp", help="µm/px of the synthetic patches (wsss synth --mpp)."),
+    synth_counts: Optional[str] = typer.Option(
+        None, "--synth-counts", help="Train, val and test patches of the synthetic data (default 1000,100,100)."),
     transfer: Optional[Path] = typer.Option(
         None, "--transfer", help="Also test each seed's stage 2 (and gate) on this dataset's test split, e.g. "
                                  "synthetic data of another look."),
@@ -435,11 +462,22 @@ def reproduce(
         dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
         preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
-        upper_bound=upper_bound, synth_look=synth_look, transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        upper_bound=upper_bound, synth_look=synth_look, synth_task=synth_task,
+        synth_tasks=_csv(synth_tasks, int, "--synth-tasks") or (), synth_difficulty=synth_difficulty,
+        synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
     typer.echo(f"written: {cfg.report_dir / 'report.md'}, {cfg.report_dir / 'report.json'}")
+
+
+def _synth_counts(text: str | None) -> dict:
+    counts = _csv(text, int, "--synth-counts")
+    if counts is None:
+        return {}
+    if len(counts) != 3 or min(counts) < 1:
+        raise WsssError(f"--synth-counts needs three positive numbers (train,val,test), not {text}")
+    return {"synth_counts": tuple(counts)}
 
 
 @app.command()

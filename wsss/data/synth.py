@@ -35,6 +35,7 @@ from tqdm import tqdm
 from wsss.data.labels import format_label
 from wsss.data.png import write_class_mask, write_mask, write_rgb
 from wsss.data.specs import LUAD, DatasetSpec
+from wsss.data.tasks import Task, render
 from wsss.errors import WsssError
 from wsss.runtime import atomic_path
 
@@ -45,6 +46,8 @@ SUMMARY_NAME = "synth.json"
 """Written last into the output folder: the summary of :func:`generate` (its settings and look)."""
 _SPLIT_KEY = {"train": 0, "val": 1, "test": 2}
 _REF_SIZE = 224.0  # all lengths below are in pixels of a 224-px patch and scale with `size`
+REFERENCE_MPP = 1.0
+"""µm/px of the textures on a 224-px patch (LUAD-HistoSeg's 10×: lymphocyte nuclei about 5 µm across)."""
 
 # Macenko-style reference optical-density vectors (RGB) of haematoxylin and eosin.
 _H_VEC = np.array([0.5626, 0.7201, 0.4062])
@@ -588,12 +591,14 @@ MAX_CLASSES = len(_TEXTURES)
 # --------------------------------------------------------------------------------------------
 
 
-def _layout(rng: np.random.Generator, size: int, num_classes: int = 4, background: int = 4) -> np.ndarray:
+def _layout(rng: np.random.Generator, size: int, num_classes: int = 4, background: int = 4,
+            min_region: float = 0.04) -> np.ndarray:
     """Region mask ``(size, size)`` uint8: 1-3 tissue classes (of ``0..num_classes-1``) and optional
     background (value ``background``).
 
     Voronoi cells of a few random seeds, computed on domain-warped coordinates so that borders
-    are irregular; few seeds keep regions large (typically > 40 px across at 224 px).
+    are irregular; few seeds keep regions large (typically > 40 px across at 224 px): a region under
+    ``min_region`` of the patch is merged into its neighbours.
     """
     k = rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25])
     classes = rng.choice(num_classes, size=min(k, num_classes), replace=False)
@@ -608,7 +613,7 @@ def _layout(rng: np.random.Generator, size: int, num_classes: int = 4, backgroun
     cell = np.argmin(d2, axis=0)
     # drop slivers (seeds near a border or squeezed by neighbours) so regions stay large
     area = np.bincount(cell.ravel(), minlength=len(seed_cls))
-    big = area >= 0.04 * size * size
+    big = area >= min_region * size * size
     if not big.all():
         big[np.argmax(area)] = True
         cell = np.flatnonzero(big)[np.argmin(d2[big], axis=0)]
@@ -637,21 +642,23 @@ def _warp(rng: np.random.Generator, size: int) -> np.ndarray:
     return coarse + 0.025 * size * _smooth_noise(rng, size, 0.06 * size)
 
 
-def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray, look: Look = Look()) -> np.ndarray:
+def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray, look: Look = Look(), hue: float = 0.0,
+           strength: float = 1.0) -> np.ndarray:
     """Beer-Lambert rendering of densities ``h, e`` (H, W) to RGB ``(H, W, 3)`` uint8.
 
     Stain vectors, stain strengths and section thickness vary per patch (like different labs,
     scanners and staining batches); that variation is what makes class mean colours overlap.
-    ``look`` rotates the stain vectors and scales the optical density (:class:`Look`).
+    ``look`` rotates the stain vectors and scales the optical density (:class:`Look`); a random task
+    adds its own ``hue`` (degrees) and ``strength`` (a multiplier of the density).
     """
     size = h.shape[0]
-    h_vec = _unit(_hue_rotate(_H_VEC, look.hue_shift) + rng.normal(0, 0.05, 3)).astype(np.float32)
-    e_vec = _unit(_hue_rotate(_E_VEC, look.hue_shift) + rng.normal(0, 0.05, 3)).astype(np.float32)
+    h_vec = _unit(_hue_rotate(_H_VEC, look.hue_shift + hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
+    e_vec = _unit(_hue_rotate(_E_VEC, look.hue_shift + hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
     thick = 1.0 + 0.08 * _smooth_noise(rng, size, size / 3)
     optics = 0.6 * size / _REF_SIZE  # slight optical blur, applied to densities (it is linear)
     h = ndimage.gaussian_filter(h, optics) * thick * np.float32(rng.uniform(0.7, 1.3))
     e = ndimage.gaussian_filter(e, optics) * thick * np.float32(rng.uniform(0.7, 1.35))
-    od = (h[..., None] * h_vec + e[..., None] * e_vec) * np.float32(look.stain_scale)
+    od = (h[..., None] * h_vec + e[..., None] * e_vec) * np.float32(look.stain_scale * strength)
     rgb = 255.0 * np.exp(-od) + 3.0 * rng.standard_normal(od.shape, dtype=np.float32)
     return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
 
@@ -679,23 +686,34 @@ def _unit(v: np.ndarray) -> np.ndarray:
 
 
 def make_patch(rng: np.random.Generator, size: int, look: Look = Look(),
-               spec: DatasetSpec = LUAD) -> tuple[np.ndarray, np.ndarray]:
+               spec: DatasetSpec = LUAD, task: Task | None = None, zoom: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """One synthetic H&E patch.
 
     Returns ``image`` (size, size, 3) uint8 RGB and ``mask`` (size, size) uint8 with the spec's
-    tissue classes ``0..C-1`` (class ``i`` drawn with texture ``i``: for luad TE, NEC, LYM, TAS) and
-    its background index on white glass. Pure given ``rng``; the default ``look`` draws nothing extra
-    from it, so luad patches are those of earlier versions.
+    tissue classes ``0..C-1`` and its background index on white glass. Class ``i`` is drawn with
+    texture ``i`` (for luad TE, NEC, LYM, TAS), or with the ``i``-th appearance of a random ``task``
+    (:mod:`wsss.data.tasks`). ``zoom`` multiplies every length of the textures on top of the look's
+    (``2`` on a 112-px patch: the tissue at the pixel size of a 224-px patch, a quarter of its field).
+    Pure given ``rng``; the default look and no task draw nothing extra from it, so luad patches are
+    those of earlier versions.
     """
     check_synth_spec(spec)
-    mask = _layout(rng, size, spec.num_classes, spec.background_index)
+    if task is not None and len(task.classes) != spec.num_classes:
+        raise WsssError(f"the task has {len(task.classes)} classes, the {spec.name} spec {spec.num_classes}")
+    mask = _layout(rng, size, spec.num_classes, spec.background_index,
+                   0.04 if task is None else task.min_region)
     h = np.full((size, size), 0.015, np.float32)  # background: near-white glass
     e = np.full((size, size), 0.03, np.float32)
+    scale = look.texture_scale * zoom
     for c in np.unique(mask):
         if c == spec.background_index:
             continue
-        hc, ec = _TEXTURES[c](rng, size, look.texture_scale)
-        gain_h, gain_e = _CLASS_GAIN[int(c)]
+        if task is None:
+            hc, ec = _TEXTURES[c](rng, size, scale)
+            gain_h, gain_e = _CLASS_GAIN[int(c)]
+        else:
+            hc, ec = render(task.classes[int(c)], rng, size, scale)
+            gain_h, gain_e = 1.0, 1.0  # the appearance carries its own stain mix
         jitter = rng.uniform(0.85, 1.15, 2)  # regions within one slide differ a little too
         sel = mask == c
         h[sel] = (hc * gain_h * jitter[0])[sel]
@@ -704,7 +722,9 @@ def make_patch(rng: np.random.Generator, size: int, look: Look = Look(),
             fade = _pale_fade(rng, size)
             h[sel] *= (0.45 + 0.55 * fade)[sel]  # nuclei stay visible: the texture still tells the class
             e[sel] *= fade[sel]
-    return _stain(rng, h, e, look), mask
+    if task is None:
+        return _stain(rng, h, e, look), mask
+    return _stain(rng, h, e, look, task.hue, task.stain), mask
 
 
 def check_synth_spec(spec: DatasetSpec) -> None:
@@ -735,14 +755,15 @@ def patch_rng(seed: int, split: str, index: int) -> np.random.Generator:
 
 
 def labelled_patch(
-    rng: np.random.Generator, size: int, look: Look = Look(), spec: DatasetSpec = LUAD
+    rng: np.random.Generator, size: int, look: Look = Look(), spec: DatasetSpec = LUAD, task: Task | None = None,
+    zoom: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
     """:func:`make_patch` redrawn until at least one tissue class covers >= 2 % of the patch.
 
     Returns ``image`` (size, size, 3) uint8, ``mask`` (size, size) uint8 and its label.
     """
     while True:
-        image, mask = make_patch(rng, size, look, spec)
+        image, mask = make_patch(rng, size, look, spec, task, zoom)
         label = patch_label(mask, spec.num_classes)
         if any(label):
             return image, mask, label
@@ -756,13 +777,14 @@ def patch_name(split: str, index: int, label: tuple[int, ...] | None) -> str:
     return f"synth-{split}-{index:06d}.png"
 
 
-def _write_one(task: tuple[Path, str, int, int, int, Look, DatasetSpec]) -> tuple[str, str, tuple[int, ...]]:
+def _write_one(job: tuple[Path, str, int, int, int, Look, DatasetSpec, Task | None, float]
+               ) -> tuple[str, str, tuple[int, ...]]:
     """Make and write patch ``index`` of ``split``; returns ``(split, name, label)``. Runs in workers.
 
     Evaluation masks are written in the spec's mask encoding; the true training masks (``train_gt``,
     read like pseudo-masks) are always palette PNGs."""
-    out, split, index, size, seed, look, spec = task
-    image, mask, label = labelled_patch(patch_rng(seed, split, index), size, look, spec)
+    out, split, index, size, seed, look, spec, task, zoom = job
+    image, mask, label = labelled_patch(patch_rng(seed, split, index), size, look, spec, task, zoom)
     name = patch_name(split, index, None if spec.labels_csv else label)
     if split == "train":
         write_rgb(out / "train" / name, image)
@@ -810,13 +832,20 @@ def generate(
     progress: bool = True,
     look: Look = Look(),
     spec: DatasetSpec = LUAD,
+    task: Task | None = None,
+    mpp: float | None = None,
 ) -> dict:
     """Write a synthetic LUAD-HistoSeg-style data set of the classes of ``spec`` under ``out`` (layout
     in the module doc); when the spec names a label CSV, the training labels go there (its path under
     ``out``) instead of into the file names.
 
-    Output is byte-identical for a given ``seed``, ``size``, ``look`` and spec whatever ``workers``
-    is. Returns a summary: patch counts per split, the spec and look, per-class label counts and
+    ``task``: a random task's appearances instead of the fixed textures (:mod:`wsss.data.tasks`).
+    ``mpp``: the patches' µm/px, the tissue drawn at that pixel size whatever ``size`` is (the
+    generator's textures are at :data:`REFERENCE_MPP` on a 224-px patch); None: the patch spans the
+    224-px field whatever its size (a smaller patch is a coarser rendering of it).
+
+    Output is byte-identical for a given ``seed``, ``size``, ``look``, task, mpp and spec whatever
+    ``workers`` is. Returns a summary: patch counts per split, the spec and look, per-class label counts and
     frequencies over the training split, and the wall time in seconds.
     """
     if min(n_train, n_val, n_test) < 0 or size < 16:
@@ -826,11 +855,12 @@ def generate(
     out = Path(out)
     _prepare_dirs(out)
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    tasks = [(out, sp, i, size, seed, look, spec) for sp in SPLITS for i in range(counts[sp])]
+    zoom = 1.0 if mpp is None else _REF_SIZE / size * REFERENCE_MPP / mpp
+    jobs = [(out, sp, i, size, seed, look, spec, task, zoom) for sp in SPLITS for i in range(counts[sp])]
     label_counts = np.zeros(spec.num_classes, np.int64)
     train_labels: dict[str, tuple[int, ...]] = {}
-    with tqdm(total=len(tasks), desc="synth", unit="patch", disable=not progress) as bar:
-        for split, name, label in _run_tasks(tasks, workers):
+    with tqdm(total=len(jobs), desc="synth", unit="patch", disable=not progress) as bar:
+        for split, name, label in _run_jobs(jobs, workers):
             if split == "train":
                 label_counts += label
                 train_labels[name] = label
@@ -838,7 +868,7 @@ def generate(
     if spec.labels_csv:
         _write_label_csv(spec.labels_csv_path(out), train_labels, spec)
     seconds = time.perf_counter() - start
-    log.info("wrote %d synthetic patches to %s in %.1f s", len(tasks), out, seconds)
+    log.info("wrote %d synthetic patches to %s in %.1f s", len(jobs), out, seconds)
     summary = {
         "out": str(out),
         "size": size,
@@ -846,6 +876,9 @@ def generate(
         "counts": counts,
         "spec": spec.to_dict(),
         "look": look.to_dict(),
+        # the µm/px of the tissue as drawn (the reference scale over the zooms of the look and of mpp)
+        "mpp": round(REFERENCE_MPP * _REF_SIZE / size / (zoom * look.texture_scale), 6),
+        "task": None if task is None else task.to_dict(),
         "train_label_counts": dict(zip(spec.classes, label_counts.tolist())),
         "train_label_freq": dict(zip(spec.classes, (label_counts / max(n_train, 1)).tolist())),
         "seconds": round(seconds, 2),
@@ -863,10 +896,10 @@ def _write_label_csv(path: Path, labels: dict[str, tuple[int, ...]], spec: Datas
         tmp.write_text("\n".join(lines) + "\n")
 
 
-def _run_tasks(tasks: list, workers: int) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+def _run_jobs(jobs: list, workers: int) -> Iterator[tuple[str, str, tuple[int, ...]]]:
     """Yield :func:`_write_one` results, in a process pool when ``workers > 1``."""
-    if workers <= 1 or len(tasks) < 2:
-        yield from map(_write_one, tasks)
+    if workers <= 1 or len(jobs) < 2:
+        yield from map(_write_one, jobs)
         return
     with multiprocessing.Pool(workers) as pool:
-        yield from pool.imap_unordered(_write_one, tasks, chunksize=8)
+        yield from pool.imap_unordered(_write_one, jobs, chunksize=8)

@@ -45,6 +45,7 @@ from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
 from wsss.runtime import atomic_path, continue_with_same_command, note_saved
+from wsss.stages.stage1 import FIT_LABEL_ACC
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,11 @@ class ReproduceConfig:
     synth: bool = False  # generate the synthetic dataset into DATA first (skipped when it is there)
     synth_counts: tuple[int, int, int] = (1000, 100, 100)
     synth_look: str = "default"  # the look of the synthetic data (wsss.data.synth.LOOKS)
+    synth_task: int | None = None  # a random synthetic task (wsss.data.tasks) instead of the fixed textures
+    synth_tasks: tuple[int, ...] = ()  # several: one run per task in DATA/task<K>, results over all of them
+    synth_difficulty: float = 0.5
+    synth_size: int = 224  # patch side of the synthetic data
+    synth_mpp: float | None = None  # its µm/px (None: the 224-px field at any size)
     transfer: Path | None = None  # also test each seed's stage 2 on this dataset's test split
     stage1_init: Path | None = None
     stage2_init: Path | None = None
@@ -89,6 +95,15 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         check_gate_options(self.gate_mode, 0.1)
         resolve_look(self.synth_look)
+        from wsss.data.tasks import check_difficulty
+
+        check_difficulty(self.synth_difficulty)
+        tasks = tuple(int(t) for t in self.synth_tasks)
+        if len(set(tasks)) != len(tasks) or any(t < 0 for t in tasks):
+            raise WsssError(f"--synth-tasks needs distinct non-negative task seeds, not {','.join(map(str, tasks))}")
+        if tasks and not self.synth:
+            raise WsssError("--synth-tasks generates the tasks' data: it needs --synth")
+        object.__setattr__(self, "synth_tasks", tasks)
         seeds = tuple(int(s) for s in self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
@@ -114,11 +129,27 @@ class ReproduceConfig:
         return {"dataset": spec.name, "classes": list(spec.classes), "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
                 "gate_mode": self.gate_mode,
-                "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None}
+                "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None,
+                "synth_data": self._synth_signature()}
+
+    def _synth_signature(self) -> dict | None:
+        """What the generated data depends on beyond its look (None: the default synthetic data)."""
+        if not self.synth:
+            return None
+        sig = {"task": self.synth_task, "difficulty": self.synth_difficulty if self.synth_task is not None else None,
+               "size": self.synth_size, "mpp": self.synth_mpp, "tasks": list(self.synth_tasks) or None}
+        return None if sig == {"task": None, "difficulty": None, "size": 224, "mpp": None, "tasks": None} else sig
+
+    def task_config(self, task: int) -> "ReproduceConfig":
+        """The run of one task of ``synth_tasks``: its data, checkpoints and report in ``task<K>`` folders."""
+        name = f"task{task}"
+        return dataclasses.replace(self, synth_tasks=(), synth_task=task, data=Path(self.data) / name,
+                                   out=self.out_dir / name, report=self.report_dir / name, run=f"{self.run}-{name}",
+                                   figures=False)
 
 
 # Keys added to the signature after the first release, with the value older progress files meant.
-_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None}
+_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None, "synth_data": None}
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -264,9 +295,14 @@ def ablation_variants(preset: str | None) -> list[Variant]:
 def _synth(cfg: ReproduceConfig) -> dict:
     from wsss.data.synth import generate
 
+    from wsss.data.tasks import sample_task
+
     n_train, n_val, n_test = cfg.synth_counts
-    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, workers=max(1, os.cpu_count() or 1),
-             look=resolve_look(cfg.synth_look), spec=get_spec(cfg.dataset))
+    spec = get_spec(cfg.dataset)
+    task = None if cfg.synth_task is None else sample_task(cfg.synth_task, spec.num_classes, cfg.synth_difficulty)
+    generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, size=cfg.synth_size,
+             workers=max(1, os.cpu_count() or 1), look=resolve_look(cfg.synth_look), spec=spec, task=task,
+             mpp=cfg.synth_mpp)
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
@@ -297,7 +333,7 @@ def _stage1(s1: Stage1Config, force: bool) -> dict:
     from wsss.stages.stage1 import train
 
     summary = train(s1, resume=not force, force=force)
-    return {"cam": summary.get("cam_metrics"), "checkpoint": summary["checkpoint"]}
+    return {"cam": summary.get("cam_metrics"), "checkpoint": summary["checkpoint"], "fit": summary.get("fit")}
 
 
 def _pseudo_masks(pm) -> dict:
@@ -406,6 +442,7 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
     result = {
         "seed": seed,
         "stage1_cam": stage1["cam"],
+        "stage1_fit": stage1.get("fit"),
         "pseudo_masks": pm_eval,
         "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"]},
         "stage2_val_best": stage2.get("val_best"),
@@ -482,6 +519,8 @@ def _row(result: dict) -> dict:
 
 def run(cfg: ReproduceConfig) -> dict:
     """Run (or continue) the pipeline for every seed; returns the report (also written as JSON and Markdown)."""
+    if cfg.synth_tasks:
+        return run_tasks(cfg)
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
@@ -544,12 +583,95 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
     return result
 
 
+# --------------------------------------------------------------------------- random tasks
+
+
+def run_tasks(cfg: ReproduceConfig) -> dict:
+    """``--synth-tasks``: the pipeline on every random task (each its own dataset, checkpoints and
+    report under ``task<K>``, all seeds), then one table over every task × seed run (mean, worst,
+    best of each row, and each task's mean over the seeds) in ``REPORT/report.md`` and ``.json``."""
+    started = time.perf_counter()
+    spec = get_spec(cfg.dataset, cfg.labels_csv)
+    with owned_folder(cfg.report_dir, "reproduce", force=cfg.force, option="--report", config=cfg.signature()) as owner:
+        owner.claim([cfg.report_dir / "report.json", cfg.report_dir / "report.md"])
+        for task in cfg.synth_tasks:
+            log.info("=== task %d", task)
+            run(cfg.task_config(task))
+        return _task_report(cfg, spec, started)
+
+
+def _task_report(cfg: ReproduceConfig, spec: DatasetSpec, started: float) -> dict:
+    runs = []
+    for task in cfg.synth_tasks:
+        sub = cfg.task_config(task)
+        for seed in cfg.seeds:
+            result = json.loads((sub.seed_dirs(seed)[1] / SEED_RESULT).read_text())
+            runs.append({**result, "seed": f"{task}/{seed}", "task": task})
+    report = cfg.report_dir
+    result = {
+        "dataset": spec.name, "run": cfg.run, "data": str(cfg.data), "preset": cfg.preset, "gate_mode": cfg.gate_mode,
+        "classes": list(spec.classes), "tasks": list(cfg.synth_tasks), "seeds": list(cfg.seeds),
+        "difficulty": cfg.synth_difficulty, "size": cfg.synth_size, "mpp": cfg.synth_mpp,
+        "summary": aggregate([_with_gap(r) for r in runs]),
+        "fits": [{"task": r["task"], "seed": r["seed"], **(r.get("stage1_fit") or {})} for r in runs],
+        "wall_seconds_this_call": round(time.perf_counter() - started, 1), "machine": machine(),
+    }
+    write_json(report / "report.json", result)
+    with atomic_path(report / "report.md") as tmp:
+        tmp.write_text(format_task_report(result))
+    return result
+
+
+def _with_gap(result: dict) -> dict:
+    """A seed result with the gap of stage 2 + gate to its upper bound (+ gate) as an extra row."""
+    gap = None
+    if result.get("upper_bound") and result["stage2"].get("test_gate"):
+        upper, ours = _miou(result["upper_bound"].get("test_gate")), _miou(result["stage2"]["test_gate"])
+        if upper is not None and ours is not None:
+            gap = upper - ours
+    return {**result, "gap": gap}
+
+
+def format_task_report(r: dict) -> str:
+    """The table of a ``--synth-tasks`` run: each row's mean, worst and best over every task × seed,
+    then each task's mean over the seeds."""
+    tasks, seeds = r["tasks"], r["seeds"]
+    lines = [f"# Results over random synthetic tasks ({r['dataset']} classes, preset {r['preset'] or 'paper'}, "
+             f"gate {r['gate_mode']}, difficulty {r['difficulty']:g}, {r['size']} px"
+             + (f" at {r['mpp']:g} µm/px" if r.get("mpp") else "") + ")", "",
+             f"Tasks {', '.join(map(str, tasks))} × training seeds {', '.join(map(str, seeds))} "
+             f"({len(tasks) * len(seeds)} runs). Worst: the lowest value (for the gap, the largest).", "",
+             "| result | mean | worst | best | " + " | ".join(f"task {t}" for t in tasks) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(tasks)]
+    for name, row in r["summary"].items():
+        per_task = []
+        for t in tasks:
+            values = [v for k, v in row["per_seed"].items() if k.split("/")[0] == str(t) and v is not None
+                      and math.isfinite(v)]
+            per_task.append(sum(values) / len(values) if values else None)
+        worst, best = (row["max"], row["min"]) if name == GAP_ROW else (row["min"], row["max"])
+        lines.append(f"| {name} | {_f(row['mean'])} | {_f(worst)} | {_f(best)} | "
+                     + " | ".join(_f(v) for v in per_task) + " |")
+    unfit = [f for f in r["fits"] if f.get("fits") is False]
+    lines += ["", f"Stage 1 fits its training labels (label accuracy ≥ {FIT_LABEL_ACC:g}) in "
+              f"{len(r['fits']) - len(unfit)} of {len(r['fits'])} runs"
+              + ("." if not unfit else ": not in " + ", ".join(f"task/seed {f['seed']} ({f['label_acc']:.3f})"
+                                                                for f in unfit) + ".")]
+    m = r["machine"]
+    lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- seed sweeps
 
 
 def result_rows(result: dict) -> dict[str, float | None]:
     """The mIoU rows of one seed's result (``seed_result.json``), in report order."""
-    rows: dict[str, float | None] = {"stage-1 CAM (test)": _miou((result.get("stage1_cam") or {}).get("test"))}
+    rows: dict[str, float | None] = {}
+    if result.get("stage1_fit"):
+        rows[FIT_ROW] = result["stage1_fit"]["label_acc"]
+    rows["stage-1 CAM (test)"] = _miou((result.get("stage1_cam") or {}).get("test"))
     for layer, metrics in (result.get("pseudo_masks") or {}).items():
         rows[f"pseudo-mask {layer} (train vs train_gt)"] = _miou(metrics)
     rows["stage 2 (test)"] = _miou(result["stage2"]["test"])
@@ -561,6 +683,8 @@ def result_rows(result: dict) -> dict[str, float | None]:
         name = Path(result["transfer"]["data"]).name
         rows[f"stage 2 tested on {name}"] = _miou(result["transfer"]["test"])
         rows[f"stage 2 + gate tested on {name}"] = _miou(result["transfer"]["test_gate"])
+    if result.get("gap") is not None:
+        rows[GAP_ROW] = result["gap"]
     for name, row in (result.get("ablations") or {}).items():
         if name == "full method":
             continue
@@ -569,6 +693,10 @@ def result_rows(result: dict) -> dict[str, float | None]:
             if value is not None:
                 rows[f"ablation {name}: {part}"] = value
     return rows
+
+
+FIT_ROW = "stage-1 label accuracy on its training patches (fit)"
+GAP_ROW = "gap: upper bound + gate − stage 2 + gate"
 
 
 def aggregate(results: Sequence[dict]) -> dict[str, dict]:
@@ -609,6 +737,8 @@ def _f(v: float | None) -> str:
 
 def format_report(r: dict) -> str:
     """The results as Markdown (also readable as plain text in a terminal)."""
+    if "tasks" in r:
+        return format_task_report(r)
     seeds = r.get("seeds") or [0]
     title = f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'}"
     title += f", gate {r.get('gate_mode', 'mask')}"

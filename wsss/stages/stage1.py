@@ -263,13 +263,55 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
         final_epoch = cfg.epochs - 1
-        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch))
+        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device)
+        report_fit(fit)
+        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, fit=fit))
         note_saved(f"training finished ({paths.checkpoint} saved); the CAM evaluation was cut short", True)
         if cfg.eval_splits:
             summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics)
         if writer is not None:
             writer.close()
     return summary
+
+
+FIT_LABEL_ACC = 0.95
+"""A stage-1 classifier whose label accuracy on its own training patches (eval mode, no
+augmentation) ends below this has not fitted its labels, and its CAMs are poor: the run says so."""
+
+
+@torch.no_grad()
+def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: torch.device,
+                 batch_size: int = 32) -> dict:
+    """How well the trained classifier fits its training labels: label accuracy (right label bits)
+    and exact match (all labels of a patch right) over the training patches, as they are (eval mode,
+    no augmentation), per class too; ``fits`` compares the label accuracy with :data:`FIT_LABEL_ACC`."""
+    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers)
+    model.eval()
+    right_bits, exact, n = None, 0, 0
+    for x, y, _ in _progress(loader, True, desc="stage1 fit", leave=False):
+        with autocast(device, cfg.amp):
+            logits = model(x.to(device))
+        right = ((logits.float() > 0).cpu().float() == y)
+        right_bits = right.sum(0) if right_bits is None else right_bits + right.sum(0)
+        exact += int(right.all(dim=1).sum())
+        n += x.shape[0]
+    per_class = (right_bits / max(n, 1)).tolist()
+    label_acc = sum(per_class) / len(per_class)
+    return {"label_acc": round(label_acc, 4), "exact_match": round(exact / max(n, 1), 4),
+            "per_class_acc": [round(a, 4) for a in per_class], "threshold": FIT_LABEL_ACC,
+            "fits": label_acc >= FIT_LABEL_ACC}
+
+
+def report_fit(fit: dict) -> None:
+    """One line: how well stage 1 fits its training labels, and what to try when it does not."""
+    if fit["fits"]:
+        log.info("stage 1 fits its training labels: label accuracy %.3f, exact match %.3f",
+                 fit["label_acc"], fit["exact_match"])
+        return
+    log.warning("warning: stage 1 does not fit its training labels (label accuracy %.3f < %.2f, exact match %.3f): "
+                "its CAMs and pseudo-masks will be poor; try more --epochs, a larger --width, the patches' own "
+                "--image-size, or another --seed", fit["label_acc"], fit["threshold"], fit["exact_match"])
 
 
 def _log_epoch(writer, epoch, cfg, stats: EpochStats, gamma, optimizer) -> None:
