@@ -1,7 +1,9 @@
-"""Run the CLI in-process the way a shell would: exit code, stdout, stderr."""
+"""Shared test helpers: run the CLI in-process the way a shell would (exit code, stdout, stderr), a
+predictor that stops a run, the pid of a process that no longer runs."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from typing import Callable
 
@@ -52,3 +54,10 @@ def spy_on_models(monkeypatch: pytest.MonkeyPatch, module) -> tuple[list[Interru
         monkeypatch.setattr(module, "load_models", patched)
 
     return spies, arm
+
+
+def dead_pid() -> int:
+    """The pid of a process that has finished (what a lock left by a killed run names)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

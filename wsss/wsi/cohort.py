@@ -8,7 +8,7 @@ list in the same order and takes every ``count``-th slide from its own index: th
 combine the shard of an array job (``--shard I/N``, or ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``) with the rank of a torchrun job (``RANK`` / ``WORLD_SIZE``; its
 ``LOCAL_RANK`` picks the GPU). The processes never talk to each other: each works on its own
-slides and locks each slide it works on (:mod:`wsss.wsi.locks`), so that two runs given
+slides and locks each slide it works on (:mod:`wsss.locks`), so that two runs given
 overlapping slides cannot segment one slide twice.
 
 Outputs in ``OUT/<name>/`` per slide (see :mod:`wsss.wsi.predict_wsi`), plus the cohort table:
@@ -34,7 +34,7 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.inference import load_models
 from wsss.runtime import atomic_path
-from wsss.wsi.locks import LockHeld, acquire
+from wsss.locks import LockHeld, acquire
 from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, run_slide, slide_name
 
 log = logging.getLogger(__name__)
