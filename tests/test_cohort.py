@@ -189,7 +189,7 @@ def test_one_run_two_shards_and_two_torchrun_ranks_give_the_same_cohort_table(
             for cls, entry in summary["classes"].items():  # 192 × 128 px of 0.25 µm² each
                 assert float(row[f"{cls}_um2"]) == pytest.approx(entry["pixels"] * 0.25, abs=1e-3)
                 assert float(row[f"{cls}_fraction"]) == pytest.approx(entry["pixels"] / (192 * 128), abs=1e-6)
-            assert sorted(p.name for p in (tmp_path / "one" / name).iterdir()) == sorted(
+            assert sorted(p.name for p in (tmp_path / "one" / name).iterdir() if not p.name.startswith(".")) == sorted(
                 [f"{name}.geojson", f"{name}_mask.png", f"{name}_overlay.png", f"{name}_summary.json"])
     assert "holds no image" in table[3]["error"]
 
@@ -216,7 +216,7 @@ def test_one_run_two_shards_and_two_torchrun_ranks_give_the_same_cohort_table(
     assert [r["slide"] for r in parts[0]] == _slides(cohort_dir)[0::2]
     assert [r["slide"] for r in parts[1]] == _slides(cohort_dir)[1::2]
     assert _table(shards / "cohort.csv") == table
-    assert not list(shards.glob("*/lock.json")) and not list(shards.glob(".cohort-merge.lock"))
+    assert not list(shards.glob("*/.wsss-lock*")) and not list(shards.glob(".cohort-merge.lock"))
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
 
@@ -285,7 +285,7 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
     assert code == 130
     assert json.loads((out / "b" / "b_partial" / "state.json").read_text())["rows_done"] == 1
     # what a SIGKILL leaves behind: the lock of a process that no longer runs, on this host
-    (out / "b" / "lock.json").write_text(json.dumps({"host": K.HOST, "pid": dead_pid(), "proc_start": None}))
+    (out / "b" / ".wsss-lock.b").write_text(json.dumps({"host": K.HOST, "pid": dead_pid(), "proc_start": None}))
     spy_load(None)
     code, stdout, _ = run_cli(capsys, monkeypatch, *_args(slides, ckpt, out, "--min-tissue", 0))
     assert code == 0 and "3 slides: 3 done, 0 failed" in stdout
@@ -298,7 +298,7 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
         for s in summaries:
             del s["seconds"]
         assert summaries[0] == summaries[1]
-        assert not (out / name / "lock.json").exists()
+        assert not (out / name / f".wsss-lock.{name}").exists()
     assert _table(out / "cohort.csv") == _table(tmp_path / "once" / "cohort.csv")
     # run again: everything finished, nothing segmented
     spy_load(None)
@@ -313,9 +313,9 @@ def test_a_slide_locked_by_a_live_process_is_left_alone(cohort_dir, ckpt, tmp_pa
     out = tmp_path / "out"
     elsewhere = {"host": "node-17", "pid": 4242, "since": "2026-01-01 00:00:00"}
     (out / "a").mkdir(parents=True)
-    (out / "a" / "lock.json").write_text(json.dumps(elsewhere))
+    (out / "a" / ".wsss-lock.a").write_text(json.dumps(elsewhere))
     code, stdout, err = run_cli(capsys, monkeypatch, *_args([cohort_dir / "a.tif", cohort_dir / "b.tif"], ckpt, out))
     assert code == 0 and "2 slides: 1 done, 0 failed, 1 locked by other processes" in stdout
     assert "a.tif: locked: " in err and "pid 4242 on node-17" in err and "another host" in err
-    assert str(out / "a" / "lock.json") in err and not (out / "a" / "a_summary.json").exists()
-    assert json.loads((out / "a" / "lock.json").read_text()) == elsewhere
+    assert str(out / "a" / ".wsss-lock.a") in err and not (out / "a" / "a_summary.json").exists()
+    assert json.loads((out / "a" / ".wsss-lock.a").read_text()) == elsewhere

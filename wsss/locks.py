@@ -251,7 +251,8 @@ def held_message(path: Path, what: str, holder: Mapping, state: bool | None, adv
     if holder.get("host"):
         return (f"{what} is locked by {describe(holder)}, another host: whether that process still runs cannot "
                 f"be checked from {HOST}; if it is gone, delete {path}")
-    return f"{what} is locked by {path}, which names no process this machine can check; if no run is going on, delete it"
+    return (f"{what} is locked by {path}, which names no process this machine can check; if no run is going on, "
+            "delete it")
 
 
 __all__ = ["HOST", "Lock", "LockHeld", "acquire", "alive", "describe", "held_message", "identity", "process_start",
