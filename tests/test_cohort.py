@@ -309,6 +309,45 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
     assert spies[-1].calls > 0
 
 
+def test_a_slide_whose_outputs_are_the_users_fails_and_the_others_go_on(cohort_dir, ckpt, tmp_path, capsys,
+                                                                        monkeypatch):
+    spies, spy_load = spy_on_models(monkeypatch, C)
+    out = tmp_path / "out"
+    mine = out / "a" / "a_overlay.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's own overlay")
+    slides = [cohort_dir / f"{n}.tif" for n in "ab"]
+    args = _args(slides, ckpt, out, "--min-tissue", 0)
+    spy_load(None)
+    code, stdout, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 1 and "2 slides: 1 done, 1 failed" in stdout and "error:" not in err
+    rows = {Path(r["slide"]).stem: r for r in _table(out / "cohort.csv")}
+    assert rows["a"]["status"] == "failed" and rows["b"]["status"] == "done"
+    assert f"{mine} exists and was not written by wsss" in rows["a"]["error"] and "--force" in rows["a"]["error"]
+    assert mine.read_bytes() == b"the user's own overlay"
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["a_overlay.png"]  # nothing else written, unlocked
+    assert spies[-1].calls == 6  # slide b's 6 passes (4 windows a row, 3 rows, batches of 3): none for a
+
+    # slide b's folder: its manifest records what it wrote, as it is on disk
+    lines = [json.loads(line) for line in (out / "b" / ".wsss-manifest.jsonl").read_text().splitlines()]
+    files = {line["file"]: line for line in lines if "file" in line}
+    assert sorted(files) == ["b.geojson", "b_mask.png", "b_overlay.png", "b_summary.json"]
+    for name, record in files.items():
+        st = (out / "b" / name).stat()
+        assert (record["size"], record["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+
+    # --force replaces the user's file (b is finished: skipped)
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--force")
+    assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and spies[-1].calls == 6
+    assert mine.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # other options, without --force: every output is one wsss wrote, both slides are segmented again
+    segmented = []
+    run_slide = C.run_slide
+    monkeypatch.setattr(C, "run_slide", lambda job, *a, **k: segmented.append(job.name) or run_slide(job, *a, **k))
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8)
+    assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and segmented == ["a", "b"]
+
+
 def test_a_slide_locked_by_a_live_process_is_left_alone(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     elsewhere = {"host": "node-17", "pid": 4242, "since": "2026-01-01 00:00:00"}
