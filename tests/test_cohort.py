@@ -1,6 +1,6 @@
 """`wsss predict-wsi` on cohorts: slide lists, manifests and bad inputs; per-slide failures recorded;
 sharding across --shard jobs and torchrun ranks (every slide exactly once, the same table); resume
-after a kill mid-slide (byte-identical outputs); lock files; `wsss cohort-summary`.
+after a kill mid-slide (byte-identical outputs); slide locks; `wsss cohort-summary`.
 
 Slides are tiny tiled TIFFs written here (192 × 128 px, 0.5 µm/px, tissue in a different place in
 each); the model is an untrained tiny DeepLab "trained at 32 px", so 64-px windows are halved.
@@ -20,7 +20,7 @@ import pytest
 import tifffile
 import torch
 
-from cli_helpers import run_cli, spy_on_models
+from cli_helpers import dead_pid, run_cli, spy_on_models
 from wsss.config import Stage2Config
 from wsss.data.specs import LUAD
 from wsss.errors import WsssError
@@ -28,7 +28,7 @@ from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.runtime import save_checkpoint
 from wsss.stages import stage2
 from wsss.wsi import cohort as C
-from wsss.wsi import locks as K
+from wsss import locks as K
 
 TILE, OVERLAP = 64, 16  # 192 × 128: window columns 0, 48, 96, 128; rows 0, 48, 64 (12 windows)
 SEED_OF = {"a": 1, "b": 2, "c": 3, "e": 5, "f": 6}  # "d" is the corrupt one
@@ -189,7 +189,7 @@ def test_one_run_two_shards_and_two_torchrun_ranks_give_the_same_cohort_table(
             for cls, entry in summary["classes"].items():  # 192 × 128 px of 0.25 µm² each
                 assert float(row[f"{cls}_um2"]) == pytest.approx(entry["pixels"] * 0.25, abs=1e-3)
                 assert float(row[f"{cls}_fraction"]) == pytest.approx(entry["pixels"] / (192 * 128), abs=1e-6)
-            assert sorted(p.name for p in (tmp_path / "one" / name).iterdir()) == sorted(
+            assert sorted(p.name for p in (tmp_path / "one" / name).iterdir() if not p.name.startswith(".")) == sorted(
                 [f"{name}.geojson", f"{name}_mask.png", f"{name}_overlay.png", f"{name}_summary.json"])
     assert "holds no image" in table[3]["error"]
 
@@ -216,7 +216,7 @@ def test_one_run_two_shards_and_two_torchrun_ranks_give_the_same_cohort_table(
     assert [r["slide"] for r in parts[0]] == _slides(cohort_dir)[0::2]
     assert [r["slide"] for r in parts[1]] == _slides(cohort_dir)[1::2]
     assert _table(shards / "cohort.csv") == table
-    assert not list(shards.glob("*/lock.json")) and not list(shards.glob(".cohort-merge.lock"))
+    assert not list(shards.glob("*/.wsss-lock*")) and not list(shards.glob(".cohort-merge.lock"))
     monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
     monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
 
@@ -271,12 +271,6 @@ def test_slides_that_fail_are_recorded_and_the_others_done(ckpt, tmp_path, capsy
     assert summary["mpp"] == [1.0, 1.0] and summary["size"] == [96, 64]  # level 0 at 0.5 µm/px, halved
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
 def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
     spies, spy_load = spy_on_models(monkeypatch, C)
 
@@ -291,7 +285,7 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
     assert code == 130
     assert json.loads((out / "b" / "b_partial" / "state.json").read_text())["rows_done"] == 1
     # what a SIGKILL leaves behind: the lock of a process that no longer runs, on this host
-    (out / "b" / "lock.json").write_text(json.dumps({"host": K.HOST, "pid": _dead_pid(), "start": None}))
+    (out / "b" / ".wsss-lock.b").write_text(json.dumps({"host": K.HOST, "pid": dead_pid(), "proc_start": None}))
     spy_load(None)
     code, stdout, _ = run_cli(capsys, monkeypatch, *_args(slides, ckpt, out, "--min-tissue", 0))
     assert code == 0 and "3 slides: 3 done, 0 failed" in stdout
@@ -304,7 +298,7 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
         for s in summaries:
             del s["seconds"]
         assert summaries[0] == summaries[1]
-        assert not (out / name / "lock.json").exists()
+        assert not (out / name / f".wsss-lock.{name}").exists()
     assert _table(out / "cohort.csv") == _table(tmp_path / "once" / "cohort.csv")
     # run again: everything finished, nothing segmented
     spy_load(None)
@@ -315,41 +309,52 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
     assert spies[-1].calls > 0
 
 
+def test_a_slide_whose_outputs_are_the_users_fails_and_the_others_go_on(cohort_dir, ckpt, tmp_path, capsys,
+                                                                        monkeypatch):
+    spies, spy_load = spy_on_models(monkeypatch, C)
+    out = tmp_path / "out"
+    mine = out / "a" / "a_overlay.png"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"the user's own overlay")
+    slides = [cohort_dir / f"{n}.tif" for n in "ab"]
+    args = _args(slides, ckpt, out, "--min-tissue", 0)
+    spy_load(None)
+    code, stdout, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 1 and "2 slides: 1 done, 1 failed" in stdout and "error:" not in err
+    rows = {Path(r["slide"]).stem: r for r in _table(out / "cohort.csv")}
+    assert rows["a"]["status"] == "failed" and rows["b"]["status"] == "done"
+    assert f"{mine} exists and was not written by wsss" in rows["a"]["error"] and "--force" in rows["a"]["error"]
+    assert mine.read_bytes() == b"the user's own overlay"
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["a_overlay.png"]  # nothing else written, unlocked
+    assert spies[-1].calls == 6  # slide b's 6 passes (4 windows a row, 3 rows, batches of 3): none for a
+
+    # slide b's folder: its manifest records what it wrote, as it is on disk
+    lines = [json.loads(line) for line in (out / "b" / ".wsss-manifest.jsonl").read_text().splitlines()]
+    files = {line["file"]: line for line in lines if "file" in line}
+    assert sorted(files) == ["b.geojson", "b_mask.png", "b_overlay.png", "b_summary.json"]
+    for name, record in files.items():
+        st = (out / "b" / name).stat()
+        assert (record["size"], record["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+
+    # --force replaces the user's file (b is finished: skipped)
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--force")
+    assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and spies[-1].calls == 6
+    assert mine.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # other options, without --force: every output is one wsss wrote, both slides are segmented again
+    segmented = []
+    run_slide = C.run_slide
+    monkeypatch.setattr(C, "run_slide", lambda job, *a, **k: segmented.append(job.name) or run_slide(job, *a, **k))
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8)
+    assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and segmented == ["a", "b"]
+
+
 def test_a_slide_locked_by_a_live_process_is_left_alone(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     elsewhere = {"host": "node-17", "pid": 4242, "since": "2026-01-01 00:00:00"}
     (out / "a").mkdir(parents=True)
-    (out / "a" / "lock.json").write_text(json.dumps(elsewhere))
+    (out / "a" / ".wsss-lock.a").write_text(json.dumps(elsewhere))
     code, stdout, err = run_cli(capsys, monkeypatch, *_args([cohort_dir / "a.tif", cohort_dir / "b.tif"], ckpt, out))
     assert code == 0 and "2 slides: 1 done, 0 failed, 1 locked by other processes" in stdout
     assert "a.tif: locked: " in err and "pid 4242 on node-17" in err and "another host" in err
-    assert str(out / "a" / "lock.json") in err and not (out / "a" / "a_summary.json").exists()
-    assert json.loads((out / "a" / "lock.json").read_text()) == elsewhere
-
-
-# --------------------------------------------------------------------------- locks
-
-
-def test_locks_exclude_break_stale_ones_and_cannot_check_other_hosts(tmp_path):
-    path = tmp_path / "x" / "lock.json"
-    with K.acquire(path, "slide x", shard="0/1") as lock:
-        owner = json.loads(path.read_text())
-        assert owner == lock.owner and owner["pid"] == os.getpid() and owner["host"] == K.HOST
-        assert owner["shard"] == "0/1"
-        with pytest.raises(K.LockHeld, match=rf"slide x is being processed by pid {os.getpid()} on "):
-            K.acquire(path, "slide x")  # held by a live process (this one)
-    assert not path.exists()
-    # a dead process's lock, and a lock whose pid now belongs to another process (a reused pid)
-    for stale in ({"host": K.HOST, "pid": _dead_pid(), "start": None},
-                  {"host": K.HOST, "pid": os.getpid(), "start": (K.process_start(os.getpid()) or 0) + 1}):
-        if stale["start"] == 1 and K.process_start(os.getpid()) is None:
-            continue  # no /proc: start times cannot be compared
-        path.write_text(json.dumps(stale))
-        assert K.is_stale(stale)
-        with K.acquire(path, "slide x") as lock:
-            assert json.loads(path.read_text()) == lock.owner
-        assert not path.with_name("lock.json.break").exists()
-    path.write_text(json.dumps({"host": "gpu-node-3", "pid": 1, "since": "2026-11-30 10:00:00"}))
-    with pytest.raises(K.LockHeld, match="another host: whether that process still runs cannot be checked"):
-        K.acquire(path, "slide x")
-    assert json.loads(path.read_text())["host"] == "gpu-node-3"
+    assert str(out / "a" / ".wsss-lock.a") in err and not (out / "a" / "a_summary.json").exists()
+    assert json.loads((out / "a" / ".wsss-lock.a").read_text()) == elsewhere

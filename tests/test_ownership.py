@@ -1,4 +1,4 @@
-"""The ownership rules on their own (no model): what counts as written by wsss, the lock, the journal."""
+"""The ownership rules on their own (no model): what counts as written by wsss, the lock files, the journal."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import dead_pid
+from wsss import locks as K
 from wsss.errors import WsssError
 from wsss.ownership import MANIFEST_NAME, Manifest, owned_folder, owner_of
 from wsss.runtime import atomic_path
@@ -99,3 +101,53 @@ def test_outputs_never_go_into_an_input_folder_nor_into_a_file(tmp_path):
     with pytest.raises(WsssError, match=r"--out .*afile/sub: .*afile is a file; a folder is needed"):
         with owned_folder(tmp_path / "afile" / "sub", "demo"):
             pass
+
+
+# --------------------------------------------------------------------------- lock files (wsss.locks)
+
+
+def test_locks_exclude_break_stale_ones_and_cannot_check_other_hosts(tmp_path):
+    path = tmp_path / "x" / "lock.json"
+    with K.acquire(path, "slide x", shard="0/1") as lock:
+        owner = json.loads(path.read_text())
+        assert owner == lock.holder and owner["pid"] == os.getpid() and owner["host"] == K.HOST
+        assert owner["shard"] == "0/1"
+        with pytest.raises(K.LockHeld, match=rf"slide x is in use by pid {os.getpid()} on "):
+            K.acquire(path, "slide x")  # held by a live process (this one)
+    assert not path.exists()
+    # a dead process's lock, and a lock whose pid now belongs to another process (a reused pid)
+    for stale in ({"host": K.HOST, "pid": dead_pid(), "proc_start": None},
+                  {"host": K.HOST, "pid": os.getpid(), "proc_start": (K.process_start(os.getpid()) or 0) + 1}):
+        if stale["proc_start"] == 1 and K.process_start(os.getpid()) is None:
+            continue  # no /proc: start times cannot be compared
+        path.write_text(json.dumps(stale))
+        assert K.alive(stale) is False
+        with K.acquire(path, "slide x") as lock:
+            assert json.loads(path.read_text()) == lock.holder
+        assert not path.with_name("lock.json.break").exists()
+    path.write_text(json.dumps({"host": "gpu-node-3", "pid": 1, "since": "2026-11-30 10:00:00"}))
+    with pytest.raises(K.LockHeld, match="another host: whether that process still runs cannot be checked"):
+        K.acquire(path, "slide x")
+    assert json.loads(path.read_text())["host"] == "gpu-node-3"
+
+
+def test_a_file_system_without_hard_links_gets_exclusive_locks_and_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    path = tmp_path / "lock"
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")  # what vfat and some network file systems say
+
+    monkeypatch.setattr(os, "link", no_links)
+    with K.acquire(path, "folder x") as lock:
+        assert json.loads(path.read_text()) == lock.holder
+        with pytest.raises(K.LockHeld, match="folder x is in use by"):
+            K.acquire(path, "folder x")
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+
+    def full(self, data):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(WsssError, match=rf"cannot write {path}: File too large"):
+        K.acquire(path, "folder x")
+    assert list(tmp_path.iterdir()) == []

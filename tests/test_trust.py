@@ -14,7 +14,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import live_lock, run_cli
 from conftest import write_palette_mask
 from wsss.stages import stage1
 
@@ -77,23 +76,6 @@ def with_true_masks_as_pm(data: Path, dest: Path) -> Path:
     for layer in LAYERS:
         shutil.copytree(root / "train_gt", root / "train_PM" / f"PM_{layer}")
     return root
-
-
-def live_lock(folder: Path, command: str) -> subprocess.Popen:
-    """A lock on ``folder`` in the documented format, held by a process that is running (``sleep``)."""
-    proc = subprocess.Popen(["sleep", "60"])
-    write_lock(folder, command, proc.pid)
-    return proc
-
-
-def write_lock(folder: Path, command: str, pid: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    boot = Path("/proc/sys/kernel/random/boot_id")
-    stat = Path(f"/proc/{pid}/stat")
-    start = int(stat.read_text().rsplit(")", 1)[1].split()[19]) if stat.exists() else None
-    (folder / ".wsss-lock").write_text(json.dumps({
-        "pid": pid, "host": socket.gethostname(), "boot": boot.read_text().strip() if boot.exists() else None,
-        "proc_start": start, "command": command, "since": "2026-01-01 00:00:00"}))
 
 
 # --------------------------------------------------------------------------- 1-3: data loss

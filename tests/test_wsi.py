@@ -8,7 +8,10 @@ top-left quarter, glass (near-white grey) everywhere else.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli, spy_on_models
+from cli_helpers import live_lock, run_cli, spy_on_models, write_lock
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
 from wsss.data.specs import LUAD
@@ -504,6 +507,113 @@ def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path
     assert spies[-1].calls == 4
     for name in ("slide_mask.png", "slide.geojson"):
         assert (out / name).read_bytes() == (tmp_path / "once" / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- the output folder: lock, manifest, the user's files
+
+
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_predict_wsi_never_replaces_a_file_it_did_not_write_unless_forced(slide, ckpt, tmp_path, capsys,
+                                                                          monkeypatch):
+    path, _ = slide
+    spies, spy_load = spy_on_models(monkeypatch, W)
+    spy_load(None)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = _args(path, ckpt, out, "--level", 1, "--geojson")
+    for name in ("slide_overlay.png", "slide_mask.png", "slide_summary.json", "slide.geojson"):
+        mine = out / name
+        mine.write_bytes(b"the user's own " + name.encode())
+        err = _one_line_error(capsys, monkeypatch, *args)
+        assert f"{mine} exists and was not written by wsss" in err and "--force" in err, err
+        assert mine.read_bytes() == b"the user's own " + name.encode()
+        assert _visible(out) == [name] and not list(out.glob(".wsss-lock*"))  # nothing else written, unlocked
+        assert all(spy.calls == 0 for spy in spies)  # refused before any window was segmented
+        mine.unlink()
+
+    mine = out / "slide_overlay.png"
+    mine.write_bytes(b"the user's own overlay")
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--force")
+    assert code == 0, err
+    assert spies[-1].calls > 0 and mine.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # replaced, as asked
+    assert _visible(out) == ["slide.geojson", "slide_mask.png", "slide_overlay.png", "slide_summary.json"]
+    mask = (out / "slide_mask.png").read_bytes()
+
+    # the same command again, without --force: every file there is one wsss wrote, so it goes ahead
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert spies[-1].calls > 0 and (out / "slide_mask.png").read_bytes() == mask
+
+
+def test_predict_wsi_removes_only_the_earlier_outputs_it_wrote(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """A run without --geojson removes the GeoJSON of an earlier run with it, and a PNG label image
+    the OME-TIFF of an earlier run; the user's own files of those names stay, --force or not."""
+    path, _ = slide
+    ours = tmp_path / "ours"
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, ours, "--level", 1, "--geojson",
+                                               "--mask-format", "ome-tiff"))[0] == 0
+    assert _visible(ours) == ["slide.geojson", "slide_mask.ome.tif", "slide_overlay.png", "slide_summary.json"]
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, ours, "--level", 1))[0] == 0
+    assert _visible(ours) == ["slide_mask.png", "slide_overlay.png", "slide_summary.json"]
+
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "slide.geojson").write_text('{"type": "FeatureCollection", "features": []}')  # drawn in QuPath
+    (theirs / "slide_mask.ome.tif").write_bytes(b"the user's own label image")
+    before = {name: (theirs / name).read_bytes() for name in _visible(theirs)}
+    for extra in ((), ("--force",)):
+        code, _, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, theirs, "--level", 1, *extra))
+        assert code == 0, err
+        assert {name: (theirs / name).read_bytes() for name in before} == before
+        assert _visible(theirs) == ["slide.geojson", "slide_mask.ome.tif", "slide_mask.png", "slide_overlay.png",
+                                    "slide_summary.json"]
+
+
+def test_a_slide_is_locked_while_it_runs_and_its_outputs_are_recorded(slide, ckpt, tmp_path, capsys, monkeypatch,
+                                                                      caplog):
+    path, _ = slide
+    spies, spy_load = spy_on_models(monkeypatch, W)
+    out = tmp_path / "out"
+    args = _args(path, ckpt, out, "--level", 1)
+    lock = out / ".wsss-lock.slide"
+
+    # another run holds the slide (a live process), or the whole folder: one line, nothing computed
+    for scope in ("slide", None):
+        sleeper = live_lock(out, "predict-wsi" if scope else "predict", scope)
+        try:
+            spy_load(None)
+            err = _one_line_error(capsys, monkeypatch, *args)
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        assert f"in use by `wsss {'predict-wsi' if scope else 'predict'}` (pid {sleeper.pid}" in err, err
+        assert all(spy.calls == 0 for spy in spies) and _visible(out) == []
+        (out / (".wsss-lock" if scope is None else ".wsss-lock.slide")).unlink()
+
+    # the killed holder's lock is taken over (and said so); during the run the lock is this process's
+    write_lock(out, "predict-wsi", sleeper.pid, "slide")
+    held = []
+    spy_load(None, on_call=lambda: held.append(json.loads(lock.read_text())))
+    caplog.set_level(logging.INFO)
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    assert f"pid {sleeper.pid}" in caplog.text and "no longer running" in caplog.text
+    assert held and all(h["pid"] == os.getpid() and h["command"] == "predict-wsi" for h in held)
+    assert not lock.exists()
+
+    # the manifest records every output as it is on disk, and the run with its checkpoint's sha256
+    lines = [json.loads(line) for line in (out / ".wsss-manifest.jsonl").read_text().splitlines()]
+    files = {line["file"]: line for line in lines if "file" in line}
+    assert sorted(files) == _visible(out) == ["slide_mask.png", "slide_overlay.png", "slide_summary.json"]
+    for name, record in files.items():
+        st = (out / name).stat()
+        assert (record["size"], record["mtime_ns"]) == (st.st_size, st.st_mtime_ns)
+    runs = [line for line in lines if "key" in line]
+    assert [r["key"] for r in runs] == ["predict-wsi slide"]
+    assert runs[0]["inputs"]["checkpoint"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
 
 
 def test_label_images_png_or_pyramidal_ome_tiff_read_back_by_tifffile_and_openslide(tmp_path):

@@ -582,6 +582,8 @@ def predict_wsi(
         "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: the rank's GPU)."),
     amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
 ) -> None:
     """Segment whole-slide images tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
 
@@ -602,7 +604,7 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        amp=amp,
+        amp=amp, force=force,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None

@@ -3,8 +3,8 @@
 Two files in an output folder ``OUT``::
 
     OUT/.wsss-lock            the run holding the folder: pid, host, boot id, process start, command
-    OUT/.wsss-lock.<scope>    ... or a part of it (``predict-wsi``: one lock per slide, so that the
-                              shards of a cohort share a folder)
+    OUT/.wsss-lock.<scope>    ... or a part of it (``predict-wsi``: one lock per slide, so that runs
+                              on other slides can share the folder)
     OUT/.wsss-manifest.jsonl  a journal, one JSON object a line:
         {"run": id, "key", "command", "config", "inputs", "pid", "host", "started"}   a run began
         {"file": "sub/name", "run": id, "size", "mtime_ns", "meta"?}                  a file it wrote
@@ -12,10 +12,11 @@ Two files in an output folder ``OUT``::
 
 The rules (README, "Where files go"):
 
-* **One run at a time.** The lock file is created with ``O_EXCL``. A second run is refused with
-  one line naming the holder. A lock whose process no longer exists on this machine (killed, power
-  cut) is taken over with a warning that says so; a lock taken on another host is never guessed
-  about: the message says which file to delete.
+* **One run at a time.** The lock file (:mod:`wsss.locks`) is created whole and exclusively. A
+  second run is refused with one line naming the holder. A lock whose process no longer exists on
+  this machine (killed, power cut) is taken over with a warning that says so; a lock taken on
+  another host is never guessed about: the message says which file to delete. A whole-folder lock
+  and the per-part locks of the same folder exclude each other.
 * **Never replace a file wsss did not write.** A file counts as written by wsss when the manifest
   records its path with its current size and modification time; anything else (downloaded weights,
   the user's own masks, a file edited since) is only replaced with ``--force``. Commands claim all
@@ -38,7 +39,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsss import locks
 from wsss.errors import Interrupted, WsssError
 
 log = logging.getLogger(__name__)
@@ -53,71 +54,6 @@ log = logging.getLogger(__name__)
 LOCK_NAME = ".wsss-lock"
 MANIFEST_NAME = ".wsss-manifest.jsonl"
 FORMAT = 1
-
-
-# --------------------------------------------------------------------------- process identity
-
-
-def _boot_id() -> str | None:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return None
-
-
-def _process_start(pid: int) -> int | None:
-    """Clock ticks since boot when ``pid`` started (Linux), None when unknown or not running.
-
-    Together with the boot id this tells a live process from a later one that got the same pid.
-    """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    try:  # the command name may hold spaces and parentheses: fields start after the last ")"
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _identity() -> dict:
-    pid = os.getpid()
-    return {"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "proc_start": _process_start(pid)}
-
-
-def _alive(holder: Mapping) -> bool | None:
-    """Whether the process that wrote ``holder`` (a lock's content) is still running: True, False, or
-    None when that cannot be known (another host)."""
-    if holder.get("host") != socket.gethostname():
-        return None
-    boot = _boot_id()
-    if holder.get("boot") and boot and holder["boot"] != boot:
-        return False  # the machine restarted since
-    pid = holder.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if not _pid_exists(pid):
-        return False
-    start = _process_start(pid)
-    if holder.get("proc_start") is not None and start is not None and start != holder["proc_start"]:
-        return False  # the pid was reused by a later process
-    return True
-
-
-def _pid_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by another user
-    return True
-
-
-def _describe(holder: Mapping) -> str:
-    since = holder.get("since")
-    when = f", since {since}" if since else ""
-    return f"`wsss {holder.get('command', '?')}` (pid {holder.get('pid', '?')} on {holder.get('host', '?')}{when})"
 
 
 # --------------------------------------------------------------------------- hashing
@@ -233,12 +169,12 @@ def manifest_record(manifest: Manifest, folder: Path, path: Path) -> dict | None
 
 
 @dataclass
-class _Lock:
-    path: Path
+class _Held:
+    lock: locks.Lock
     count: int = 1
 
 
-_LOCKS: dict[Path, _Lock] = {}  # held by this process, by lock file; re-entered by nested commands
+_LOCKS: dict[Path, _Held] = {}  # held by this process, by lock file; re-entered by nested commands
 
 
 def _lock_path(folder: Path, scope: str | None) -> Path:
@@ -249,102 +185,44 @@ def _safe(scope: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in scope)
 
 
-def _read_holder(path: Path) -> dict | None:
-    """A lock file's content; None when it vanished. A lock being written right now may read empty:
-    retried briefly, then taken as unknown."""
-    for _ in range(20):
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return None
-        try:
-            holder = json.loads(text)
-            if isinstance(holder, dict):
-                return holder
-        except ValueError:
-            pass
-        time.sleep(0.05)
-    return {}
-
-
-def _acquire(folder: Path, scope: str | None, command: str, option: str) -> _Lock:
+def _acquire(folder: Path, scope: str | None, command: str, option: str) -> _Held:
     path = _lock_path(folder, scope)
     held = _LOCKS.get(path)
     if held is not None:
         held.count += 1
         return held
-    content = json.dumps({**_identity(), "command": command, "scope": scope,
-                          "since": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            _handle_existing(path, folder, option)
-            continue
-        try:
-            os.write(fd, content.encode())
-        except OSError as exc:
-            path.unlink(missing_ok=True)
-            raise WsssError(f"cannot write {path}: {exc.strerror or exc}") from None
-        finally:
-            os.close(fd)
-        lock = _Lock(path)
-        _LOCKS[path] = lock
-        try:
-            _check_other_scopes(folder, scope, option)
-        except BaseException:
-            _release(lock)
-            raise
-        return lock
-    raise WsssError(f"{folder} is being locked and unlocked by other runs; try again")
-
-
-def _handle_existing(path: Path, folder: Path, option: str) -> None:
-    """Return when the lock at ``path`` was stale and is now gone; raise when it is held."""
-    holder = _read_holder(path)
-    if holder is None:
-        return  # released meanwhile
-    alive = _alive(holder) if holder else None
-    if alive:
-        raise WsssError(f"{folder} is in use by {_describe(holder)}: wait for it to finish, or choose another "
-                        f"{option}")
-    if alive is None:
-        raise WsssError(f"{folder} is locked by {_describe(holder)}, which this machine cannot check; if no "
-                        f"such run is going on, delete {path}")
-    # The holder died without unlocking (killed, crashed): take its lock over, and say so.
-    aside = path.with_name(f"{path.name}.stale.{os.getpid()}")
+    what = str(folder) if scope is None else f"{folder} ({scope})"
+    advice = f", or choose another {option}"
+    held = _Held(locks.acquire(path, what, advice=advice, command=command, scope=scope))
+    _LOCKS[path] = held
     try:
-        os.rename(path, aside)
-    except FileNotFoundError:
-        return
-    if _read_holder(aside) != holder:  # another run took it over between our read and rename: give it back
-        with contextlib.suppress(OSError):
-            os.link(aside, path)
-        aside.unlink(missing_ok=True)
-        return
-    aside.unlink(missing_ok=True)
-    log.warning("warning: %s was left by %s, which is no longer running (killed?); taking it over", path,
-                _describe(holder))
+        _check_other_scopes(folder, scope, what, advice)
+    except BaseException:
+        _release(held)
+        raise
+    return held
 
 
-def _check_other_scopes(folder: Path, scope: str | None, option: str) -> None:
+def _check_other_scopes(folder: Path, scope: str | None, what: str, advice: str) -> None:
     """A whole-folder lock excludes the per-part locks of the same folder, and the other way round."""
     others = [folder / LOCK_NAME] if scope is not None else sorted(folder.glob(f"{LOCK_NAME}.*"))
     for other in others:
-        if other.name.startswith(f"{LOCK_NAME}.") and ".stale." in other.name:
+        if other.name.endswith(".break"):
+            continue  # the guard of a stale lock being broken, not a lock
+        holder = locks.read_holder(other)
+        if holder is None:
             continue
-        holder = _read_holder(other) if other.exists() else None
-        if holder and _alive(holder) is not False:
-            raise WsssError(f"{folder} is in use by {_describe(holder)}: wait for it to finish, or choose "
-                            f"another {option}")
+        state = locks.alive(holder)
+        if state is not False:
+            raise locks.LockHeld(locks.held_message(other, what, holder, state, advice))
 
 
-def _release(lock: _Lock) -> None:
-    lock.count -= 1
-    if lock.count > 0:
+def _release(held: _Held) -> None:
+    held.count -= 1
+    if held.count > 0:
         return
-    _LOCKS.pop(lock.path, None)
-    lock.path.unlink(missing_ok=True)
+    _LOCKS.pop(held.lock.path, None)
+    held.lock.release()
 
 
 # --------------------------------------------------------------------------- owners
@@ -465,10 +343,9 @@ class Owner:
         if not self.active or (self.begun and not (self._begun_blank and config is not None)):
             return
         self.begun, self._begun_blank = True, False  # a run begun blank by an early record gets its config now
-        ident = _identity()
         self._append({"run": self.run_id, "key": self.key, "command": self.command, "format": FORMAT,
-                      "config": dict(config or {}), "inputs": dict(inputs or {}), "pid": ident["pid"],
-                      "host": ident["host"], "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+                      "config": dict(config or {}), "inputs": dict(inputs or {}), "pid": os.getpid(),
+                      "host": locks.HOST, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     def end(self, status: str) -> None:
         if self.active and self.begun:
@@ -488,6 +365,20 @@ def owner_of(path: Path) -> Owner | None:
         if owners:
             return owners[-1]
     return None
+
+
+def remove_ours(path: Path) -> None:
+    """Remove ``path``, an output of an earlier run that this run does not write again (another
+    label-image format, a GeoJSON not asked for this time), only if wsss wrote it as it is now: a
+    file of the user's of that name stays, even with ``--force``. Outside an owned folder there are
+    no rules (as for :func:`wsss.runtime.atomic_path`): it is removed."""
+    path = Path(path)
+    owner = owner_of(path)
+    if owner is not None and owner.active and not owner.ours(path):
+        if path.exists() or path.is_symlink():
+            log.info("%s was not written by wsss: left as it is", path)
+        return
+    path.unlink(missing_ok=True)
 
 
 def check_output_folder(folder: Path, option: str = "--out") -> None:
@@ -538,7 +429,7 @@ def owned_folder(folder: str | Path, command: str, *, key: str | None = None, co
     except OSError as exc:
         raise WsssError(f"cannot create {option} {folder}: {exc.strerror or exc}") from None
     try:
-        lock = _acquire(folder, scope, command, option)
+        held = _acquire(folder, scope, command, option)
     except BaseException:
         if created:
             _remove_if_unused(folder)
@@ -565,12 +456,12 @@ def owned_folder(folder: str | Path, command: str, *, key: str | None = None, co
             if not _OWNERS[resolved]:
                 del _OWNERS[resolved]
                 _MANIFESTS.pop(resolved, None)
-            if scope is None and lock.count == 1 and status == "finished":
+            if scope is None and held.count == 1 and status == "finished":
                 with contextlib.suppress(OSError):
                     compact(folder)
     finally:
-        _release(lock)
-        if created and lock.count == 0:
+        _release(held)
+        if created and held.count == 0:
             _remove_if_unused(folder)
 
 
@@ -649,5 +540,6 @@ def _show(value: Any) -> str:
 
 __all__ = [
     "LOCK_NAME", "MANIFEST_NAME", "Manifest", "Owner", "check_output_folder", "compact", "differences",
-    "file_sha256", "listing_hash", "manifest_record", "owned_folder", "owner_of", "recorded", "refuse_input_folders", "short",
+    "file_sha256", "listing_hash", "manifest_record", "owned_folder", "owner_of", "recorded", "refuse_input_folders",
+    "remove_ours", "short",
 ]

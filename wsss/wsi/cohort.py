@@ -8,8 +8,9 @@ list in the same order and takes every ``count``-th slide from its own index: th
 combine the shard of an array job (``--shard I/N``, or ``SLURM_ARRAY_TASK_ID`` /
 ``SLURM_ARRAY_TASK_COUNT``) with the rank of a torchrun job (``RANK`` / ``WORLD_SIZE``; its
 ``LOCAL_RANK`` picks the GPU). The processes never talk to each other: each works on its own
-slides and locks each slide it works on (:mod:`wsss.wsi.locks`), so that two runs given
-overlapping slides cannot segment one slide twice.
+slides and holds each slide it works on (:func:`wsss.wsi.predict_wsi.owned_slide`: the lock
+``OUT/<name>/.wsss-lock.<name>`` and the manifest of what wsss wrote there), so that two runs given
+overlapping slides cannot segment one slide twice, and no file that wsss did not write is replaced.
 
 Outputs in ``OUT/<name>/`` per slide (see :mod:`wsss.wsi.predict_wsi`), plus the cohort table:
 ``OUT/cohort.csv`` for a single process, rewritten (atomically) as each slide finishes; with
@@ -34,8 +35,8 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.inference import load_models
 from wsss.runtime import atomic_path
-from wsss.wsi.locks import LockHeld, acquire
-from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, run_slide, slide_name
+from wsss.locks import LockHeld, acquire
+from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ files; name one of them) and the TIFFs tifffile reads."""
 
 TABLE = "cohort.csv"
 PART_PATTERN = re.compile(r"cohort-part-(\d+)-of-(\d+)\.csv$")
-LOCK_NAME = "lock.json"
 MERGE_LOCK = ".cohort-merge.lock"
 MERGE_WAIT = 120.0  # seconds; a merge takes well under one
 STATUSES = ("done", "failed", "locked")
@@ -336,29 +336,28 @@ def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
     return summary if all((job.out / n).is_file() for n in names) else None
 
 
-def process(job: SlideJob, cfg: WsiConfig, predictor, spec: DatasetSpec, worker: Worker, progress: bool) -> dict:
-    """One slide of the share: skipped when finished, else locked, segmented and written; its
+def process(job: SlideJob, cfg: WsiConfig, predictor, spec: DatasetSpec, progress: bool) -> dict:
+    """One slide of the share: skipped when finished, else its folder held (the slide's lock, the
+    manifest: files there that wsss did not write are not replaced), segmented and written; its
     failure is its row's error, never the run's."""
     fingerprint = job_fingerprint(cfg, job, spec)
     if (summary := finished_summary(job, fingerprint)) is not None:
         log.info("%s: finished earlier, skipped", job.path)
         return summary_row(job, summary)
     try:
-        lock = acquire(job.out / LOCK_NAME, str(job.path), worker=worker.describe())
+        with owned_slide(job, cfg) as owner:
+            if (summary := finished_summary(job, fingerprint)) is not None:  # finished while we looked
+                return summary_row(job, summary)
+            result = run_slide(job, cfg, predictor, spec, owner, progress)
     except LockHeld as exc:
         log.warning("%s", exc)
         return other_row(job, "locked", str(exc))
-    with lock:
-        if (summary := finished_summary(job, fingerprint)) is not None:  # finished while we looked
-            return summary_row(job, summary)
-        try:
-            result = run_slide(job, cfg, predictor, spec, progress)
-        except WsssError as exc:
-            log.warning("%s failed: %s", job.path, exc)
-            return other_row(job, "failed", str(exc))
-        except Exception as exc:  # a corrupt file can fail in any library: recorded, the others go on
-            log.warning("%s failed", job.path, exc_info=True)
-            return other_row(job, "failed", f"{type(exc).__name__}: {exc}")
+    except WsssError as exc:
+        log.warning("%s failed: %s", job.path, exc)
+        return other_row(job, "failed", str(exc))
+    except Exception as exc:  # a corrupt file can fail in any library: recorded, the others go on
+        log.warning("%s failed", job.path, exc_info=True)
+        return other_row(job, "failed", f"{type(exc).__name__}: {exc}")
     s = result.summary
     log.info("%s: %d tiles segmented in %.1f s", job.path, s["tiles"]["segmented"], s["seconds"])
     return summary_row(job, s)
@@ -379,7 +378,7 @@ def run(cfg: WsiConfig, progress: bool = True, env: dict | None = None) -> Cohor
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_table(result.table, [], columns)  # a fresh table: rows of an earlier run are not this run's
     for job in mine:
-        result.rows.append(process(job, cfg, predictor, spec, worker, progress))
+        result.rows.append(process(job, cfg, predictor, spec, progress))
         write_table(result.table, result.rows, columns)
     result.merged = result.table if worker.count == 1 else merge_if_complete(cfg.out, jobs, worker, columns)
     return result

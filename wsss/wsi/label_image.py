@@ -22,6 +22,7 @@ import numpy as np
 from wsss.data.png import write_mask
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
+from wsss.ownership import remove_ours
 from wsss.runtime import atomic_path
 
 PNG_MAX_PIXELS = 89_478_485
@@ -46,20 +47,30 @@ def label_names(stem: Path) -> dict[str, Path]:
             (("png", "_mask.png"), ("ome-tiff", "_mask.ome.tif"), ("tif", "_mask.tif"))}
 
 
+def label_kind(fmt: str, pixels: int, png_max_pixels: int = PNG_MAX_PIXELS) -> str:
+    """``png`` or ``ome-tiff``: ``fmt``, or for ``auto`` PNG up to ``png_max_pixels`` pixels."""
+    check_mask_format(fmt)
+    return fmt if fmt != "auto" else ("png" if pixels <= png_max_pixels else "ome-tiff")
+
+
+def label_image_path(stem: Path, fmt: str, pixels: int) -> Path:
+    """The label image a run writes for ``stem``, known before any label is computed."""
+    return label_names(stem)[label_kind(fmt, pixels)]
+
+
 def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None,
                       fmt: str = "auto", png_max_pixels: int = PNG_MAX_PIXELS) -> Path:
-    """``<stem>_mask.png`` or ``<stem>_mask.ome.tif`` (``auto``: PNG up to ``png_max_pixels``
-    pixels); label images of the other kinds left by an earlier run are removed."""
-    check_mask_format(fmt)
+    """``<stem>_mask.png`` or ``<stem>_mask.ome.tif`` (:func:`label_kind`); label images of the
+    other kinds that an earlier run wrote are removed (:func:`wsss.ownership.remove_ours`)."""
     names = label_names(stem)
-    kind = fmt if fmt != "auto" else ("png" if labels.size <= png_max_pixels else "ome-tiff")
+    kind = label_kind(fmt, labels.size, png_max_pixels)
     if kind == "png":
         write_mask(names["png"], np.asarray(labels), spec.flat_palette())
     else:
         write_ome_tiff(names["ome-tiff"], labels, spec, mpp, stem.name)
     for other, path in names.items():
         if other != kind:
-            path.unlink(missing_ok=True)
+            remove_ours(path)
     return names[kind]
 
 

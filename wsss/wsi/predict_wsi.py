@@ -14,6 +14,9 @@ Outputs, for a slide ``<name>.<ext>`` (a cohort: in ``OUT/<name>/``)::
     OUT/<name>.geojson         with --geojson: QuPath objects (one MultiPolygon per class, or one
                                Polygon per region), in level-0 pixels shifted as QuPath shows the
                                slide (:func:`wsss.wsi.slide.qupath_offset`)
+    OUT/.wsss-lock.<name>      held while the slide is processed (:func:`owned_slide`); files are
+    OUT/.wsss-manifest.jsonl   recorded in the manifest, and a file of these names that wsss did
+                               not write is never replaced (unless --force) nor removed
 
 The processed region (the slide or ``--roi``, in level-0 pixels) is read at ``--level``, or at the
 level closest to ``--mpp`` and resized, one row of windows at a time; windows are tiled, predicted
@@ -37,7 +40,8 @@ import math
 import os
 import shutil
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,13 +54,14 @@ from wsss.errors import WsssError
 from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.inference import check_tta, check_window_options, load_models
+from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
 from wsss.runtime import atomic_path, note_saved
 from wsss.stages.stage1 import _progress
-from wsss.wsi.label_image import check_mask_format, write_label_image
+from wsss.wsi.label_image import check_mask_format, label_image_path, write_label_image
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
 from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
@@ -107,6 +112,7 @@ class WsiConfig:
     simplify: float = 0.0  # label pixels
     bounds_offset: bool = True  # shift GeoJSON as QuPath crops slides to openslide.bounds-*
     shard: tuple[int, int] | None = None  # (index, count) of a cluster array job
+    force: bool = False  # replace files in a slide's output folder that wsss did not write
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -158,6 +164,14 @@ class SlideJob:
     @property
     def summary(self) -> Path:
         return self.out / f"{self.name}_summary.json"
+
+    @property
+    def overlay(self) -> Path:
+        return self.out / f"{self.name}_overlay.png"
+
+    @property
+    def geojson(self) -> Path:
+        return self.out / f"{self.name}.geojson"
 
 
 def slide_name(path: Path) -> str:
@@ -537,21 +551,19 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
                   state: BandProgress) -> WsiResult:
     """Mask, overlay, GeoJSON (when asked) and the summary naming them, each written atomically;
     the summary last, so that it exists only when everything else does."""
-    stem = job.stem
     labels = state.labels
     summary = summarise(job, cfg, slide, grid, spec, labels, threshold, state)
-    mask = write_label_image(stem, labels, spec, grid.mpp(slide.mpp), cfg.mask_format)
-    overlay = stem.with_name(stem.name + "_overlay.png")
-    write_overlay(overlay, slide, grid, labels, spec)
-    files = [mask, overlay]
-    summary["mask"], summary["overlay"] = mask.name, overlay.name
-    regions = stem.with_name(stem.name + ".geojson")
+    mask = write_label_image(job.stem, labels, spec, grid.mpp(slide.mpp), cfg.mask_format)
+    write_overlay(job.overlay, slide, grid, labels, spec)
+    files = [mask, job.overlay]
+    summary["mask"], summary["overlay"] = mask.name, job.overlay.name
+    regions = job.geojson
     if cfg.geojson:
         summary["geojson"], summary["regions"] = regions.name, write_regions(regions, labels, spec, grid, slide, cfg)
         summary["geojson_offset"] = list(slide.qupath_offset if cfg.bounds_offset else (0, 0))
         files.append(regions)
     else:
-        regions.unlink(missing_ok=True)  # not one of an earlier run with other options
+        remove_ours(regions)  # an earlier run's, with other options; never a file of the user's
     summary["fingerprint"] = job_fingerprint(cfg, job, spec)
     summary["seconds"] = round(state.elapsed(), 3)
     write_json(job.summary, summary)
@@ -581,13 +593,44 @@ def slide_threshold(slide: Slide) -> int:
     return threshold
 
 
-def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: DatasetSpec,
+def slide_grid(slide: Slide, job: SlideJob, cfg: WsiConfig) -> Grid:
+    """The label grid of the job's region at the level ``--level`` or ``--mpp`` picks."""
+    level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
+    return plan_grid(slide.dimensions, slide.downsamples, level, scale, job.roi or cfg.roi)
+
+
+def output_files(job: SlideJob, cfg: WsiConfig, grid: Grid) -> list[Path]:
+    """The files a run writes for ``job``, claimed before anything is computed."""
+    mask = label_image_path(job.stem, cfg.mask_format, grid.size[0] * grid.size[1])
+    return [mask, job.overlay, *([job.geojson] if cfg.geojson else []), job.summary]
+
+
+@contextmanager
+def owned_slide(job: SlideJob, cfg: WsiConfig) -> Iterator[Owner]:
+    """Hold the job's output folder for this slide (:func:`wsss.ownership.owned_folder`): its lock
+    ``<out>/.wsss-lock.<name>`` (runs on other slides may share the folder; a slide locked by another
+    live process is a :class:`~wsss.locks.LockHeld`), and the manifest of what wsss wrote there."""
+    with owned_folder(job.out, "predict-wsi", key=f"predict-wsi {job.name}", force=cfg.force, scope=job.name,
+                      read_from=[job.path.parent]) as owner:
+        yield owner
+
+
+def run_inputs(cfg: WsiConfig) -> dict:
+    """The checkpoints' sha256, recorded with each run in the manifest."""
+    return {"checkpoint": file_sha256(cfg.checkpoint),
+            "stage1_checkpoint": file_sha256(cfg.stage1_checkpoint) if cfg.gate and cfg.stage1_checkpoint else None}
+
+
+def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: DatasetSpec, owner: Owner,
               progress: bool = True) -> WsiResult:
-    """Segment one slide (continuing an interrupted run of it) and write its outputs. A slide that
-    cannot be read, has no tissue, or lacks the µm/px ``--mpp`` needs is a :class:`WsssError`."""
+    """Segment one slide (continuing an interrupted run of it) and write its outputs, in a folder
+    ``owner`` holds (:func:`owned_slide`). Files there that wsss did not write are refused before
+    anything is computed (unless ``--force``). A slide that cannot be read, has no tissue, or lacks
+    the µm/px ``--mpp`` needs is a :class:`WsssError`."""
     with open_job(job, cfg.reader) as slide:
-        level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
-        grid = plan_grid(slide.dimensions, slide.downsamples, level, scale, job.roi or cfg.roi)
+        grid = slide_grid(slide, job, cfg)
+        owner.claim(output_files(job, cfg, grid))
+        owner.begin(job_fingerprint(cfg, job, spec), run_inputs(cfg))
         threshold = slide_threshold(slide)
         state = BandProgress.open(job.partial, band_fingerprint(cfg, job, spec, slide, grid, threshold),
                                   grid.size[::-1])
@@ -606,15 +649,17 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
 
 
 def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
-    """``wsss predict-wsi SLIDE``: one slide, outputs directly in ``--out``."""
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
+    """``wsss predict-wsi SLIDE``: one slide, outputs directly in ``--out``, which is held for this
+    slide (:func:`owned_slide`)."""
+    check_output_folder(cfg.out)
     path = cfg.inputs[0]
     job = SlideJob(path, cfg.out, slide_name(path))
     with open_job(job, cfg.reader) as slide:  # a slide that cannot be used fails before the models load
-        choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
-    predictor, spec = load_models(cfg)
-    return run_slide(job, cfg, predictor, spec, progress)
+        grid = slide_grid(slide, job, cfg)
+    with owned_slide(job, cfg) as owner:
+        owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
+        predictor, spec = load_models(cfg)
+        return run_slide(job, cfg, predictor, spec, owner, progress)
 
 
 def check_colour(thumbnail: np.ndarray, path: Path, spread: int = 2) -> None:
