@@ -53,8 +53,10 @@ def synth(
     workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it already holds a dataset."),
     look: str = typer.Option(
-        "default", "--look", help="default, or shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a "
-                                  "model was not tuned to); the options below override its values."),
+        "default", "--look", help="default; shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a model was "
+                                  "not tuned to); or a stain/scanner look with the default look's tissue and masks: "
+                                  "lab-b (bluer H, purpler and weaker E, darker, slightly blurred), pale, dark, jpeg "
+                                  "(quality 40), blur. The options below override its values."),
     stain_scale: Optional[float] = typer.Option(
         None, "--stain-scale", help="Multiplier of the H and E optical densities (default look 1.0)."),
     hue_shift: Optional[float] = typer.Option(
@@ -431,8 +433,8 @@ def reproduce(
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     synth_look: str = typer.Option(
-        "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
-                                        "pale tissue; see wsss synth --look)."),
+        "default", "--synth-look", help="With --synth: the look of the synthetic data (default, shifted, lab-b, "
+                                        "pale, dark, jpeg, blur; see wsss synth --look)."),
     synth_task: Optional[int] = typer.Option(
         None, "--synth-task", help="With --synth: a random synthetic task of this seed (wsss synth --task-seed)."),
     synth_tasks: Optional[str] = typer.Option(
