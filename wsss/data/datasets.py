@@ -14,28 +14,36 @@ from wsss.data import augment
 from wsss.data.layout import MaskedSample, TrainSample
 from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
+from wsss.data.stain import StainNorm
 from wsss.errors import WsssError
 
 
 @dataclass(frozen=True)
 class InputNorm:
-    """Input scaling ``(x / 255 - mean) / std``; recorded in every checkpoint and reapplied later.
+    """How a model's input is made from a uint8 RGB patch: the patch mapped onto the model's stain
+    target (``stain``, :mod:`wsss.data.stain`; None: as it is), then scaled ``(x / 255 - mean) / std``.
+    Recorded in every checkpoint and reapplied wherever the model runs.
 
-    The reference feeds ``[0, 1]`` RGB with no mean/std (``none``).
+    The reference feeds ``[0, 1]`` RGB with no mean/std (``none``) and no stain normalisation.
     """
 
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    stain: StainNorm | None = None
 
     def to_dict(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std)}
+        d = {"mean": list(self.mean), "std": list(self.std)}
+        if self.stain is not None:
+            d["stain"] = self.stain.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InputNorm":
         """``None`` (e.g. a published plain state_dict) means the reference's ``[0, 1]`` input."""
         if not d:
             return cls()
-        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        stain = StainNorm.from_dict(d["stain"]) if d.get("stain") else None
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), stain)
 
 
 INPUT_NORMS = {
@@ -52,7 +60,10 @@ def get_input_norm(name: str) -> InputNorm:
 
 
 def to_tensor(image: np.ndarray, norm: InputNorm) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 → normalised ``(3, H, W)`` float32."""
+    """``(H, W, 3)`` uint8 → normalised ``(3, H, W)`` float32: the stain normalisation (if any) of the
+    uint8 patch, then the scaling. Every model input of every command is made here."""
+    if norm.stain is not None:
+        image = norm.stain(np.asarray(image, dtype=np.uint8))
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(norm.mean).view(3, 1, 1)
     std = torch.tensor(norm.std).view(3, 1, 1)
@@ -81,8 +92,9 @@ class ClassificationDataset(Dataset):
     """Training patches with their multi-hot labels, for stage 1.
 
     Item: ``(image (3, S, S) float, label (C,) float, index)``. With ``augment``: random flips
-    (``geometric="flip"``, the reference) or all eight square symmetries (``"d4"``), and HED stain
-    jitter of strength ``stain`` (0: none); see :mod:`wsss.data.augment`.
+    (``geometric="flip"``, the reference) or all eight square symmetries (``"d4"``), HED stain
+    jitter of strength ``stain`` (0: none) and the ``colour`` augmentation; see :mod:`wsss.data.augment`.
+    The model's stain normalisation (``norm.stain``) comes after augmentation, as at test time.
     """
 
     def __init__(
@@ -93,6 +105,7 @@ class ClassificationDataset(Dataset):
         augment: bool = False,
         geometric: str = "flip",
         stain: float = 0.0,
+        colour: augment.ColourAugment | None = None,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -100,6 +113,7 @@ class ClassificationDataset(Dataset):
         self.augment = augment
         self.geometric = geometric
         self.stain = stain
+        self.colour = colour
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -112,6 +126,7 @@ class ClassificationDataset(Dataset):
             # torch's RNG is seeded per worker by the DataLoader, so augmentations are reproducible.
             (image,) = augment.geometric([image], self.geometric)
             image = augment.stain_jitter(image, self.stain)
+            image = augment.colour(image, self.colour)
         return to_tensor(image, self.norm), label, index
 
 

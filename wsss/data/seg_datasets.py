@@ -36,14 +36,14 @@ def pseudo_mask_paths(
 
 
 def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip",
-                  stain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  stain: float = 0.0, colour: augment.ColourAugment | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
 
     ``geometric="hflip"`` is the reference's: image (H, W, 3) and masks (L, H, W) flipped left-right
     together with p = 0.5. ``"d4"``: a random one of the square's eight symmetries, applied to both
-    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) of
-    the image, and, as the reference, the image alone blurred with p = 0.5 by a Gaussian of radius
-    uniform in [0, 1).
+    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) and
+    the ``colour`` augmentation of the image, and, as the reference, the image alone blurred with
+    p = 0.5 by a Gaussian of radius uniform in [0, 1).
     """
     if geometric == "d4":
         image, *planes = augment.geometric([image, *masks], "d4")
@@ -52,6 +52,7 @@ def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip"
         image = image[:, ::-1]
         masks = masks[:, :, ::-1]
     image = augment.stain_jitter(np.ascontiguousarray(image), stain)
+    image = augment.colour(image, colour)
     if torch.rand(()) < 0.5:
         radius = float(torch.rand(()))
         image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius)))
@@ -94,6 +95,7 @@ class PseudoMaskDataset(Dataset):
         geometric: str = "hflip",
         stain: float = 0.0,
         mosaic: float = 0.0,
+        colour: augment.ColourAugment | None = None,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -104,6 +106,7 @@ class PseudoMaskDataset(Dataset):
         self.geometric = geometric
         self.stain = stain
         self.mosaic = mosaic
+        self.colour = colour
         # Patches with one class: their pseudo-masks are exact (that class, or background on white).
         self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
@@ -129,7 +132,7 @@ class PseudoMaskDataset(Dataset):
         if self.augment and self.mosaic > 0 and len(self.single) >= 2 and float(torch.rand(())) < self.mosaic:
             image, masks = self._mosaic(image.shape[:2]) or (image, masks)
         if self.augment:
-            image, masks = flip_and_blur(image, masks, self.geometric, self.stain)
+            image, masks = flip_and_blur(image, masks, self.geometric, self.stain, self.colour)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index

@@ -230,3 +230,48 @@ def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) 
             f"loss is not finite at epoch {epoch + 1}, step {step + 1}; try a lower --lr "
             "(the last finished epoch is kept and can be resumed)"
         )
+
+
+# --------------------------------------------------------------------------- what a model's input is made of
+
+
+@dataclass(frozen=True)
+class InputPipeline:
+    """How a run turns its training patches into model inputs: the model's input normalisation (with
+    its stain target, recorded in every checkpoint) and the colour augmentation of training."""
+
+    norm: Any  # wsss.data.datasets.InputNorm
+    colour: Any  # wsss.data.augment.ColourAugment
+
+
+def input_pipeline(cfg: Any, paths: list[Path], state: dict | None) -> InputPipeline:
+    """The input normalisation and colour augmentation of a training run (either stage).
+
+    The stain target is the one a resumed run's checkpoint recorded, else fitted now on ``--stain-target``
+    or on the training patches ``paths`` (each as the model sees it, at ``cfg.image_size``)."""
+    from wsss.data import stain
+    from wsss.data.augment import ColourAugment
+    from wsss.data.datasets import InputNorm, get_input_norm
+
+    target = None
+    if cfg.stain_norm != "none":
+        recorded = InputNorm.from_dict(state.get("input_norm")).stain if state is not None else None
+        if recorded is not None and recorded.method == cfg.stain_norm:
+            target = recorded
+        elif cfg.stain_target is not None:
+            target = stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
+        else:
+            target = stain.fit_training_set(cfg.stain_norm, paths, cfg.image_size)
+    lab = stain.lab_statistics(paths, cfg.image_size) if cfg.lab_jitter > 0 else None
+    colour = ColourAugment(cfg.hed_scale, cfg.hed_shift, cfg.lab_jitter, cfg.light_jitter, cfg.blur_jitter,
+                           cfg.jpeg_jitter, lab)
+    return InputPipeline(replace(get_input_norm(cfg.input_norm), stain=target), colour)
+
+
+def check_stain_target(cfg: Any) -> None:
+    """Fit ``--stain-target`` once before a run claims its outputs, so that an image that is not RGB or
+    is mostly glass ends in one line with nothing written."""
+    if cfg.stain_norm != "none" and cfg.stain_target is not None:
+        from wsss.data import stain
+
+        stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss import config as cfglib
+from wsss.data import stain
 from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
@@ -40,7 +41,8 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    RunPaths, check_same_inputs, epoch_loader, log_step, note_epochs, optimizer_step, resume_state, tensorboard_writer,
+    InputPipeline, RunPaths, check_same_inputs, check_stain_target, epoch_loader, input_pipeline, log_step, note_epochs,
+    optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
     Distributed, expect_stage, is_main_process, load_checkpoint, note_saved, save_checkpoint, seed_everything,
@@ -102,9 +104,9 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
-    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
-                                    geometric=cfg.augment, stain=cfg.stain_jitter)
+def train_loader(cfg: Stage1Config, samples, pipeline: InputPipeline, dist: Distributed, epoch: int) -> DataLoader:
+    dataset = ClassificationDataset(samples, cfg.image_size, pipeline.norm, augment=True, geometric=cfg.augment,
+                                    stain=cfg.stain_jitter, colour=pipeline.colour)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
@@ -148,8 +150,10 @@ def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dis
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
 
 
-def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **extra) -> dict:
-    """Our checkpoint format (STYLE rule 6): everything needed to reuse or resume the model."""
+def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, norm: InputNorm | None = None,
+                     **extra) -> dict:
+    """Our checkpoint format (STYLE rule 6): everything needed to reuse or resume the model; ``norm``
+    is the model's input normalisation, its stain target included (None: ``cfg.input_norm``, no stain target)."""
     return {
         "stage": 1,
         "format": 1,
@@ -161,7 +165,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
         "dataset": spec.name,
         "class_names": list(spec.classes),
         "spec": spec.to_dict(),
-        "input_norm": get_input_norm(cfg.input_norm).to_dict(),
+        "input_norm": (norm or get_input_norm(cfg.input_norm)).to_dict(),
         "image_size": cfg.image_size,
         "frozen_pretrained": model.is_frozen_pretrained,
         **extra,
@@ -181,27 +185,30 @@ def train(cfg: Stage1Config, resume: bool = False, force: bool = False, given: C
         cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force, given=given, owner=owner)
         if state is not None:
             check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
-        samples = _prepare(cfg, spec, paths, owner, resumed=state is not None)
+        samples, pipeline = _prepare(cfg, spec, paths, owner, state)
         dist = Distributed(cfg.device)
         try:
-            return _train(cfg, spec, paths, state, dist, samples)
+            return _train(cfg, spec, paths, state, dist, samples, pipeline)
         finally:
             dist.close()
 
 
-def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner, resumed: bool) -> list:
+def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner,
+             state: dict | None) -> tuple[list, InputPipeline]:
     """Before the first epoch: a resumed run reads the patches it read before, the outputs are ours
-    to write, and every training patch and evaluation mask is valid. Returns the training samples."""
+    to write, and every training patch and evaluation mask is valid. Returns the training samples and
+    how they become model inputs (the stain target fitted, or the resumed run's)."""
     samples = list_train(cfg.data, spec)
+    check_stain_target(cfg)
     inputs = training_inputs(cfg, samples)
-    check_same_inputs(owner, inputs, ("train",), resumed)
+    check_same_inputs(owner, inputs, ("train",), state is not None)
     owner.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
     problems = validate.train_problems(samples, spec)
     for split in cfg.eval_splits:
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)
     validate.require(problems, cfg.data, spec.name)
-    return samples
+    return samples, input_pipeline(cfg, [s.path for s in samples], state)
 
 
 def training_inputs(cfg: Stage1Config, samples) -> dict:
@@ -209,19 +216,21 @@ def training_inputs(cfg: Stage1Config, samples) -> dict:
     from wsss.data.layout import train_image_dir
 
     init = Path(cfg.init_weights) if cfg.init_weights is not None else None
+    target = Path(cfg.stain_target) if cfg.stain_target is not None else None
     return {"train": listing_hash([s.path for s in samples], train_image_dir(cfg.data)),
-            "init_weights": file_sha256(init) if init is not None and init.is_file() else None}
+            "init_weights": file_sha256(init) if init is not None and init.is_file() else None,
+            **({"stain_target": file_sha256(target)} if target is not None and target.is_file() else {})}
 
 
 def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed,
-           samples) -> dict:
+           samples, pipeline: InputPipeline) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     seed_everything(cfg.seed, dist.rank)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    steps_per_epoch = len(train_loader(cfg, samples, dist, 0))
+    steps_per_epoch = len(train_loader(cfg, samples, pipeline, dist, 0))
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
@@ -250,12 +259,13 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        loader = train_loader(cfg, samples, dist, epoch)
+        loader = train_loader(cfg, samples, pipeline, dist, epoch)
         stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
+        stain.log_counts("training patches of this epoch")
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
             save_checkpoint(paths.last, checkpoint_state(
-                model, cfg, spec, epoch, optimizer=optimizer.state_dict(),
+                model, cfg, spec, epoch, pipeline.norm, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
@@ -263,12 +273,12 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
         final_epoch = cfg.epochs - 1
-        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device)
+        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device, pipeline.norm)
         report_fit(fit)
-        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, fit=fit))
+        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, pipeline.norm, fit=fit))
         note_saved(f"training finished ({paths.checkpoint} saved); the CAM evaluation was cut short", True)
         if cfg.eval_splits:
-            summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics)
+            summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics, pipeline.norm)
         if writer is not None:
             writer.close()
     return summary
@@ -280,12 +290,12 @@ augmentation) ends below this has not fitted its labels, and its CAMs are poor: 
 
 
 @torch.no_grad()
-def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: torch.device,
+def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: torch.device, norm: InputNorm,
                  batch_size: int = 32) -> dict:
     """How well the trained classifier fits its training labels: label accuracy (right label bits)
     and exact match (all labels of a patch right) over the training patches, as they are (eval mode,
     no augmentation), per class too; ``fits`` compares the label accuracy with :data:`FIT_LABEL_ACC`."""
-    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm))
+    dataset = ClassificationDataset(samples, cfg.image_size, norm)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers)
     model.eval()
     right_bits, exact, n = None, 0, 0
@@ -400,11 +410,11 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
         with autocast(device, amp):
             pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold, tie_rule)
         meter.update(pred.cpu(), mask)
+    stain.log_counts(f"{split} patches")
     return meter.to_json(list(spec.classes))
 
 
-def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path) -> dict:
-    norm = get_input_norm(cfg.input_norm)
+def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path, norm: InputNorm) -> dict:
     results = {}
     for split in cfg.eval_splits:
         results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
