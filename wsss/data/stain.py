@@ -221,7 +221,7 @@ class StainNorm:
         return np.ascontiguousarray(out.reshape(image.shape))
 
     def describe(self) -> str:
-        return f"{self.method} stain normalisation fitted on {self.patches} patches of {self.source}"
+        return f"{self.method} stain normalisation fitted on {self.patches} patches or tiles of {self.source}"
 
 
 def counts(reset: bool = False) -> dict[str, int]:
@@ -243,7 +243,7 @@ def log_counts(what: str) -> None:
         log.info("stain normalisation: all %d %s normalised", total, what)
 
 
-def fit(method: str, images: Iterable[np.ndarray], source: str) -> StainNorm:
+def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "patches") -> StainNorm:
     """The target of ``method`` fitted on ``images`` (H, W, 3) uint8: the median of their per-image
     estimates, images with a stained fraction under :data:`FIT_MIN_STAINED` or a failed fit skipped.
 
@@ -264,7 +264,7 @@ def fit(method: str, images: Iterable[np.ndarray], source: str) -> StainNorm:
         except FitFailed:
             continue
     if len(estimates) < MIN_FIT_PATCHES:
-        raise WsssError(f"cannot fit a {method} stain target on {source}: {len(estimates)} of its {seen} patches "
+        raise WsssError(f"cannot fit a {method} stain target on {source}: {len(estimates)} of its {seen} {unit} "
                         f"are stained (at least {FIT_MIN_STAINED:.0%} of the pixels with OD >= {BETA} in every "
                         f"channel), {MIN_FIT_PATCHES} needed; it is mostly glass")
     median = np.median(np.stack(estimates), axis=0)
@@ -276,7 +276,7 @@ def fit(method: str, images: Iterable[np.ndarray], source: str) -> StainNorm:
     else:
         target = StainNorm("reinhard", lab_mean=tuple(median[:3].tolist()), lab_std=tuple(median[3:].tolist()),
                            patches=len(estimates), source=source)
-    log.info("%s (%d of %d skipped as glass-dominated)", target.describe(), seen - len(estimates), seen)
+    log.info("%s (%d of %d %s skipped as glass-dominated)", target.describe(), seen - len(estimates), seen, unit)
     return target
 
 
@@ -360,4 +360,4 @@ def fit_image(method: str, path: Path, side: int | None) -> StainNorm:
     from wsss.data.png import read_rgb
 
     image = read_rgb(path)
-    return fit(method, tiles(image, side or 224), str(path))
+    return fit(method, tiles(image, side or 224), str(path), "tiles")
