@@ -49,7 +49,10 @@ def wsss(args: list, log: Path) -> None:
         f.write(f"\n$ {' '.join(cmd[2:])}\n")
         f.flush()
         started = time.perf_counter()
-        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        # one torch thread per process unless told otherwise: on a shared 2-core machine two OpenMP threads
+        # mostly wait on each other, and CPU training is deterministic for a given thread count
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
+        code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
         f.write(f"[exit {code}, {time.perf_counter() - started:.0f} s]\n")
     if code != 0:
         sys.exit(f"failed ({code}): {' '.join(map(str, args))}; see {log}")
