@@ -8,7 +8,7 @@ blur), whose test patches show exactly the tissue and masks of the default look'
 
     python bench/stain_transfer.py --root runs/stain                              # the defaults below
     python bench/stain_transfer.py --root runs/stain --seeds 0,1,2 --configs none,macenko
-    python bench/stain_transfer.py --root runs/stain --counts 1000,100,100 --size 224  # make reproduce's size
+    python bench/stain_transfer.py --root runs/stain --counts 1000,100,100 --size 224  # make reproduce's data
 
 Every step is a `wsss` command whose outputs are kept: rerunning skips what is done (delete a run's
 folder to redo it). Writes ROOT/transfer.json and ROOT/transfer.md (stage 2 + gate test mIoU: mean
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs/stain"))
     parser.add_argument("--seeds", default="0", help="training seeds, comma-separated")
     parser.add_argument("--configs", default="none,macenko,reinhard,aug", help=f"of {', '.join(CONFIGS)}")
-    parser.add_argument("--counts", default="300,40,40", help="train,val,test patches of the synthetic data")
+    parser.add_argument("--counts", default="1000,60,80", help="train,val,test patches of the synthetic data")
     parser.add_argument("--size", type=int, default=112, help="patch side of the synthetic data")
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--no-amp", action="store_true", help="train in fp32 (default: --amp, bf16 on CPU)")

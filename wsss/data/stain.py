@@ -18,13 +18,18 @@ remember it.
 * **Reinhard** (Reinhard et al. 2001): each LAB channel standardised and given the target's mean and
   standard deviation (torchstain's ``NumpyReinhardNormalizer``, whole-patch statistics).
 
-Macenko is written out here rather than taken from torchstain: torchstain's NumPy Macenko spends 95%
-of its time in ``numpy.linalg.lstsq`` with one right-hand side per pixel (41 of 43 ms per 112-px
-patch, measured), where the 2×2 normal equations solved once take well under a millisecond, and every
-training patch is normalised every epoch; it also gives no way to check a patch's own fit before it
-divides by it (a NaN becomes a silent 0 in its uint8 output). The algorithm, its constants and its
-ordering rule are torchstain's (the tests compare the two). Vahadane is not offered: torchstain has
-none, and the usual implementation (StainTools) needs ``spams``, which does not install here.
+Macenko is written out here (40 lines) rather than taken from torchstain, whose algorithm, constants
+and ordering rule it follows (the tests compare the two: within one grey level). Two reasons. Its
+least-squares step (``numpy.linalg.lstsq``, an SVD solver called with one right-hand side per pixel)
+is what dominates its time, and it suffers from BLAS thread contention: measured side by side on our
+busy 2-core machine with numpy's default threads, torchstain took 29 ms per 112-px patch (53 ms at
+224 px) and this code 4.5 ms (17 ms), solving the 2×2 normal equations instead; with one BLAS thread
+both take about 11 ms (17-20 ms). Every training patch is normalised every epoch, so this matters.
+And a patch's own fit has to be checked before the image is divided by it (too few stained pixels,
+coinciding stain vectors, a non-finite or zero concentration percentile): torchstain casts whatever
+comes out to uint8, where a NaN becomes a silent 0. Vahadane is not offered: torchstain has none; the
+usual implementation (StainTools, unmaintained since 2019) needs the SPAMS sparse-coding library, and
+TIAToolbox's would bring a whole toolbox of dependencies for one method.
 
 A patch whose fit fails -- too few stained pixels (mostly glass), or a degenerate or non-finite fit
 -- passes through unchanged; such patches are counted (:func:`counts`) and reported in the log.
