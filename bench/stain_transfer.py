@@ -39,6 +39,8 @@ CONFIGS: dict[str, list[str]] = {
             "--blur-jitter", "1.5", "--jpeg-jitter", "40"],
     "macenko+scanner": ["--stain-norm", "macenko", "--light-jitter", "0.15", "--blur-jitter", "1.5",
                         "--jpeg-jitter", "40"],
+    "reinhard+scanner": ["--stain-norm", "reinhard", "--light-jitter", "0.15", "--blur-jitter", "1.5",
+                         "--jpeg-jitter", "40"],
 }
 
 
