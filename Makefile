@@ -23,7 +23,7 @@ RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
 	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
 endif
 
-.PHONY: venv test reproduce ablation quality bench clean
+.PHONY: venv test reproduce ablation quality stain bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,13 @@ quality: venv
 		--upper-bound --transfer $(SHIFTED) --device $(DEVICE)
 	$(WSSS) reproduce --dataset luad --data $(DATA) --synth --preset cpu-paper --run synthetic-paper \
 		--seeds $(SEEDS) --no-figures --device $(DEVICE)
+
+# The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look with
+# each configuration, tested on every stain/scanner look; a rerun continues.
+STAIN_ROOT ?= runs/stain
+STAIN_CONFIGS ?= none,macenko,reinhard,aug
+stain: venv
+	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS)
 
 bench: venv
 	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py; do \
