@@ -1,6 +1,6 @@
 """The stain transfer matrix: trained on the default synthetic look, tested on each stain/scanner look.
 
-For every configuration (a set of training options: none, a stain normalisation, an augmentation)
+For every configuration (training options per stage: none, a stain normalisation, an augmentation)
 and training seed, the `cpu` preset chain is trained on the default look (train-stage1,
 generate-pm, train-stage2 with the gate), then `wsss evaluate --gate` scores the stage-2 model on the
 test split of every look of `wsss synth` that changes stain or scanner only (lab-b, pale, dark, jpeg,
@@ -27,20 +27,28 @@ from pathlib import Path
 
 LOOKS = ("default", "lab-b", "pale", "dark", "jpeg", "blur")
 
-# Training options per configuration, given to both stages (a stain target is each model's own).
-CONFIGS: dict[str, list[str]] = {
-    "none": [],
-    "macenko": ["--stain-norm", "macenko"],
-    "reinhard": ["--stain-norm", "reinhard"],
-    "hed": ["--hed-scale", "0.3", "--hed-shift", "0.05"],
-    "randstain": ["--lab-jitter", "1"],
-    "scanner": ["--light-jitter", "0.15", "--blur-jitter", "1.5", "--jpeg-jitter", "40"],
-    "aug": ["--hed-scale", "0.3", "--hed-shift", "0.05", "--lab-jitter", "1", "--light-jitter", "0.15",
-            "--blur-jitter", "1.5", "--jpeg-jitter", "40"],
-    "macenko+scanner": ["--stain-norm", "macenko", "--light-jitter", "0.15", "--blur-jitter", "1.5",
-                        "--jpeg-jitter", "40"],
-    "reinhard+scanner": ["--stain-norm", "reinhard", "--light-jitter", "0.15", "--blur-jitter", "1.5",
-                         "--jpeg-jitter", "40"],
+NORM = {"macenko": ["--stain-norm", "macenko"], "reinhard": ["--stain-norm", "reinhard"]}
+HED = ["--hed-scale", "0.3", "--hed-shift", "0.05"]
+SCANNER = ["--light-jitter", "0.15", "--blur-jitter", "1.5", "--jpeg-jitter", "40"]
+AUG = [*HED, "--lab-jitter", "1", *SCANNER]
+
+# Training options per configuration: (stage 1, stage 2). A stain target is each model's own; a "2"
+# suffix means the augmentation is given to stage 2 only (strong augmentation keeps the thin stage-1
+# classifier from fitting its labels in 12 epochs: `aug` on both stages measured label accuracy 0.85).
+CONFIGS: dict[str, tuple[list[str], list[str]]] = {
+    "none": ([], []),
+    "macenko": (NORM["macenko"], NORM["macenko"]),
+    "reinhard": (NORM["reinhard"], NORM["reinhard"]),
+    "hed": (HED, HED),
+    "randstain": (["--lab-jitter", "1"], ["--lab-jitter", "1"]),
+    "scanner": (SCANNER, SCANNER),
+    "aug": (AUG, AUG),
+    "macenko+scanner": (NORM["macenko"] + SCANNER, NORM["macenko"] + SCANNER),
+    "reinhard+scanner": (NORM["reinhard"] + SCANNER, NORM["reinhard"] + SCANNER),
+    "scanner2": ([], SCANNER),
+    "aug2": ([], AUG),
+    "reinhard+scanner2": (NORM["reinhard"], NORM["reinhard"] + SCANNER),
+    "macenko+scanner2": (NORM["macenko"], NORM["macenko"] + SCANNER),
 }
 
 
@@ -74,18 +82,20 @@ def make_data(root: Path, counts: tuple[int, int, int], size: int, data_seed: in
     return folders
 
 
-def train_chain(run: Path, data: Path, options: list[str], seed: int, amp: bool, log: Path) -> tuple[Path, Path]:
-    """Stage 1, pseudo-masks and stage 2 (cpu preset) of one configuration and seed; returns the checkpoints."""
+def train_chain(run: Path, data: Path, options: tuple[list[str], list[str]], seed: int, amp: bool, log: Path
+                ) -> tuple[Path, Path]:
+    """Stage 1, pseudo-masks and stage 2 (cpu preset) of one configuration (its options per stage) and
+    seed; returns the checkpoints."""
     s1 = run / "stage1" / "stage1_checkpoint_trained_on_luad.pth"
     s2 = run / "stage2" / "stage2_checkpoint_trained_on_luad.pth"
     common = ["--dataset", "luad", "--data", data, "--preset", "cpu", "--seed", seed, *(["--amp"] if amp else [])]
     if not s1.is_file():
-        wsss(["train-stage1", *common, "--out", run / "stage1", "--force", *options], log)
+        wsss(["train-stage1", *common, "--out", run / "stage1", "--force", *options[0]], log)
     if not (run / "report" / "metrics.json").is_file():
         wsss(["generate-pm", "--data", data, "--checkpoint", s1, "--out", run / "pm", "--preset", "cpu",
               "--workers", 0], log)
         wsss(["train-stage2", *common, "--out", run / "stage2", "--report", run / "report", "--pm-dir", run / "pm",
-              "--stage1-checkpoint", s1, "--gate", "--force", *options], log)
+              "--stage1-checkpoint", s1, "--gate", "--force", *options[1]], log)
     return s1, s2
 
 
