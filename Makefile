@@ -60,7 +60,7 @@ quality: venv
 # The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look with
 # each configuration, tested on every stain/scanner look; a rerun continues.
 STAIN_ROOT ?= runs/stain
-STAIN_CONFIGS ?= none,macenko,reinhard,aug
+STAIN_CONFIGS ?= none,macenko,reinhard,reinhard+scanner
 stain: venv
 	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS)
 
