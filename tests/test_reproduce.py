@@ -223,3 +223,16 @@ def test_reproduce_over_random_tasks_reports_every_task_and_seed(tmp_path, tiny_
     line = next(line for line in md.splitlines() if line.startswith("| stage-1 CAM (test)"))
     assert f"{task1:.3f}" in line.split("|")[5]
     assert "Stage 1 fits its training labels" in md
+
+
+def test_reproduce_refuses_synthetic_data_of_other_settings(tmp_path, tiny_presets):
+    """DATA holding 48-px synthetic patches is not silently used for a run that asks for 32-px ones
+    or for a random task."""
+    from wsss.data.synth import generate
+
+    generate(tmp_path / "data", n_train=4, n_val=1, n_test=1, size=48, workers=1, progress=False)
+    for kw, words in (({"synth_size": 32}, "size 48 (asked 32)"), ({"synth_size": 48, "synth_task": 3}, "task")):
+        with pytest.raises(WsssError, match="holds synthetic data of other settings") as info:
+            run(tiny(tmp_path, **kw))
+        assert words in str(info.value)
+    assert not (tmp_path / "report").exists()

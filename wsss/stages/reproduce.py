@@ -306,6 +306,40 @@ def _synth(cfg: ReproduceConfig) -> dict:
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
+def check_synth_data(cfg: ReproduceConfig, marker: Path) -> None:
+    """Synthetic data already in DATA is used only when it is what ``--synth`` would write now (its
+    size, look, task and µm/px): otherwise a run would silently train on other data."""
+    from wsss.data.tasks import sample_task
+
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        raise WsssError(f"{marker} is unreadable: delete {marker.parent} to generate the synthetic data again") from None
+    spec = get_spec(cfg.dataset)
+    task = None if cfg.synth_task is None else sample_task(cfg.synth_task, spec.num_classes, cfg.synth_difficulty)
+    look = resolve_look(cfg.synth_look).to_dict()
+    recorded_look = {**look, **{k: v for k, v in (recorded.get("look") or {}).items() if k in look}}
+    recorded = {**recorded, "look": recorded_look}  # looks recorded before a field existed had its default
+    wanted = {"size": cfg.synth_size, "look": look, "task": None if task is None else task.to_dict()}
+    if cfg.synth_mpp is not None:
+        wanted["mpp"] = cfg.synth_mpp
+    differ = [f"{k} {_short(recorded.get(k, 224 if k == 'size' else None))} (asked {_short(v)})"
+              for k, v in wanted.items() if _norm_json(recorded.get(k, 224 if k == "size" else None)) != _norm_json(v)]
+    if differ:
+        raise WsssError(f"{marker.parent} holds synthetic data of other settings ({'; '.join(differ)}); choose another "
+                        f"--data, or delete that folder to generate it again")
+
+
+def _norm_json(value):
+    return json.loads(json.dumps(value))
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return "task " + str(value["seed"]) if "seed" in value else "look " + ",".join(f"{k}={v:g}" for k, v in value.items())
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
@@ -524,6 +558,8 @@ def run(cfg: ReproduceConfig) -> dict:
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
+    if cfg.synth and (data / SYNTH_MARKER).is_file():
+        check_synth_data(cfg, data / SYNTH_MARKER)
     if cfg.synth and not (data / SYNTH_MARKER).is_file():
         if data.is_dir() and any(data.iterdir()) and not (data / "train").is_dir():
             raise WsssError(f"{data} holds something other than a synthetic dataset; choose another DATA")
