@@ -40,7 +40,7 @@ from wsss.data.layout import train_gt_dir
 from wsss.data.specs import SPECS, DatasetSpec, get_spec
 from wsss.data.synth import resolve_look
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
@@ -78,7 +78,7 @@ class ReproduceConfig:
     stage1_init: Path | None = None
     stage2_init: Path | None = None
     seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
-    gate_mode: str = "mask"
+    gate_mode: str | None = None  # None: the preset's (paper, cpu-paper: reference; cpu, best: mask)
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
     workers: int | None = None
@@ -87,7 +87,10 @@ class ReproduceConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        check_gate_options(self.gate_mode, 0.1)
+        if self.gate_mode is None:
+            preset = STAGE2_PRESETS.get(self.preset or "paper", {})
+            object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
+        check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
         resolve_look(self.synth_look)
         seeds = tuple(int(s) for s in self.seeds)
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:

@@ -295,6 +295,9 @@ class LoadedClassifier:
     image_size: int | None
     class_names: list[str] | None
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The tie rule its training run's CAM evaluation used (`eval-cam`'s default); a published file
+    # was evaluated by the reference's code.
+    cam_tie_rule: str = "reference"
 
 
 def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
@@ -310,8 +313,10 @@ def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> Loaded
         arch = ckpt["arch"]
         model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
         model.load_state_dict(ckpt["model"])
+        # A checkpoint of a wsss that recorded no tie rule was evaluated with ours.
+        tie_rule = (ckpt.get("config") or {}).get("cam_tie_rule", "ours")
         return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
-                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path))
+                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path), tie_rule)
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if "fc8.weight" not in state or "conv1a.weight" not in state:
         raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")

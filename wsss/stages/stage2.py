@@ -32,7 +32,7 @@ from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options, gate_logits
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.deeplab import (
@@ -97,6 +97,9 @@ class LoadedSegmenter:
     class_names: list[str] | None
     batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The gate its training run tested with (`evaluate`'s default); a published file: the reference's.
+    gate_mode: str = "reference"
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
 
 
 def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedSegmenter:
@@ -113,9 +116,11 @@ def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedS
         expect_stage(ckpt, path, 2, spec)
         model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
         model.load_state_dict(ckpt["model"])
-        batch = (ckpt.get("config") or {}).get("batch_size")
+        config = ckpt.get("config") or {}
+        # A checkpoint of a wsss that recorded no gate mode was tested with ours.
         return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
-                               ckpt.get("class_names"), batch, recorded_spec(ckpt, path))
+                               ckpt.get("class_names"), config.get("batch_size"), recorded_spec(ckpt, path),
+                               config.get("gate_mode", "mask"), config.get("gate_threshold", DEFAULT_GATE_THRESHOLD))
     raw = state_dict_of(ckpt, path)
     if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
         raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
@@ -167,7 +172,7 @@ def evaluate_samples(
     spec: DatasetSpec,
     device: torch.device,
     gate: LoadedClassifier | None = None,
-    threshold: float = 0.1,
+    threshold: float = DEFAULT_GATE_THRESHOLD,
     batch_size: int = 8,
     workers: int = 0,
     amp: bool = False,
@@ -221,22 +226,25 @@ def evaluate_checkpoint(
     split: str,
     device: torch.device,
     stage1_checkpoint: Path | None = None,
-    threshold: float = 0.1,
+    threshold: float | None = None,
     batch_size: int | None = None,
     workers: int = 0,
     amp: bool = False,
-    gate_mode: str = "mask",
+    gate_mode: str | None = None,
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
 
-    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size`` defaults to the
-    checkpoint's training batch size, which the end-of-training test used too, so the numbers match
-    those in ``metrics.json`` exactly.
+    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size``, ``threshold`` and
+    ``gate_mode`` default to the checkpoint's training run's (a published file: the reference's
+    gate), which the end-of-training test used too, so the numbers match those in ``metrics.json``
+    exactly.
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
-    check_gate_options(gate_mode, threshold)
+    check_gate_options(gate_mode or "mask", DEFAULT_GATE_THRESHOLD if threshold is None else threshold)
     seg, spec = segmenter_and_spec(checkpoint, dataset)
+    gate_mode = gate_mode or seg.gate_mode
+    threshold = seg.gate_threshold if threshold is None else threshold
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
     samples = list_masked(data, split)
     checks.require(checks.masked_problems(samples, spec), data, spec.name)
@@ -281,9 +289,22 @@ def build_optimizer(model: DeepLabV3Plus, cfg: Stage2Config, steps: int):
     return optimizer, scheduler
 
 
+def drops_last_batch(patches: int, batch_size: int, drop_last: bool) -> bool:
+    """Whether a process with ``patches`` training patches leaves out its epoch's last short batch.
+
+    ``drop_last`` (cpu, best) leaves it out when there is a full batch besides; otherwise (paper) it is
+    trained on, as the reference's DataLoader does, unless it would hold a single patch: a batch of one
+    breaks BatchNorm in the ASPP's image-pooling branch (the reference crashed there)."""
+    if drop_last:
+        return patches >= batch_size
+    return patches % batch_size == 1
+
+
 def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
-    # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
-    drop_last = len(dataset) // max(dist.world_size, 1) >= cfg.batch_size
+    # Under DDP the DistributedSampler gives every process ⌊N/world⌋ patches, so every process has as
+    # many batches as the others, its last one (when kept) as short as theirs.
+    per_process = len(dataset) // max(dist.world_size, 1)
+    drop_last = drops_last_batch(per_process, cfg.batch_size, cfg.drop_last)
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
 
@@ -432,6 +453,8 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
     if steps_per_epoch == 0:
         raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
+    if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
+        log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
     start, best = 0, {}
