@@ -500,6 +500,7 @@ def run(cfg: ReproduceConfig) -> dict:
     if not data.is_dir():
         raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
     continue_with_same_command()
+    log.info("initial weights: %s", describe_init_weights(init_weights(cfg)))
     folders = input_folders(data)
     with owned_folder(cfg.out_dir, "reproduce", force=cfg.force, read_from=folders, config=cfg.signature()), \
             owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
@@ -525,6 +526,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "data": str(data),
         "preset": cfg.preset,
         "gate_mode": cfg.gate_mode,
+        "init_weights": init_weights(cfg),
         "classes": list(spec.classes),
         "seeds": list(cfg.seeds),
         # The first seed's results, as a single run reports them.
@@ -545,6 +547,16 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
     with atomic_path(report / "report.md") as tmp:
         tmp.write_text(text)
     return result
+
+
+def init_weights(cfg: ReproduceConfig) -> dict[str, str | None]:
+    """The initial weights each training stage starts from (None: random initialisation)."""
+    return {"stage1": _str(cfg.stage1_init), "stage2": _str(cfg.stage2_init)}
+
+
+def describe_init_weights(weights: dict[str, str | None]) -> str:
+    """``stage 1 PATH; stage 2 none (random initialisation)``."""
+    return "; ".join(f"stage {n} {weights.get(f'stage{n}') or 'none (random initialisation)'}" for n in (1, 2))
 
 
 # --------------------------------------------------------------------------- seed sweeps
@@ -616,6 +628,8 @@ def format_report(r: dict) -> str:
     title = f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'}"
     title += f", gate {r.get('gate_mode', 'mask')}"
     lines = [title + (f", seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ")"), ""]
+    if "init_weights" in r:  # reports of earlier versions did not record them
+        lines += [f"Initial weights: {describe_init_weights(r['init_weights'])}.", ""]
     if len(seeds) > 1:
         lines += _sweep_table(r["summary"], seeds)
         lines += ["", f"Seed {seeds[0]} in detail:", ""]

@@ -271,6 +271,19 @@ def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples
 # --------------------------------------------------------------------------- training building blocks
 
 
+DEEPLAB_WEIGHTS = "deeplab-resnet.pth.tar"
+"""The reference's stage-2 initialisation (pytorch-deeplab-xception's ResNet-101 DeepLab v3+)."""
+BACKBONE_NAMES = {"resnet101": "ResNet-101", "resnet50": "ResNet-50", "resnet18": "ResNet-18",
+                  "mobilenet_v3_large": "MobileNetV3-Large"}
+
+
+def warn_random_init(cfg: Stage2Config) -> None:
+    """The paper preset without ``--init-weights`` trains another recipe than the reference: say so once."""
+    if cfg.init_weights is None and cfg.preset in (None, "paper"):
+        log.warning("warning: the paper preset without --init-weights (the reference starts from %s): stage 2 "
+                    "starts from a random %s", DEEPLAB_WEIGHTS, BACKBONE_NAMES.get(cfg.backbone, cfg.backbone))
+
+
 def build_model(cfg: Stage2Config, spec: DatasetSpec) -> DeepLabV3Plus:
     """DeepLab v3+ with ``--init-weights`` loaded (nothing is frozen: the reference trains all of it)."""
     model = DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, spec.num_classes, cfg.head_channels))
@@ -449,6 +462,8 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
+    if state is None and dist.is_main:
+        warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
     if steps_per_epoch == 0:
