@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from wsss.errors import Interrupted, WsssError
+from wsss.errors import Interrupted, Stopped, WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD
 
 app = typer.Typer(
@@ -676,13 +676,18 @@ def _resume_command(needs_flag: bool) -> str:
 
 
 def _interrupted_line(exc: Interrupted) -> str:
+    return f"{exc.signal_name}: {_saved_and_continue()}"
+
+
+def _saved_and_continue() -> str:
+    """What the run saved so far and the command that continues it."""
     from wsss.runtime import saved_note
 
     note = saved_note()
     if note is None:
-        return f"{exc.signal_name}: nothing was saved yet"
+        return "nothing was saved yet"
     what, needs_flag = note
-    return f"{exc.signal_name}: {what}; to continue: {_resume_command(needs_flag)}"
+    return f"{what}; to continue: {_resume_command(needs_flag)}"
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -713,6 +718,9 @@ def main() -> None:
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
+    except Stopped as exc:
+        typer.echo(f"error: {_one_line(exc)}; {_saved_and_continue()}", err=True)
+        sys.exit(1)
     except WsssError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)

@@ -31,7 +31,7 @@ from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_tra
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
-from wsss.errors import WsssError
+from wsss.errors import Stopped, WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
@@ -364,10 +364,20 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
     }
 
 
-def improves(score: float | None, best: float | None) -> bool:
-    """Strictly better validation mIoU; a missing/NaN score only counts when there is no best yet."""
-    value = -math.inf if score is None or math.isnan(score) else score
-    return best is None or value > best
+def improves(score: float, best: float | None) -> bool:
+    """Strictly better validation mIoU. As the reference (its best starts at 0), a model is kept
+    only once it scores above 0."""
+    return score > (0.0 if best is None else best)
+
+
+def finite_score(val: dict, epoch: int, epochs: int, data: Path) -> float:
+    """The validation mIoU of ``epoch``; NaN (no class in the val masks nor the predictions) stops
+    the run, which cannot choose its best model by it."""
+    score = val.get("mIoU")
+    if score is None or math.isnan(score):
+        raise Stopped(f"the validation mIoU of epoch {epoch + 1} of {epochs} is NaN (no class occurs in the val "
+                      f"masks or the predictions): the best model cannot be chosen; check the val masks of {data}")
+    return score
 
 
 def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
@@ -495,10 +505,11 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         loader = train_loader(cfg, dataset, dist, epoch)
         loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
         val = validate(model, cfg, spec, val_samples, dist)
+        score = finite_score(val, epoch, cfg.epochs, cfg.data)  # every process: they stop together
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
-            if improves(val["mIoU"], best.get("mIoU")):
-                best = {"mIoU": _score(val["mIoU"]), "epoch": epoch, "val": val}
+            if improves(score, best.get("mIoU")):
+                best = {"mIoU": score, "epoch": epoch, "val": val}
                 save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best))
                 log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
@@ -508,6 +519,9 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         dist.barrier()
     summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
                "checkpoint": str(paths.checkpoint)}
+    if dist.is_main and best.get("epoch") is None:  # only the main process keeps the best
+        raise WsssError(f"no epoch reached a validation mIoU above 0, so no model was kept to test (as the "
+                        f"reference); the last epoch is in {paths.last}")
     if dist.is_main:
         note_saved(f"training finished ({paths.checkpoint} saved); the test was cut short", True)
         summary["metrics"] = test_and_report(cfg, spec, paths, dist.device, gate, best)
@@ -518,10 +532,6 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
                     writer.add_scalar(f"{key}/mIoU", summary["metrics"][key]["mIoU"] or 0.0, cfg.epochs)
             writer.close()
     return summary
-
-
-def _score(miou: float | None) -> float:
-    return -math.inf if miou is None or math.isnan(miou) else miou
 
 
 def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:
