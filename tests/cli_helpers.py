@@ -52,3 +52,18 @@ def spy_on_models(monkeypatch: pytest.MonkeyPatch, module) -> tuple[list[Interru
         monkeypatch.setattr(module, "load_models", patched)
 
     return spies, arm
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str, result=None) -> list[tuple[tuple, dict]]:
+    """Replace ``module.name`` by a stand-in that records each call's ``(args, kwargs)`` and returns
+    ``result`` (called with the same arguments when it is callable); returns the list of calls.
+
+    For checking what a command would run with (its resolved configuration) without running it."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def stand_in(*args, **kwargs):
+        calls.append((args, kwargs))
+        return result(*args, **kwargs) if callable(result) else result
+
+    monkeypatch.setattr(module, name, stand_in)
+    return calls
