@@ -87,3 +87,18 @@ def write_lock(folder: Path, command: str, pid: int, scope: str | None = None) -
         "pid": pid, "host": socket.gethostname(), "boot": boot.read_text().strip() if boot.exists() else None,
         "proc_start": start, "command": command, "since": "2026-01-01 00:00:00"}))
     return path
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str, result=None) -> list[tuple[tuple, dict]]:
+    """Replace ``module.name`` by a stand-in that records each call's ``(args, kwargs)`` and returns
+    ``result`` (called with the same arguments when it is callable); returns the list of calls.
+
+    For checking what a command would run with (its resolved configuration) without running it."""
+    calls: list[tuple[tuple, dict]] = []
+
+    def stand_in(*args, **kwargs):
+        calls.append((args, kwargs))
+        return result(*args, **kwargs) if callable(result) else result
+
+    monkeypatch.setattr(module, name, stand_in)
+    return calls

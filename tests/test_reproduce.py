@@ -1,6 +1,7 @@
 """`wsss reproduce`: the chain on a tiny synthetic dataset, the report, and continuing a stopped run."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ def tiny(tmp: Path, **kw) -> ReproduceConfig:
     return ReproduceConfig(**base)
 
 
-def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, tiny_presets, capsys, monkeypatch):
+def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, tiny_presets, capsys, monkeypatch,
+                                                                     caplog):
+    caplog.set_level(logging.INFO)
     cfg = tiny(tmp_path)
     first = run(cfg)
     report = tmp_path / "report"
@@ -50,6 +53,10 @@ def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, 
     assert md == format_report(first)
     for row in ("stage-1 CAM (test)", "pseudo-mask bn7", "stage 2 (test)", "stage 2 + gate (test)", "**total**"):
         assert row in md
+    # it says which initial weights each stage started from: here none
+    assert saved["init_weights"] == {"stage1": None, "stage2": None}
+    none = "stage 1 none (random initialisation); stage 2 none (random initialisation)"
+    assert f"Initial weights: {none}." in md and f"initial weights: {none}" in caplog.text
 
     # a second call skips every finished step and reports the same numbers and earlier times
     code, out, err = run_cli(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "data",

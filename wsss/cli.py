@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from wsss.errors import Interrupted, WsssError
+from wsss.errors import Interrupted, Stopped, WsssError
+from wsss.gate import DEFAULT_GATE_THRESHOLD
 
 app = typer.Typer(
     name="wsss",
@@ -37,6 +38,9 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "Options given explicitly override the preset.")
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
+PRESET_GATE_HELP = GATE_MODE_HELP + " Default: the preset's (paper, cpu-paper: reference; cpu, best: mask)."
+CAM_TIE_HELP = ("ours (a dropped class never wins) or reference (where every kept class is 0, the lowest class "
+                "index wins, as WSSS-Tissue's evaluation).")
 
 
 @app.command()
@@ -152,6 +156,9 @@ def train_stage1(
         None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
     stain_jitter: Optional[float] = typer.Option(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
+                                 + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -169,7 +176,7 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        device=device, amp=amp, workers=workers, seed=seed,
+        cam_tie_rule=tie_rule, device=device, amp=amp, workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
@@ -184,9 +191,9 @@ def eval_cam(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
     split: str = typer.Option("test", "--split", help="val or test."),
     threshold: float = typer.Option(0.25, "--threshold", help="Classes with probability <= this are dropped."),
-    tie_rule: str = typer.Option(
-        "ours", "--tie-rule", help="ours (a dropped class never wins) or reference (where every kept class is 0, "
-                                   "the lowest class index wins, as WSSS-Tissue's evaluation)."),
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help=CAM_TIE_HELP + " Default: the rule the checkpoint's training evaluated with "
+                                               "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(0, "--workers", min=0),
@@ -198,12 +205,13 @@ def eval_cam(
     from wsss.cam.cam import check_tie_rule
     from wsss.stages.stage1 import classifier_and_spec, evaluate_cams
 
-    check_tie_rule(tie_rule)
+    if tie_rule is not None:
+        check_tie_rule(tie_rule)
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
     clf, spec = classifier_and_spec(checkpoint, dataset)
     metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
-                            threshold, batch_size, workers, tie_rule=tie_rule)
+                            threshold, batch_size, workers, tie_rule=tie_rule or clf.cam_tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
         write_json(json_out, metrics)
@@ -221,9 +229,10 @@ def generate_pm(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     workers: int = typer.Option(2, "--workers", min=0),
     force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
-    tie_rule: str = typer.Option(
-        "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
-                                   "where unlabelled classes score 0; differs at a few pixels)."),
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, where "
+                                 "unlabelled classes score 0; differs at a few pixels). Default: the preset's "
+                                 "(paper, cpu-paper: reference; cpu, best: ours)."),
     scales: str = typer.Option(
         "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
                               "(reference: 1)."),
@@ -239,11 +248,11 @@ def generate_pm(
 
     if preset is not None and preset not in PM_PRESETS:
         raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(PM_PRESETS)}")
-    values = {**PM_PRESETS[preset or "paper"], **({"white_rule": white_rule} if white_rule is not None else {})}
+    given = {k: v for k, v in (("white_rule", white_rule), ("tie_rule", tie_rule)) if v is not None}
+    values = {**PM_PRESETS[preset or "paper"], **given}
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
                            out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
-                           labels_csv=labels_csv, **values)
+                           scales=_csv(scales, float, "--scales") or (), flip=flip, labels_csv=labels_csv, **values)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -289,6 +298,10 @@ def train_stage2(
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
+    drop_last: Optional[bool] = typer.Option(
+        None, "--drop-last/--keep-last",
+        help="Leave out each epoch's last short batch, ⌊N/batch⌋ poly steps an epoch (cpu, best), or train on it "
+             "with its loss divided by its own size, ⌈N/batch⌉ steps (paper, cpu-paper: as the reference)."),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (0.9)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
@@ -307,8 +320,9 @@ def train_stage2(
              "state_dict, or a wsss stage-2 checkpoint."),
     gate: Optional[bool] = typer.Option(None, "--gate/--no-gate", help="Also test with the classification gate."),
     gate_threshold: Optional[float] = typer.Option(
-        None, "--gate-threshold", help="Classes with stage-1 probability <= this cannot be predicted."),
-    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=GATE_MODE_HELP),
+        None, "--gate-threshold",
+        help=f"Classes with stage-1 probability <= this cannot be predicted (default {DEFAULT_GATE_THRESHOLD:g})."),
+    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
@@ -328,7 +342,7 @@ def train_stage2(
         dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint, labels_csv=labels_csv,
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
-        head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
         stain_jitter=stain_jitter, mosaic=mosaic,
         init_weights=init_weights,
@@ -353,8 +367,12 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="val or test."),
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Also score with the classification gate."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate_threshold: Optional[float] = typer.Option(
+        None, "--gate-threshold", help="Classes with probability <= this are gated. Default: the checkpoint's training "
+                                       f"run's (WSSS-Tissue's files: {DEFAULT_GATE_THRESHOLD:g})."),
+    gate_mode: Optional[str] = typer.Option(
+        None, "--gate-mode", help=GATE_MODE_HELP + " Default: the mode the checkpoint's training run tested with "
+                                                   "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
     device: str = typer.Option("auto", "--device"),
     amp: bool = typer.Option(False, "--amp/--no-amp"),
@@ -429,7 +447,7 @@ def reproduce(
     upper_bound: bool = typer.Option(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     synth_look: str = typer.Option(
         "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
                                         "pale tissue; see wsss synth --look)."),
@@ -488,7 +506,8 @@ def predict(
     dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     tile: int = typer.Option(
         224, "--tile", min=16,
@@ -545,7 +564,8 @@ def predict_wsi(
     dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
     level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
     mpp: Optional[float] = typer.Option(
@@ -696,13 +716,18 @@ def _resume_command(needs_flag: bool) -> str:
 
 
 def _interrupted_line(exc: Interrupted) -> str:
+    return f"{exc.signal_name}: {_saved_and_continue()}"
+
+
+def _saved_and_continue() -> str:
+    """What the run saved so far and the command that continues it."""
     from wsss.runtime import saved_note
 
     note = saved_note()
     if note is None:
-        return f"{exc.signal_name}: nothing was saved yet"
+        return "nothing was saved yet"
     what, needs_flag = note
-    return f"{exc.signal_name}: {what}; to continue: {_resume_command(needs_flag)}"
+    return f"{what}; to continue: {_resume_command(needs_flag)}"
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -733,6 +758,9 @@ def main() -> None:
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
+    except Stopped as exc:
+        typer.echo(f"error: {_one_line(exc)}; {_saved_and_continue()}", err=True)
+        sys.exit(1)
     except WsssError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)

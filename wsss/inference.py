@@ -16,7 +16,7 @@ import torch
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.gate import gate_logits
+from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
 from wsss.runtime import resolve_device
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
@@ -145,7 +145,7 @@ class TilePredictor(Predictor):
     tile: int
     device: torch.device
     gate: LoadedClassifier | None = None
-    threshold: float = 0.1
+    threshold: float = DEFAULT_GATE_THRESHOLD
     amp: bool = False
     gate_mode: str = "mask"
     tta: str = "none"

@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from wsss.data.png import check_rgb_mode, write_mask, write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.inference import TilePredictor, check_tta, check_window_options, load_models
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
@@ -57,7 +57,7 @@ class PredictConfig:
     dataset: str | None = None  # None: the spec recorded in the checkpoint
     gate: bool = False
     stage1_checkpoint: Path | None = None
-    gate_threshold: float = 0.1
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
     gate_mode: str = "mask"
     tile: int = 224
     overlap: int = 32

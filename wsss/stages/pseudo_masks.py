@@ -60,7 +60,7 @@ class PseudoMaskConfig:
     device: str = "auto"
     workers: int = 2
     force: bool = False
-    tie_rule: str = "ours"  # "reference": see wsss.cam.gradcam.fuse_pseudo_mask
+    tie_rule: str = "reference"  # the reference's argmax; "ours": see wsss.cam.gradcam.fuse_pseudo_mask
     scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
     flip: bool = False  # ... and their left-right flips (the reference: one view)
     white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
@@ -83,7 +83,7 @@ class PseudoMaskConfig:
 class PmMethod:
     """How a patch's Grad-CAMs become its pseudo-masks (shared by generate-pm and the figures)."""
 
-    tie_rule: str = "ours"
+    tie_rule: str = "reference"
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     white_rule: str = "grey"

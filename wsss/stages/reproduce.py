@@ -40,7 +40,7 @@ from wsss.data.layout import train_gt_dir
 from wsss.data.specs import SPECS, DatasetSpec, get_spec
 from wsss.data.synth import resolve_look
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
@@ -84,7 +84,7 @@ class ReproduceConfig:
     stage1_init: Path | None = None
     stage2_init: Path | None = None
     seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
-    gate_mode: str = "mask"
+    gate_mode: str | None = None  # None: the preset's (paper, cpu-paper: reference; cpu, best: mask)
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
     workers: int | None = None
@@ -93,7 +93,10 @@ class ReproduceConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
-        check_gate_options(self.gate_mode, 0.1)
+        if self.gate_mode is None:
+            preset = STAGE2_PRESETS.get(self.preset or "paper", {})
+            object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
+        check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
         resolve_look(self.synth_look)
         from wsss.data.tasks import check_difficulty
 
@@ -572,6 +575,7 @@ def run(cfg: ReproduceConfig) -> dict:
     if not data.is_dir():
         raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
     continue_with_same_command()
+    log.info("initial weights: %s", describe_init_weights(init_weights(cfg)))
     folders = input_folders(data)
     with owned_folder(cfg.out_dir, "reproduce", force=cfg.force, read_from=folders, config=cfg.signature()), \
             owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
@@ -597,6 +601,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "data": str(data),
         "preset": cfg.preset,
         "gate_mode": cfg.gate_mode,
+        "init_weights": init_weights(cfg),
         "classes": list(spec.classes),
         "seeds": list(cfg.seeds),
         # The first seed's results, as a single run reports them.
@@ -699,6 +704,16 @@ def format_task_report(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def init_weights(cfg: ReproduceConfig) -> dict[str, str | None]:
+    """The initial weights each training stage starts from (None: random initialisation)."""
+    return {"stage1": _str(cfg.stage1_init), "stage2": _str(cfg.stage2_init)}
+
+
+def describe_init_weights(weights: dict[str, str | None]) -> str:
+    """``stage 1 PATH; stage 2 none (random initialisation)``."""
+    return "; ".join(f"stage {n} {weights.get(f'stage{n}') or 'none (random initialisation)'}" for n in (1, 2))
+
+
 # --------------------------------------------------------------------------- seed sweeps
 
 
@@ -779,6 +794,8 @@ def format_report(r: dict) -> str:
     title = f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'}"
     title += f", gate {r.get('gate_mode', 'mask')}"
     lines = [title + (f", seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ")"), ""]
+    if "init_weights" in r:  # reports of earlier versions did not record them
+        lines += [f"Initial weights: {describe_init_weights(r['init_weights'])}.", ""]
     if len(seeds) > 1:
         lines += _sweep_table(r["summary"], seeds)
         lines += ["", f"Seed {seeds[0]} in detail:", ""]

@@ -89,6 +89,18 @@ def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
     return optimizer, scheduler
 
 
+IMAGENET_WEIGHTS = "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
+"""The reference's stage-1 initialisation (MXNet ImageNet weights of ResNet38, read by wsss.models.weights)."""
+
+
+def warn_random_init(cfg: Stage1Config) -> None:
+    """The paper preset without ``--init-weights`` trains another recipe than the reference: say so once."""
+    if cfg.init_weights is None and cfg.preset in (None, "paper"):
+        log.warning("warning: the paper preset without --init-weights (the reference starts from %s): stage 1 "
+                    "starts from random weights, so every BatchNorm is trained and nothing is frozen",
+                    IMAGENET_WEIGHTS)
+
+
 def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     """The classifier, with ``--init-weights`` loaded and the freeze policy applied."""
     model = ResNet38Classifier(spec.num_classes, width=cfg.width)
@@ -218,6 +230,8 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     seed_everything(cfg.seed, dist.rank)
+    if state is None and dist.is_main:
+        warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
@@ -337,6 +351,9 @@ class LoadedClassifier:
     image_size: int | None
     class_names: list[str] | None
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The tie rule its training run's CAM evaluation used (`eval-cam`'s default); a published file
+    # was evaluated by the reference's code.
+    cam_tie_rule: str = "reference"
 
 
 def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
@@ -352,8 +369,10 @@ def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> Loaded
         arch = ckpt["arch"]
         model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
         model.load_state_dict(ckpt["model"])
+        # A checkpoint of a wsss that recorded no tie rule was evaluated with ours.
+        tie_rule = (ckpt.get("config") or {}).get("cam_tie_rule", "ours")
         return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
-                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path))
+                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path), tie_rule)
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if "fc8.weight" not in state or "conv1a.weight" not in state:
         raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")

@@ -31,8 +31,8 @@ from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_tra
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
-from wsss.errors import WsssError
-from wsss.gate import check_gate_options, gate_logits
+from wsss.errors import Stopped, WsssError
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.deeplab import (
@@ -97,6 +97,9 @@ class LoadedSegmenter:
     class_names: list[str] | None
     batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The gate its training run tested with (`evaluate`'s default); a published file: the reference's.
+    gate_mode: str = "reference"
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
 
 
 def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedSegmenter:
@@ -113,9 +116,11 @@ def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedS
         expect_stage(ckpt, path, 2, spec)
         model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
         model.load_state_dict(ckpt["model"])
-        batch = (ckpt.get("config") or {}).get("batch_size")
+        config = ckpt.get("config") or {}
+        # A checkpoint of a wsss that recorded no gate mode was tested with ours.
         return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
-                               ckpt.get("class_names"), batch, recorded_spec(ckpt, path))
+                               ckpt.get("class_names"), config.get("batch_size"), recorded_spec(ckpt, path),
+                               config.get("gate_mode", "mask"), config.get("gate_threshold", DEFAULT_GATE_THRESHOLD))
     raw = state_dict_of(ckpt, path)
     if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
         raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
@@ -167,7 +172,7 @@ def evaluate_samples(
     spec: DatasetSpec,
     device: torch.device,
     gate: LoadedClassifier | None = None,
-    threshold: float = 0.1,
+    threshold: float = DEFAULT_GATE_THRESHOLD,
     batch_size: int = 8,
     workers: int = 0,
     amp: bool = False,
@@ -221,22 +226,25 @@ def evaluate_checkpoint(
     split: str,
     device: torch.device,
     stage1_checkpoint: Path | None = None,
-    threshold: float = 0.1,
+    threshold: float | None = None,
     batch_size: int | None = None,
     workers: int = 0,
     amp: bool = False,
-    gate_mode: str = "mask",
+    gate_mode: str | None = None,
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
 
-    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size`` defaults to the
-    checkpoint's training batch size, which the end-of-training test used too, so the numbers match
-    those in ``metrics.json`` exactly.
+    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size``, ``threshold`` and
+    ``gate_mode`` default to the checkpoint's training run's (a published file: the reference's
+    gate), which the end-of-training test used too, so the numbers match those in ``metrics.json``
+    exactly.
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
-    check_gate_options(gate_mode, threshold)
+    check_gate_options(gate_mode or "mask", DEFAULT_GATE_THRESHOLD if threshold is None else threshold)
     seg, spec = segmenter_and_spec(checkpoint, dataset)
+    gate_mode = gate_mode or seg.gate_mode
+    threshold = seg.gate_threshold if threshold is None else threshold
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
     samples = list_masked(data, split)
     checks.require(checks.masked_problems(samples, spec), data, spec.name)
@@ -263,6 +271,19 @@ def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples
 # --------------------------------------------------------------------------- training building blocks
 
 
+DEEPLAB_WEIGHTS = "deeplab-resnet.pth.tar"
+"""The reference's stage-2 initialisation (pytorch-deeplab-xception's ResNet-101 DeepLab v3+)."""
+BACKBONE_NAMES = {"resnet101": "ResNet-101", "resnet50": "ResNet-50", "resnet18": "ResNet-18",
+                  "mobilenet_v3_large": "MobileNetV3-Large"}
+
+
+def warn_random_init(cfg: Stage2Config) -> None:
+    """The paper preset without ``--init-weights`` trains another recipe than the reference: say so once."""
+    if cfg.init_weights is None and cfg.preset in (None, "paper"):
+        log.warning("warning: the paper preset without --init-weights (the reference starts from %s): stage 2 "
+                    "starts from a random %s", DEEPLAB_WEIGHTS, BACKBONE_NAMES.get(cfg.backbone, cfg.backbone))
+
+
 def build_model(cfg: Stage2Config, spec: DatasetSpec) -> DeepLabV3Plus:
     """DeepLab v3+ with ``--init-weights`` loaded (nothing is frozen: the reference trains all of it)."""
     model = DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, spec.num_classes, cfg.head_channels))
@@ -281,9 +302,22 @@ def build_optimizer(model: DeepLabV3Plus, cfg: Stage2Config, steps: int):
     return optimizer, scheduler
 
 
+def drops_last_batch(patches: int, batch_size: int, drop_last: bool) -> bool:
+    """Whether a process with ``patches`` training patches leaves out its epoch's last short batch.
+
+    ``drop_last`` (cpu, best) leaves it out when there is a full batch besides; otherwise (paper) it is
+    trained on, as the reference's DataLoader does, unless it would hold a single patch: a batch of one
+    breaks BatchNorm in the ASPP's image-pooling branch (the reference crashed there)."""
+    if drop_last:
+        return patches >= batch_size
+    return patches % batch_size == 1
+
+
 def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
-    # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
-    drop_last = len(dataset) // max(dist.world_size, 1) >= cfg.batch_size
+    # Under DDP the DistributedSampler gives every process ⌊N/world⌋ patches, so every process has as
+    # many batches as the others, its last one (when kept) as short as theirs.
+    per_process = len(dataset) // max(dist.world_size, 1)
+    drop_last = drops_last_batch(per_process, cfg.batch_size, cfg.drop_last)
     return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
 
 
@@ -330,10 +364,20 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
     }
 
 
-def improves(score: float | None, best: float | None) -> bool:
-    """Strictly better validation mIoU; a missing/NaN score only counts when there is no best yet."""
-    value = -math.inf if score is None or math.isnan(score) else score
-    return best is None or value > best
+def improves(score: float, best: float | None) -> bool:
+    """Strictly better validation mIoU. As the reference (its best starts at 0), a model is kept
+    only once it scores above 0."""
+    return score > (0.0 if best is None else best)
+
+
+def finite_score(val: dict, epoch: int, epochs: int, data: Path) -> float:
+    """The validation mIoU of ``epoch``; NaN (no class in the val masks nor the predictions) stops
+    the run, which cannot choose its best model by it."""
+    score = val.get("mIoU")
+    if score is None or math.isnan(score):
+        raise Stopped(f"the validation mIoU of epoch {epoch + 1} of {epochs} is NaN (no class occurs in the val "
+                      f"masks or the predictions): the best model cannot be chosen; check the val masks of {data}")
+    return score
 
 
 def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
@@ -428,10 +472,14 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
+    if state is None and dist.is_main:
+        warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
     if steps_per_epoch == 0:
         raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
+    if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
+        log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
     start, best = 0, {}
@@ -457,10 +505,11 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         loader = train_loader(cfg, dataset, dist, epoch)
         loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
         val = validate(model, cfg, spec, val_samples, dist)
+        score = finite_score(val, epoch, cfg.epochs, cfg.data)  # every process: they stop together
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
-            if improves(val["mIoU"], best.get("mIoU")):
-                best = {"mIoU": _score(val["mIoU"]), "epoch": epoch, "val": val}
+            if improves(score, best.get("mIoU")):
+                best = {"mIoU": score, "epoch": epoch, "val": val}
                 save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best))
                 log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
@@ -470,6 +519,9 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         dist.barrier()
     summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
                "checkpoint": str(paths.checkpoint)}
+    if dist.is_main and best.get("epoch") is None:  # only the main process keeps the best
+        raise WsssError(f"no epoch reached a validation mIoU above 0, so no model was kept to test (as the "
+                        f"reference); the last epoch is in {paths.last}")
     if dist.is_main:
         note_saved(f"training finished ({paths.checkpoint} saved); the test was cut short", True)
         summary["metrics"] = test_and_report(cfg, spec, paths, dist.device, gate, best)
@@ -480,10 +532,6 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
                     writer.add_scalar(f"{key}/mIoU", summary["metrics"][key]["mIoU"] or 0.0, cfg.epochs)
             writer.close()
     return summary
-
-
-def _score(miou: float | None) -> float:
-    return -math.inf if miou is None or math.isnan(miou) else miou
 
 
 def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:

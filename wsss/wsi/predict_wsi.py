@@ -51,7 +51,7 @@ import torch
 from wsss.data.png import write_rgb
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.inference import check_tta, check_window_options, load_models
 from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
@@ -91,7 +91,7 @@ class WsiConfig:
     dataset: str | None = None  # None: the one recorded in the checkpoint
     gate: bool = False
     stage1_checkpoint: Path | None = None
-    gate_threshold: float = 0.1
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
     gate_mode: str = "mask"
     level: int | None = None  # neither level nor mpp: level 0
     mpp: float | None = None
