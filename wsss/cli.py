@@ -141,6 +141,8 @@ def train_stage1(
     weight_decay: Optional[float] = typer.Option(
         None, "--weight-decay", help="Weight decay of the weight groups; biases get none (5e-4)."),
     width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
+    dropout: Optional[float] = typer.Option(
+        None, "--dropout", help="Multiple of the reference's dropout rates (b6 0.3, b7 0.5, head 0.5); 0: none."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
     init_weights: Optional[Path] = typer.Option(
@@ -174,7 +176,7 @@ def train_stage1(
     options = dict(
         dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
-        width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
+        width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
         cam_tie_rule=tie_rule, device=device, amp=amp, workers=workers, seed=seed,
     )

@@ -34,6 +34,7 @@ class Stage1Config:
     momentum: float = 0.0005
     weight_decay: float = 5e-4
     width: float = 1.0
+    dropout: float = 1.0  # multiple of the reference's dropout rates (b6 0.3, b7 0.5, head 0.5)
     image_size: int | None = None  # None: the patches' own size (224 for the real datasets)
     input_norm: str = "none"  # the reference feeds [0, 1] RGB
     init_weights: Path | None = None
@@ -69,6 +70,8 @@ class Stage1Config:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
         PdaSchedule(self.pda_start, self.pda_decay, self.pda_floor, self.pda_first_epoch)
+        if not 0.0 <= self.dropout <= 2.0:
+            raise WsssError(f"--dropout must be in [0, 2] (a multiple of the reference's rates), not {self.dropout:g}")
         bad = [s for s in self.eval_splits if s not in ("val", "test")]
         if bad:
             raise WsssError(f"evaluation splits must be val or test, not {bad}")

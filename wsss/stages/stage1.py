@@ -104,6 +104,7 @@ def warn_random_init(cfg: Stage1Config) -> None:
 def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     """The classifier, with ``--init-weights`` loaded and the freeze policy applied."""
     model = ResNet38Classifier(spec.num_classes, width=cfg.width)
+    model.scale_dropout(cfg.dropout)
     if cfg.init_weights is not None:
         report = load_stage1_weights(model, cfg.init_weights)
         log.info(report.summary())

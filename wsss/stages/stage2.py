@@ -564,6 +564,16 @@ def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) ->
         writer.flush()
 
 
+def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
+                     gate: LoadedClassifier | None, best: dict) -> dict | None:
+    if best.get("epoch") is None or best["epoch"] == cfg.epochs - 1 or not paths.last.is_file():
+        return None
+    meters = evaluate_samples(load_segmenter(paths.last, spec), list_masked(cfg.data, "test"), spec, device, gate,
+                              cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.amp, None, desc="test last epoch",
+                              gate_mode=cfg.gate_mode)
+    return meters["gate" if "gate" in meters else "plain"].to_json(list(spec.classes))
+
+
 def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
                     gate: LoadedClassifier | None, best: dict) -> dict:
     """Test the best checkpoint (read back from disk, as ``wsss evaluate`` would) with and without
@@ -578,6 +588,9 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
         "test_gate": meters["gate"].to_json(names) if "gate" in meters else None,
         "val_best": best.get("val"),
         "best_epoch": None if best.get("epoch") is None else best["epoch"] + 1,
+        # The last epoch's model on the same test split (with the gate when there is one), so that
+        # what choosing by validation gains or loses is on record: None when the best is the last.
+        "test_last_epoch": _test_last_epoch(cfg, spec, paths, device, gate, best),
     }
     write_json(paths.metrics, metrics)
     log.info(format_table(metrics["test"], "stage-2 segmentation, test split"))
