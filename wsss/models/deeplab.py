@@ -192,15 +192,16 @@ class DeepLabV3Plus(nn.Module):
         return dict(self.backbone(x))
 
     def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> dict[str, Tensor]:
-        """Image (B, 3, H, W) → ``{"out": logits (B, C, *size)}``; ``size`` defaults to (H, W).
+        """Image (B, 3, H, W) → ``{"out": float32 logits (B, C, *size)}``; ``size`` defaults to (H, W).
 
         Asking for the mask's size directly saves a second interpolation when the model runs on
-        resized inputs.
+        resized inputs. Under bf16/fp16 autocast the logits are upsampled in float32: the argmax
+        and the softmax near class boundaries must not depend on an 8-bit mantissa.
         """
         features = self.forward_features(x)
         logits = self.decoder(self.aspp(features["out"]), features["low_level"])
         size = tuple(x.shape[-2:]) if size is None else tuple(size)
-        return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=True)}
+        return {"out": F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=True)}
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
         """SGD groups of the reference: backbone at ``lr``, ASPP and decoder at ``head_lr_mult · lr``."""

@@ -44,7 +44,7 @@ from wsss.gate import check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
-from wsss.runtime import atomic_path, continue_with_same_command, note_saved
+from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved
 from wsss.stages.stage1 import FIT_LABEL_ACC
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ReproduceConfig:
     gate_mode: str = "mask"
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
+    precision: str = "fp32"  # of every step (wsss.runtime.resolve_precision); how, not what: not in the signature
     workers: int | None = None
     ablations: bool = False
     figures: bool = True
@@ -94,6 +95,7 @@ class ReproduceConfig:
 
     def __post_init__(self) -> None:
         check_gate_options(self.gate_mode, 0.1)
+        check_precision(self.precision)
         resolve_look(self.synth_look)
         from wsss.data.tasks import check_difficulty
 
@@ -308,7 +310,8 @@ def _synth(cfg: ReproduceConfig) -> dict:
 
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
+                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device,
+                          precision=cfg.precision, workers=cfg.workers,
                           seed=seed, **overrides)
 
 
@@ -317,7 +320,7 @@ def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, p
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
                           gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
-                          workers=cfg.workers, seed=seed, **overrides)
+                          precision=cfg.precision, workers=cfg.workers, seed=seed, **overrides)
 
 
 def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
@@ -325,7 +328,8 @@ def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides)
 
     values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
     return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force,
+                            out=pm_dir, device=cfg.device, precision=cfg.precision, workers=_pm_workers(cfg),
+                            force=cfg.force,
                             labels_csv=cfg.labels_csv, **values)
 
 
@@ -373,7 +377,7 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
     if not Path(cfg.transfer).is_dir():
         raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
     metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
-                                  gate_mode=cfg.gate_mode)
+                                  precision=cfg.precision, gate_mode=cfg.gate_mode)
     return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
 
 
