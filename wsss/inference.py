@@ -155,7 +155,7 @@ class TilePredictor(Predictor):
 
         self.transforms = tta_transforms(self.tta)
         configure_device(self.device)
-        self.memory_format = memory_format(self.device)
+        self.memory_format = memory_format(self.device, self.precision)
         self.seg.model.eval().to(self.device, memory_format=self.memory_format)
         if self.gate is not None:
             self.gate.model.eval().to(self.device, memory_format=self.memory_format)

@@ -241,12 +241,18 @@ def configure_device(device) -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def memory_format(device):
-    """``torch.channels_last`` on CUDA (what cuDNN's tensor-core convolutions read without a
-    transpose), else ``torch.contiguous_format`` (the CPU keeps the layout it always had)."""
+def memory_format(device, precision: str = "fp32"):
+    """The layout of models and images on ``device`` in ``precision`` (resolved):
+    ``torch.channels_last`` on CUDA (what cuDNN's tensor-core convolutions read without a
+    transpose) and for bf16 on the CPU (oneDNN's bf16 convolutions want NHWC and reorder NCHW
+    inputs at every layer: bench/precision.py), else ``torch.contiguous_format``, so that fp32 on
+    the CPU computes exactly as before. ResNet38's training step on the CPU is the exception
+    (:func:`wsss.stages.stage1.training_format`)."""
     import torch
 
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    if device.type == "cuda" or (device.type == "cpu" and precision == "bf16"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 # --------------------------------------------------------------------------- numeric precision

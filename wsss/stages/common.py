@@ -273,15 +273,16 @@ class EpochLoader:
         self.loader = None
 
 
-def device_images(x: torch.Tensor, norm, device: torch.device) -> torch.Tensor:
+def device_images(x: torch.Tensor, norm, device: torch.device,
+                  layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A batch of uint8 images (B, 3, H, W) from the loader → normalised float32 model input on
-    ``device`` (channels_last on CUDA): the loader's workers send a quarter of the bytes, and the
-    normalisation runs where the model does (:func:`wsss.data.datasets.normalise`)."""
+    ``device`` in ``layout`` (:func:`wsss.runtime.memory_format`): the loader's workers send a
+    quarter of the bytes, and the normalisation runs where the model does
+    (:func:`wsss.data.datasets.normalise`)."""
     from wsss.data.datasets import normalise
-    from wsss.runtime import memory_format
 
     x = normalise(x.to(device, non_blocking=True), norm)
-    return x.contiguous(memory_format=memory_format(device))
+    return x.contiguous(memory_format=layout)
 
 
 def note_epochs(paths: RunPaths, done: int, epochs: int) -> None:

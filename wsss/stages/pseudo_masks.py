@@ -39,7 +39,9 @@ from wsss.models.resnet38 import ResNet38Classifier
 from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, differences, file_sha256, owned_folder
-from wsss.runtime import atomic_path, check_precision, note_saved, resolve_device, resolve_precision
+from wsss.runtime import (
+    atomic_path, check_precision, memory_format, note_saved, resolve_device, resolve_precision,
+)
 from wsss.stages.stage1 import _progress, classifier_and_spec
 
 log = logging.getLogger(__name__)
@@ -216,6 +218,7 @@ def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Seque
     """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items), the
     classifier's passes in ``precision`` (resolved)."""
     x = torch.stack([item["x"] for item in items]).to(device)
+    x = x.contiguous(memory_format=memory_format(device, precision))
     labels = torch.stack([item["label"] for item in items]).to(device)
     white = None
     if items[0]["white"] is not None:
@@ -317,7 +320,7 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
     out = owner.folder
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    model = clf.model.to(device).eval()
+    model = clf.model.to(device, memory_format=memory_format(device, precision)).eval()
     _save_config(cfg, out)
     loader = DataLoader(
         PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),

@@ -192,18 +192,20 @@ def evaluate_samples(
     if gate is not None:
         sizes.append(gate.image_size)
         norms.append(gate.norm)
-        gate.model.eval().to(device)
+        gate.model.eval().to(device, memory_format=memory_format(device, precision))
     loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms, spec), batch_size=batch_size,
                         num_workers=workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
     meters = {"plain": ConfusionMeter(spec.num_classes, spec.background_index)}
     if gate is not None:
         meters["gate"] = ConfusionMeter(spec.num_classes, spec.background_index)
-    seg.model.eval().to(device)
+    layout = memory_format(device, precision)
+    seg.model.eval().to(device, memory_format=layout)
     for views, mask, index in _progress(loader, progress, desc=desc, leave=False):
-        logits = segment(seg.model, views[0].to(device), mask.shape[-2:], precision)
+        views = [v.to(device, non_blocking=True).contiguous(memory_format=layout) for v in views]
+        logits = segment(seg.model, views[0], mask.shape[-2:], precision)
         preds = {"plain": logits.argmax(dim=1)}
         if gate is not None:
-            probs = class_probs(gate, views[1].to(device), precision)
+            probs = class_probs(gate, views[1], precision)
             preds["gate"] = gate_logits(logits, probs, threshold, gate_mode).argmax(dim=1)
         for key, pred in preds.items():
             pred = pred.cpu()
@@ -300,12 +302,12 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Con
     loss, summed on the device and read back once."""
     model.train()
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
-    norm = get_input_norm(cfg.input_norm)
+    norm, layout = get_input_norm(cfg.input_norm), memory_format(dist.device, cfg.precision)
     total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0
     bar = _progress(batches, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
     losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/total_loss_iter", optimizer)
     for step, (x, masks, _) in enumerate(bar):
-        x = device_images(x, norm, dist.device)
+        x = device_images(x, norm, dist.device, layout)
         masks = masks.to(dist.device, non_blocking=True).long()  # uint8 from the loader
         with autocast(dist.device, cfg.precision):
             logits = model(x)["out"]
@@ -442,7 +444,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     gate = _gate_classifier(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
-    model = model.to(memory_format=memory_format(dist.device))
+    model = model.to(memory_format=memory_format(dist.device, cfg.precision))
     batches = train_loader(cfg, dataset, dist)
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
