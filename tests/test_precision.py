@@ -184,6 +184,37 @@ def test_predictions_an_older_wsss_made_without_amp_count_as_fp32(thin_ckpts, tm
     assert code == 1 and "another model or settings" in err
 
 
+def _signature(out: Path) -> dict:
+    return Manifest.read(out).runs[-1]["config"]["signature"]
+
+
+def test_pseudo_masks_in_bf16_record_it_and_are_not_mixed_with_fp32(synth16, thin_ckpts, tmp_path, capsys,
+                                                                   monkeypatch):
+    args = ("generate-pm", "--dataset", "luad", "--data", synth16, "--checkpoint", thin_ckpts["s1a"], "--out",
+            tmp_path / "pm", "--device", "cpu", "--workers", "0")
+    code, stdout, err = run_cli(capsys, monkeypatch, *args, "--precision", "bf16")
+    assert code == 0 and "16 computed" in stdout, err
+    assert _signature(tmp_path / "pm")["precision"] == "bf16"
+    code, _, err = run_cli(capsys, monkeypatch, *args)  # fp32 would mix two precisions' masks
+    assert code == 1 and 'precision: "bf16" → "fp32"' in err and len(err.strip().splitlines()) == 1
+    code, stdout, err = run_cli(capsys, monkeypatch, *args, "--precision", "bf16")  # the same: all kept
+    assert code == 0 and "0 computed, 16 skipped" in stdout, err
+
+
+def test_pseudo_masks_an_older_wsss_made_count_as_fp32(synth16, thin_ckpts, tmp_path, capsys, monkeypatch):
+    args = ("generate-pm", "--dataset", "luad", "--data", synth16, "--checkpoint", thin_ckpts["s1a"], "--out",
+            tmp_path / "pm", "--device", "cpu", "--workers", "0")
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    journal = tmp_path / "pm" / MANIFEST_NAME
+    entries = [json.loads(line) for line in journal.read_text().splitlines()]
+    for entry in entries:  # an older wsss recorded no precision
+        (entry.get("config") or {}).get("signature", {}).pop("precision", None)
+    journal.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    assert "precision" not in _signature(tmp_path / "pm")
+    code, stdout, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0 and "0 computed, 16 skipped" in stdout, err
+
+
 # --------------------------------------------------------------------------- resuming in another precision
 
 

@@ -37,7 +37,11 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "Options given explicitly override the preset.")
 PRECISION_HELP = ("fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a gradient scaler) or auto (bf16 on "
                   "CUDA GPUs and CPUs that support it, else fp32). Losses, softmax and CAM normalisation stay fp32.")
-PM_PRECISION_HELP = PRECISION_HELP
+PM_PRECISION_HELP = (
+    "Precision of the classifier's Grad-CAM passes: fp32, bf16, fp16 or auto (bf16 on CUDA GPUs and CPUs that "
+    "support it, else fp32). The weighted sums, upsampling and normalisation stay fp32; bf16 changed 0.2-0.3 % "
+    "of the pseudo-mask pixels of trained classifiers (bench/precision.py). Masks of another precision are not "
+    "mixed into OUT.")
 AMP_HELP = "Old spelling of --precision: --amp is fp16 on CUDA and bf16 on the CPU, --no-amp is fp32."
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")

@@ -347,13 +347,15 @@ def source_id(path: Path) -> list[int]:
 
 
 def pm_signature(cfg: PseudoMaskConfig, spec: DatasetSpec) -> dict:
-    """What a pseudo-mask depends on besides its patch: the classifier's bytes and the method."""
+    """What a pseudo-mask depends on besides its patch: the classifier's bytes, the method and the
+    precision of the Grad-CAM passes (bf16 changes a few pixels in a thousand: bench/precision.py)."""
     return {"dataset": spec.name, "checkpoint": str(cfg.checkpoint),
             "checkpoint_sha256": file_sha256(cfg.checkpoint), "tie_rule": cfg.tie_rule,
-            "scales": list(cfg.scales), "flip": cfg.flip, "white_rule": cfg.white_rule}
+            "scales": list(cfg.scales), "flip": cfg.flip, "white_rule": cfg.white_rule,
+            "precision": resolve_precision(cfg.precision, resolve_device(cfg.device))}
 
 
-_SIGNATURE_KEYS = ("dataset", "checkpoint_sha256", "tie_rule", "scales", "flip", "white_rule")
+_SIGNATURE_KEYS = ("dataset", "checkpoint_sha256", "tie_rule", "scales", "flip", "white_rule", "precision")
 
 
 def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequence[str],
@@ -377,6 +379,8 @@ def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequenc
                 foreign.append(path)
                 continue
             written_by = (runs.get(record.get("run")) or {}).get("config", {}).get("signature")
+            if isinstance(written_by, dict):
+                written_by = {"precision": "fp32", **written_by}  # an older wsss computed in fp32
             if not isinstance(written_by, dict) or differences(written_by, signature, _SIGNATURE_KEYS):
                 stale.append((path, written_by or {}))
                 continue
