@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_cli
+from test_reproduce import tiny, tiny_presets  # noqa: F401 (a fixture)
 from test_trust import S1, S2
 from wsss import config as cfglib
 from wsss import runtime
@@ -23,6 +24,7 @@ from wsss.config import Stage1Config
 from wsss.errors import WsssError
 from wsss.ownership import MANIFEST_NAME, Manifest
 from wsss.stages import common, stage1, stage2
+from wsss.stages.reproduce import run as run_reproduce
 
 S1_ONE_EPOCH = (*S1[:4], "--epochs", "1", *S1[6:])
 
@@ -322,3 +324,14 @@ def test_losses_are_read_back_every_few_steps_and_a_nan_names_its_step(monkeypat
     losses.add(6, torch.tensor(float("inf")))
     with pytest.raises(WsssError, match=r"^loss is not finite at epoch 3, step 6; try a lower --lr"):
         losses.flush()
+
+
+def test_reproduce_runs_every_step_in_the_precision_asked(tmp_path, tiny_presets):
+    """The whole chain in bf16: each step records it, and the numbers are real numbers."""
+    result = run_reproduce(tiny(tmp_path, precision="bf16"))
+    ckpt = tmp_path / "ckpt"
+    assert json.loads((ckpt / "stage1_luad_config.json").read_text())["precision"] == "bf16"
+    assert json.loads((ckpt / "stage2_luad_config.json").read_text())["precision"] == "bf16"
+    assert _signature(ckpt / "train_PM")["precision"] == "bf16"
+    assert result["precision"] == "bf16" and "precision bf16" in (tmp_path / "report" / "report.md").read_text()
+    assert math.isfinite(result["stage2"]["test_gate"]["pixel_acc"])

@@ -579,6 +579,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "times": ctx.times,
         "wall_seconds_this_call": round(time.perf_counter() - started, 1),
         "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     text = format_report(result)
@@ -619,6 +620,7 @@ def _task_report(cfg: ReproduceConfig, spec: DatasetSpec, started: float) -> dic
         "summary": aggregate([_with_gap(r) for r in runs]),
         "fits": [{"task": r["task"], "seed": r["seed"], **(r.get("stage1_fit") or {})} for r in runs],
         "wall_seconds_this_call": round(time.perf_counter() - started, 1), "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     with atomic_path(report / "report.md") as tmp:
@@ -663,7 +665,7 @@ def format_task_report(r: dict) -> str:
                                                                 for f in unfit) + ".")]
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -726,6 +728,13 @@ def aggregate_files(paths: Sequence[Path]) -> dict[str, dict]:
     return aggregate([json.loads(Path(p).read_text()) for p in paths])
 
 
+def _precision(cfg: ReproduceConfig) -> str:
+    """The precision this call's steps computed in (``auto`` resolved)."""
+    from wsss.runtime import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -768,7 +777,7 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total** | **{total:.0f}** | |")
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
 
 
