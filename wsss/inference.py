@@ -17,7 +17,7 @@ from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import gate_logits
-from wsss.runtime import resolve_device, resolve_precision
+from wsss.runtime import memory_format, resolve_device, resolve_precision
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
 from wsss.tiling import Predictor
@@ -151,10 +151,7 @@ class TilePredictor(Predictor):
     tta: str = "none"
 
     def __post_init__(self) -> None:
-        from wsss.runtime import configure_device, memory_format
-
         self.transforms = tta_transforms(self.tta)
-        configure_device(self.device)
         self.memory_format = memory_format(self.device, self.precision)
         self.seg.model.eval().to(self.device, memory_format=self.memory_format)
         if self.gate is not None:

@@ -211,7 +211,8 @@ def is_main_process() -> bool:
 
 
 def resolve_device(name: str, local_rank: int = 0):
-    """``auto`` → CUDA when available else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` → CUDA when available else CPU; ``cuda`` without a GPU is a user error. A CUDA device
+    gets the process-wide settings of :func:`configure_device`."""
     import torch
 
     from wsss.errors import WsssError
@@ -221,7 +222,9 @@ def resolve_device(name: str, local_rank: int = 0):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise WsssError("--device cuda was asked for, but no CUDA GPU is available")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        configure_device(device)
+        return device
     if name != "cpu":
         raise WsssError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device("cpu")

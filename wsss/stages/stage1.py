@@ -43,7 +43,7 @@ from wsss.stages.common import (
     tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, configure_device, expect_stage, grad_scaler, is_main_process, load_checkpoint,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_checkpoint,
     load_scaler_state, memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything,
 )
 
@@ -224,7 +224,6 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         logging.getLogger("wsss").setLevel(logging.WARNING)
     # The config records the precision the run computes in (auto → bf16 or fp32 here).
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
-    configure_device(dist.device)
     seed_everything(cfg.seed, dist.rank)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     model = model.to(memory_format=training_format(dist.device, cfg.precision))

@@ -55,7 +55,7 @@ from wsss.stages.common import (
     tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, configure_device, expect_stage, grad_scaler, is_main_process, load_scaler_state,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_scaler_state,
     memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything, seed_worker,
 )
 from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier, poly_lambda
@@ -439,7 +439,6 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         logging.getLogger("wsss").setLevel(logging.WARNING)
     # The config records the precision the run computes in (auto → bf16 or fp32 here).
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
-    configure_device(dist.device)
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
