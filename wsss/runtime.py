@@ -328,6 +328,13 @@ def autocast(device, precision: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
+def full_precision(t):
+    """``t`` as float32 when autocast made it bf16/fp16; float32 and float64 tensors as they are."""
+    import torch
+
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def grad_scaler(device, precision: str):
     """A gradient scaler, enabled for fp16 only (its 5-bit exponent underflows small gradients);
     bf16 has float32's exponent range and needs none."""

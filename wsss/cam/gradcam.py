@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from wsss.cam.cam import minmax_normalise, upsample_cams
 from wsss.models.resnet38 import FEATURE_NAMES, ResNet38Classifier
-from wsss.runtime import autocast
+from wsss.runtime import autocast, full_precision
 
 GRADCAM_LAYERS: tuple[str, ...] = FEATURE_NAMES
 """Layers Grad-CAM can be taken at, in forward order: ``b4_5``, ``b5_2``, ``bn7``."""
@@ -119,7 +119,7 @@ def multi_layer_gradcam(
     """Raw Grad-CAMs (no ReLU, not normalised) of every class at each layer, from one forward pass.
 
     ``x`` (B, 3, S, S) is the normalised model input; the model must be in eval mode. Returns
-    float32 ``{layer: (B, C, H, W)}`` with ``(H, W) = size`` (bilinear, ``align_corners=False``), or
+    ``{layer: (B, C, H, W)}`` (float32, or float64 for a float64 model) with ``(H, W) = size`` (bilinear, ``align_corners=False``), or
     at the feature resolution (B, C, S/8, S/8) when ``size`` is None. Parameters' ``requires_grad``
     flags are left as they were; no graph outlives the call. ``precision`` (resolved) is that of the
     forward and gradient passes; the weighted sums, the upsampling (and later the normalisation)
@@ -148,7 +148,8 @@ def multi_layer_gradcam(
             head = features[HEAD_LAYER]
             alphas[HEAD_LAYER] = model.fc8.weight.flatten(1) / (head.shape[-2] * head.shape[-1])
         with torch.no_grad():
-            cams = {name: weighted_maps(alphas[name].float(), features[name].detach().float()) for name in layers}
+            cams = {name: weighted_maps(full_precision(alphas[name]), full_precision(features[name].detach()))
+                    for name in layers}
         del features, alphas
     if size is not None:
         cams = {name: upsample_cams(cam, size) for name, cam in cams.items()}
@@ -189,7 +190,7 @@ def averaged_gradcam(
         for mirrored in ((False, True) if flip else (False,)):
             cams = gradcam(model, xs.flip(-1) if mirrored else xs, layers, size=size)
             for name, cam in cams.items():
-                cam = minmax_normalise((cam.flip(-1) if mirrored else cam).float())
+                cam = minmax_normalise(full_precision(cam.flip(-1) if mirrored else cam))
                 total[name] = cam if name not in total else total[name] + cam
             views += 1
     return {name: cam / views for name, cam in total.items()}
