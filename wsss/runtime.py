@@ -265,10 +265,6 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 8 and later, CPUs with AVX512-BF16 or AMX), else fp32. ``amp`` is accepted too, as the old
 ``--amp``: fp16 on CUDA, bf16 on the CPU."""
 
-PRECISION_HELP = ("Numeric precision of the models: fp32, bf16 (bfloat16 autocast, no loss scaling), fp16 "
-                  "(float16 autocast with a gradient scaler) or auto (bf16 where the GPU or CPU supports it, else "
-                  "fp32). Losses, softmax and CAM normalisation stay fp32.")
-
 
 def check_precision(precision: str) -> str:
     """``precision`` if it is a ``--precision`` value (or ``amp``); otherwise a user error."""
