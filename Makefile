@@ -60,7 +60,8 @@ quality: venv
 		--seeds $(SEEDS) --no-figures --device $(DEVICE)
 
 bench: venv
-	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py; do \
+	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py \
+		bench/precision.py; do \
 		if [ -f $$script ]; then echo "== $$script"; $(PY) $$script || exit 1; fi; \
 	done
 

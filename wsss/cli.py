@@ -36,6 +36,14 @@ TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right,
 PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper (the paper's method at CPU scale), "
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
+PRECISION_HELP = ("fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a gradient scaler) or auto (bf16 on "
+                  "CUDA GPUs and CPUs that support it, else fp32). Losses, softmax and CAM normalisation stay fp32.")
+PM_PRECISION_HELP = (
+    "Precision of the classifier's Grad-CAM passes: fp32, bf16, fp16 or auto (bf16 on CUDA GPUs and CPUs that "
+    "support it, else fp32). The weighted sums, upsampling and normalisation stay fp32; bf16 changed 0.2-0.3 % "
+    "of the pseudo-mask pixels of trained classifiers (bench/precision.py). Masks of another precision are not "
+    "mixed into OUT.")
+AMP_HELP = "Old spelling of --precision: --amp is fp16 on CUDA and bf16 on the CPU, --no-amp is fp32."
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
 PRESET_GATE_HELP = GATE_MODE_HELP + " Default: the preset's (paper, cpu-paper: reference; cpu, best: mask)."
@@ -162,10 +170,12 @@ def train_stage1(
         None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
                                  + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT (--device, --precision and "
+                                                        "--workers may change)."),
     force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
 ) -> None:
     """Train the ResNet38 classifier (stage 1) with PDA, then evaluate its CAMs on val and test."""
@@ -178,7 +188,7 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        cam_tie_rule=tie_rule, device=device, amp=amp, workers=workers, seed=seed,
+        cam_tie_rule=tie_rule, device=device, precision=_precision(precision, amp), workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
@@ -198,12 +208,13 @@ def eval_cam(
                                                "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     workers: int = typer.Option(0, "--workers", min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
     """Segment a split with the stage-1 CAMs and score it against the masks."""
     from wsss.metrics import format_table, write_json
-    from wsss.runtime import resolve_device
+    from wsss.runtime import resolve_device, resolve_precision
     from wsss.cam.cam import check_tie_rule
     from wsss.stages.stage1 import classifier_and_spec, evaluate_cams
 
@@ -211,9 +222,12 @@ def eval_cam(
         check_tie_rule(tie_rule)
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
+    _precision(precision, None)
     clf, spec = classifier_and_spec(checkpoint, dataset)
-    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
-                            threshold, batch_size, workers, tie_rule=tie_rule or clf.cam_tie_rule)
+    run_on = resolve_device(device)
+    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, run_on, threshold, batch_size,
+                            workers, precision=resolve_precision(precision, run_on),
+                            tie_rule=tie_rule or clf.cam_tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
         write_json(json_out, metrics)
@@ -229,6 +243,7 @@ def generate_pm(
     labels_csv: Optional[Path] = LabelsCsvOpt,
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help=PM_PRECISION_HELP),
     workers: int = typer.Option(2, "--workers", min=0),
     force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
     tie_rule: Optional[str] = typer.Option(
@@ -253,8 +268,9 @@ def generate_pm(
     given = {k: v for k, v in (("white_rule", white_rule), ("tie_rule", tie_rule)) if v is not None}
     values = {**PM_PRESETS[preset or "paper"], **given}
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
-                           out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           scales=_csv(scales, float, "--scales") or (), flip=flip, labels_csv=labels_csv, **values)
+                           out=out, batch_size=batch_size, device=device, precision=_precision(precision, None),
+                           workers=workers, force=force, scales=_csv(scales, float, "--scales") or (), flip=flip,
+                           labels_csv=labels_csv, **values)
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -326,7 +342,8 @@ def train_stage2(
         help=f"Classes with stage-1 probability <= this cannot be predicted (default {DEFAULT_GATE_THRESHOLD:g})."),
     gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
@@ -348,7 +365,8 @@ def train_stage2(
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
         stain_jitter=stain_jitter, mosaic=mosaic,
         init_weights=init_weights,
-        gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
+        gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
+        precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
         report=report,
     )
     cfg = resolve(Stage2Config, STAGE2_PRESETS, preset, **options)
@@ -377,7 +395,8 @@ def evaluate(
                                                    "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
     device: str = typer.Option("auto", "--device"),
-    amp: bool = typer.Option(False, "--amp/--no-amp"),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: int = typer.Option(0, "--workers", min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
@@ -389,7 +408,8 @@ def evaluate(
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
     results = evaluate_checkpoint(dataset, data, checkpoint, split, resolve_device(device),
-                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp,
+                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers,
+                                  _precision(precision, amp) or "fp32",
                                   gate_mode=gate_mode)
     for key, metrics in results.items():
         title = f"stage-2 segmentation{' with the gate' if key.endswith('_gate') else ''}, {split} split"
@@ -470,6 +490,8 @@ def reproduce(
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help=PRECISION_HELP + " Every step runs in it (a continued run may change it)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset default)."),
     force: bool = typer.Option(False, "--force", help="Start over instead of continuing an earlier run."),
 ) -> None:
@@ -484,7 +506,8 @@ def reproduce(
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
         upper_bound=upper_bound, synth_look=synth_look, synth_task=synth_task,
         synth_tasks=_csv(synth_tasks, int, "--synth-tasks") or (), synth_difficulty=synth_difficulty,
-        synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device,
+        precision=_precision(precision, None), workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
@@ -522,7 +545,8 @@ def predict(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
 ) -> None:
@@ -536,7 +560,8 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp, force=force,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device,
+        precision=_precision(precision, amp) or "fp32", force=force,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -603,7 +628,8 @@ def predict_wsi(
     reader: str = typer.Option(
         "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: the rank's GPU)."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
 ) -> None:
@@ -626,7 +652,7 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        amp=amp, force=force,
+        precision=_precision(precision, amp) or "fp32", force=force,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None
@@ -678,6 +704,20 @@ def cohort_summary(
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _precision(precision: Optional[str], amp: Optional[bool]) -> Optional[str]:
+    """``--precision`` or its old spelling ``--amp/--no-amp`` (``amp``: fp16 on CUDA, bf16 on the CPU;
+    ``--no-amp``: fp32); None when neither is given (the preset's or the default). Both: a user error."""
+    from wsss.runtime import check_precision
+
+    if precision is not None and amp is not None:
+        raise WsssError("--amp/--no-amp is the old spelling of --precision: pass only one of them")
+    if precision is not None:
+        return check_precision(precision)
+    if amp is not None:
+        return "amp" if amp else "fp32"
+    return None
 
 
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:

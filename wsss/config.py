@@ -52,17 +52,19 @@ class Stage1Config:
     cam_tie_rule: str = "reference"
     eval_splits: tuple[str, ...] = ("val", "test")
     device: str = "auto"
-    amp: bool = False
+    precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision); a run records what it used
     workers: int = 2
     seed: int = 0
     preset: str | None = None
 
     def __post_init__(self) -> None:
         from wsss.cam.cam import check_tie_rule
+        from wsss.runtime import check_precision
         from wsss.cam.pda import PDA_NORMS, PdaSchedule
         from wsss.data.datasets import get_input_norm
 
         check_sgd(self.momentum, self.weight_decay)
+        check_precision(self.precision)
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
         _check_stain_jitter(self.stain_jitter)
@@ -95,7 +97,7 @@ def check_sgd(momentum: float, weight_decay: float) -> None:
 
 
 # Settings that only change how a run executes, not what it computes; a resumed run may change them.
-RUNTIME_FIELDS = frozenset({"device", "workers", "amp", "out", "data", "labels_csv"})
+RUNTIME_FIELDS = frozenset({"device", "workers", "precision", "out", "data", "labels_csv"})
 # Stage 1 may also change how its CAMs are evaluated at the end.
 STAGE1_RUNTIME_FIELDS = RUNTIME_FIELDS | {"cam_tie_rule"}
 
@@ -150,10 +152,21 @@ def to_dict(config: Any) -> dict[str, Any]:
     return out
 
 
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A configuration saved by an older wsss in today's terms: ``amp`` (a bool) became
+    ``precision`` (``amp``: fp16 on CUDA, bf16 on the CPU, as ``--amp`` was; off: fp32)."""
+    if "amp" not in data:
+        return data
+    upgraded = {k: v for k, v in data.items() if k != "amp"}
+    upgraded.setdefault("precision", "amp" if data["amp"] else "fp32")
+    return upgraded
+
+
 def from_dict(cls: type, data: dict[str, Any]):
-    """Inverse of :func:`to_dict`; unknown keys (from a newer version) are ignored, and a field added
-    since the dict was saved takes the value that version computed with (``ADDED_FIELDS``)."""
-    data = {**ADDED_FIELDS.get(cls.__name__, {}), **data}
+    """Inverse of :func:`to_dict`; unknown keys (from a newer version) are ignored, old ones upgraded
+    (:func:`upgrade`), and a field added since the dict was saved takes the value that version computed
+    with (``ADDED_FIELDS``)."""
+    data = upgrade({**ADDED_FIELDS.get(cls.__name__, {}), **data})
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -215,7 +228,7 @@ class Stage2Config:
     # epoch's shuffle is left out, as before), so every process has a short batch of the same size.
     drop_last: bool = False
     device: str = "auto"
-    amp: bool = False
+    precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision); a run records what it used
     workers: int = 2
     seed: int = 0
     preset: str | None = None
@@ -223,6 +236,7 @@ class Stage2Config:
     def __post_init__(self) -> None:
         from wsss.data.datasets import get_input_norm
         from wsss.gate import check_gate_options
+        from wsss.runtime import check_precision
         from wsss.losses import LOSSES, check_loss_options
         from wsss.models.deeplab import DeepLabArch
 
@@ -244,6 +258,7 @@ class Stage2Config:
         check_loss_options(self.loss, self.loss_reduction)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_sgd(self.momentum, self.weight_decay)
+        check_precision(self.precision)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
         _check_stain_jitter(self.stain_jitter)
         if not 0.0 <= self.mosaic <= 1.0:

@@ -17,7 +17,7 @@ from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
-from wsss.runtime import resolve_device
+from wsss.runtime import memory_format, resolve_device, resolve_precision
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
 from wsss.tiling import Predictor
@@ -48,7 +48,7 @@ class ModelOptions(Protocol):
     gate_mode: str
     tile: int
     device: str
-    amp: bool
+    precision: str
     tta: str
 
 
@@ -146,15 +146,16 @@ class TilePredictor(Predictor):
     device: torch.device
     gate: LoadedClassifier | None = None
     threshold: float = DEFAULT_GATE_THRESHOLD
-    amp: bool = False
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
     gate_mode: str = "mask"
     tta: str = "none"
 
     def __post_init__(self) -> None:
         self.transforms = tta_transforms(self.tta)
-        self.seg.model.eval().to(self.device)
+        self.memory_format = memory_format(self.device, self.precision)
+        self.seg.model.eval().to(self.device, memory_format=self.memory_format)
         if self.gate is not None:
-            self.gate.model.eval().to(self.device)
+            self.gate.model.eval().to(self.device, memory_format=self.memory_format)
 
     def prepare(self, tiles: Sequence[np.ndarray]) -> PreparedWindows:
         """Resize and normalise windows of one size ``(h, w, 3)`` uint8 for both models (CPU work);
@@ -179,13 +180,15 @@ class TilePredictor(Predictor):
         x = inputs.seg[start:stop].to(self.device, non_blocking=True)
         gate_probs = None
         if self.gate is not None:
-            gate_probs = class_probs(self.gate, inputs.gate[start:stop].to(self.device, non_blocking=True), self.amp)
+            xg = inputs.gate[start:stop].to(self.device, non_blocking=True)
+            gate_probs = class_probs(self.gate, xg.contiguous(memory_format=self.memory_format), self.precision)
         probs = None
         for t in self.transforms:
-            logits = segment(self.seg.model, t.apply(x), inputs.size[::-1] if t.swaps else inputs.size, self.amp)
+            view = t.apply(x).contiguous(memory_format=self.memory_format)
+            logits = segment(self.seg.model, view, inputs.size[::-1] if t.swaps else inputs.size, self.precision)
             if gate_probs is not None:
                 logits = gate_logits(logits, gate_probs, self.threshold, self.gate_mode)
-            p = t.undo(logits.softmax(dim=1))
+            p = t.undo(logits.softmax(dim=1))  # fp32 logits (segment): fp32 softmax
             probs = p if probs is None else probs.add_(p)
         return probs if len(self.transforms) == 1 else probs.div_(len(self.transforms))
 
@@ -197,6 +200,24 @@ def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, 
     spec is a user error."""
     seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
     gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
-    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device, local_rank), gate, cfg.gate_threshold, cfg.amp,
-                              cfg.gate_mode, cfg.tta)
+    device = resolve_device(cfg.device, local_rank)
+    predictor = TilePredictor(seg, cfg.tile, device, gate, cfg.gate_threshold,
+                              resolve_precision(cfg.precision, device), cfg.gate_mode, cfg.tta)
     return predictor, spec
+
+
+def run_precision(cfg: ModelOptions) -> str:
+    """The precision a predict command computes in (``auto``: bf16 or fp32 on this machine), as its
+    records of settings name it; :func:`load_models` resolves it the same way."""
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
+def upgrade_settings(recorded: dict) -> dict:
+    """Settings an older wsss recorded (``amp``: false) in today's terms (``precision``: fp32), so
+    that its predictions are recognised as made with the same settings; ``amp``: true (fp16 or
+    bf16, by device) is not told apart and counts as other settings."""
+    if "amp" not in recorded or "precision" in recorded:
+        return recorded
+    upgraded = {k: v for k, v in recorded.items() if k != "amp"}
+    upgraded["precision"] = "amp" if recorded["amp"] else "fp32"
+    return upgraded

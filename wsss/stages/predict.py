@@ -30,10 +30,12 @@ from wsss.data.png import check_rgb_mode, write_mask, write_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
-from wsss.inference import TilePredictor, check_tta, check_window_options, load_models
+from wsss.inference import (
+    TilePredictor, check_tta, check_window_options, load_models, run_precision, upgrade_settings,
+)
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
-from wsss.runtime import atomic_path, note_saved
+from wsss.runtime import atomic_path, check_precision, note_saved
 from wsss.stages.stage1 import _progress
 from wsss.tiling import predict_mask
 
@@ -63,11 +65,12 @@ class PredictConfig:
     overlap: int = 32
     batch_size: int = 8
     device: str = "auto"
-    amp: bool = False
+    precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision)
     tta: str = "none"
     force: bool = False  # replace files in OUT that wsss did not write, and predictions of other settings
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_tta(self.tta)
@@ -217,7 +220,7 @@ def write_summary(path: Path, rows: Sequence[dict], spec: DatasetSpec) -> None:
 def settings(cfg: PredictConfig, spec: DatasetSpec) -> dict:
     """What a prediction depends on (the models' bytes, classes, tiling, gate); not where or how fast."""
     return {"checkpoint_sha256": file_sha256(cfg.checkpoint), "dataset": spec.name, "tile": cfg.tile,
-            "overlap": cfg.overlap, "amp": cfg.amp, "tta": cfg.tta,
+            "overlap": cfg.overlap, "precision": run_precision(cfg), "tta": cfg.tta,
             "gate": [file_sha256(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None}
 
 
@@ -266,7 +269,7 @@ def _previous_settings(owner: Owner, now: dict, force: bool) -> bool:
     previous = owner.previous_run()
     if previous is None:
         return False
-    then = (previous.get("config") or {}).get("settings") or {}
+    then = upgrade_settings((previous.get("config") or {}).get("settings") or {})
     diff = differences(then, now)
     if not diff:
         return True

@@ -44,7 +44,7 @@ from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
-from wsss.runtime import atomic_path, continue_with_same_command, note_saved
+from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved
 from wsss.stages.stage1 import FIT_LABEL_ACC
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ class ReproduceConfig:
     gate_mode: str | None = None  # None: the preset's (paper, cpu-paper: reference; cpu, best: mask)
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
+    precision: str = "fp32"  # of every step (wsss.runtime.resolve_precision); how, not what: not in the signature
     workers: int | None = None
     ablations: bool = False
     figures: bool = True
@@ -97,6 +98,7 @@ class ReproduceConfig:
             preset = STAGE2_PRESETS.get(self.preset or "paper", {})
             object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
         check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
+        check_precision(self.precision)
         resolve_look(self.synth_look)
         from wsss.data.tasks import check_difficulty
 
@@ -345,7 +347,8 @@ def _short(value) -> str:
 
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
+                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device,
+                          precision=cfg.precision, workers=cfg.workers,
                           seed=seed, **overrides)
 
 
@@ -354,7 +357,7 @@ def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, p
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
                           gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
-                          workers=cfg.workers, seed=seed, **overrides)
+                          precision=cfg.precision, workers=cfg.workers, seed=seed, **overrides)
 
 
 def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
@@ -362,7 +365,8 @@ def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides)
 
     values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
     return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force,
+                            out=pm_dir, device=cfg.device, precision=cfg.precision, workers=_pm_workers(cfg),
+                            force=cfg.force,
                             labels_csv=cfg.labels_csv, **values)
 
 
@@ -410,7 +414,7 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
     if not Path(cfg.transfer).is_dir():
         raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
     metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
-                                  gate_mode=cfg.gate_mode)
+                                  precision=cfg.precision, gate_mode=cfg.gate_mode)
     return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
 
 
@@ -619,6 +623,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "times": ctx.times,
         "wall_seconds_this_call": round(time.perf_counter() - started, 1),
         "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     text = format_report(result)
@@ -659,6 +664,7 @@ def _task_report(cfg: ReproduceConfig, spec: DatasetSpec, started: float) -> dic
         "summary": aggregate([_with_gap(r) for r in runs]),
         "fits": [{"task": r["task"], "seed": r["seed"], **(r.get("stage1_fit") or {})} for r in runs],
         "wall_seconds_this_call": round(time.perf_counter() - started, 1), "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     with atomic_path(report / "report.md") as tmp:
@@ -703,7 +709,7 @@ def format_task_report(r: dict) -> str:
                                                                 for f in unfit) + ".")]
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -779,6 +785,13 @@ def aggregate_files(paths: Sequence[Path]) -> dict[str, dict]:
     return aggregate([json.loads(Path(p).read_text()) for p in paths])
 
 
+def _precision(cfg: ReproduceConfig) -> str:
+    """The precision this call's steps computed in (``auto`` resolved)."""
+    from wsss.runtime import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -823,7 +836,7 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total** | **{total:.0f}** | |")
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
 
 

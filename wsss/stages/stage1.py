@@ -11,7 +11,6 @@ Outputs in ``OUT`` (``<d>`` is the dataset spec's name):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -40,10 +39,12 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    RunPaths, check_same_inputs, epoch_loader, log_step, note_epochs, optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, RunPaths, StepLosses, check_same_inputs, device_images, note_epochs, optimizer_step, resume_state,
+    tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, expect_stage, is_main_process, load_checkpoint, note_saved, save_checkpoint, seed_everything,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_checkpoint,
+    load_scaler_state, memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -63,13 +64,6 @@ class Stage1Paths(RunPaths):
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: float16 on CUDA, bfloat16 on CPU; a no-op context when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
 
 
 def poly_lambda(max_step: int, power: float = 0.9):
@@ -115,11 +109,19 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, dist: Distributed, epoch: int) -> DataLoader:
-    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm), augment=True,
-                                    geometric=cfg.augment, stain=cfg.stain_jitter)
+def train_loader(cfg: Stage1Config, samples, dist: Distributed) -> EpochLoader:
+    """The training batches of every epoch: uint8 images (normalised on the device), labels, indices."""
+    dataset = ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
+                                    stain=cfg.stain_jitter)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
-    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
+    return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
+
+
+def training_format(device: torch.device, precision: str) -> torch.memory_format:
+    """The layout of the training step: :func:`wsss.runtime.memory_format`, except NCHW on the CPU
+    in every precision: there ResNet38's bf16 step measured slower in channels_last than in NCHW,
+    and its fp32 backward in channels_last crashes (a segmentation fault in torch 2.14's oneDNN)."""
+    return memory_format(device, precision) if device.type != "cpu" else torch.contiguous_format
 
 
 def _progress(iterable, main: bool, **kw):
@@ -136,28 +138,31 @@ class EpochStats:
     label_acc: float  # fraction of right label bits
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+    """One pass over ``batches`` (uint8 images) in ``cfg.precision`` (resolved); the statistics are
+    summed on the device and read back once, at the end."""
     model.train()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss·n, exact, right bits, n
-    steps_done = epoch * len(loader)
-    bar = _progress(loader, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    norm, layout = get_input_norm(cfg.input_norm), training_format(dist.device, cfg.precision)
+    totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss·n, exact, right bits
+    count = 0
+    bar = _progress(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/loss_iter", optimizer)
     for step, (x, y, _) in enumerate(bar):
-        x = x.to(dist.device, non_blocking=True)
+        x = device_images(x, norm, dist.device, layout)
         y = y.to(dist.device, non_blocking=True)
-        with autocast(dist.device, cfg.amp):
+        with autocast(dist.device, cfg.precision):
             logits = model(x, pda_gamma=gamma, pda_norm=cfg.pda_norm)
-        loss = F.multilabel_soft_margin_loss(logits.float(), y)
-        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
+        loss = F.multilabel_soft_margin_loss(logits.float(), y)  # fp32: the loss of bf16/fp16 logits
+        optimizer_step(loss, optimizer, scheduler, scaler)
         with torch.no_grad():
             right = ((logits > 0).float() == y).float()
             n = x.shape[0]
-            totals[0] += loss.item() * n
-            totals[1] += right.all(dim=1).sum().item()
-            totals[2] += right.mean(dim=1).sum().item()
-            totals[3] += n
-        if dist.is_main:
-            log_step(bar, writer, "train/loss_iter", loss.item(), optimizer, steps_done + step)
-    loss_sum, exact, bits, n = dist.all_reduce_sum(totals)
+            totals += torch.stack([loss.detach().double() * n, right.all(dim=1).sum().double(),
+                                   right.mean(dim=1).sum().double()])
+            count += n
+        losses.add(step, loss)
+    losses.flush()
+    loss_sum, exact, bits, n = dist.all_reduce_sum([*totals.tolist(), count])
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
 
 
@@ -230,23 +235,28 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
            samples) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
+    # The config records the precision the run computes in (auto → bf16 or fp32 here).
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     seed_everything(cfg.seed, dist.rank)
     if state is None and dist.is_main:
         warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
+    model = model.to(memory_format=training_format(dist.device, cfg.precision))
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    steps_per_epoch = len(train_loader(cfg, samples, dist, 0))
+    batches = train_loader(cfg, samples, dist)
+    steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    scaler = grad_scaler(dist.device, cfg.precision)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
+            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
         start = state["epoch"] + 1
     ddp_model = model
     if dist.enabled:
@@ -257,16 +267,16 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
-        log.info("stage 1: %d patches, %d steps/epoch, device %s, world size %d",
-                 len(samples), steps_per_epoch, dist.device, dist.world_size)
+        log.info("stage 1: %d patches, %d steps/epoch, device %s, precision %s, world size %d",
+                 len(samples), steps_per_epoch, dist.device, cfg.precision, dist.world_size)
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        loader = train_loader(cfg, samples, dist, epoch)
-        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
+        stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist, writer,
+                                epoch)
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
             save_checkpoint(paths.last, checkpoint_state(
@@ -274,6 +284,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
+    batches.close()
     seconds = time.perf_counter() - started
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
@@ -300,13 +311,15 @@ def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: 
     """How well the trained classifier fits its training labels: label accuracy (right label bits)
     and exact match (all labels of a patch right) over the training patches, as they are (eval mode,
     no augmentation), per class too; ``fits`` compares the label accuracy with :data:`FIT_LABEL_ACC`."""
-    dataset = ClassificationDataset(samples, cfg.image_size, get_input_norm(cfg.input_norm))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers)
-    model.eval()
+    norm = get_input_norm(cfg.input_norm)
+    dataset = ClassificationDataset(samples, cfg.image_size, None)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    layout = memory_format(device, cfg.precision)
+    model.eval().to(memory_format=layout)
     right_bits, exact, n = None, 0, 0
     for x, y, _ in _progress(loader, True, desc="stage1 fit", leave=False):
-        with autocast(device, cfg.amp):
-            logits = model(x.to(device))
+        with autocast(device, cfg.precision):
+            logits = model(device_images(x, norm, device, layout))
         right = ((logits.float() > 0).cpu().float() == y)
         right_bits = right.sum(0) if right_bits is None else right_bits + right.sum(0)
         exact += int(right.all(dim=1).sum())
@@ -401,24 +414,29 @@ def classifier_and_spec(path: Path, dataset: str | None, labels_csv: Path | None
 
 @torch.no_grad()
 def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float,
-                 tie_rule: str = "ours") -> torch.Tensor:
-    """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``."""
-    cams, logits = model.cams_and_logits(x)
+                 tie_rule: str = "ours", precision: str = "fp32") -> torch.Tensor:
+    """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``; the model runs
+    in ``precision`` (resolved), the sigmoid, upsampling and min-max normalisation in fp32."""
+    with autocast(x.device, precision):
+        cams, logits = model.cams_and_logits(x)
     return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold, tie_rule)
 
 
 def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
                   device: torch.device, threshold: float = 0.25, batch_size: int = 16, workers: int = 0,
-                  amp: bool = False, tie_rule: str = "ours") -> dict:
-    """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
+                  precision: str = "fp32", tie_rule: str = "ours") -> dict:
+    """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`), the
+    classifier run in ``precision`` (resolved); the CAMs are upsampled and normalised in fp32."""
     samples = list_masked(data, split)
     validate.require(validate.masked_problems(samples, spec), data, spec.name)
-    loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     meter = ConfusionMeter(spec.num_classes, spec.background_index)
-    model.eval().to(device)
+    layout = memory_format(device, precision)
+    model.eval().to(device, memory_format=layout)
     for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):
-        with autocast(device, amp):
-            pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold, tie_rule)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
+        pred = predict_cams(model, x, tuple(mask.shape[-2:]), threshold, tie_rule, precision)
         meter.update(pred.cpu(), mask)
     return meter.to_json(list(spec.classes))
 
@@ -428,7 +446,7 @@ def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path:
     results = {}
     for split in cfg.eval_splits:
         results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
-                                       cfg.cam_threshold, workers=cfg.workers, amp=cfg.amp,
+                                       cfg.cam_threshold, workers=cfg.workers, precision=cfg.precision,
                                        tie_rule=cfg.cam_tie_rule)
         log.info(format_table(results[split], f"stage-1 CAM segmentation, {split} split"))
     write_json(path, results)

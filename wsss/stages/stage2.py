@@ -51,12 +51,14 @@ from wsss.data import validate as checks
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    RunPaths, check_same_inputs, epoch_loader, log_step, note_epochs, optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, RunPaths, StepLosses, check_same_inputs, device_images, note_epochs, optimizer_step, resume_state,
+    tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, expect_stage, is_main_process, note_saved, save_checkpoint, seed_everything, seed_worker,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_scaler_state,
+    memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything, seed_worker,
 )
-from wsss.stages.stage1 import LoadedClassifier, _progress, autocast, load_classifier, poly_lambda
+from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier, poly_lambda
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +155,20 @@ def segmenter_and_spec(path: Path, dataset: str | None) -> tuple[LoadedSegmenter
 
 
 @torch.no_grad()
-def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], amp: bool = False) -> torch.Tensor:
-    """Images (B, 3, S, S) → float logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear)."""
-    with autocast(x.device, amp):
+def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], precision: str = "fp32") -> torch.Tensor:
+    """Images (B, 3, S, S) → float32 logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear),
+    the model run in ``precision`` (resolved: fp32, bf16 or fp16)."""
+    with autocast(x.device, precision):
         return model(x, size=tuple(size))["out"].float()
 
 
 @torch.no_grad()
-def class_probs(clf: LoadedClassifier, x: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier."""
-    with autocast(x.device, amp):
-        return torch.sigmoid(clf.model(x).float())
+def class_probs(clf: LoadedClassifier, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier; the
+    model runs in ``precision``, the sigmoid in fp32."""
+    with autocast(x.device, precision):
+        logits = clf.model(x)
+    return torch.sigmoid(logits.float())
 
 
 def evaluate_samples(
@@ -175,7 +180,7 @@ def evaluate_samples(
     threshold: float = DEFAULT_GATE_THRESHOLD,
     batch_size: int = 8,
     workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     pred_dirs: dict[str, Path] | None = None,
     gate_mode: str = "mask",
     desc: str = "eval",
@@ -192,18 +197,20 @@ def evaluate_samples(
     if gate is not None:
         sizes.append(gate.image_size)
         norms.append(gate.norm)
-        gate.model.eval().to(device)
+        gate.model.eval().to(device, memory_format=memory_format(device, precision))
     loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms, spec), batch_size=batch_size,
-                        num_workers=workers, worker_init_fn=seed_worker)
+                        num_workers=workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
     meters = {"plain": ConfusionMeter(spec.num_classes, spec.background_index)}
     if gate is not None:
         meters["gate"] = ConfusionMeter(spec.num_classes, spec.background_index)
-    seg.model.eval().to(device)
+    layout = memory_format(device, precision)
+    seg.model.eval().to(device, memory_format=layout)
     for views, mask, index in _progress(loader, progress, desc=desc, leave=False):
-        logits = segment(seg.model, views[0].to(device), mask.shape[-2:], amp)
+        views = [v.to(device, non_blocking=True).contiguous(memory_format=layout) for v in views]
+        logits = segment(seg.model, views[0], mask.shape[-2:], precision)
         preds = {"plain": logits.argmax(dim=1)}
         if gate is not None:
-            probs = class_probs(gate, views[1].to(device), amp)
+            probs = class_probs(gate, views[1], precision)
             preds["gate"] = gate_logits(logits, probs, threshold, gate_mode).argmax(dim=1)
         for key, pred in preds.items():
             pred = pred.cpu()
@@ -229,7 +236,7 @@ def evaluate_checkpoint(
     threshold: float | None = None,
     batch_size: int | None = None,
     workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     gate_mode: str | None = None,
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
@@ -237,7 +244,8 @@ def evaluate_checkpoint(
     ``dataset`` None: the spec recorded in the checkpoint. ``batch_size``, ``threshold`` and
     ``gate_mode`` default to the checkpoint's training run's (a published file: the reference's
     gate), which the end-of-training test used too, so the numbers match those in ``metrics.json``
-    exactly.
+    exactly (in the precision training tested with). ``precision`` may be ``auto`` or ``amp``: it is
+    resolved for ``device`` here.
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
@@ -249,7 +257,8 @@ def evaluate_checkpoint(
     samples = list_masked(data, split)
     checks.require(checks.masked_problems(samples, spec), data, spec.name)
     meters = evaluate_samples(seg, samples, spec, device, gate, threshold,
-                              batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
+                              batch_size or seg.batch_size or 8, workers, resolve_precision(precision, device),
+                              desc=f"evaluate {split}",
                               gate_mode=gate_mode)
     names = list(spec.classes)
     results = {split: meters["plain"].to_json(names)}
@@ -263,7 +272,7 @@ def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples
     seg = LoadedSegmenter(model, get_input_norm(cfg.input_norm), cfg.image_size, list(spec.classes))
     share = list(samples)[dist.rank :: dist.world_size]
     meter = evaluate_samples(seg, share, spec, dist.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                             amp=cfg.amp, desc="validate", progress=dist.is_main)["plain"]
+                             precision=cfg.precision, desc="validate", progress=dist.is_main)["plain"]
     meter.all_reduce()
     return meter.to_json(list(spec.classes))
 
@@ -313,33 +322,36 @@ def drops_last_batch(patches: int, batch_size: int, drop_last: bool) -> bool:
     return patches % batch_size == 1
 
 
-def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
+def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed) -> EpochLoader:
+    """The training batches of every epoch: uint8 images (normalised on the device), uint8 masks, indices."""
     # Under DDP the DistributedSampler gives every process ⌊N/world⌋ patches, so every process has as
     # many batches as the others, its last one (when kept) as short as theirs.
     per_process = len(dataset) // max(dist.world_size, 1)
     drop_last = drops_last_batch(per_process, cfg.batch_size, cfg.drop_last)
-    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
+    return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
-    """One pass over the training patches; returns the mean weighted loss."""
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
+    """One pass over the training patches in ``cfg.precision`` (resolved); returns the mean weighted
+    loss, summed on the device and read back once."""
     model.train()
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
-    total, count = 0.0, 0
-    steps_done = epoch * len(loader)
-    bar = _progress(loader, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    norm, layout = get_input_norm(cfg.input_norm), memory_format(dist.device, cfg.precision)
+    total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0
+    bar = _progress(batches, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/total_loss_iter", optimizer)
     for step, (x, masks, _) in enumerate(bar):
-        x = x.to(dist.device, non_blocking=True)
-        masks = masks.to(dist.device, non_blocking=True)
-        with autocast(dist.device, cfg.amp):
+        x = device_images(x, norm, dist.device, layout)
+        masks = masks.to(dist.device, non_blocking=True).long()  # uint8 from the loader
+        with autocast(dist.device, cfg.precision):
             logits = model(x)["out"]
-        loss = loss_fn(logits.float(), masks)
-        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
-        total += loss.item() * x.shape[0]
+        loss = loss_fn(logits.float(), masks)  # fp32: cross-entropy's log-softmax over bf16/fp16 logits
+        optimizer_step(loss, optimizer, scheduler, scaler)
+        total += loss.detach().double() * x.shape[0]
         count += x.shape[0]
-        if dist.is_main:
-            log_step(bar, writer, "train/total_loss_iter", loss.item(), optimizer, steps_done + step)
-    loss_sum, n = dist.all_reduce_sum([total, count])
+        losses.add(step, loss)
+    losses.flush()
+    loss_sum, n = dist.all_reduce_sum([float(total), count])
     return loss_sum / max(n, 1)
 
 
@@ -469,41 +481,45 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
            dataset: PseudoMaskDataset) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
+    # The config records the precision the run computes in (auto → bf16 or fp32 here).
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
     val_samples = list_masked(cfg.data, "val")
     if state is None and dist.is_main:
         warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
-    steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
+    model = model.to(memory_format=memory_format(dist.device, cfg.precision))
+    batches = train_loader(cfg, dataset, dist)
+    steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
     if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
         log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    scaler = grad_scaler(dist.device, cfg.precision)
     start, best = 0, {}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
+            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
         start = state["epoch"] + 1
         best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
     train_model = _distributed(model, dist)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
-        log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, world size %d",
-                 len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
-                 steps_per_epoch, dist.device, dist.world_size)
+        log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, precision %s, "
+                 "world size %d", len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
+                 steps_per_epoch, dist.device, cfg.precision, dist.world_size)
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
-        loader = train_loader(cfg, dataset, dist, epoch)
-        loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
+        loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch)
         val = validate(model, cfg, spec, val_samples, dist)
         score = finite_score(val, epoch, cfg.epochs, cfg.data)  # every process: they stop together
         if dist.is_main:
@@ -517,6 +533,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
+    batches.close()
     summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
                "checkpoint": str(paths.checkpoint)}
     if dist.is_main and best.get("epoch") is None:  # only the main process keeps the best
@@ -535,8 +552,8 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
 
 
 def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:
-    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, get_input_norm(cfg.input_norm), spec,
-                             geometric=cfg.augment, stain=cfg.stain_jitter, mosaic=cfg.mosaic)
+    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
+                             stain=cfg.stain_jitter, mosaic=cfg.mosaic)
 
 
 def _distributed(model: DeepLabV3Plus, dist: Distributed):
@@ -569,7 +586,7 @@ def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, d
     if best.get("epoch") is None or best["epoch"] == cfg.epochs - 1 or not paths.last.is_file():
         return None
     meters = evaluate_samples(load_segmenter(paths.last, spec), list_masked(cfg.data, "test"), spec, device, gate,
-                              cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.amp, None, desc="test last epoch",
+                              cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.precision, None, desc="test last epoch",
                               gate_mode=cfg.gate_mode)
     return meters["gate" if "gate" in meters else "plain"].to_json(list(spec.classes))
 
@@ -581,7 +598,7 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
     seg = load_segmenter(paths.checkpoint, spec)
     pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
     meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
-                              cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test", gate_mode=cfg.gate_mode)
+                              cfg.batch_size, cfg.workers, cfg.precision, pred_dirs, desc="test", gate_mode=cfg.gate_mode)
     names = list(spec.classes)
     metrics = {
         "test": meters["plain"].to_json(names),

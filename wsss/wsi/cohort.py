@@ -33,7 +33,7 @@ from pathlib import Path
 
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.inference import load_models
+from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.locks import LockHeld, acquire
 from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name
@@ -330,7 +330,7 @@ def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
         summary = json.loads(job.summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if summary.get("fingerprint") != fingerprint:
+    if upgrade_settings(summary.get("fingerprint") or {}) != fingerprint:
         return None
     names = [summary.get(k) for k in ("mask", "overlay", "geojson") if summary.get(k)]
     return summary if all((job.out / n).is_file() for n in names) else None

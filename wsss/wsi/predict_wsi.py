@@ -53,13 +53,13 @@ from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
-from wsss.inference import check_tta, check_window_options, load_models
+from wsss.inference import check_tta, check_window_options, load_models, run_precision, upgrade_settings
 from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
-from wsss.runtime import atomic_path, note_saved
+from wsss.runtime import atomic_path, check_precision, note_saved
 from wsss.stages.stage1 import _progress
 from wsss.wsi.label_image import check_mask_format, label_image_path, write_label_image
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
@@ -103,7 +103,7 @@ class WsiConfig:
     geojson: bool = False
     reader: str = "auto"
     device: str = "auto"
-    amp: bool = False
+    precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision)
     tta: str = "none"
     mask_format: str = "auto"
     geojson_mode: str = "per-class"
@@ -117,6 +117,7 @@ class WsiConfig:
     def __post_init__(self) -> None:
         if not self.inputs:
             raise WsssError("no slides given")
+        check_precision(self.precision)
         self.geojson_options  # validates the GeoJSON options
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
@@ -320,7 +321,8 @@ class BandProgress:
                 labels = np.lib.format.open_memmap(labels_path, mode="r+")
             except (OSError, ValueError):
                 state, labels = {}, None
-            if state.get("fingerprint") == fingerprint and labels is not None and labels.shape == shape:
+            if (upgrade_settings(state.get("fingerprint") or {}) == fingerprint and labels is not None
+                    and labels.shape == shape):
                 return cls(folder, labels, state)
             log.info("%s holds an unfinished run with other settings; starting over", folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -388,7 +390,8 @@ def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict
         "checkpoint": _file_id(cfg.checkpoint),
         "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
         "dataset": [spec.name, list(spec.classes)], "level": cfg.level, "mpp": cfg.mpp, "tile": cfg.tile,
-        "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "amp": cfg.amp, "batch_size": cfg.batch_size,
+        "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "precision": run_precision(cfg),
+        "batch_size": cfg.batch_size,
         "tta": cfg.tta,
     }
 
