@@ -182,7 +182,7 @@ def train_stage1(
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
-    if "cam_metrics" in summary:
+    if summary.get("cam_metrics"):
         typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
 
 
@@ -355,6 +355,9 @@ def train_stage2(
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
     if "metrics" in summary:
         metrics = summary["metrics"]
+        if metrics["test"] is None:
+            typer.echo(f"kept: {metrics['kept']}, epoch {metrics['best_epoch']}; {metrics['left_out']}")
+            return
         typer.echo(format_table(metrics["test"], "stage-2 segmentation, test split"))
         if metrics["test_gate"] is not None:
             typer.echo(format_table(metrics["test_gate"], "stage-2 segmentation with the gate, test split"))
