@@ -514,13 +514,18 @@ def predict(
     gate_threshold: float = typer.Option(
         DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    tile: int = typer.Option(
-        224, "--tile", min=16,
-        help="Window side in image pixels; use the training patch size (224 for LUAD/BCSS). Each window is "
-             "resized by image_size/tile when the checkpoint records its training input size, so the model "
-             "sees tissue at the scale it learned; probabilities come back at window size."),
-    overlap: int = typer.Option(
-        32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16,
+        help="Window side in pixels at the model's µm/px. Default: the checkpoint's training patch size (224 when it "
+             "records none). Each window is resized by image_size/tile when the checkpoint records its training "
+             "input size, so the model sees tissue at the scale it learned; probabilities come back at window size."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there. "
+                                       "Default: 32, or half the window when that is less."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
+                            "masks back to the images' size). Without it (or when the checkpoint records none) the "
+                            "images are segmented as they are, with a warning."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
@@ -539,7 +544,7 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp, force=force,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp, force=force, mpp=mpp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -572,12 +577,21 @@ def predict_wsi(
     gate_threshold: float = typer.Option(
         DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
+    level: Optional[int] = typer.Option(
+        None, "--level", help="Pyramid level to segment as it is (instead of the model's µm/px)."),
     mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized (instead of --level)."),
+        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized. Default: the µm/px "
+                            "the checkpoint was trained at (level 0 when it records none)."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp "
+                                  "column wins); a slide without either is refused when a µm/px is to be read."),
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
-    tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
-    overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16, help="Window side in processed pixels. Default: the checkpoint's training patch size "
+                                     "(224 when it records none)."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended. Default: 32, or half the "
+                                       "window when that is less."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
@@ -629,7 +643,7 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        amp=amp, force=force,
+        amp=amp, force=force, slide_mpp=slide_mpp,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None

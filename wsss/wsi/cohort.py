@@ -36,7 +36,9 @@ from wsss.errors import WsssError
 from wsss.inference import load_models
 from wsss.runtime import atomic_path
 from wsss.locks import LockHeld, acquire
-from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name
+from wsss.wsi.predict_wsi import (
+    SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +370,7 @@ def run(cfg: WsiConfig, progress: bool = True, env: dict | None = None) -> Cohor
     if cfg.out.exists() and not cfg.out.is_dir():
         raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
     jobs = collect_slides(cfg.inputs, cfg.out)
+    cfg = with_model_scale(cfg)
     worker = worker_from_env(cfg.shard, env)
     mine = worker.share(jobs)
     log.info("%d slides in the cohort; %s takes %d", len(jobs), worker.describe(), len(mine))
