@@ -124,6 +124,78 @@ def check_data(
         raise typer.Exit(1)
 
 
+@app.command("extract-patches")
+def extract_patches(
+    slides: list[Path] = typer.Argument(
+        ..., show_default=False,
+        help="Whole-slide images, folders of them (searched recursively) or manifest CSVs (a path column; optional "
+             "mpp: the slide's level-0 µm/px, roi: x,y,w,h, patient: slides of one patient stay in one split)."),
+    dataset: str = DatasetOpt,
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (LUAD-HistoSeg layout)."),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", help="QuPath GeoJSON: a folder of <slide name>.geojson files, or one file for one "
+                                    "slide. Default: <slide name>.geojson next to each slide."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel to cut the patches at (default: the spec's mpp); recorded in the dataset and "
+                            "in every model trained on it."),
+    patch: int = typer.Option(224, "--patch", min=16, help="Patch side in pixels (at --mpp)."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="Pixels (at --mpp) from one patch to the next (default: --patch, no overlap)."),
+    min_tissue: float = typer.Option(
+        0.5, "--min-tissue", help="Keep patches whose tissue (saturation above the slide's Otsu threshold) covers at "
+                                  "least this fraction."),
+    min_class_fraction: float = typer.Option(
+        0.05, "--min-class-fraction",
+        help="A class is in a patch's label when its polygons cover at least this fraction of the patch; a training "
+             "patch with that much unannotated tissue is left out."),
+    class_map: Optional[Path] = typer.Option(
+        None, "--class-map", help="CSV: QuPath class name, spec class (empty: skip). Default: QuPath names matched "
+                                  "to the spec's classes ignoring case; other names are skipped with a warning."),
+    val_slides: Optional[str] = typer.Option(None, "--val-slides", help="Validation slides by name: a,b (no extension)."),
+    test_slides: Optional[str] = typer.Option(None, "--test-slides", help="Test slides by name: c,d."),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Instead of names: this fraction of the slides (patients) go to val, drawn by --seed."),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="... and this fraction to test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the drawn split and of the contact sheet's samples."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp wins)."),
+    bounds_offset: bool = typer.Option(
+        True, "--bounds-offset/--no-bounds-offset",
+        help="Annotations of slides with openslide.bounds-* (MIRAX, ...) are in QuPath's cropped picture of them, "
+             "as QuPath opens them by default; --no-bounds-offset for slides QuPath opened with --no-crop."),
+    reader: str = typer.Option(
+        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier extraction in OUT."),
+) -> None:
+    """Cut labelled patches from whole-slide images and their QuPath annotations (GeoJSON): training
+    patches with their labels in their names, val/test patches with masks, split by slide.
+
+    A slide that cannot be used (unreadable, no µm/px, annotations missing or outside it) is listed
+    and the others go on (exit status 1). Check the result with wsss check-data OUT --dataset
+    OUT/spec.toml and OUT/contact_sheet.png."""
+    from wsss.wsi.extract import ExtractConfig, command_line, run as run_extract
+
+    cfg = ExtractConfig(
+        inputs=tuple(slides), dataset=dataset, out=out, annotations=annotations, mpp=mpp, patch=patch, stride=stride,
+        min_tissue=min_tissue, min_class_fraction=min_class_fraction, class_map=class_map,
+        val_slides=_csv(val_slides, str, "--val-slides") or (), test_slides=_csv(test_slides, str, "--test-slides") or (),
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, slide_mpp=slide_mpp, reader=reader,
+        bounds_offset=bounds_offset, force=force, command=command_line(),
+    )
+    result = run_extract(cfg, progress=sys.stderr.isatty())
+    s = result.summary
+    done = sum(r["status"] == "done" for r in s["slides"])
+    typer.echo(f"{done} of {len(s['slides'])} slides at {s['mpp']:g} µm/px, {s['patch_size']} px patches: "
+               + ", ".join(f"{s['counts'][k]} {k}" for k in ("train", "val", "test"))
+               + f"; written to {out} (check: wsss check-data {out} --dataset {out / 'spec.toml'}; "
+               f"{out / 'contact_sheet.png'})")
+    if result.failures:
+        typer.echo(f"{len(result.failures)} slide{'s' if len(result.failures) != 1 else ''} failed:", err=True)
+        for message in result.failures:
+            typer.echo(f"  {message}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("train-stage1")
 def train_stage1(
     dataset: str = DatasetOpt,

@@ -92,7 +92,8 @@ def folder_slides(folder: Path, out: Path) -> list[Path]:
 
 def read_manifest(path: Path, out: Path) -> list[SlideJob]:
     """The slides of a manifest CSV: ``path`` (relative paths from the manifest's folder), and
-    optionally ``mpp`` (the slide's level-0 µm/px) and ``roi`` (``x,y,w,h``, level-0 pixels)."""
+    optionally ``mpp`` (the slide's level-0 µm/px), ``roi`` (``x,y,w,h``, level-0 pixels) and
+    ``patient`` (``extract-patches`` keeps a patient's slides in one split)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -111,7 +112,7 @@ def read_manifest(path: Path, out: Path) -> list[SlideJob]:
         if not slide.is_file():
             raise WsssError(f"manifest {path}, line {line}: slide not found: {slide}")
         jobs.append(SlideJob(slide, out / slide_name(slide), slide_name(slide), _mpp(row.get("mpp"), path, line),
-                             _roi(row.get("roi"), path, line)))
+                             _roi(row.get("roi"), path, line), row.get("patient") or None))
     if not jobs:
         raise WsssError(f"manifest {path} lists no slides")
     return jobs

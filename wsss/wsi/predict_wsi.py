@@ -180,6 +180,7 @@ class SlideJob:
     name: str
     mpp: float | None = None
     roi: tuple[int, int, int, int] | None = None
+    patient: str | None = None  # a manifest's patient column (extract-patches splits by patient)
 
     @property
     def stem(self) -> Path:
