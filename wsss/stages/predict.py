@@ -196,7 +196,7 @@ def resample(image: np.ndarray, factor: float | None, resample_filter: int = Ima
 
 def resize_to(image: np.ndarray, size: tuple[int, int], resample_filter: int) -> np.ndarray:
     """``image`` resized to ``size`` = ``(w, h)``."""
-    return np.asarray(Image.fromarray(image).resize(size, resample_filter))
+    return np.array(Image.fromarray(image).resize(size, resample_filter))  # writable: the mask gets its background
 
 
 def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
