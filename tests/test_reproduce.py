@@ -107,7 +107,7 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
     # improvement row turns one on
     ours = [("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
-            ("stage 1 --no-pda (ours)", "stage1_pda_False"),
+            ("stage 1 --no-pda (ours)", "stage1_pda_False"), ("stage 1 --dropout 0 (ours)", "stage1_dropout_0"),
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
             ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
             ("stage 2 --augment d4 (ours)", "stage2_augment_d4"),
