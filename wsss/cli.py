@@ -404,6 +404,9 @@ def train_stage2(
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
+    ema: Optional[float] = typer.Option(
+        None, "--ema", help="Validate, keep and test an exponential moving average of the weights, this decay per "
+                            "step (e.g. 0.99; 0: off, the reference)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -435,7 +438,7 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic,
+        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema,
         init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
         precision=_precision(precision, amp), workers=workers, seed=seed, out=out,

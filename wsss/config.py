@@ -223,6 +223,7 @@ class Stage2Config:
     augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
     mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0: off)
     init_weights: Path | None = None
     gate: bool = True  # the reference always gates at test time (its --Is_GM is always true)
     gate_threshold: float = DEFAULT_GATE_THRESHOLD
@@ -266,6 +267,8 @@ class Stage2Config:
         check_precision(self.precision)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
         _check_stain_jitter(self.stain_jitter)
+        if not 0.0 <= self.ema < 1.0:
+            raise WsssError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema:g}")
         if not 0.0 <= self.mosaic <= 1.0:
             raise WsssError(f"--mosaic is a probability in [0, 1], not {self.mosaic:g}")
         get_input_norm(self.input_norm)
