@@ -51,10 +51,10 @@ def test_presets_give_the_reference_recipe_or_the_corrected_one(tmp_path):
     paper2 = resolve(Stage2Config, STAGE2_PRESETS, "paper", dataset="luad", data=tmp_path)
     assert (paper1.momentum, paper1.weight_decay) == (0.0005, 5e-4)
     assert (paper2.momentum, paper2.weight_decay, paper2.loss_reduction) == (0.9, 5e-4, "reference")
-    assert paper2.gate_mode == "mask"  # our gate stays the default, also for the paper preset
+    assert paper2.gate_mode == "reference"  # the paper preset is the reference's gate too
     cpu1 = resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=tmp_path)
     cpu2 = resolve(Stage2Config, STAGE2_PRESETS, "cpu", dataset="luad", data=tmp_path)
-    assert cpu1.momentum == 0.9 and cpu2.loss_reduction == "mean"
+    assert cpu1.momentum == 0.9 and cpu2.loss_reduction == "mean" and cpu2.gate_mode == "mask"
     # an option given explicitly beats the preset
     assert resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=tmp_path, momentum=0.5).momentum == 0.5
 

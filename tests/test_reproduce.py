@@ -1,6 +1,7 @@
 """`wsss reproduce`: the chain on a tiny synthetic dataset, the report, and continuing a stopped run."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,9 @@ def tiny(tmp: Path, **kw) -> ReproduceConfig:
     return ReproduceConfig(**base)
 
 
-def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, tiny_presets, capsys, monkeypatch):
+def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, tiny_presets, capsys, monkeypatch,
+                                                                     caplog):
+    caplog.set_level(logging.INFO)
     cfg = tiny(tmp_path)
     first = run(cfg)
     report = tmp_path / "report"
@@ -50,6 +53,10 @@ def test_reproduce_runs_the_chain_then_continues_instead_of_repeating(tmp_path, 
     assert md == format_report(first)
     for row in ("stage-1 CAM (test)", "pseudo-mask bn7", "stage 2 (test)", "stage 2 + gate (test)", "**total**"):
         assert row in md
+    # it says which initial weights each stage started from: here none
+    assert saved["init_weights"] == {"stage1": None, "stage2": None}
+    none = "stage 1 none (random initialisation); stage 2 none (random initialisation)"
+    assert f"Initial weights: {none}." in md and f"initial weights: {none}" in caplog.text
 
     # a second call skips every finished step and reports the same numbers and earlier times
     code, out, err = run_cli(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "data",
@@ -100,7 +107,7 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
     # improvement row turns one on
     ours = [("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
-            ("stage 1 --no-pda (ours)", "stage1_pda_False"),
+            ("stage 1 --no-pda (ours)", "stage1_pda_False"), ("stage 1 --dropout 0 (ours)", "stage1_dropout_0"),
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
             ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
             ("stage 2 --augment d4 (ours)", "stage2_augment_d4"),
@@ -184,12 +191,14 @@ def test_improvement_rows_of_the_cpu_preset_go_back_to_the_paper_values():
         (step, change), = [(k, getattr(v, k)) for k in ("stage1", "pm", "stage2") if getattr(v, k)]
         (key, value), = change.items()
         assert value == getattr(paper[step], key) and v.title.endswith("(paper)")
-    # the cpu preset carries every improvement, best all but "no PDA" (PDA helps from ImageNet weights in
-    # the paper's own ablation), cpu-paper none
+    # the cpu preset carries every improvement, best all but the thin network's "no PDA" and "no dropout"
+    # (PDA helps from ImageNet weights in the paper's own ablation; the dropout was made for 4096
+    # channels), cpu-paper none
     for step, presets in (("stage1", STAGE1_PRESETS), ("pm", PM_PRESETS), ("stage2", STAGE2_PRESETS)):
         for key, value in IMPROVEMENTS[step].items():
             assert presets["cpu"][key] == value
-            assert presets["best"].get(key, "paper value") == ("paper value" if key == "pda" else value)
+            thin_only = step == "stage1" and key in ("pda", "dropout")
+            assert presets["best"].get(key, "paper value") == ("paper value" if thin_only else value)
             assert key not in presets["cpu-paper"]
     best = improvement_variants("best")
     assert [v.title for v in best if v.stage1 and "pda" in v.stage1] == ["stage 1 --no-pda (ours)"]
@@ -223,3 +232,16 @@ def test_reproduce_over_random_tasks_reports_every_task_and_seed(tmp_path, tiny_
     line = next(line for line in md.splitlines() if line.startswith("| stage-1 CAM (test)"))
     assert f"{task1:.3f}" in line.split("|")[5]
     assert "Stage 1 fits its training labels" in md
+
+
+def test_reproduce_refuses_synthetic_data_of_other_settings(tmp_path, tiny_presets):
+    """DATA holding 48-px synthetic patches is not silently used for a run that asks for 32-px ones
+    or for a random task."""
+    from wsss.data.synth import generate
+
+    generate(tmp_path / "data", n_train=4, n_val=1, n_test=1, size=48, workers=1, progress=False)
+    for kw, words in (({"synth_size": 32}, "size 48 (asked 32)"), ({"synth_size": 48, "synth_task": 3}, "task")):
+        with pytest.raises(WsssError, match="holds synthetic data of other settings") as info:
+            run(tiny(tmp_path, **kw))
+        assert words in str(info.value)
+    assert not (tmp_path / "report").exists()

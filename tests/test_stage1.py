@@ -304,3 +304,26 @@ def test_the_run_says_when_stage1_does_not_fit_its_labels(colour_blocks, tmp_pat
     assert ckpt["fit"]["label_acc"] == pytest.approx(label_acc, abs=1e-4)
     assert ckpt["fit"]["fits"] is fits
     assert (label_acc >= 0.95) is fits
+
+
+def test_dropout_scales_the_reference_rates(tmp_path, capsys, monkeypatch):
+    """--dropout multiplies the reference's rates (b6 0.3, b7 0.5, head 0.5: written here by hand);
+    at 0 a training-mode forward is deterministic, at 1 it is not."""
+    model = ResNet38Classifier(4, width=0.125)
+    rates = lambda m: [m.b6.dropout_2b1.p, m.b6.dropout_2b2.p, m.b7.dropout_2b1.p, m.b7.dropout_2b2.p, m.dropout7.p]
+    assert rates(model) == [0.3, 0.3, 0.5, 0.5, 0.5]
+    model.scale_dropout(0.5)
+    assert rates(model) == pytest.approx([0.15, 0.15, 0.25, 0.25, 0.25])
+    x = torch.rand(2, 3, 32, 32)
+    for scale, same in ((0.0, True), (1.0, False)):
+        model.scale_dropout(scale)
+        torch.manual_seed(0)
+        a = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(a, model(x)) is same
+    assert resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=tmp_path).dropout == 0.0
+    assert resolve(Stage1Config, STAGE1_PRESETS, "paper", dataset="luad", data=tmp_path).dropout == 1.0
+    code, _, err = run_cli(capsys, monkeypatch, "train-stage1", "--dataset", "luad", "--data", tmp_path,
+                           "--out", tmp_path / "o", "--dropout", "3")
+    assert code == 1 and err.strip().splitlines() == [
+        "error: --dropout must be in [0, 2] (a multiple of the reference's rates), not 3"]

@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from wsss.errors import Interrupted, WsssError
+from wsss.errors import Interrupted, Stopped, WsssError
+from wsss.gate import DEFAULT_GATE_THRESHOLD
 
 app = typer.Typer(
     name="wsss",
@@ -52,8 +53,19 @@ LightJitterOpt = typer.Option(
 BlurJitterOpt = typer.Option(None, "--blur-jitter", help="With p = 0.5 a Gaussian blur of σ ~ U(0, s) px (0: off).")
 JpegJitterOpt = typer.Option(
     None, "--jpeg-jitter", help="With p = 0.5 a JPEG round trip at a quality from this to 95 (0: off).")
+PRECISION_HELP = ("fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a gradient scaler) or auto (bf16 on "
+                  "CUDA GPUs and CPUs that support it, else fp32). Losses, softmax and CAM normalisation stay fp32.")
+PM_PRECISION_HELP = (
+    "Precision of the classifier's Grad-CAM passes: fp32, bf16, fp16 or auto (bf16 on CUDA GPUs and CPUs that "
+    "support it, else fp32). The weighted sums, upsampling and normalisation stay fp32; bf16 changed 0.2-0.3 % "
+    "of the pseudo-mask pixels of trained classifiers (bench/precision.py). Masks of another precision are not "
+    "mixed into OUT.")
+AMP_HELP = "Old spelling of --precision: --amp is fp16 on CUDA and bf16 on the CPU, --no-amp is fp32."
 GATE_MODE_HELP = ("mask (a gated class gets logit -inf; if every class is gated the most probable stays) or "
                   "reference (logits x (p > threshold), exactly as WSSS-Tissue).")
+PRESET_GATE_HELP = GATE_MODE_HELP + " Default: the preset's (paper, cpu-paper: reference; cpu, best: mask)."
+CAM_TIE_HELP = ("ours (a dropped class never wins) or reference (where every kept class is 0, the lowest class "
+                "index wins, as WSSS-Tissue's evaluation).")
 
 
 @app.command()
@@ -139,6 +151,78 @@ def check_data(
         raise typer.Exit(1)
 
 
+@app.command("extract-patches")
+def extract_patches(
+    slides: list[Path] = typer.Argument(
+        ..., show_default=False,
+        help="Whole-slide images, folders of them (searched recursively) or manifest CSVs (a path column; optional "
+             "mpp: the slide's level-0 µm/px, roi: x,y,w,h, patient: slides of one patient stay in one split)."),
+    dataset: str = DatasetOpt,
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (LUAD-HistoSeg layout)."),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", help="QuPath GeoJSON: a folder of <slide name>.geojson files, or one file for one "
+                                    "slide. Default: <slide name>.geojson next to each slide."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel to cut the patches at (default: the spec's mpp); recorded in the dataset and "
+                            "in every model trained on it."),
+    patch: int = typer.Option(224, "--patch", min=16, help="Patch side in pixels (at --mpp)."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="Pixels (at --mpp) from one patch to the next (default: --patch, no overlap)."),
+    min_tissue: float = typer.Option(
+        0.5, "--min-tissue", help="Keep patches whose tissue (saturation above the slide's Otsu threshold) covers at "
+                                  "least this fraction."),
+    min_class_fraction: float = typer.Option(
+        0.05, "--min-class-fraction",
+        help="A class is in a patch's label when its polygons cover at least this fraction of the patch; a training "
+             "patch with that much unannotated tissue is left out."),
+    class_map: Optional[Path] = typer.Option(
+        None, "--class-map", help="CSV: QuPath class name, spec class (empty: skip). Default: QuPath names matched "
+                                  "to the spec's classes ignoring case; other names are skipped with a warning."),
+    val_slides: Optional[str] = typer.Option(None, "--val-slides", help="Validation slides by name: a,b (no extension)."),
+    test_slides: Optional[str] = typer.Option(None, "--test-slides", help="Test slides by name: c,d."),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Instead of names: this fraction of the slides (patients) go to val, drawn by --seed."),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="... and this fraction to test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the drawn split and of the contact sheet's samples."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp wins)."),
+    bounds_offset: bool = typer.Option(
+        True, "--bounds-offset/--no-bounds-offset",
+        help="Annotations of slides with openslide.bounds-* (MIRAX, ...) are in QuPath's cropped picture of them, "
+             "as QuPath opens them by default; --no-bounds-offset for slides QuPath opened with --no-crop."),
+    reader: str = typer.Option(
+        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier extraction in OUT."),
+) -> None:
+    """Cut labelled patches from whole-slide images and their QuPath annotations (GeoJSON): training
+    patches with their labels in their names, val/test patches with masks, split by slide.
+
+    A slide that cannot be used (unreadable, no µm/px, annotations missing or outside it) is listed
+    and the others go on (exit status 1). Check the result with wsss check-data OUT --dataset
+    OUT/spec.toml and OUT/contact_sheet.png."""
+    from wsss.wsi.extract import ExtractConfig, command_line, run as run_extract
+
+    cfg = ExtractConfig(
+        inputs=tuple(slides), dataset=dataset, out=out, annotations=annotations, mpp=mpp, patch=patch, stride=stride,
+        min_tissue=min_tissue, min_class_fraction=min_class_fraction, class_map=class_map,
+        val_slides=_csv(val_slides, str, "--val-slides") or (), test_slides=_csv(test_slides, str, "--test-slides") or (),
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, slide_mpp=slide_mpp, reader=reader,
+        bounds_offset=bounds_offset, force=force, command=command_line(),
+    )
+    result = run_extract(cfg, progress=sys.stderr.isatty())
+    s = result.summary
+    done = sum(r["status"] == "done" for r in s["slides"])
+    typer.echo(f"{done} of {len(s['slides'])} slides at {s['mpp']:g} µm/px, {s['patch_size']} px patches: "
+               + ", ".join(f"{s['counts'][k]} {k}" for k in ("train", "val", "test"))
+               + f"; written to {out} (check: wsss check-data {out} --dataset {out / 'spec.toml'}; "
+               f"{out / 'contact_sheet.png'})")
+    if result.failures:
+        typer.echo(f"{len(result.failures)} slide{'s' if len(result.failures) != 1 else ''} failed:", err=True)
+        for message in result.failures:
+            typer.echo(f"  {message}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("train-stage1")
 def train_stage1(
     dataset: str = DatasetOpt,
@@ -156,6 +240,8 @@ def train_stage1(
     weight_decay: Optional[float] = typer.Option(
         None, "--weight-decay", help="Weight decay of the weight groups; biases get none (5e-4)."),
     width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
+    dropout: Optional[float] = typer.Option(
+        None, "--dropout", help="Multiple of the reference's dropout rates (b6 0.3, b7 0.5, head 0.5); 0: none."),
     image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
     input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
     init_weights: Optional[Path] = typer.Option(
@@ -179,11 +265,16 @@ def train_stage1(
     light_jitter: Optional[float] = LightJitterOpt,
     blur_jitter: Optional[float] = BlurJitterOpt,
     jpeg_jitter: Optional[int] = JpegJitterOpt,
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
+                                 + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT (--device, --precision and "
+                                                        "--workers may change)."),
     force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
 ) -> None:
     """Train the ResNet38 classifier (stage 1) with PDA, then evaluate its CAMs on val and test."""
@@ -194,15 +285,15 @@ def train_stage1(
     options = dict(
         dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
-        width=width, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
+        width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
         **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
                          jpeg_jitter),
-        device=device, amp=amp, workers=workers, seed=seed,
+        cam_tie_rule=tie_rule, device=device, precision=_precision(precision, amp), workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
-    if "cam_metrics" in summary:
+    if summary.get("cam_metrics"):
         typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
 
 
@@ -213,26 +304,31 @@ def eval_cam(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
     split: str = typer.Option("test", "--split", help="val or test."),
     threshold: float = typer.Option(0.25, "--threshold", help="Classes with probability <= this are dropped."),
-    tie_rule: str = typer.Option(
-        "ours", "--tie-rule", help="ours (a dropped class never wins) or reference (where every kept class is 0, "
-                                   "the lowest class index wins, as WSSS-Tissue's evaluation)."),
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help=CAM_TIE_HELP + " Default: the rule the checkpoint's training evaluated with "
+                                               "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
     workers: int = typer.Option(0, "--workers", min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
     """Segment a split with the stage-1 CAMs and score it against the masks."""
     from wsss.metrics import format_table, write_json
-    from wsss.runtime import resolve_device
+    from wsss.runtime import resolve_device, resolve_precision
     from wsss.cam.cam import check_tie_rule
     from wsss.stages.stage1 import classifier_and_spec, evaluate_cams
 
-    check_tie_rule(tie_rule)
+    if tie_rule is not None:
+        check_tie_rule(tie_rule)
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
+    _precision(precision, None)
     clf, spec = classifier_and_spec(checkpoint, dataset)
-    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, resolve_device(device),
-                            threshold, batch_size, workers, tie_rule=tie_rule)
+    run_on = resolve_device(device)
+    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, run_on, threshold, batch_size,
+                            workers, precision=resolve_precision(precision, run_on),
+                            tie_rule=tie_rule or clf.cam_tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
         write_json(json_out, metrics)
@@ -248,11 +344,13 @@ def generate_pm(
     labels_csv: Optional[Path] = LabelsCsvOpt,
     batch_size: int = typer.Option(8, "--batch-size", min=1),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option("fp32", "--precision", help=PM_PRECISION_HELP),
     workers: int = typer.Option(2, "--workers", min=0),
     force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
-    tie_rule: str = typer.Option(
-        "ours", "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, "
-                                   "where unlabelled classes score 0; differs at a few pixels)."),
+    tie_rule: Optional[str] = typer.Option(
+        None, "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, where "
+                                 "unlabelled classes score 0; differs at a few pixels). Default: the preset's "
+                                 "(paper, cpu-paper: reference; cpu, best: ours)."),
     scales: str = typer.Option(
         "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
                               "(reference: 1)."),
@@ -268,10 +366,11 @@ def generate_pm(
 
     if preset is not None and preset not in PM_PRESETS:
         raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(PM_PRESETS)}")
-    values = {**PM_PRESETS[preset or "paper"], **({"white_rule": white_rule} if white_rule is not None else {})}
+    given = {k: v for k, v in (("white_rule", white_rule), ("tie_rule", tie_rule)) if v is not None}
+    values = {**PM_PRESETS[preset or "paper"], **given}
     cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
-                           out=out, batch_size=batch_size, device=device, workers=workers, force=force,
-                           tie_rule=tie_rule, scales=_csv(scales, float, "--scales") or (), flip=flip,
+                           out=out, batch_size=batch_size, device=device, precision=_precision(precision, None),
+                           workers=workers, force=force, scales=_csv(scales, float, "--scales") or (), flip=flip,
                            labels_csv=labels_csv, **values)
     typer.echo(format_summary(generate(cfg)))
 
@@ -318,6 +417,10 @@ def train_stage2(
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
+    drop_last: Optional[bool] = typer.Option(
+        None, "--drop-last/--keep-last",
+        help="Leave out each epoch's last short batch, ⌊N/batch⌋ poly steps an epoch (cpu, best), or train on it "
+             "with its loss divided by its own size, ⌈N/batch⌉ steps (paper, cpu-paper: as the reference)."),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (0.9)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
@@ -338,16 +441,21 @@ def train_stage2(
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
+    ema: Optional[float] = typer.Option(
+        None, "--ema", help="Validate, keep and test an exponential moving average of the weights, this decay per "
+                            "step (e.g. 0.99; 0: off, the reference)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
              "state_dict, or a wsss stage-2 checkpoint."),
     gate: Optional[bool] = typer.Option(None, "--gate/--no-gate", help="Also test with the classification gate."),
     gate_threshold: Optional[float] = typer.Option(
-        None, "--gate-threshold", help="Classes with stage-1 probability <= this cannot be predicted."),
-    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=GATE_MODE_HELP),
+        None, "--gate-threshold",
+        help=f"Classes with stage-1 probability <= this cannot be predicted (default {DEFAULT_GATE_THRESHOLD:g})."),
+    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: Optional[int] = typer.Option(None, "--workers", min=0),
     seed: Optional[int] = typer.Option(None, "--seed"),
     out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
@@ -365,18 +473,22 @@ def train_stage2(
         dataset=dataset, data=data, stage1_checkpoint=stage1_checkpoint, labels_csv=labels_csv,
         pm_dir=pm_dir, pm_layers=_csv(pm_layers, str, "--pm-layers"), pm_weights=_csv(pm_weights, float, "--pm-weights"),
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
-        head_channels=head_channels, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+        head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic, init_weights=init_weights,
+        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema, init_weights=init_weights,
         **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
                          jpeg_jitter),
-        gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device, amp=amp, workers=workers, seed=seed, out=out,
+        gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
+        precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
         report=report,
     )
     cfg = resolve(Stage2Config, STAGE2_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
     if "metrics" in summary:
         metrics = summary["metrics"]
+        if metrics["test"] is None:
+            typer.echo(f"kept: {metrics['kept']}, epoch {metrics['best_epoch']}; {metrics['left_out']}")
+            return
         typer.echo(format_table(metrics["test"], "stage-2 segmentation, test split"))
         if metrics["test_gate"] is not None:
             typer.echo(format_table(metrics["test_gate"], "stage-2 segmentation with the gate, test split"))
@@ -391,11 +503,16 @@ def evaluate(
     split: str = typer.Option("test", "--split", help="val or test."),
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Also score with the classification gate."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate_threshold: Optional[float] = typer.Option(
+        None, "--gate-threshold", help="Classes with probability <= this are gated. Default: the checkpoint's training "
+                                       f"run's (WSSS-Tissue's files: {DEFAULT_GATE_THRESHOLD:g})."),
+    gate_mode: Optional[str] = typer.Option(
+        None, "--gate-mode", help=GATE_MODE_HELP + " Default: the mode the checkpoint's training run tested with "
+                                                   "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
     device: str = typer.Option("auto", "--device"),
-    amp: bool = typer.Option(False, "--amp/--no-amp"),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     workers: int = typer.Option(0, "--workers", min=0),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
 ) -> None:
@@ -407,7 +524,8 @@ def evaluate(
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
     results = evaluate_checkpoint(dataset, data, checkpoint, split, resolve_device(device),
-                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers, amp,
+                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers,
+                                  _precision(precision, amp) or "fp32",
                                   gate_mode=gate_mode)
     for key, metrics in results.items():
         title = f"stage-2 segmentation{' with the gate' if key.endswith('_gate') else ''}, {split} split"
@@ -467,7 +585,7 @@ def reproduce(
     upper_bound: bool = typer.Option(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     synth_look: str = typer.Option(
         "default", "--synth-look", help="With --synth: the look of the synthetic data (default, shifted, lab-b, "
                                         "pale, dark, jpeg, blur; see wsss synth --look)."),
@@ -488,6 +606,8 @@ def reproduce(
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    precision: str = typer.Option(
+        "fp32", "--precision", help=PRECISION_HELP + " Every step runs in it (a continued run may change it)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset default)."),
     force: bool = typer.Option(False, "--force", help="Start over instead of continuing an earlier run."),
 ) -> None:
@@ -502,7 +622,8 @@ def reproduce(
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
         upper_bound=upper_bound, synth_look=synth_look, synth_task=synth_task,
         synth_tasks=_csv(synth_tasks, int, "--synth-tasks") or (), synth_difficulty=synth_difficulty,
-        synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device, workers=workers, ablations=ablations, figures=figures, force=force,
+        synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device,
+        precision=_precision(precision, None), workers=workers, ablations=ablations, figures=figures, force=force,
     )
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
@@ -526,20 +647,27 @@ def predict(
     dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    tile: int = typer.Option(
-        224, "--tile", min=16,
-        help="Window side in image pixels; use the training patch size (224 for LUAD/BCSS). Each window is "
-             "resized by image_size/tile when the checkpoint records its training input size, so the model "
-             "sees tissue at the scale it learned; probabilities come back at window size."),
-    overlap: int = typer.Option(
-        32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16,
+        help="Window side in pixels at the model's µm/px. Default: the checkpoint's training patch size (224 when it "
+             "records none). Each window is resized by image_size/tile when the checkpoint records its training "
+             "input size, so the model sees tissue at the scale it learned; probabilities come back at window size."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there. "
+                                       "Default: 32, or half the window when that is less."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
+                            "masks back to the images' size). Without it (or when the checkpoint records none) the "
+                            "images are segmented as they are, with a warning."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
 ) -> None:
@@ -553,7 +681,8 @@ def predict(
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, device=device, amp=amp, force=force,
+        overlap=overlap, batch_size=batch_size, tta=tta, device=device,
+        precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -583,14 +712,24 @@ def predict_wsi(
     dataset: Optional[str] = CheckpointDatasetOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
     stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(0.1, "--gate-threshold", help="Classes with probability <= this are gated."),
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
+    level: Optional[int] = typer.Option(
+        None, "--level", help="Pyramid level to segment as it is (instead of the model's µm/px)."),
     mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized (instead of --level)."),
+        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized. Default: the µm/px "
+                            "the checkpoint was trained at (level 0 when it records none)."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp "
+                                  "column wins); a slide without either is refused when a µm/px is to be read."),
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
-    tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
-    overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16, help="Window side in processed pixels. Default: the checkpoint's training patch size "
+                                     "(224 when it records none)."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended. Default: 32, or half the "
+                                       "window when that is less."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
@@ -619,7 +758,8 @@ def predict_wsi(
     reader: str = typer.Option(
         "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: the rank's GPU)."),
-    amp: bool = typer.Option(False, "--amp/--no-amp", help="Mixed precision (fp16 CUDA, bf16 CPU)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
 ) -> None:
@@ -642,7 +782,7 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        amp=amp, force=force,
+        precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None
@@ -703,6 +843,20 @@ def _stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, l
                 lab_jitter=lab_jitter, light_jitter=light_jitter, blur_jitter=blur_jitter, jpeg_jitter=jpeg_jitter)
 
 
+def _precision(precision: Optional[str], amp: Optional[bool]) -> Optional[str]:
+    """``--precision`` or its old spelling ``--amp/--no-amp`` (``amp``: fp16 on CUDA, bf16 on the CPU;
+    ``--no-amp``: fp32); None when neither is given (the preset's or the default). Both: a user error."""
+    from wsss.runtime import check_precision
+
+    if precision is not None and amp is not None:
+        raise WsssError("--amp/--no-amp is the old spelling of --precision: pass only one of them")
+    if precision is not None:
+        return check_precision(precision)
+    if amp is not None:
+        return "amp" if amp else "fp32"
+    return None
+
+
 def _csv(text: Optional[str], kind: type, option: str) -> Optional[tuple]:
     """``"a,b,c"`` → a tuple of ``kind``; None stays None so presets and defaults apply."""
     if text is None:
@@ -741,13 +895,18 @@ def _resume_command(needs_flag: bool) -> str:
 
 
 def _interrupted_line(exc: Interrupted) -> str:
+    return f"{exc.signal_name}: {_saved_and_continue()}"
+
+
+def _saved_and_continue() -> str:
+    """What the run saved so far and the command that continues it."""
     from wsss.runtime import saved_note
 
     note = saved_note()
     if note is None:
-        return f"{exc.signal_name}: nothing was saved yet"
+        return "nothing was saved yet"
     what, needs_flag = note
-    return f"{exc.signal_name}: {what}; to continue: {_resume_command(needs_flag)}"
+    return f"{what}; to continue: {_resume_command(needs_flag)}"
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -778,6 +937,9 @@ def main() -> None:
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         app()
+    except Stopped as exc:
+        typer.echo(f"error: {_one_line(exc)}; {_saved_and_continue()}", err=True)
+        sys.exit(1)
     except WsssError as exc:
         typer.echo(f"error: {_one_line(exc)}", err=True)
         sys.exit(1)

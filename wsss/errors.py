@@ -8,6 +8,11 @@ class WsssError(Exception):
     """
 
 
+class Stopped(WsssError):
+    """A run that stopped on a problem in its data after saving some of its work. The CLI's line
+    adds what was saved and the command that continues the run, as for an interruption."""
+
+
 class Interrupted(BaseException):
     """Ctrl-C (SIGINT) or SIGTERM in a CLI run. Not a KeyboardInterrupt, which the CLI framework
     would swallow into a silent exit: the CLI catches this one and says what was saved."""

@@ -6,16 +6,20 @@ functions; no model or file access.
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from wsss.errors import WsssError
 
+if TYPE_CHECKING:  # the CLI reads the constants below at import, before it needs torch
+    from torch import Tensor
+
 GATE_MODES: tuple[str, ...] = ("mask", "reference")
-"""``mask``: gated classes get logit −∞ (ours, the default). ``reference``: logits × (p > threshold),
-exactly as WSSS-Tissue's ``3_train_stage2.py`` test does."""
+"""``mask``: gated classes get logit −∞ (ours: the cpu and best presets, predict, predict-wsi).
+``reference``: logits × (p > threshold), exactly as WSSS-Tissue's ``3_train_stage2.py`` test does (the
+paper and cpu-paper presets)."""
 
 DEFAULT_GATE_THRESHOLD = 0.1
+"""The reference's gate: a class whose stage-1 probability is not above 0.1 is gated."""
 
 
 def check_gate_options(mode: str, threshold: float) -> None:
@@ -39,6 +43,8 @@ def gate_logits(logits: Tensor, probs: Tensor, threshold: float, mode: str = "ma
     logit 0 and still wins wherever the kept classes' logits are all negative; when every class is
     rejected all logits are 0 and the argmax (first maximum) is class 0 everywhere.
     """
+    import torch
+
     keep = probs > threshold
     if mode == "reference":
         return logits * keep[:, :, None, None].to(logits.dtype)

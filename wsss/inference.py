@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.data.scale import recorded_scale
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.gate import gate_logits
-from wsss.runtime import resolve_device
+from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
+from wsss.runtime import memory_format, resolve_device, resolve_precision
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
 from wsss.tiling import Predictor
@@ -25,16 +26,43 @@ from wsss.tiling import Predictor
 log = logging.getLogger(__name__)
 
 
-def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
-    """The sliding-window and gate options every predict command shares; a bad one is a user error."""
-    if tile < 16:
+def check_window_options(tile: int | None, overlap: int | None, batch_size: int, gate: bool,
+                         stage1_checkpoint: Path | None) -> None:
+    """The sliding-window and gate options every predict command shares; a bad one is a user error.
+    ``tile`` and ``overlap`` None: not given (:func:`window_for` picks them from the checkpoint)."""
+    if tile is not None and tile < 16:
         raise WsssError(f"--tile must be at least 16 px, not {tile}")
-    if not 0 <= overlap < tile:
+    if overlap is not None and overlap < 0:
+        raise WsssError(f"--overlap must be at least 0, not {overlap}")
+    if tile is not None and overlap is not None and not overlap < tile:
         raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
     if batch_size < 1:
         raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
+
+
+DEFAULT_TILE = 224
+"""The window of a checkpoint that records no training patch size (LUAD-HistoSeg's and BCSS-WSSS's patches)."""
+DEFAULT_OVERLAP = 32
+
+
+def window_for(tile: int | None, overlap: int | None, patch_size: int | None) -> tuple[int, int]:
+    """``(tile, overlap)`` of a predict command: ``--tile`` when given, else the checkpoint's training
+    patch size (:data:`DEFAULT_TILE` when it records none); ``--overlap`` when given, else
+    :data:`DEFAULT_OVERLAP` px or half the window when that is less. Checked as the options are."""
+    tile = tile if tile is not None else patch_size if patch_size is not None else DEFAULT_TILE
+    overlap = overlap if overlap is not None else min(DEFAULT_OVERLAP, tile // 2)
+    check_window_options(tile, overlap, 1, False, None)
+    return tile, overlap
+
+
+def model_scale(checkpoint: Path) -> tuple[float | None, int | None]:
+    """``(mpp, patch_size)`` a stage-2 checkpoint was trained at (:func:`wsss.data.scale.recorded_scale`);
+    read before the models load, so that a slide or image that cannot be used fails first."""
+    from wsss.models.deeplab import read_checkpoint
+
+    return recorded_scale(read_checkpoint(checkpoint))
 
 
 class ModelOptions(Protocol):
@@ -48,7 +76,7 @@ class ModelOptions(Protocol):
     gate_mode: str
     tile: int
     device: str
-    amp: bool
+    precision: str
     tta: str
 
 
@@ -145,16 +173,17 @@ class TilePredictor(Predictor):
     tile: int
     device: torch.device
     gate: LoadedClassifier | None = None
-    threshold: float = 0.1
-    amp: bool = False
+    threshold: float = DEFAULT_GATE_THRESHOLD
+    precision: str = "fp32"  # resolved: fp32, bf16 or fp16
     gate_mode: str = "mask"
     tta: str = "none"
 
     def __post_init__(self) -> None:
         self.transforms = tta_transforms(self.tta)
-        self.seg.model.eval().to(self.device)
+        self.memory_format = memory_format(self.device, self.precision)
+        self.seg.model.eval().to(self.device, memory_format=self.memory_format)
         if self.gate is not None:
-            self.gate.model.eval().to(self.device)
+            self.gate.model.eval().to(self.device, memory_format=self.memory_format)
 
     def prepare(self, tiles: Sequence[np.ndarray]) -> PreparedWindows:
         """Resize and normalise windows of one size ``(h, w, 3)`` uint8 for both models (CPU work);
@@ -179,13 +208,15 @@ class TilePredictor(Predictor):
         x = inputs.seg[start:stop].to(self.device, non_blocking=True)
         gate_probs = None
         if self.gate is not None:
-            gate_probs = class_probs(self.gate, inputs.gate[start:stop].to(self.device, non_blocking=True), self.amp)
+            xg = inputs.gate[start:stop].to(self.device, non_blocking=True)
+            gate_probs = class_probs(self.gate, xg.contiguous(memory_format=self.memory_format), self.precision)
         probs = None
         for t in self.transforms:
-            logits = segment(self.seg.model, t.apply(x), inputs.size[::-1] if t.swaps else inputs.size, self.amp)
+            view = t.apply(x).contiguous(memory_format=self.memory_format)
+            logits = segment(self.seg.model, view, inputs.size[::-1] if t.swaps else inputs.size, self.precision)
             if gate_probs is not None:
                 logits = gate_logits(logits, gate_probs, self.threshold, self.gate_mode)
-            p = t.undo(logits.softmax(dim=1))
+            p = t.undo(logits.softmax(dim=1))  # fp32 logits (segment): fp32 softmax
             probs = p if probs is None else probs.add_(p)
         return probs if len(self.transforms) == 1 else probs.div_(len(self.transforms))
 
@@ -197,6 +228,24 @@ def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, 
     spec is a user error."""
     seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
     gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
-    predictor = TilePredictor(seg, cfg.tile, resolve_device(cfg.device, local_rank), gate, cfg.gate_threshold, cfg.amp,
-                              cfg.gate_mode, cfg.tta)
+    device = resolve_device(cfg.device, local_rank)
+    predictor = TilePredictor(seg, cfg.tile, device, gate, cfg.gate_threshold,
+                              resolve_precision(cfg.precision, device), cfg.gate_mode, cfg.tta)
     return predictor, spec
+
+
+def run_precision(cfg: ModelOptions) -> str:
+    """The precision a predict command computes in (``auto``: bf16 or fp32 on this machine), as its
+    records of settings name it; :func:`load_models` resolves it the same way."""
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
+def upgrade_settings(recorded: dict) -> dict:
+    """Settings an older wsss recorded (``amp``: false) in today's terms (``precision``: fp32), so
+    that its predictions are recognised as made with the same settings; ``amp``: true (fp16 or
+    bf16, by device) is not told apart and counts as other settings."""
+    if "amp" not in recorded or "precision" in recorded:
+        return recorded
+    upgraded = {k: v for k, v in recorded.items() if k != "amp"}
+    upgraded["precision"] = "amp" if recorded["amp"] else "fp32"
+    return upgraded

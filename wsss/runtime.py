@@ -1,4 +1,4 @@
-"""Runtime helpers: atomic file writes, checkpoints, seeding, devices."""
+"""Runtime helpers: atomic file writes, checkpoints, seeding, devices, numeric precision."""
 
 from __future__ import annotations
 
@@ -211,7 +211,8 @@ def is_main_process() -> bool:
 
 
 def resolve_device(name: str, local_rank: int = 0):
-    """``auto`` → CUDA when available else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` → CUDA when available else CPU; ``cuda`` without a GPU is a user error. A CUDA device
+    gets the process-wide settings of :func:`configure_device`."""
     import torch
 
     from wsss.errors import WsssError
@@ -221,10 +222,134 @@ def resolve_device(name: str, local_rank: int = 0):
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise WsssError("--device cuda was asked for, but no CUDA GPU is available")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+        configure_device(device)
+        return device
     if name != "cpu":
         raise WsssError(f"unknown device {name!r}; use auto, cpu or cuda")
     return torch.device("cpu")
+
+
+def configure_device(device) -> None:
+    """Process-wide settings that make a CUDA device fast: cuDNN picks the fastest convolution for
+    each input shape (fixed patch sizes: measured once), and float32 matrix products and
+    convolutions use TF32 tensor cores (a 10-bit mantissa on products, float32 sums). Nothing
+    changes on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+
+
+def memory_format(device, precision: str = "fp32"):
+    """The layout of models and images on ``device`` in ``precision`` (resolved):
+    ``torch.channels_last`` on CUDA (what cuDNN's tensor-core convolutions read without a
+    transpose) and for bf16 on the CPU (oneDNN's bf16 convolutions want NHWC and reorder NCHW
+    inputs at every layer: bench/precision.py), else ``torch.contiguous_format``, so that fp32 on
+    the CPU computes exactly as before. ResNet38's training step on the CPU is the exception
+    (:func:`wsss.stages.stage1.training_format`)."""
+    import torch
+
+    if device.type == "cuda" or (device.type == "cpu" and precision == "bf16"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+# --------------------------------------------------------------------------- numeric precision
+
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+"""``--precision`` values. ``auto``: bf16 where the hardware has it (CUDA GPUs of compute capability
+8 and later, CPUs with AVX512-BF16 or AMX), else fp32. ``amp`` is accepted too, as the old
+``--amp``: fp16 on CUDA, bf16 on the CPU."""
+
+
+def check_precision(precision: str) -> str:
+    """``precision`` if it is a ``--precision`` value (or ``amp``); otherwise a user error."""
+    from wsss.errors import WsssError
+
+    if precision not in (*PRECISIONS, "amp"):
+        raise WsssError(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    return precision
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bfloat16 products natively (AVX512-BF16 or AMX): there bf16 matrix
+    products run several times faster than fp32; elsewhere oneDNN emulates them, slower than fp32."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device) -> str:
+    """The precision a run on ``device`` computes in: ``fp32``, ``bf16`` or ``fp16``.
+
+    ``auto``: bf16 on a CUDA GPU that supports it and on a CPU that has it natively, else fp32.
+    ``amp`` (the old ``--amp``): fp16 on CUDA, bf16 on the CPU."""
+    import torch
+
+    check_precision(precision)
+    if precision == "amp":
+        return "fp16" if device.type == "cuda" else "bf16"
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+def autocast(device, precision: str):
+    """The autocast context of a resolved ``precision`` on ``device``; fp32: a no-op context.
+
+    Inside it, convolutions and matrix products run in bf16/fp16 while autocast keeps reductions,
+    softmax and losses in float32; callers still cast model outputs with ``.float()`` before a loss,
+    a softmax or a normalisation."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        raise ValueError(f"autocast needs a resolved precision (fp32, bf16, fp16), not {precision!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def full_precision(t):
+    """``t`` as float32 when autocast made it bf16/fp16; float32 and float64 tensors as they are."""
+    import torch
+
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
+def grad_scaler(device, precision: str):
+    """A gradient scaler, enabled for fp16 only (its 5-bit exponent underflows small gradients);
+    bf16 has float32's exponent range and needs none."""
+    import torch
+
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def load_scaler_state(scaler, state: dict | None) -> bool:
+    """Restore a saved scaler state into ``scaler``; True when it was restored.
+
+    A run saved without fp16 (fp32, bf16, or the old ``--amp`` off) saved a disabled scaler's state,
+    which is empty, and ``GradScaler.load_state_dict`` refuses an empty state; resuming such a run
+    in fp16 starts from a fresh scaler (scale 65536, grown or shrunk within the first steps). A
+    resumed run that no longer uses fp16 drops the saved scale."""
+    if not scaler.is_enabled() or not state:
+        return False
+    scaler.load_state_dict(state)
+    return True
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -19,6 +19,7 @@ Pure tensor functions; no file access.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 
 from wsss.cam.cam import minmax_normalise, upsample_cams
 from wsss.models.resnet38 import FEATURE_NAMES, ResNet38Classifier
+from wsss.runtime import autocast, full_precision
 
 GRADCAM_LAYERS: tuple[str, ...] = FEATURE_NAMES
 """Layers Grad-CAM can be taken at, in forward order: ``b4_5``, ``b5_2``, ``bn7``."""
@@ -112,13 +114,17 @@ def multi_layer_gradcam(
     layers: Sequence[str] = GRADCAM_LAYERS,
     size: tuple[int, int] | None = None,
     batched: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, Tensor]:
     """Raw Grad-CAMs (no ReLU, not normalised) of every class at each layer, from one forward pass.
 
     ``x`` (B, 3, S, S) is the normalised model input; the model must be in eval mode. Returns
-    ``{layer: (B, C, H, W)}`` with ``(H, W) = size`` (bilinear, ``align_corners=False``), or at the
-    feature resolution (B, C, S/8, S/8) when ``size`` is None. Parameters' ``requires_grad`` flags
-    are left as they were; no graph outlives the call.
+    ``{layer: (B, C, H, W)}`` (float32, or float64 for a float64 model) with ``(H, W) = size`` (bilinear, ``align_corners=False``), or
+    at the feature resolution (B, C, S/8, S/8) when ``size`` is None. Parameters' ``requires_grad``
+    flags are left as they were; no graph outlives the call. ``precision`` (resolved) is that of the
+    forward and gradient passes; the weighted sums, the upsampling (and later the normalisation)
+    are float32 whatever it is: a Grad-CAM (no ReLU) sums K products of both signs, whose
+    cancellation an 8-bit mantissa would not resolve.
     """
     if model.training:
         raise ValueError("Grad-CAM needs the model in eval mode (dropout off, BatchNorm statistics fixed)")
@@ -131,17 +137,19 @@ def multi_layer_gradcam(
             stack.enter_context(graph_from(getattr(model, grad_layers[0])))
         else:
             stack.enter_context(torch.no_grad())
-        features = model.forward_features(x)
         alphas: dict[str, Tensor] = {}
-        if grad_layers:
-            logits = model.forward_head(features["bn7"])
-            alphas.update(zip(grad_layers, class_weights(logits, [features[n] for n in grad_layers], batched)))
-            del logits
+        with autocast(x.device, precision):
+            features = model.forward_features(x)
+            if grad_layers:
+                logits = model.forward_head(features["bn7"])
+                alphas.update(zip(grad_layers, class_weights(logits, [features[n] for n in grad_layers], batched)))
+                del logits
         if HEAD_LAYER in layers:
             head = features[HEAD_LAYER]
             alphas[HEAD_LAYER] = model.fc8.weight.flatten(1) / (head.shape[-2] * head.shape[-1])
         with torch.no_grad():
-            cams = {name: weighted_maps(alphas[name], features[name].detach()) for name in layers}
+            cams = {name: weighted_maps(full_precision(alphas[name]), full_precision(features[name].detach()))
+                    for name in layers}
         del features, alphas
     if size is not None:
         cams = {name: upsample_cams(cam, size) for name, cam in cams.items()}
@@ -156,6 +164,7 @@ def averaged_gradcam(
     scales: Sequence[float] = (1.0,),
     flip: bool = False,
     gradcam=None,
+    precision: str = "fp32",
 ) -> dict[str, Tensor]:
     """Grad-CAMs ``{layer: (B, C, H, W)}`` at ``size``, each view jointly min-max normalised over
     classes, averaged over input scales and flips.
@@ -167,9 +176,10 @@ def averaged_gradcam(
     goes as 1/(h·w) of the view through the global pooling, so raw maps of a larger view would
     count less. With one view this is ``minmax_normalise`` of :func:`multi_layer_gradcam`, whose
     fusion is bit-identical to that of the raw maps. ``gradcam(model, x, layers, size)`` replaces
-    :func:`multi_layer_gradcam` (tests use a toy map).
+    :func:`multi_layer_gradcam` (tests use a toy map). ``precision``: of the model's passes
+    (:func:`multi_layer_gradcam`); the normalisation and the mean are float32.
     """
-    gradcam = gradcam or multi_layer_gradcam
+    gradcam = gradcam or functools.partial(multi_layer_gradcam, precision=precision)
     total: dict[str, Tensor] = {}
     views = 0
     for scale in scales:
@@ -180,7 +190,7 @@ def averaged_gradcam(
         for mirrored in ((False, True) if flip else (False,)):
             cams = gradcam(model, xs.flip(-1) if mirrored else xs, layers, size=size)
             for name, cam in cams.items():
-                cam = minmax_normalise(cam.flip(-1) if mirrored else cam)
+                cam = minmax_normalise(full_precision(cam.flip(-1) if mirrored else cam))
                 total[name] = cam if name not in total else total[name] + cam
             views += 1
     return {name: cam / views for name, cam in total.items()}

@@ -70,6 +70,25 @@ def to_tensor(image: np.ndarray, norm: InputNorm) -> torch.Tensor:
     return (x - mean) / std
 
 
+def to_uint8_tensor(image: np.ndarray, stain: StainNorm | None = None) -> torch.Tensor:
+    """``(H, W, 3)`` uint8 → ``(3, H, W)`` uint8, as loader workers send training images (a quarter
+    of float32's bytes): mapped onto the stain target ``stain`` (None: as it is), the part of the input
+    normalisation that works on uint8; :func:`normalise` finishes the job where the model runs."""
+    if stain is not None:
+        image = stain(np.asarray(image, dtype=np.uint8))
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def normalise(x: torch.Tensor, norm: InputNorm) -> torch.Tensor:
+    """uint8 images ``(..., 3, H, W)`` (stain-normalised already, :func:`to_uint8_tensor`) → float32
+    ``(x / 255 - mean) / std`` on ``x``'s device; the same arithmetic as :func:`to_tensor`, so the
+    values are the same to the bit."""
+    x = x.float().div_(255.0)
+    mean = torch.tensor(norm.mean, device=x.device).view(3, 1, 1)
+    std = torch.tensor(norm.std, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
 def resize_rgb(image: np.ndarray, size: int | tuple[int, int] | None) -> np.ndarray:
     """Bilinear resize (PIL) of ``(H, W, 3)`` uint8 to ``(size, size, 3)``, or to ``(h, w, 3)`` for
     ``size = (h, w)``; ``None`` keeps the image as it is."""
@@ -91,21 +110,24 @@ def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
 class ClassificationDataset(Dataset):
     """Training patches with their multi-hot labels, for stage 1.
 
-    Item: ``(image (3, S, S) float, label (C,) float, index)``. With ``augment``: random flips
-    (``geometric="flip"``, the reference) or all eight square symmetries (``"d4"``), HED stain
-    jitter of strength ``stain`` (0: none) and the ``colour`` augmentation; see :mod:`wsss.data.augment`.
-    The model's stain normalisation (``norm.stain``) comes after augmentation, as at test time.
+    Item: ``(image (3, S, S) float, label (C,) float, index)``; with ``norm`` None the image is uint8
+    (mapped onto the stain target ``stain_norm`` if given), to be scaled on the device
+    (:func:`normalise`). With ``augment``: random flips (``geometric="flip"``, the reference) or all
+    eight square symmetries (``"d4"``), HED stain jitter of strength ``stain`` (0: none) and the
+    ``colour`` augmentation; see :mod:`wsss.data.augment`. The model's stain normalisation
+    (``norm.stain`` or ``stain_norm``) comes after augmentation, as at test time.
     """
 
     def __init__(
         self,
         samples: Sequence[TrainSample],
         image_size: int | None,
-        norm: InputNorm,
+        norm: InputNorm | None,
         augment: bool = False,
         geometric: str = "flip",
         stain: float = 0.0,
         colour: augment.ColourAugment | None = None,
+        stain_norm: StainNorm | None = None,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -114,6 +136,7 @@ class ClassificationDataset(Dataset):
         self.geometric = geometric
         self.stain = stain
         self.colour = colour
+        self.stain_norm = stain_norm
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -127,7 +150,8 @@ class ClassificationDataset(Dataset):
             (image,) = augment.geometric([image], self.geometric)
             image = augment.stain_jitter(image, self.stain)
             image = augment.colour(image, self.colour)
-        return to_tensor(image, self.norm), label, index
+        x = to_uint8_tensor(image, self.stain_norm) if self.norm is None else to_tensor(image, self.norm)
+        return x, label, index
 
 
 def quadrants(row: int, col: int) -> tuple[tuple[slice, slice], ...]:

@@ -12,10 +12,11 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from wsss.data import augment
-from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor
+from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor, to_uint8_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import check_mask_values, read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
+from wsss.data.stain import StainNorm
 from wsss.errors import WsssError
 
 
@@ -77,7 +78,9 @@ def compose_mosaic(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], cu
 class PseudoMaskDataset(Dataset):
     """Training patches with one pseudo-mask per layer.
 
-    Item: ``(image (3, S, S) float, masks (L, S, S) long, index)``. Image resized bilinearly and masks
+    Item: ``(image (3, S, S) float, masks (L, S, S) long, index)``; with ``norm`` None the image and the
+    masks are uint8 (a sixth of the bytes), the image mapped onto the stain target ``stain_norm`` (if
+    given) and to be scaled on the device (:func:`wsss.data.datasets.normalise`). Image resized bilinearly and masks
     by nearest neighbour to ``image_size`` (``None``: the patches' own size), after augmentation.
     Mask values are tissue classes ``0..C-1`` or the spec's background index (ignored by the loss);
     any other value is an error naming the file. Pseudo-masks (and the synthetic ``train_gt``
@@ -89,13 +92,14 @@ class PseudoMaskDataset(Dataset):
         samples: Sequence[TrainSample],
         mask_paths: Sequence[Sequence[Path]],
         image_size: int | None,
-        norm: InputNorm,
+        norm: InputNorm | None,
         spec: DatasetSpec,
         augment: bool = True,
         geometric: str = "hflip",
         stain: float = 0.0,
         mosaic: float = 0.0,
         colour: augment.ColourAugment | None = None,
+        stain_norm: StainNorm | None = None,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -107,6 +111,7 @@ class PseudoMaskDataset(Dataset):
         self.stain = stain
         self.mosaic = mosaic
         self.colour = colour
+        self.stain_norm = stain_norm
         # Patches with one class: their pseudo-masks are exact (that class, or background on white).
         self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
@@ -135,6 +140,8 @@ class PseudoMaskDataset(Dataset):
             image, masks = flip_and_blur(image, masks, self.geometric, self.stain, self.colour)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
+        if self.norm is None:
+            return to_uint8_tensor(image, self.stain_norm), torch.from_numpy(masks.astype(np.uint8)), index
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
 
 

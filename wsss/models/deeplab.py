@@ -39,6 +39,7 @@ from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from wsss.errors import WsssError
 from wsss.models.weights import LoadReport, _load_matching
+from wsss.runtime import full_precision
 
 BACKBONES = ("resnet101", "resnet50", "resnet18", "mobilenet_v3_large")
 OUT_STRIDES = (16, 8)
@@ -195,12 +196,13 @@ class DeepLabV3Plus(nn.Module):
         """Image (B, 3, H, W) → ``{"out": logits (B, C, *size)}``; ``size`` defaults to (H, W).
 
         Asking for the mask's size directly saves a second interpolation when the model runs on
-        resized inputs.
+        resized inputs. Under bf16/fp16 autocast the logits are upsampled in float32: the argmax
+        and the softmax near class boundaries must not depend on an 8-bit mantissa.
         """
         features = self.forward_features(x)
         logits = self.decoder(self.aspp(features["out"]), features["low_level"])
         size = tuple(x.shape[-2:]) if size is None else tuple(size)
-        return {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=True)}
+        return {"out": F.interpolate(full_precision(logits), size=size, mode="bilinear", align_corners=True)}
 
     def param_groups(self, lr: float, head_lr_mult: float = 10.0) -> list[dict]:
         """SGD groups of the reference: backbone at ``lr``, ASPP and decoder at ``head_lr_mult · lr``."""

@@ -242,6 +242,15 @@ class ResNet38Classifier(ResNet38):
         self.fc8 = nn.Conv2d(self.num_features, num_classes, 1, bias=False)
         nn.init.xavier_uniform_(self.fc8.weight)
 
+    def scale_dropout(self, scale: float) -> None:
+        """Multiply the reference's dropout rates (``b6`` 0.3, ``b7`` 0.5, head 0.5) by ``scale`` (0: no
+        dropout). Only training sees it."""
+        if not 0.0 <= scale <= 2.0:
+            raise WsssError(f"--dropout must be in [0, 2] (a multiple of the reference's rates), not {scale:g}")
+        for module, rate in ((self.b6.dropout_2b1, 0.3), (self.b6.dropout_2b2, 0.3), (self.b7.dropout_2b1, 0.5),
+                             (self.b7.dropout_2b2, 0.5), (self.dropout7, 0.5)):
+            module.p = min(rate * scale, 0.95)
+
     def forward_head(self, features: Tensor, attention: Tensor | None = None) -> Tensor:
         """``bn7`` features (B, K, h, w), optional attention (B, 1, h, w) → logits (B, C)."""
         if attention is not None:

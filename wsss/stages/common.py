@@ -1,8 +1,11 @@
-"""What the two training stages share: their output file names, resuming, the optimizer step, tensorboard logs."""
+"""What the two training stages share: their output file names, resuming, the training loader, the
+optimizer step, the loss check, tensorboard logs and the model's input pipeline (stain target, colour
+augmentation)."""
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -118,6 +121,7 @@ def _refuse_unknown_settings(cls: type, saved: dict, paths: RunPaths) -> None:
     """A run saved with a setting this version does not have (removed, or from a newer wsss) that was
     on cannot be continued as it was computing: refuse rather than silently drop it."""
     known = {f.name for f in fields(cls)}
+    saved = cfglib.upgrade(saved)
     unknown = {k: v for k, v in saved.items() if k not in known and v not in (None, False, 0, "", [], {})}
     if unknown:
         settings = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in sorted(unknown.items()))
@@ -168,23 +172,118 @@ def given_options(preset: str | None, options: dict[str, Any]) -> frozenset[str]
     return frozenset(given)
 
 
-def epoch_loader(dataset, batch_size: int, workers: int, seed: int, dist: Distributed, epoch: int,
-                 drop_last: bool):
-    """The training DataLoader of one epoch: shuffled by a generator seeded from ``seed`` and
-    ``epoch`` (so a resumed run sees exactly the batches an uninterrupted one would), or, under DDP,
-    by a DistributedSampler set to that epoch."""
-    import torch
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
+PREFETCH_BATCHES = 4
+"""Batches each loader worker prepares ahead (DataLoader ``prefetch_factor``): uint8 batches are
+small, and a GPU step can be shorter than a worker's slowest batch."""
 
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    sampler = None
-    if dist.enabled:
-        sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, seed=seed, drop_last=True)
-        sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, num_workers=workers,
-                      worker_init_fn=seed_worker, generator=generator, drop_last=drop_last,
-                      pin_memory=dist.device.type == "cuda")
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator that draws epoch ``epoch``'s shuffle and its loader workers' seeds."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Keys ``(epoch, index)`` of the patches of one epoch, in that epoch's order.
+
+    The order depends only on ``seed`` and the epoch (:meth:`set_epoch`): a resumed run sees the
+    batches an uninterrupted one would. Without DDP it is the permutation a shuffling DataLoader
+    with :func:`epoch_generator` drew (after the one number it takes for its workers' seeds), so the
+    batches are those of earlier wsss versions; under DDP, a DistributedSampler's share set to the
+    epoch. The epoch travels with each index so that persistent workers know when to reseed
+    (:class:`EpochSeeded`)."""
+
+    def __init__(self, size: int, seed: int, dist: Distributed) -> None:
+        from torch.utils.data.distributed import DistributedSampler
+
+        self.size, self.seed, self.epoch = size, seed, 0
+        self.shares = None
+        if dist.enabled:
+            self.shares = DistributedSampler(range(size), num_replicas=dist.world_size, rank=dist.rank, seed=seed,
+                                             drop_last=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.shares is not None:
+            self.shares.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.shares) if self.shares is not None else self.size
+
+    def __iter__(self):
+        if self.shares is not None:
+            order = list(self.shares)
+        else:
+            generator = epoch_generator(self.seed, self.epoch)
+            torch.empty((), dtype=torch.int64).random_(generator=generator)  # the workers' base seed came first
+            order = torch.randperm(self.size, generator=generator).tolist()
+        return iter([(self.epoch, i) for i in order])
+
+
+class EpochSeeded(torch.utils.data.Dataset):
+    """``dataset`` read by :class:`EpochSampler` keys. In a loader worker, the first key of a new
+    epoch reseeds the worker's RNGs as a fresh worker of that epoch was seeded (the DataLoader's
+    ``base_seed + worker_id``, then :func:`seed_worker`), so persistent workers draw the same
+    augmentations as workers started anew every epoch, and a resumed run the same as an
+    uninterrupted one. In the main process (no workers) the training loop's per-epoch reseeding
+    of the global RNGs does that."""
+
+    def __init__(self, dataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        worker = torch.utils.data.get_worker_info()
+        if worker is not None and epoch != self.epoch:
+            generator = epoch_generator(self.seed, epoch)
+            base = int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+            torch.manual_seed(base + worker.id)
+            seed_worker(worker.id)
+            self.epoch = epoch
+        return self.dataset[index]
+
+
+class EpochLoader:
+    """The training batches of a whole run from one DataLoader: its workers (``workers`` > 0) start
+    once, stay for every epoch (``persistent_workers``) and prepare :data:`PREFETCH_BATCHES` each
+    ahead; :meth:`epoch` sets which epoch's order and augmentations the next pass gives."""
+
+    def __init__(self, dataset, batch_size: int, workers: int, seed: int, dist: Distributed, drop_last: bool) -> None:
+        from torch.utils.data import DataLoader
+
+        self.sampler = EpochSampler(len(dataset), seed, dist)
+        extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES} if workers > 0 else {}
+        # The loader's own generator only seeds workers at their start; EpochSeeded reseeds them per epoch.
+        self.loader = DataLoader(EpochSeeded(dataset, seed), batch_size=batch_size, sampler=self.sampler,
+                                 num_workers=workers, worker_init_fn=seed_worker,
+                                 generator=torch.Generator().manual_seed(seed), drop_last=drop_last,
+                                 pin_memory=dist.device.type == "cuda", **extra)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int):
+        """The batches of ``epoch`` (iterate once)."""
+        self.sampler.set_epoch(epoch)
+        return self.loader
+
+    def close(self) -> None:
+        """Stop the workers (they would otherwise stay until the loader is garbage-collected)."""
+        self.loader = None
+
+
+def device_images(x: torch.Tensor, norm, device: torch.device,
+                  layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """A batch of uint8 images (B, 3, H, W) from the loader → normalised float32 model input on
+    ``device`` in ``layout`` (:func:`wsss.runtime.memory_format`): the loader's workers send a
+    quarter of the bytes (mapped onto ``norm``'s stain target already), and the scaling runs where
+    the model does (:func:`wsss.data.datasets.normalise`)."""
+    from wsss.data.datasets import normalise
+
+    x = normalise(x.to(device, non_blocking=True), norm)
+    return x.contiguous(memory_format=layout)
 
 
 def note_epochs(paths: RunPaths, done: int, epochs: int) -> None:
@@ -202,9 +301,8 @@ def tensorboard_writer(log_dir: Path):
     return SummaryWriter(str(log_dir))
 
 
-def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler, dist: Distributed, epoch: int, step: int) -> None:
-    """Stop on a non-finite loss, else one (scaled) optimizer step and one scheduler step."""
-    _check_finite(loss, dist, epoch, step)
+def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler) -> None:
+    """One (scaled) optimizer step and one scheduler step. The loss is checked by :class:`StepLosses`."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -212,24 +310,50 @@ def optimizer_step(loss: torch.Tensor, optimizer, scheduler, scaler, dist: Distr
     scheduler.step()
 
 
-def log_step(bar, writer, tag: str, loss: float, optimizer, global_step: int) -> None:
-    """The progress bar's loss, and the step's loss and learning rate for tensorboard."""
-    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-    if writer is not None:
-        writer.add_scalar(tag, loss, global_step)
-        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
+CHECK_EVERY = 20
+"""Steps between reading the losses back from the device: the finite-loss check, the progress bar
+and tensorboard's per-step loss wait for the device (and, under DDP, for every process) this
+often and at the end of an epoch, instead of at every step."""
 
 
-def _check_finite(loss: torch.Tensor, dist: Distributed, epoch: int, step: int) -> None:
-    """Stop on a NaN/inf loss; under DDP every process stops together instead of hanging."""
-    bad = float(not torch.isfinite(loss).item())
-    if dist.enabled:
-        bad = dist.all_reduce_sum([bad])[0]
-    if bad:
-        raise WsssError(
-            f"loss is not finite at epoch {epoch + 1}, step {step + 1}; try a lower --lr "
-            "(the last finished epoch is kept and can be resumed)"
-        )
+class StepLosses:
+    """The losses of an epoch's steps, kept on the device and read back every :data:`CHECK_EVERY`
+    steps and at the epoch's end (:meth:`flush`): then a non-finite one stops the run, naming its
+    step (every process of a DDP job stops at the same check instead of hanging), and each step's
+    loss and learning rate go to tensorboard as before. A NaN's later steps until the check may run
+    on NaN weights: the run stops before saving them, and the last finished epoch is kept."""
+
+    def __init__(self, dist: Distributed, epoch: int, first_step: int, bar, writer, tag: str, optimizer) -> None:
+        self.dist, self.epoch, self.first_step = dist, epoch, first_step
+        self.bar, self.writer, self.tag, self.optimizer = bar, writer, tag, optimizer
+        self.pending: list[tuple[int, torch.Tensor, float]] = []
+
+    def add(self, step: int, loss: torch.Tensor) -> None:
+        """Record step ``step``'s loss (after its optimizer step: the learning rate is the next step's, as logged before)."""
+        self.pending.append((step, loss.detach(), self.optimizer.param_groups[0]["lr"]))
+        if len(self.pending) >= CHECK_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        values = torch.stack([loss.float() for _, loss, _ in self.pending]).tolist()  # the one wait
+        bad = [0.0 if math.isfinite(v) else 1.0 for v in values]
+        if self.dist.enabled:
+            bad = self.dist.all_reduce_sum(bad)
+        if any(bad):
+            step = self.pending[[i for i, b in enumerate(bad) if b][0]][0]
+            raise WsssError(
+                f"loss is not finite at epoch {self.epoch + 1}, step {step + 1}; try a lower --lr "
+                "(the last finished epoch is kept and can be resumed)"
+            )
+        if self.dist.is_main:
+            self.bar.set_postfix(loss=f"{values[-1]:.4f}", refresh=False)
+            if self.writer is not None:
+                for (step, _, lr), value in zip(self.pending, values):
+                    self.writer.add_scalar(self.tag, value, self.first_step + step)
+                    self.writer.add_scalar("train/lr", lr, self.first_step + step)
+        self.pending = []
 
 
 # --------------------------------------------------------------------------- what a model's input is made of

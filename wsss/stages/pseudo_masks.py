@@ -40,7 +40,9 @@ from wsss.models.resnet38 import ResNet38Classifier
 from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, differences, file_sha256, owned_folder
-from wsss.runtime import atomic_path, note_saved, resolve_device
+from wsss.runtime import (
+    atomic_path, check_precision, memory_format, note_saved, resolve_device, resolve_precision,
+)
 from wsss.stages.stage1 import _progress, classifier_and_spec
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,10 @@ class PseudoMaskConfig:
     out: Path | None = None  # None: DATA/train_PM
     batch_size: int = 8
     device: str = "auto"
+    precision: str = "fp32"  # of the classifier's passes (wsss.runtime.resolve_precision)
     workers: int = 2
     force: bool = False
-    tie_rule: str = "ours"  # "reference": see wsss.cam.gradcam.fuse_pseudo_mask
+    tie_rule: str = "reference"  # the reference's argmax; "ours": see wsss.cam.gradcam.fuse_pseudo_mask
     scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
     flip: bool = False  # ... and their left-right flips (the reference: one view)
     white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
@@ -69,6 +72,7 @@ class PseudoMaskConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        check_precision(self.precision)
         self.method  # validates
 
     @property
@@ -84,7 +88,7 @@ class PseudoMaskConfig:
 class PmMethod:
     """How a patch's Grad-CAMs become its pseudo-masks (shared by generate-pm and the figures)."""
 
-    tie_rule: str = "ours"
+    tie_rule: str = "reference"
     scales: tuple[float, ...] = (1.0,)
     flip: bool = False
     white_rule: str = "grey"
@@ -211,14 +215,17 @@ def _shape_groups(items: Sequence[dict]) -> Iterator[list[dict]]:
 
 
 def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Sequence[str], spec: DatasetSpec,
-                 device: torch.device, method: PmMethod = PmMethod()) -> dict[str, torch.Tensor]:
-    """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items)."""
+                 device: torch.device, method: PmMethod = PmMethod(), precision: str = "fp32") -> dict[str, torch.Tensor]:
+    """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items), the
+    classifier's passes in ``precision`` (resolved)."""
     x = torch.stack([item["x"] for item in items]).to(device)
+    x = x.contiguous(memory_format=memory_format(device, precision))
     labels = torch.stack([item["label"] for item in items]).to(device)
     white = None
     if items[0]["white"] is not None:
         white = torch.stack([item["white"] for item in items]).to(device)
-    cams = averaged_gradcam(model, x, layers, tuple(items[0]["size"]), method.scales, method.flip)
+    cams = averaged_gradcam(model, x, layers, tuple(items[0]["size"]), method.scales, method.flip,
+                            precision=precision)
     return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index,
                                     method.tie_rule).to(torch.uint8).cpu()
             for layer in layers}
@@ -313,7 +320,8 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
     """Compute and write every mask not kept, batch by batch; returns the writer with its tallies."""
     out = owner.folder
     device = resolve_device(cfg.device)
-    model = clf.model.to(device).eval()
+    precision = resolve_precision(cfg.precision, device)
+    model = clf.model.to(device, memory_format=memory_format(device, precision)).eval()
     _save_config(cfg, out)
     loader = DataLoader(
         PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
@@ -326,7 +334,7 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
         writer.count_existing(batch)
         for group in _shape_groups(batch):
             needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
-            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method))
+            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method, precision))
         done += len(batch)
         note_saved(f"the pseudo-masks of {done} of {len(samples)} patches are in {out} (a rerun keeps them)")
         del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
@@ -341,13 +349,15 @@ def source_id(path: Path) -> list[int]:
 
 
 def pm_signature(cfg: PseudoMaskConfig, spec: DatasetSpec) -> dict:
-    """What a pseudo-mask depends on besides its patch: the classifier's bytes and the method."""
+    """What a pseudo-mask depends on besides its patch: the classifier's bytes, the method and the
+    precision of the Grad-CAM passes (bf16 changes a few pixels in a thousand: bench/precision.py)."""
     return {"dataset": spec.name, "checkpoint": str(cfg.checkpoint),
             "checkpoint_sha256": file_sha256(cfg.checkpoint), "tie_rule": cfg.tie_rule,
-            "scales": list(cfg.scales), "flip": cfg.flip, "white_rule": cfg.white_rule}
+            "scales": list(cfg.scales), "flip": cfg.flip, "white_rule": cfg.white_rule,
+            "precision": resolve_precision(cfg.precision, resolve_device(cfg.device))}
 
 
-_SIGNATURE_KEYS = ("dataset", "checkpoint_sha256", "tie_rule", "scales", "flip", "white_rule")
+_SIGNATURE_KEYS = ("dataset", "checkpoint_sha256", "tie_rule", "scales", "flip", "white_rule", "precision")
 
 
 def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequence[str],
@@ -371,6 +381,8 @@ def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequenc
                 foreign.append(path)
                 continue
             written_by = (runs.get(record.get("run")) or {}).get("config", {}).get("signature")
+            if isinstance(written_by, dict):
+                written_by = {"precision": "fp32", **written_by}  # an older wsss computed in fp32
             if not isinstance(written_by, dict) or differences(written_by, signature, _SIGNATURE_KEYS):
                 stale.append((path, written_by or {}))
                 continue

@@ -40,11 +40,11 @@ from wsss.data.layout import train_gt_dir
 from wsss.data.specs import SPECS, DatasetSpec, get_spec
 from wsss.data.synth import resolve_look
 from wsss.errors import WsssError
-from wsss.gate import check_gate_options
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.ownership import owned_folder
-from wsss.runtime import atomic_path, continue_with_same_command, note_saved
+from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved
 from wsss.stages.stage1 import FIT_LABEL_ACC
 
 log = logging.getLogger(__name__)
@@ -84,16 +84,21 @@ class ReproduceConfig:
     stage1_init: Path | None = None
     stage2_init: Path | None = None
     seeds: tuple[int, ...] = (0,)  # training seeds; several make a seed sweep (mean, min, max)
-    gate_mode: str = "mask"
+    gate_mode: str | None = None  # None: the preset's (paper, cpu-paper: reference; cpu, best: mask)
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
+    precision: str = "fp32"  # of every step (wsss.runtime.resolve_precision); how, not what: not in the signature
     workers: int | None = None
     ablations: bool = False
     figures: bool = True
     force: bool = False
 
     def __post_init__(self) -> None:
-        check_gate_options(self.gate_mode, 0.1)
+        if self.gate_mode is None:
+            preset = STAGE2_PRESETS.get(self.preset or "paper", {})
+            object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
+        check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
+        check_precision(self.precision)
         resolve_look(self.synth_look)
         from wsss.data.tasks import check_difficulty
 
@@ -306,9 +311,44 @@ def _synth(cfg: ReproduceConfig) -> dict:
     return {"train": n_train, "val": n_val, "test": n_test}
 
 
+def check_synth_data(cfg: ReproduceConfig, marker: Path) -> None:
+    """Synthetic data already in DATA is used only when it is what ``--synth`` would write now (its
+    size, look, task and µm/px): otherwise a run would silently train on other data."""
+    from wsss.data.tasks import sample_task
+
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        raise WsssError(f"{marker} is unreadable: delete {marker.parent} to generate the synthetic data again") from None
+    spec = get_spec(cfg.dataset)
+    task = None if cfg.synth_task is None else sample_task(cfg.synth_task, spec.num_classes, cfg.synth_difficulty)
+    look = resolve_look(cfg.synth_look).to_dict()
+    recorded_look = {**look, **{k: v for k, v in (recorded.get("look") or {}).items() if k in look}}
+    recorded = {**recorded, "look": recorded_look}  # looks recorded before a field existed had its default
+    wanted = {"size": cfg.synth_size, "look": look, "task": None if task is None else task.to_dict()}
+    if cfg.synth_mpp is not None:
+        wanted["mpp"] = cfg.synth_mpp
+    differ = [f"{k} {_short(recorded.get(k, 224 if k == 'size' else None))} (asked {_short(v)})"
+              for k, v in wanted.items() if _norm_json(recorded.get(k, 224 if k == "size" else None)) != _norm_json(v)]
+    if differ:
+        raise WsssError(f"{marker.parent} holds synthetic data of other settings ({'; '.join(differ)}); choose another "
+                        f"--data, or delete that folder to generate it again")
+
+
+def _norm_json(value):
+    return json.loads(json.dumps(value))
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):
+        return "task " + str(value["seed"]) if "seed" in value else "look " + ",".join(f"{k}={v:g}" for k, v in value.items())
+    return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
     return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device, workers=cfg.workers,
+                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device,
+                          precision=cfg.precision, workers=cfg.workers,
                           seed=seed, **overrides)
 
 
@@ -317,7 +357,7 @@ def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, p
     return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
                           out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
                           gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
-                          workers=cfg.workers, seed=seed, **overrides)
+                          precision=cfg.precision, workers=cfg.workers, seed=seed, **overrides)
 
 
 def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
@@ -325,7 +365,8 @@ def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides)
 
     values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
     return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, workers=_pm_workers(cfg), force=cfg.force,
+                            out=pm_dir, device=cfg.device, precision=cfg.precision, workers=_pm_workers(cfg),
+                            force=cfg.force,
                             labels_csv=cfg.labels_csv, **values)
 
 
@@ -373,7 +414,7 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
     if not Path(cfg.transfer).is_dir():
         raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
     metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
-                                  gate_mode=cfg.gate_mode)
+                                  precision=cfg.precision, gate_mode=cfg.gate_mode)
     return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
 
 
@@ -444,7 +485,10 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
         "stage1_cam": stage1["cam"],
         "stage1_fit": stage1.get("fit"),
         "pseudo_masks": pm_eval,
-        "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"]},
+        "stage2": {"test": stage2["test"], "test_gate": stage2["test_gate"],
+                   # the last epoch's model instead of the best on val (the same model when the best is the last)
+                   "test_last_epoch": stage2.get("test_last_epoch") or stage2["test_gate"] or stage2["test"],
+                   "best_epoch": stage2.get("best_epoch")},
         "stage2_val_best": stage2.get("val_best"),
         "upper_bound": None,
         "ablations": {},
@@ -524,6 +568,8 @@ def run(cfg: ReproduceConfig) -> dict:
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     data, report = Path(cfg.data), cfg.report_dir
     started = time.perf_counter()
+    if cfg.synth and (data / SYNTH_MARKER).is_file():
+        check_synth_data(cfg, data / SYNTH_MARKER)
     if cfg.synth and not (data / SYNTH_MARKER).is_file():
         if data.is_dir() and any(data.iterdir()) and not (data / "train").is_dir():
             raise WsssError(f"{data} holds something other than a synthetic dataset; choose another DATA")
@@ -536,6 +582,7 @@ def run(cfg: ReproduceConfig) -> dict:
     if not data.is_dir():
         raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
     continue_with_same_command()
+    log.info("initial weights: %s", describe_init_weights(init_weights(cfg)))
     folders = input_folders(data)
     with owned_folder(cfg.out_dir, "reproduce", force=cfg.force, read_from=folders, config=cfg.signature()), \
             owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
@@ -561,6 +608,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "data": str(data),
         "preset": cfg.preset,
         "gate_mode": cfg.gate_mode,
+        "init_weights": init_weights(cfg),
         "classes": list(spec.classes),
         "seeds": list(cfg.seeds),
         # The first seed's results, as a single run reports them.
@@ -575,6 +623,7 @@ def _report(cfg: ReproduceConfig, spec: DatasetSpec, ctx: "_Context", started: f
         "times": ctx.times,
         "wall_seconds_this_call": round(time.perf_counter() - started, 1),
         "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     text = format_report(result)
@@ -615,6 +664,7 @@ def _task_report(cfg: ReproduceConfig, spec: DatasetSpec, started: float) -> dic
         "summary": aggregate([_with_gap(r) for r in runs]),
         "fits": [{"task": r["task"], "seed": r["seed"], **(r.get("stage1_fit") or {})} for r in runs],
         "wall_seconds_this_call": round(time.perf_counter() - started, 1), "machine": machine(),
+        "precision": _precision(cfg),
     }
     write_json(report / "report.json", result)
     with atomic_path(report / "report.md") as tmp:
@@ -659,8 +709,18 @@ def format_task_report(r: dict) -> str:
                                                                 for f in unfit) + ".")]
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
+
+
+def init_weights(cfg: ReproduceConfig) -> dict[str, str | None]:
+    """The initial weights each training stage starts from (None: random initialisation)."""
+    return {"stage1": _str(cfg.stage1_init), "stage2": _str(cfg.stage2_init)}
+
+
+def describe_init_weights(weights: dict[str, str | None]) -> str:
+    """``stage 1 PATH; stage 2 none (random initialisation)``."""
+    return "; ".join(f"stage {n} {weights.get(f'stage{n}') or 'none (random initialisation)'}" for n in (1, 2))
 
 
 # --------------------------------------------------------------------------- seed sweeps
@@ -676,6 +736,8 @@ def result_rows(result: dict) -> dict[str, float | None]:
         rows[f"pseudo-mask {layer} (train vs train_gt)"] = _miou(metrics)
     rows["stage 2 (test)"] = _miou(result["stage2"]["test"])
     rows["stage 2 + gate (test)"] = _miou(result["stage2"].get("test_gate"))
+    if result["stage2"].get("test_last_epoch"):
+        rows[LAST_EPOCH_ROW] = _miou(result["stage2"]["test_last_epoch"])
     if result.get("upper_bound"):
         rows["upper bound: stage 2 on true masks (test)"] = _miou(result["upper_bound"]["test"])
         rows["upper bound + gate (test)"] = _miou(result["upper_bound"].get("test_gate"))
@@ -696,6 +758,7 @@ def result_rows(result: dict) -> dict[str, float | None]:
 
 
 FIT_ROW = "stage-1 label accuracy on its training patches (fit)"
+LAST_EPOCH_ROW = "stage 2 + gate, last epoch instead of best on val (test)"
 GAP_ROW = "gap: upper bound + gate − stage 2 + gate"
 
 
@@ -722,6 +785,13 @@ def aggregate_files(paths: Sequence[Path]) -> dict[str, dict]:
     return aggregate([json.loads(Path(p).read_text()) for p in paths])
 
 
+def _precision(cfg: ReproduceConfig) -> str:
+    """The precision this call's steps computed in (``auto`` resolved)."""
+    from wsss.runtime import resolve_device, resolve_precision
+
+    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -743,6 +813,8 @@ def format_report(r: dict) -> str:
     title = f"# Results: {r['run']} ({r['dataset']} classes, preset {r['preset'] or 'paper'}"
     title += f", gate {r.get('gate_mode', 'mask')}"
     lines = [title + (f", seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ")"), ""]
+    if "init_weights" in r:  # reports of earlier versions did not record them
+        lines += [f"Initial weights: {describe_init_weights(r['init_weights'])}.", ""]
     if len(seeds) > 1:
         lines += _sweep_table(r["summary"], seeds)
         lines += ["", f"Seed {seeds[0]} in detail:", ""]
@@ -764,7 +836,7 @@ def format_report(r: dict) -> str:
     lines.append(f"| **total** | **{total:.0f}** | |")
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
-              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + "."]
+              + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]
     return "\n".join(lines) + "\n"
 
 

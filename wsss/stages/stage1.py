@@ -11,7 +11,6 @@ Outputs in ``OUT`` (``<d>`` is the dataset spec's name):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
 import time
@@ -31,7 +30,8 @@ from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
 from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
-from wsss.data.layout import list_masked, list_train
+from wsss.data.layout import list_masked, list_train, masked_splits, without_masks
+from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
@@ -41,11 +41,12 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    InputPipeline, RunPaths, check_same_inputs, check_stain_target, epoch_loader, input_pipeline, log_step, note_epochs,
-    optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
+    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, expect_stage, is_main_process, load_checkpoint, note_saved, save_checkpoint, seed_everything,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_checkpoint,
+    load_scaler_state, memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -67,13 +68,6 @@ class Stage1Paths(RunPaths):
 # --------------------------------------------------------------------------- building blocks
 
 
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: float16 on CUDA, bfloat16 on CPU; a no-op context when disabled."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if device.type == "cuda" else torch.bfloat16)
-
-
 def poly_lambda(max_step: int, power: float = 0.9):
     """Poly decay factor per optimizer step: ``(1 - step / max_step) ** power``."""
 
@@ -91,9 +85,22 @@ def build_optimizer(model: ResNet38Classifier, cfg: Stage1Config, steps: int):
     return optimizer, scheduler
 
 
+IMAGENET_WEIGHTS = "ilsvrc-cls_rna-a1_cls1000_ep-0001.params"
+"""The reference's stage-1 initialisation (MXNet ImageNet weights of ResNet38, read by wsss.models.weights)."""
+
+
+def warn_random_init(cfg: Stage1Config) -> None:
+    """The paper preset without ``--init-weights`` trains another recipe than the reference: say so once."""
+    if cfg.init_weights is None and cfg.preset in (None, "paper"):
+        log.warning("warning: the paper preset without --init-weights (the reference starts from %s): stage 1 "
+                    "starts from random weights, so every BatchNorm is trained and nothing is frozen",
+                    IMAGENET_WEIGHTS)
+
+
 def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     """The classifier, with ``--init-weights`` loaded and the freeze policy applied."""
     model = ResNet38Classifier(spec.num_classes, width=cfg.width)
+    model.scale_dropout(cfg.dropout)
     if cfg.init_weights is not None:
         report = load_stage1_weights(model, cfg.init_weights)
         log.info(report.summary())
@@ -104,11 +111,21 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, pipeline: InputPipeline, dist: Distributed, epoch: int) -> DataLoader:
-    dataset = ClassificationDataset(samples, cfg.image_size, pipeline.norm, augment=True, geometric=cfg.augment,
-                                    stain=cfg.stain_jitter, colour=pipeline.colour)
+def train_loader(cfg: Stage1Config, samples, dist: Distributed, pipeline: InputPipeline | None = None) -> EpochLoader:
+    """The training batches of every epoch: uint8 images (colour-augmented and stain-normalised by
+    ``pipeline`` in the workers, scaled on the device), labels, indices."""
+    colour, target = (pipeline.colour, pipeline.norm.stain) if pipeline is not None else (None, None)
+    dataset = ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
+                                    stain=cfg.stain_jitter, colour=colour, stain_norm=target)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
-    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
+    return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
+
+
+def training_format(device: torch.device, precision: str) -> torch.memory_format:
+    """The layout of the training step: :func:`wsss.runtime.memory_format`, except NCHW on the CPU
+    in every precision: there ResNet38's bf16 step measured slower in channels_last than in NCHW,
+    and its fp32 backward in channels_last crashes (a segmentation fault in torch 2.14's oneDNN)."""
+    return memory_format(device, precision) if device.type != "cpu" else torch.contiguous_format
 
 
 def _progress(iterable, main: bool, **kw):
@@ -125,28 +142,31 @@ class EpochStats:
     label_acc: float  # fraction of right label bits
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+    """One pass over ``batches`` (uint8 images) in ``cfg.precision`` (resolved); the statistics are
+    summed on the device and read back once, at the end."""
     model.train()
-    totals = [0.0, 0.0, 0.0, 0.0]  # loss·n, exact, right bits, n
-    steps_done = epoch * len(loader)
-    bar = _progress(loader, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    norm, layout = get_input_norm(cfg.input_norm), training_format(dist.device, cfg.precision)
+    totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss·n, exact, right bits
+    count = 0
+    bar = _progress(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/loss_iter", optimizer)
     for step, (x, y, _) in enumerate(bar):
-        x = x.to(dist.device, non_blocking=True)
+        x = device_images(x, norm, dist.device, layout)
         y = y.to(dist.device, non_blocking=True)
-        with autocast(dist.device, cfg.amp):
+        with autocast(dist.device, cfg.precision):
             logits = model(x, pda_gamma=gamma, pda_norm=cfg.pda_norm)
-        loss = F.multilabel_soft_margin_loss(logits.float(), y)
-        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
+        loss = F.multilabel_soft_margin_loss(logits.float(), y)  # fp32: the loss of bf16/fp16 logits
+        optimizer_step(loss, optimizer, scheduler, scaler)
         with torch.no_grad():
             right = ((logits > 0).float() == y).float()
             n = x.shape[0]
-            totals[0] += loss.item() * n
-            totals[1] += right.all(dim=1).sum().item()
-            totals[2] += right.mean(dim=1).sum().item()
-            totals[3] += n
-        if dist.is_main:
-            log_step(bar, writer, "train/loss_iter", loss.item(), optimizer, steps_done + step)
-    loss_sum, exact, bits, n = dist.all_reduce_sum(totals)
+            totals += torch.stack([loss.detach().double() * n, right.all(dim=1).sum().double(),
+                                   right.mean(dim=1).sum().double()])
+            count += n
+        losses.add(step, loss)
+    losses.flush()
+    loss_sum, exact, bits, n = dist.all_reduce_sum([*totals.tolist(), count])
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
 
 
@@ -168,6 +188,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, no
         "input_norm": (norm or get_input_norm(cfg.input_norm)).to_dict(),
         "image_size": cfg.image_size,
         "frozen_pretrained": model.is_frozen_pretrained,
+        **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
         **extra,
     }
 
@@ -205,9 +226,10 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
     owner.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
     problems = validate.train_problems(samples, spec)
-    for split in cfg.eval_splits:
+    for split in masked_splits(cfg.data, cfg.eval_splits):
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)
     validate.require(problems, cfg.data, spec.name)
+    dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
     return samples, input_pipeline(cfg, [s.path for s in samples], state)
 
 
@@ -226,21 +248,28 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
            samples, pipeline: InputPipeline) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
+    # The config records the precision the run computes in (auto → bf16 or fp32 here).
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     seed_everything(cfg.seed, dist.rank)
+    if state is None and dist.is_main:
+        warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
+    model = model.to(memory_format=training_format(dist.device, cfg.precision))
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    steps_per_epoch = len(train_loader(cfg, samples, pipeline, dist, 0))
+    batches = train_loader(cfg, samples, dist, pipeline)
+    steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    scaler = grad_scaler(dist.device, cfg.precision)
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
+            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
         start = state["epoch"] + 1
     ddp_model = model
     if dist.enabled:
@@ -251,16 +280,16 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
-        log.info("stage 1: %d patches, %d steps/epoch, device %s, world size %d",
-                 len(samples), steps_per_epoch, dist.device, dist.world_size)
+        log.info("stage 1: %d patches, %d steps/epoch, device %s, precision %s, world size %d",
+                 len(samples), steps_per_epoch, dist.device, cfg.precision, dist.world_size)
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        loader = train_loader(cfg, samples, pipeline, dist, epoch)
-        stats = train_one_epoch(ddp_model, loader, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch)
+        stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist, writer,
+                                epoch)
         stain.log_counts("training patches of this epoch")
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
@@ -269,6 +298,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
+    batches.close()
     seconds = time.perf_counter() - started
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
@@ -295,13 +325,14 @@ def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: 
     """How well the trained classifier fits its training labels: label accuracy (right label bits)
     and exact match (all labels of a patch right) over the training patches, as they are (eval mode,
     no augmentation), per class too; ``fits`` compares the label accuracy with :data:`FIT_LABEL_ACC`."""
-    dataset = ClassificationDataset(samples, cfg.image_size, norm)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers)
-    model.eval()
+    dataset = ClassificationDataset(samples, cfg.image_size, None, stain_norm=norm.stain)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    layout = memory_format(device, cfg.precision)
+    model.eval().to(memory_format=layout)
     right_bits, exact, n = None, 0, 0
     for x, y, _ in _progress(loader, True, desc="stage1 fit", leave=False):
-        with autocast(device, cfg.amp):
-            logits = model(x.to(device))
+        with autocast(device, cfg.precision):
+            logits = model(device_images(x, norm, device, layout))
         right = ((logits.float() > 0).cpu().float() == y)
         right_bits = right.sum(0) if right_bits is None else right_bits + right.sum(0)
         exact += int(right.all(dim=1).sum())
@@ -347,6 +378,9 @@ class LoadedClassifier:
     image_size: int | None
     class_names: list[str] | None
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The tie rule its training run's CAM evaluation used (`eval-cam`'s default); a published file
+    # was evaluated by the reference's code.
+    cam_tie_rule: str = "reference"
 
 
 def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
@@ -362,8 +396,10 @@ def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> Loaded
         arch = ckpt["arch"]
         model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
         model.load_state_dict(ckpt["model"])
+        # A checkpoint of a wsss that recorded no tie rule was evaluated with ours.
+        tie_rule = (ckpt.get("config") or {}).get("cam_tie_rule", "ours")
         return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
-                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path))
+                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path), tie_rule)
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if "fc8.weight" not in state or "conv1a.weight" not in state:
         raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")
@@ -391,24 +427,29 @@ def classifier_and_spec(path: Path, dataset: str | None, labels_csv: Path | None
 
 @torch.no_grad()
 def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float,
-                 tie_rule: str = "ours") -> torch.Tensor:
-    """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``."""
-    cams, logits = model.cams_and_logits(x)
+                 tie_rule: str = "ours", precision: str = "fp32") -> torch.Tensor:
+    """Images (B, 3, S, S) → CAM segmentation (B, H, W) at the masks' size ``(H, W)``; the model runs
+    in ``precision`` (resolved), the sigmoid, upsampling and min-max normalisation in fp32."""
+    with autocast(x.device, precision):
+        cams, logits = model.cams_and_logits(x)
     return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold, tie_rule)
 
 
 def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
                   device: torch.device, threshold: float = 0.25, batch_size: int = 16, workers: int = 0,
-                  amp: bool = False, tie_rule: str = "ours") -> dict:
-    """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`)."""
+                  precision: str = "fp32", tie_rule: str = "ours") -> dict:
+    """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`), the
+    classifier run in ``precision`` (resolved); the CAMs are upsampled and normalised in fp32."""
     samples = list_masked(data, split)
     validate.require(validate.masked_problems(samples, spec), data, spec.name)
-    loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda")
     meter = ConfusionMeter(spec.num_classes, spec.background_index)
-    model.eval().to(device)
+    layout = memory_format(device, precision)
+    model.eval().to(device, memory_format=layout)
     for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):
-        with autocast(device, amp):
-            pred = predict_cams(model, x.to(device), tuple(mask.shape[-2:]), threshold, tie_rule)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
+        pred = predict_cams(model, x, tuple(mask.shape[-2:]), threshold, tie_rule, precision)
         meter.update(pred.cpu(), mask)
     stain.log_counts(f"{split} patches")
     return meter.to_json(list(spec.classes))
@@ -416,9 +457,13 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
 
 def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path, norm: InputNorm) -> dict:
     results = {}
-    for split in cfg.eval_splits:
+    skipped = without_masks(cfg.data, cfg.eval_splits, "their CAM evaluation is left out (stage 1 keeps its last "
+                                                        "epoch either way)")
+    if skipped:
+        log.info(skipped)
+    for split in masked_splits(cfg.data, cfg.eval_splits):
         results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
-                                       cfg.cam_threshold, workers=cfg.workers, amp=cfg.amp,
+                                       cfg.cam_threshold, workers=cfg.workers, precision=cfg.precision,
                                        tie_rule=cfg.cam_tie_rule)
         log.info(format_table(results[split], f"stage-1 CAM segmentation, {split} split"))
     write_json(path, results)

@@ -28,12 +28,13 @@ from wsss import config as cfglib
 from wsss.data import stain
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
 from wsss.data.datasets import InputNorm, get_input_norm
-from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train
+from wsss.data.layout import MaskedSample, default_pm_dir, has_masks, list_masked, list_train, without_masks
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
+from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
-from wsss.errors import WsssError
-from wsss.gate import check_gate_options, gate_logits
+from wsss.errors import Stopped, WsssError
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.deeplab import (
@@ -52,13 +53,14 @@ from wsss.data import validate as checks
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    InputPipeline, RunPaths, check_same_inputs, check_stain_target, epoch_loader, input_pipeline, log_step, note_epochs,
-    optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
+    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, expect_stage, is_main_process, note_saved, save_checkpoint, seed_everything, seed_worker,
+    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_scaler_state,
+    memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything, seed_worker,
 )
-from wsss.stages.stage1 import LoadedClassifier, _progress, autocast, load_classifier, poly_lambda
+from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier, poly_lambda
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,9 @@ class LoadedSegmenter:
     class_names: list[str] | None
     batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
     spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
+    # The gate its training run tested with (`evaluate`'s default); a published file: the reference's.
+    gate_mode: str = "reference"
+    gate_threshold: float = DEFAULT_GATE_THRESHOLD
 
 
 def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedSegmenter:
@@ -115,9 +120,11 @@ def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedS
         expect_stage(ckpt, path, 2, spec)
         model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
         model.load_state_dict(ckpt["model"])
-        batch = (ckpt.get("config") or {}).get("batch_size")
+        config = ckpt.get("config") or {}
+        # A checkpoint of a wsss that recorded no gate mode was tested with ours.
         return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
-                               ckpt.get("class_names"), batch, recorded_spec(ckpt, path))
+                               ckpt.get("class_names"), config.get("batch_size"), recorded_spec(ckpt, path),
+                               config.get("gate_mode", "mask"), config.get("gate_threshold", DEFAULT_GATE_THRESHOLD))
     raw = state_dict_of(ckpt, path)
     if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
         raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
@@ -150,17 +157,20 @@ def segmenter_and_spec(path: Path, dataset: str | None) -> tuple[LoadedSegmenter
 
 
 @torch.no_grad()
-def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], amp: bool = False) -> torch.Tensor:
-    """Images (B, 3, S, S) → float logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear)."""
-    with autocast(x.device, amp):
+def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], precision: str = "fp32") -> torch.Tensor:
+    """Images (B, 3, S, S) → float32 logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear),
+    the model run in ``precision`` (resolved: fp32, bf16 or fp16)."""
+    with autocast(x.device, precision):
         return model(x, size=tuple(size))["out"].float()
 
 
 @torch.no_grad()
-def class_probs(clf: LoadedClassifier, x: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier."""
-    with autocast(x.device, amp):
-        return torch.sigmoid(clf.model(x).float())
+def class_probs(clf: LoadedClassifier, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier; the
+    model runs in ``precision``, the sigmoid in fp32."""
+    with autocast(x.device, precision):
+        logits = clf.model(x)
+    return torch.sigmoid(logits.float())
 
 
 def evaluate_samples(
@@ -169,10 +179,10 @@ def evaluate_samples(
     spec: DatasetSpec,
     device: torch.device,
     gate: LoadedClassifier | None = None,
-    threshold: float = 0.1,
+    threshold: float = DEFAULT_GATE_THRESHOLD,
     batch_size: int = 8,
     workers: int = 0,
-    amp: bool = False,
+    precision: str = "fp32",
     pred_dirs: dict[str, Path] | None = None,
     gate_mode: str = "mask",
     desc: str = "eval",
@@ -189,18 +199,20 @@ def evaluate_samples(
     if gate is not None:
         sizes.append(gate.image_size)
         norms.append(gate.norm)
-        gate.model.eval().to(device)
+        gate.model.eval().to(device, memory_format=memory_format(device, precision))
     loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms, spec), batch_size=batch_size,
-                        num_workers=workers, worker_init_fn=seed_worker)
+                        num_workers=workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda")
     meters = {"plain": ConfusionMeter(spec.num_classes, spec.background_index)}
     if gate is not None:
         meters["gate"] = ConfusionMeter(spec.num_classes, spec.background_index)
-    seg.model.eval().to(device)
+    layout = memory_format(device, precision)
+    seg.model.eval().to(device, memory_format=layout)
     for views, mask, index in _progress(loader, progress, desc=desc, leave=False):
-        logits = segment(seg.model, views[0].to(device), mask.shape[-2:], amp)
+        views = [v.to(device, non_blocking=True).contiguous(memory_format=layout) for v in views]
+        logits = segment(seg.model, views[0], mask.shape[-2:], precision)
         preds = {"plain": logits.argmax(dim=1)}
         if gate is not None:
-            probs = class_probs(gate, views[1].to(device), amp)
+            probs = class_probs(gate, views[1], precision)
             preds["gate"] = gate_logits(logits, probs, threshold, gate_mode).argmax(dim=1)
         for key, pred in preds.items():
             pred = pred.cpu()
@@ -224,27 +236,32 @@ def evaluate_checkpoint(
     split: str,
     device: torch.device,
     stage1_checkpoint: Path | None = None,
-    threshold: float = 0.1,
+    threshold: float | None = None,
     batch_size: int | None = None,
     workers: int = 0,
-    amp: bool = False,
-    gate_mode: str = "mask",
+    precision: str = "fp32",
+    gate_mode: str | None = None,
 ) -> dict[str, dict]:
     """``wsss evaluate``: ``{split: metrics}`` plus ``{split + "_gate": metrics}`` with a classifier.
 
-    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size`` defaults to the
-    checkpoint's training batch size, which the end-of-training test used too, so the numbers match
-    those in ``metrics.json`` exactly.
+    ``dataset`` None: the spec recorded in the checkpoint. ``batch_size``, ``threshold`` and
+    ``gate_mode`` default to the checkpoint's training run's (a published file: the reference's
+    gate), which the end-of-training test used too, so the numbers match those in ``metrics.json``
+    exactly (in the precision training tested with). ``precision`` may be ``auto`` or ``amp``: it is
+    resolved for ``device`` here.
     """
     if split not in ("val", "test"):
         raise WsssError(f"--split must be val or test, not {split!r}")
-    check_gate_options(gate_mode, threshold)
+    check_gate_options(gate_mode or "mask", DEFAULT_GATE_THRESHOLD if threshold is None else threshold)
     seg, spec = segmenter_and_spec(checkpoint, dataset)
+    gate_mode = gate_mode or seg.gate_mode
+    threshold = seg.gate_threshold if threshold is None else threshold
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
     samples = list_masked(data, split)
     checks.require(checks.masked_problems(samples, spec), data, spec.name)
     meters = evaluate_samples(seg, samples, spec, device, gate, threshold,
-                              batch_size or seg.batch_size or 8, workers, amp, desc=f"evaluate {split}",
+                              batch_size or seg.batch_size or 8, workers, resolve_precision(precision, device),
+                              desc=f"evaluate {split}",
                               gate_mode=gate_mode)
     names = list(spec.classes)
     results = {split: meters["plain"].to_json(names)}
@@ -260,12 +277,25 @@ def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples
     seg = LoadedSegmenter(model, norm, cfg.image_size, list(spec.classes))
     share = list(samples)[dist.rank :: dist.world_size]
     meter = evaluate_samples(seg, share, spec, dist.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                             amp=cfg.amp, desc="validate", progress=dist.is_main)["plain"]
+                             precision=cfg.precision, desc="validate", progress=dist.is_main)["plain"]
     meter.all_reduce()
     return meter.to_json(list(spec.classes))
 
 
 # --------------------------------------------------------------------------- training building blocks
+
+
+DEEPLAB_WEIGHTS = "deeplab-resnet.pth.tar"
+"""The reference's stage-2 initialisation (pytorch-deeplab-xception's ResNet-101 DeepLab v3+)."""
+BACKBONE_NAMES = {"resnet101": "ResNet-101", "resnet50": "ResNet-50", "resnet18": "ResNet-18",
+                  "mobilenet_v3_large": "MobileNetV3-Large"}
+
+
+def warn_random_init(cfg: Stage2Config) -> None:
+    """The paper preset without ``--init-weights`` trains another recipe than the reference: say so once."""
+    if cfg.init_weights is None and cfg.preset in (None, "paper"):
+        log.warning("warning: the paper preset without --init-weights (the reference starts from %s): stage 2 "
+                    "starts from a random %s", DEEPLAB_WEIGHTS, BACKBONE_NAMES.get(cfg.backbone, cfg.backbone))
 
 
 def build_model(cfg: Stage2Config, spec: DatasetSpec) -> DeepLabV3Plus:
@@ -286,31 +316,62 @@ def build_optimizer(model: DeepLabV3Plus, cfg: Stage2Config, steps: int):
     return optimizer, scheduler
 
 
-def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed, epoch: int) -> DataLoader:
-    # A batch of one breaks BatchNorm in the ASPP's image-pooling branch.
-    drop_last = len(dataset) // max(dist.world_size, 1) >= cfg.batch_size
-    return epoch_loader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, epoch, drop_last)
+def drops_last_batch(patches: int, batch_size: int, drop_last: bool) -> bool:
+    """Whether a process with ``patches`` training patches leaves out its epoch's last short batch.
+
+    ``drop_last`` (cpu, best) leaves it out when there is a full batch besides; otherwise (paper) it is
+    trained on, as the reference's DataLoader does, unless it would hold a single patch: a batch of one
+    breaks BatchNorm in the ASPP's image-pooling branch (the reference crashed there)."""
+    if drop_last:
+        return patches >= batch_size
+    return patches % batch_size == 1
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
-    """One pass over the training patches; returns the mean weighted loss."""
+def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distributed) -> EpochLoader:
+    """The training batches of every epoch: uint8 images (normalised on the device), uint8 masks, indices."""
+    # Under DDP the DistributedSampler gives every process ⌊N/world⌋ patches, so every process has as
+    # many batches as the others, its last one (when kept) as short as theirs.
+    per_process = len(dataset) // max(dist.world_size, 1)
+    drop_last = drops_last_batch(per_process, cfg.batch_size, cfg.drop_last)
+    return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
+
+
+def weight_average(model: DeepLabV3Plus, decay: float):
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (``decay`` per
+    step; None when 0). Validated and kept instead of the raw weights: its evaluation does not jump
+    with the last few steps' updates, so choosing the best epoch on val is less of a lottery."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch,
+                    ema=None) -> float:
+    """One pass over the training patches in ``cfg.precision`` (resolved); returns the mean weighted
+    loss, summed on the device and read back once. ``ema``: a :func:`weight_average` updated after
+    every step."""
     model.train()
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
-    total, count = 0.0, 0
-    steps_done = epoch * len(loader)
-    bar = _progress(loader, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    norm, layout = get_input_norm(cfg.input_norm), memory_format(dist.device, cfg.precision)
+    total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0
+    bar = _progress(batches, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/total_loss_iter", optimizer)
     for step, (x, masks, _) in enumerate(bar):
-        x = x.to(dist.device, non_blocking=True)
-        masks = masks.to(dist.device, non_blocking=True)
-        with autocast(dist.device, cfg.amp):
+        x = device_images(x, norm, dist.device, layout)
+        masks = masks.to(dist.device, non_blocking=True).long()  # uint8 from the loader
+        with autocast(dist.device, cfg.precision):
             logits = model(x)["out"]
-        loss = loss_fn(logits.float(), masks)
-        optimizer_step(loss, optimizer, scheduler, scaler, dist, epoch, step)
-        total += loss.item() * x.shape[0]
+        loss = loss_fn(logits.float(), masks)  # fp32: cross-entropy's log-softmax over bf16/fp16 logits
+        optimizer_step(loss, optimizer, scheduler, scaler)
+        if ema is not None:
+            ema.update_parameters(_unwrapped(model))
+        total += loss.detach().double() * x.shape[0]
         count += x.shape[0]
-        if dist.is_main:
-            log_step(bar, writer, "train/total_loss_iter", loss.item(), optimizer, steps_done + step)
-    loss_sum, n = dist.all_reduce_sum([total, count])
+        losses.add(step, loss)
+    losses.flush()
+    loss_sum, n = dist.all_reduce_sum([float(total), count])
     return loss_sum / max(n, 1)
 
 
@@ -333,14 +394,25 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
         "spec": spec.to_dict(),
         "input_norm": (norm or get_input_norm(cfg.input_norm)).to_dict(),
         "image_size": cfg.image_size,
+        **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
         **extra,
     }
 
 
-def improves(score: float | None, best: float | None) -> bool:
-    """Strictly better validation mIoU; a missing/NaN score only counts when there is no best yet."""
-    value = -math.inf if score is None or math.isnan(score) else score
-    return best is None or value > best
+def improves(score: float, best: float | None) -> bool:
+    """Strictly better validation mIoU. As the reference (its best starts at 0), a model is kept
+    only once it scores above 0."""
+    return score > (0.0 if best is None else best)
+
+
+def finite_score(val: dict, epoch: int, epochs: int, data: Path) -> float:
+    """The validation mIoU of ``epoch``; NaN (no class in the val masks nor the predictions) stops
+    the run, which cannot choose its best model by it."""
+    score = val.get("mIoU")
+    if score is None or math.isnan(score):
+        raise Stopped(f"the validation mIoU of epoch {epoch + 1} of {epochs} is NaN (no class occurs in the val "
+                      f"masks or the predictions): the best model cannot be chosen; check the val masks of {data}")
+    return score
 
 
 def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
@@ -372,19 +444,19 @@ def train(cfg: Stage2Config, resume: bool = False, force: bool = False, given: C
         paths = Stage2Paths.of(cfg)
         with owned_folder(paths.report, "train-stage2", key=key, force=force, option="--report",
                           read_from=input_folders(cfg.data), enabled=main) as reports:
-            dataset = _prepare(cfg, spec, paths, owner, reports, state)
+            dataset, norm = _prepare(cfg, spec, paths, owner, reports, state)
             dist = Distributed(cfg.device)
             try:
-                return _train(cfg, spec, paths, state, dist, dataset)
+                return _train(cfg, spec, paths, state, dist, dataset, norm)
             finally:
                 dist.close()
 
 
 def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ownership.Owner,
-             reports: ownership.Owner, state: dict | None) -> PseudoMaskDataset:
+             reports: ownership.Owner, state: dict | None) -> tuple[PseudoMaskDataset, InputNorm]:
     """Before the first epoch: a resumed run reads what it read before, the outputs are ours to
-    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set, with
-    the model's input normalisation (its stain target fitted, or the resumed run's)."""
+    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set and the
+    model's input normalisation (its stain target fitted, or the resumed run's)."""
     samples = list_train(cfg.data, spec)
     mask_paths = pseudo_mask_paths(samples, _pm_dir(cfg), cfg.pm_layers, spec.name)
     check_stain_target(cfg)
@@ -393,11 +465,17 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
-    test_samples = list_masked(cfg.data, "test")
+    test_samples = split_masks(cfg.data, "test")
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
     _check_inputs(cfg, spec, samples, mask_paths, test_samples)
-    return _training_set(cfg, spec, samples, mask_paths, input_pipeline(cfg, [s.path for s in samples], state))
+    pipeline = input_pipeline(cfg, [s.path for s in samples], state)
+    return _training_set(cfg, spec, samples, mask_paths, pipeline), pipeline.norm
+
+
+def split_masks(root: Path, split: str) -> list[MaskedSample]:
+    """The image/mask pairs of ``split``; none when it has no masks (training goes on without them)."""
+    return list_masked(root, split) if has_masks(root, split) else []
 
 
 def _pm_dir(cfg: Stage2Config) -> Path:
@@ -427,61 +505,84 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
     problems = checks.train_problems(samples, spec)
     problems += checks.pseudo_mask_problems(samples, mask_paths, spec, trusted)
-    problems += checks.masked_problems(list_masked(cfg.data, "val"), spec)
+    problems += checks.masked_problems(split_masks(cfg.data, "val"), spec)
     problems += checks.masked_problems(test_samples, spec)
     checks.require(problems, cfg.data, spec.name)
+    dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
 
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
-           dataset: PseudoMaskDataset) -> dict:
+           dataset: PseudoMaskDataset, norm: InputNorm) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
+    # The config records the precision the run computes in (auto → bf16 or fp32 here).
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
-    val_samples = list_masked(cfg.data, "val")
+    val_samples = split_masks(cfg.data, "val")
+    if not val_samples and dist.is_main:
+        log.info(without_masks(cfg.data, ["val"], "stage 2 keeps its last epoch (nothing to choose the best by)"))
+    if state is None and dist.is_main:
+        warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
-    steps_per_epoch = len(train_loader(cfg, dataset, dist, 0))
+    model = model.to(memory_format=memory_format(dist.device, cfg.precision))
+    batches = train_loader(cfg, dataset, dist)
+    steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
+    if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
+        log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and dist.device.type == "cuda")
+    scaler = grad_scaler(dist.device, cfg.precision)
     start, best = 0, {}
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
+            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
         start = state["epoch"] + 1
         best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
+    ema = weight_average(model, cfg.ema)
+    if ema is not None and state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    kept = model if ema is None else ema.module  # what is validated, saved as the model and tested
     train_model = _distributed(model, dist)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
-        log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, world size %d",
-                 len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
-                 steps_per_epoch, dist.device, dist.world_size)
+        log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, precision %s, "
+                 "world size %d", len(dataset), ",".join(cfg.pm_layers), ",".join(f"{w:g}" for w in cfg.pm_weights),
+                 steps_per_epoch, dist.device, cfg.precision, dist.world_size)
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
-        loader = train_loader(cfg, dataset, dist, epoch)
-        loss = train_one_epoch(train_model, loader, optimizer, scheduler, scaler, cfg, dist, writer, epoch)
+        loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch,
+                               ema=ema)
         stain.log_counts("training patches of this epoch")
-        val = validate(model, cfg, spec, val_samples, dist, dataset.norm)
+        val = validate(kept, cfg, spec, val_samples, dist, norm) if val_samples else None
+        score = finite_score(val, epoch, cfg.epochs, cfg.data) if val is not None else None  # every process
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
-            if improves(val["mIoU"], best.get("mIoU")):
-                best = {"mIoU": _score(val["mIoU"]), "epoch": epoch, "val": val}
-                save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best, dataset.norm))
-                log.info("best validation mIoU so far: saved %s", paths.checkpoint)
+            if val is None or improves(score, best.get("mIoU")):  # without val masks: the latest epoch
+                best = {"mIoU": score, "epoch": epoch, "val": val}
+                save_checkpoint(paths.checkpoint, checkpoint_state(kept, cfg, spec, epoch, best, norm))
+                if val is not None:
+                    log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
-                model, cfg, spec, epoch, best, dataset.norm, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+                model, cfg, spec, epoch, best, norm, optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                ema=None if ema is None else ema.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
+    batches.close()
     summary = {"train_seconds": round(time.perf_counter() - started, 1), "epochs": cfg.epochs,
                "checkpoint": str(paths.checkpoint)}
+    if dist.is_main and best.get("epoch") is None:  # only the main process keeps the best
+        raise WsssError(f"no epoch reached a validation mIoU above 0, so no model was kept to test (as the "
+                        f"reference); the last epoch is in {paths.last}")
     if dist.is_main:
         note_saved(f"training finished ({paths.checkpoint} saved); the test was cut short", True)
         summary["metrics"] = test_and_report(cfg, spec, paths, dist.device, gate, best)
@@ -494,14 +595,17 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     return summary
 
 
-def _score(miou: float | None) -> float:
-    return -math.inf if miou is None or math.isnan(miou) else miou
-
-
 def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pipeline: InputPipeline
                   ) -> PseudoMaskDataset:
-    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, pipeline.norm, spec, geometric=cfg.augment,
-                             stain=cfg.stain_jitter, mosaic=cfg.mosaic, colour=pipeline.colour)
+    """uint8 patches and pseudo-masks, colour-augmented and mapped onto the stain target in the workers."""
+    return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
+                             stain=cfg.stain_jitter, mosaic=cfg.mosaic, colour=pipeline.colour,
+                             stain_norm=pipeline.norm.stain)
+
+
+def _unwrapped(model):
+    """The model a DistributedDataParallel wrapper trains (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _distributed(model: DeepLabV3Plus, dist: Distributed):
@@ -515,10 +619,16 @@ def _distributed(model: DeepLabV3Plus, dist: Distributed):
     )
 
 
-def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) -> None:
+def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict | None) -> None:
     def fmt(v):
         return "nan" if v is None else f"{v:.4f}"
 
+    if val is None:  # no val masks
+        log.info("epoch %d/%d  loss %.4f", epoch + 1, cfg.epochs, loss)
+        if writer is not None:
+            writer.add_scalar("train/total_loss_epoch", loss, epoch)
+            writer.flush()
+        return
     log.info("epoch %d/%d  loss %.4f  val mIoU %s  fwIoU %s  pixel acc %s", epoch + 1, cfg.epochs, loss,
              fmt(val["mIoU"]), fmt(val["fwIoU"]), fmt(val["pixel_acc"]))
     if writer is not None:
@@ -529,20 +639,50 @@ def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) ->
         writer.flush()
 
 
+def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
+                     gate: LoadedClassifier | None, best: dict) -> dict | None:
+    if best.get("epoch") is None or best["epoch"] == cfg.epochs - 1 or not paths.last.is_file():
+        return None
+    if not has_masks(cfg.data, "test"):
+        return None
+    seg = load_segmenter(paths.last, spec)
+    ema = read_checkpoint(paths.last).get("ema") if cfg.ema else None
+    if ema is not None:  # the last epoch's weight average, which is what validation saw
+        seg.model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
+    meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate,
+                              cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.precision, None, desc="test last epoch",
+                              gate_mode=cfg.gate_mode)
+    return meters["gate" if "gate" in meters else "plain"].to_json(list(spec.classes))
+
+
 def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
                     gate: LoadedClassifier | None, best: dict) -> dict:
     """Test the best checkpoint (read back from disk, as ``wsss evaluate`` would) with and without
-    the gate; write ``metrics.json`` and the prediction PNGs; log the tables."""
+    the gate; write ``metrics.json`` and the prediction PNGs; log the tables. Without test masks
+    the scores are left out (None, with one line saying why); ``kept`` says which epoch's model it is."""
+    kept = "best validation mIoU" if best.get("val") is not None else "last epoch (no val masks)"
+    if not has_masks(cfg.data, "test"):
+        reason = without_masks(cfg.data, ["test"], "the test scores are left out")
+        log.info(reason)
+        metrics = {"test": None, "test_gate": None, "val_best": best.get("val"),
+                   "best_epoch": None if best.get("epoch") is None else best["epoch"] + 1,
+                   "test_last_epoch": None, "kept": kept, "left_out": reason}
+        write_json(paths.metrics, metrics)
+        return metrics
     seg = load_segmenter(paths.checkpoint, spec)
     pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
     meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
-                              cfg.batch_size, cfg.workers, cfg.amp, pred_dirs, desc="test", gate_mode=cfg.gate_mode)
+                              cfg.batch_size, cfg.workers, cfg.precision, pred_dirs, desc="test", gate_mode=cfg.gate_mode)
     names = list(spec.classes)
     metrics = {
         "test": meters["plain"].to_json(names),
         "test_gate": meters["gate"].to_json(names) if "gate" in meters else None,
         "val_best": best.get("val"),
         "best_epoch": None if best.get("epoch") is None else best["epoch"] + 1,
+        # The last epoch's model on the same test split (with the gate when there is one), so that
+        # what choosing by validation gains or loses is on record: None when the best is the last.
+        "test_last_epoch": _test_last_epoch(cfg, spec, paths, device, gate, best),
+        "kept": kept,
     }
     write_json(paths.metrics, metrics)
     log.info(format_table(metrics["test"], "stage-2 segmentation, test split"))

@@ -1,0 +1,349 @@
+"""fp32 against bf16, side by side in one run: each stage's throughput, the fraction of the GEMM peak
+it reaches, the training loaders' images/s per worker, and how many pseudo-mask pixels bf16 flips.
+
+    python bench/precision.py [--threads N] [--rounds 5] [--data DIR] [--checkpoint STAGE1.pth]
+                              [--train-patches 400] [--train-epochs 12] [--pm-patches 96]
+
+Throughput (the ``cpu`` presets' models, random inputs; fp32 and bf16 timed in alternating rounds
+so that both see the same machine load, median of the rounds):
+
+* stage-1 training step (forward with PDA, backward, SGD step) and stage-2 training step;
+* a generate-pm batch (Grad-CAM at b4_5, b5_2, bn7 and the fusion, ``wsss.stages.pseudo_masks``);
+* a batch of predict windows (resize, normalise, DeepLab, softmax: ``wsss.inference.TilePredictor``).
+
+Each row gives images/s in both precisions, their ratio, and FLOP/s as a fraction of the matrix
+multiply peak measured in the same run (fp32 rows against the fp32 peak, bf16 rows against bf16's).
+
+Loaders: one worker's images/s (items prepared in this process, as a worker does) of the stage-1
+and stage-2 training sets, at the cpu preset's scale (224-px patches resized to 112, d4, mosaic)
+and at the paper's (224 px, flips), and how many such workers ~3000 images/s (what an H100 trains
+on at 224 px) would take.
+
+Pseudo-mask agreement: a stage-1 classifier (``--checkpoint``, or one trained here in fp32 with the
+cpu preset on 400 synthetic patches, about 5 minutes on one core) makes the pseudo-masks of
+``--pm-patches`` training patches in fp32 and in bf16 (each in the layout generate-pm gives it); the
+fraction of pixels whose class differs, per layer. generate-pm runs Grad-CAM in bf16 because this
+stays below 0.5 % for classifiers that fit their labels (0.17-0.31 % measured); a classifier that
+does not (label accuracy 0.65 after 6 epochs on 160 patches) flipped 2.2 % at b4_5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import count_flops, machine  # noqa: E402
+
+from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config, resolve  # noqa: E402
+from wsss.data.datasets import ClassificationDataset, InputNorm, normalise  # noqa: E402
+from wsss.data.layout import list_train  # noqa: E402
+from wsss.data.png import read_rgb  # noqa: E402
+from wsss.data.seg_datasets import PseudoMaskDataset  # noqa: E402
+from wsss.data.specs import LUAD  # noqa: E402
+from wsss.inference import TilePredictor  # noqa: E402
+from wsss.losses import build_multi_mask_loss  # noqa: E402
+from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
+from wsss.models.resnet38 import ResNet38Classifier  # noqa: E402
+from wsss.runtime import autocast, cpu_has_bf16, memory_format  # noqa: E402
+from wsss.stages.pseudo_masks import PmMethod, patch_item, pseudo_masks  # noqa: E402
+from wsss.stages.stage1 import training_format  # noqa: E402
+from wsss.stages.stage2 import LoadedSegmenter  # noqa: E402
+
+CPU = torch.device("cpu")
+PRECISIONS = ("fp32", "bf16")
+GPU_IMAGES_PER_SECOND = 3000
+
+
+def gemm_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
+    """Best-of-``repeats`` FLOP/s of an n × n matrix product in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def dispatch_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call of ``fn`` from torch's FLOP formulas, counted at the dispatcher without
+    FlopCounterMode's module hooks (which refuse Grad-CAM's ``autograd.grad`` to a hooked leaf)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Count(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                Count.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    with Count():
+        fn()
+    return Count.total
+
+
+def side_by_side(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in alternating rounds (one warm-up each)."""
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    images: int  # per call
+    flops: int  # per call
+    seconds: dict[str, float]
+
+    def line(self, peaks: dict[str, float]) -> str:
+        fp32, bf16 = (self.images / self.seconds[p] for p in PRECISIONS)
+        frac = {p: self.flops / self.seconds[p] / peaks[p] for p in PRECISIONS}
+        return (f"  {self.name:<28} fp32 {fp32:7.1f} img/s ({frac['fp32']:.2f} of fp32 peak)   "
+                f"bf16 {bf16:7.1f} img/s ({frac['bf16']:.2f} of bf16 peak)   bf16/fp32 {bf16 / fp32:.2f}x")
+
+
+# --------------------------------------------------------------------------- stage throughput
+
+
+def copies(make: Callable[[], torch.nn.Module], layout: Callable[[str], torch.memory_format]) -> dict:
+    """One model per precision, the same weights, each in the layout the commands give it."""
+    models = {}
+    for precision in PRECISIONS:
+        torch.manual_seed(0)
+        models[precision] = make().to(memory_format=layout(precision))
+    return models
+
+
+def stage1_row(rounds: int) -> Row:
+    preset = STAGE1_PRESETS["cpu"]
+    size, batch = preset["image_size"], preset["batch_size"]
+    models = copies(lambda: ResNet38Classifier(4, width=preset["width"]).train(), lambda p: training_format(CPU, p))
+    opts = {p: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for p, m in models.items()}
+    x, y = torch.rand(batch, 3, size, size), (torch.rand(batch, 4) > 0.5).float()
+
+    def step(precision: str) -> None:
+        model, opt = models[precision], opts[precision]
+        with autocast(CPU, precision):
+            logits = model(x.contiguous(memory_format=training_format(CPU, precision)), pda_gamma=0.9, pda_norm="max")
+        loss = F.multilabel_soft_margin_loss(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    flops = count_flops(lambda: step("fp32"))
+    seconds = side_by_side({p: (lambda p=p: step(p)) for p in PRECISIONS}, rounds)
+    return Row(f"stage-1 train step ({size}px)", batch, flops, seconds)
+
+
+def stage2_row(rounds: int) -> Row:
+    cfg = resolve(Stage2Config, STAGE2_PRESETS, "cpu", dataset="luad", data=Path("."))
+    models = copies(lambda: DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, 4, cfg.head_channels)).train(),
+                    lambda p: memory_format(CPU, p))
+    opts = {p: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for p, m in models.items()}
+    loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, LUAD.background_index)
+    size, batch = cfg.image_size, cfg.batch_size
+    x = torch.rand(batch, 3, size, size)
+    masks = torch.randint(0, 5, (batch, len(cfg.pm_layers), size, size))
+
+    def step(precision: str) -> None:
+        model, opt = models[precision], opts[precision]
+        with autocast(CPU, precision):
+            logits = model(x.contiguous(memory_format=memory_format(CPU, precision)))["out"]
+        loss = loss_fn(logits.float(), masks)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    flops = count_flops(lambda: step("fp32"))
+    seconds = side_by_side({p: (lambda p=p: step(p)) for p in PRECISIONS}, rounds)
+    return Row(f"stage-2 train step ({size}px)", batch, flops, seconds)
+
+
+def pm_row(model: ResNet38Classifier, items: list[dict], rounds: int) -> Row:
+    layers = ("b4_5", "b5_2", "bn7")
+    models = copies(lambda: copy.deepcopy(model).eval(), lambda p: memory_format(CPU, p))
+
+    def batch(precision: str) -> None:
+        pseudo_masks(models[precision], items, layers, LUAD, CPU, PmMethod(white_rule="glass"), precision)
+
+    flops = dispatch_flops(lambda: batch("fp32"))
+    seconds = side_by_side({p: (lambda p=p: batch(p)) for p in PRECISIONS}, rounds)
+    return Row(f"generate-pm batch ({len(items)})", len(items), flops, seconds)
+
+
+def predict_row(rounds: int, tile: int = 224, batch: int = 8) -> Row:
+    cfg = resolve(Stage2Config, STAGE2_PRESETS, "cpu", dataset="luad", data=Path("."))
+    models = copies(lambda: DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, 4, cfg.head_channels)).eval(),
+                    lambda p: memory_format(CPU, p))
+    rng = np.random.default_rng(0)
+    tiles = [rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8) for _ in range(batch)]
+    predictors = {p: TilePredictor(LoadedSegmenter(models[p], InputNorm(), cfg.image_size, list(LUAD.classes)), tile,
+                                   CPU, precision=p) for p in PRECISIONS}
+    flops = count_flops(lambda: predictors["fp32"](tiles))
+    seconds = side_by_side({p: (lambda p=p: predictors[p](tiles)) for p in PRECISIONS}, rounds)
+    return Row(f"predict windows ({tile}px, {batch})", batch, flops, seconds)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def items_per_second(dataset, n: int) -> float:
+    """Items of ``dataset`` prepared per second in this process (one loader worker's rate)."""
+    torch.manual_seed(0)
+    dataset[0]
+    t = time.perf_counter()
+    for i in range(n):
+        dataset[i % len(dataset)]
+    return n / (time.perf_counter() - t)
+
+
+def loader_lines(root: Path, n: int) -> list[str]:
+    samples = list_train(root, LUAD)
+    pm = [[root / "train_gt" / s.path.name] * 3 for s in samples]  # true masks stand in for 3 PM layers
+    s1, s2 = STAGE1_PRESETS["cpu"], STAGE2_PRESETS["cpu"]
+    sets = {
+        "stage-1, cpu preset (112px, d4)": ClassificationDataset(samples, s1["image_size"], None, augment=True,
+                                                                 geometric="d4"),
+        "stage-1, paper (224px, flips)": ClassificationDataset(samples, None, None, augment=True, geometric="flip"),
+        "stage-2, cpu preset (112px, d4, mosaic)": PseudoMaskDataset(samples, pm, s2["image_size"], None, LUAD,
+                                                                     geometric="d4", mosaic=0.5),
+        "stage-2, paper (224px, hflip, blur)": PseudoMaskDataset(samples, pm, None, None, LUAD),
+    }
+    lines = []
+    for name, dataset in sets.items():
+        rate = items_per_second(dataset, n)
+        lines.append(f"  {name:<42} {rate:6.1f} img/s per worker; {GPU_IMAGES_PER_SECOND} img/s takes "
+                     f"{GPU_IMAGES_PER_SECOND / rate:5.1f} workers (cores)")
+    x = torch.stack([dataset[i][0] for i in range(8)])
+    bytes_u8, bytes_f32 = x.numel(), x.numel() * 4
+    lines.append(f"  a stage-2 batch of 8 at 224px: images {bytes_u8 / 1e6:.1f} MB as uint8 (float32 "
+                 f"{bytes_f32 / 1e6:.1f} MB); 3 masks {3 * x[:, 0].numel() / 1e6:.1f} MB as uint8 (int64 "
+                 f"{24 * x[:, 0].numel() / 1e6:.1f} MB)")
+    return lines
+
+
+# --------------------------------------------------------------------------- pseudo-mask agreement
+
+
+def trained_classifier(root: Path, out: Path, epochs: int) -> tuple[ResNet38Classifier, dict]:
+    """A cpu-preset stage-1 classifier trained for ``epochs`` on ``root`` (fp32), and its fit."""
+    from wsss.stages import stage1
+
+    cfg = resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=root, out=out, epochs=epochs,
+                  eval_splits=(), device="cpu")
+    summary = stage1.train(cfg)
+    clf = stage1.load_classifier(Path(summary["checkpoint"]))
+    return clf.model.eval(), {"fit": summary["fit"], "checkpoint": summary["checkpoint"]}
+
+
+def pm_items(root: Path, n: int, model_size: int | None) -> list[dict]:
+    return [patch_item(read_rgb(s.path), s.label, LUAD, InputNorm(), model_size, "glass")
+            for s in list_train(root, LUAD)[:n]]
+
+
+def agreement_lines(model: ResNet38Classifier, items: list[dict], batch: int = 8) -> tuple[list[str], float]:
+    """Per layer: fraction of pseudo-mask pixels whose class bf16 changes; returns the lines and the worst."""
+    layers = ("b4_5", "b5_2", "bn7")
+    models = copies(lambda: copy.deepcopy(model).eval(), lambda p: memory_format(CPU, p))
+    flipped = {layer: 0 for layer in layers}
+    pixels = 0
+    for i in range(0, len(items), batch):
+        group = items[i:i + batch]
+        masks = {p: pseudo_masks(models[p], group, layers, LUAD, CPU, PmMethod(white_rule="glass"), p)
+                 for p in PRECISIONS}
+        for layer in layers:
+            flipped[layer] += int((masks["fp32"][layer] != masks["bf16"][layer]).sum())
+        pixels += masks["fp32"][layers[0]].numel()
+    lines = [f"  PM_{layer:<5} {100 * flipped[layer] / pixels:6.3f} % of {pixels} pixels differ" for layer in layers]
+    return lines, max(flipped.values()) / pixels
+
+
+def synthetic(root: Path, n_train: int) -> Path:
+    from wsss.data.synth import generate
+
+    generate(root, n_train=n_train, n_val=4, n_test=4, size=224, seed=0, workers=1, progress=False)
+    return root
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timing rounds per row")
+    parser.add_argument("--data", type=Path, default=None, help="synthetic dataset with train_gt/ (default: made here)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="stage-1 checkpoint for the PM agreement")
+    parser.add_argument("--train-epochs", type=int, default=12, help="epochs of the classifier trained here")
+    parser.add_argument("--train-patches", type=int, default=400, help="patches of the synthetic data made here")
+    parser.add_argument("--pm-patches", type=int, default=96)
+    parser.add_argument("--loader-items", type=int, default=64)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
+    print(f"machine: {machine()}; native bf16: {cpu_has_bf16()}")
+    peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
+    print(f"GEMM peak (1024², best of 10): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
+          f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x)")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data or synthetic(Path(tmp) / "data", args.train_patches)
+        if args.checkpoint is not None:
+            from wsss.stages.stage1 import load_classifier
+
+            model, about = load_classifier(args.checkpoint).model.eval(), {"checkpoint": str(args.checkpoint)}
+        else:
+            model, about = trained_classifier(root, Path(tmp) / "s1", args.train_epochs)
+        image_size = STAGE1_PRESETS["cpu"]["image_size"]
+
+        print("\nthroughput, fp32 vs bf16 (cpu presets' models; median of alternating rounds):")
+        rows = [stage1_row(args.rounds), stage2_row(args.rounds),
+                pm_row(model, pm_items(root, 8, image_size), args.rounds), predict_row(args.rounds)]
+        for row in rows:
+            print(row.line(peaks))
+
+        print("\ntraining loaders (uint8 items, one process = one worker):")
+        for line in loader_lines(root, args.loader_items):
+            print(line)
+
+        fit = about.get("fit")
+        what = (f"trained here: {args.train_epochs} epochs on {args.train_patches} synthetic patches, label accuracy "
+                f"{fit['label_acc']:.3f}" if fit else f"{about['checkpoint']}")
+        print(f"\npseudo-masks, bf16 vs fp32 ({min(args.pm_patches, len(list_train(root, LUAD)))} patches; "
+              f"classifier {what}):")
+        lines, worst = agreement_lines(model, pm_items(root, args.pm_patches, image_size))
+        for line in lines:
+            print(line)
+        print(f"  worst layer {100 * worst:.3f} % flipped: {'within' if worst <= 0.005 else 'ABOVE'} the 0.5 % "
+              "bound under which generate-pm runs Grad-CAM in bf16")
+    print(f"\n{time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
