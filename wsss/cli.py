@@ -22,6 +22,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
 DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (README, 'Your own data')."
 DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
 CheckpointDatasetOpt = typer.Option(
@@ -549,6 +551,13 @@ def predict(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
+    save_probs: bool = typer.Option(
+        False, "--save-probs", help="Also <name>_probs.ome.tif: the class probabilities x 255 (uint8), one channel "
+                                    "per class named by class, a tiled pyramidal OME-TIFF (C bytes a pixel more "
+                                    "memory while an image is segmented)."),
+    save_tissue_mask: bool = typer.Option(
+        False, "--save-tissue-mask", help="Also <name>_tissue.png: 255 where the saturation is above Otsu's "
+                                          "threshold of the image (predict-wsi's tissue rule), else 0."),
 ) -> None:
     """Segment your own images of any size with a stage-2 checkpoint (sliding window, blended overlaps).
 
@@ -561,7 +570,8 @@ def predict(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
         overlap=overlap, batch_size=batch_size, tta=tta, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force,
+        precision=_precision(precision, amp) or "fp32", force=force, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -632,6 +642,14 @@ def predict_wsi(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
+    save_probs: bool = typer.Option(
+        False, "--save-probs", help="Also <name>_probs.ome.tif: the class probabilities x 255 (uint8), one channel "
+                                    "per class named by class, tiled pyramidal OME-TIFF with µm/px and where it lies "
+                                    "on the slide; 0 where no window was segmented. Kept on disk while the slide "
+                                    "runs (C bytes a label pixel), not in memory."),
+    save_tissue_mask: bool = typer.Option(
+        False, "--save-tissue-mask", help="Also <name>_tissue.png (or .ome.tif, as the label image): 255 where a "
+                                          "pixel counts as tissue (saturation above the slide's threshold), else 0."),
 ) -> None:
     """Segment whole-slide images tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
 
@@ -652,7 +670,8 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force,
+        precision=_precision(precision, amp) or "fp32", force=force, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None

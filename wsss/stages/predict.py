@@ -7,6 +7,10 @@ Outputs, for every input image ``<name>.<ext>``::
                              background, for specs whose white is background)
     OUT/<name>_overlay.png   the image blended with the class colours, a legend underneath
     OUT/summary.csv          one row per processed image: size and area fraction of every class
+    OUT/<name>_probs.ome.tif with --save-probs: the class probabilities, uint8 0-255, one channel per
+                             class (named by class), a tiled pyramidal OME-TIFF (channel_image.py)
+    OUT/<name>_tissue.png    with --save-tissue-mask: 255 where the pixel is tissue (saturation above
+                             Otsu's threshold of the image, as predict-wsi's tissue), else 0
 
 Each image is segmented by the sliding window of :mod:`wsss.tiling` with the tile predictor of
 :mod:`wsss.inference`; each window is resized by ``image_size / tile`` when the checkpoint records
@@ -31,13 +35,14 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.inference import (
-    TilePredictor, check_tta, check_window_options, load_models, run_precision, upgrade_settings,
+    TilePredictor, check_tta, check_window_options, load_models, run_precision, segment_image, upgrade_settings,
 )
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
-from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
+from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved
 from wsss.stages.stage1 import _progress
-from wsss.tiling import predict_mask
+from wsss.wsi.channel_image import write_probability_image, write_tissue_png
+from wsss.wsi.tissue import image_tissue
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +73,8 @@ class PredictConfig:
     precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision)
     tta: str = "none"
     force: bool = False  # replace files in OUT that wsss did not write, and predictions of other settings
+    save_probs: bool = False  # also <name>_probs.ome.tif
+    save_tissue_mask: bool = False  # also <name>_tissue.png
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -167,6 +174,20 @@ def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
     return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
 
 
+def probs_path(out: Path, image: Path) -> Path:
+    return out / f"{image.stem}_probs.ome.tif"
+
+
+def tissue_path(out: Path, image: Path) -> Path:
+    return out / f"{image.stem}_tissue.png"
+
+
+def optional_outputs(cfg: PredictConfig, image: Path) -> list[Path]:
+    """The files ``--save-probs`` and ``--save-tissue-mask`` add for ``image``."""
+    return ([probs_path(cfg.out, image)] if cfg.save_probs else []) + \
+        ([tissue_path(cfg.out, image)] if cfg.save_tissue_mask else [])
+
+
 MIN_SIDE_OF_TILE = 0.5
 """An image whose shorter side is below this fraction of ``--tile`` is refused: the model would see a
 sliver of its training field of view (a 1×1 px image came out as "100 % one class")."""
@@ -185,11 +206,16 @@ def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: 
     """Segment one image and write its mask and overlay; returns its summary row."""
     image = read_image(path)
     check_image_size(path, image, cfg.tile)
-    mask = predict_mask(image, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
-    if spec.white_is_background:
-        mask[white_background(image)] = spec.background_index
+    segmentation = segment_image(image, predictor, spec, cfg.tile, cfg.overlap, cfg.batch_size, cfg.save_probs,
+                                 progress)
+    mask = segmentation.labels
     mask_path, overlay_path = output_paths(cfg.out, path)
     write_mask(mask_path, mask, spec.flat_palette())
+    if cfg.save_probs:
+        write_probability_image(probs_path(cfg.out, path), segmentation.probs_uint8(), spec, None)
+    del segmentation
+    if cfg.save_tissue_mask:
+        write_tissue_png(tissue_path(cfg.out, path), image_tissue(image)[0])
     canvas = overlay_with_legend(image, mask, spec)
     del image  # the overlay's PNG encoder needs room too
     write_rgb(overlay_path, canvas)
@@ -244,7 +270,8 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         previous = _previous_settings(owner, now, cfg.force)
         owner.begin({"settings": now, "inputs": [str(p) for p in images]}, {"checkpoint": now["checkpoint_sha256"]})
         summary = cfg.out / SUMMARY_NAME
-        owner.claim([summary, *(p for image in images for p in output_paths(cfg.out, image))], "outputs")
+        owner.claim([summary, *(p for image in images for p in (*output_paths(cfg.out, image),
+                                                                 *optional_outputs(cfg, image)))], "outputs")
         earlier = read_summary(summary, spec) if previous and owner.ours(summary) else []
         rows, failures = [], []
         note_saved(f"no image finished yet in {cfg.out}")
