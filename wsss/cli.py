@@ -24,6 +24,37 @@ app = typer.Typer(
 
 
 
+def version_lines() -> list[str]:
+    """``wsss --version``: the package's version, then torch's and whether CUDA can be used."""
+    import torch
+
+    from wsss import __version__
+
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        cuda = f"CUDA {torch.version.cuda} available: {torch.cuda.device_count()} GPU(s) ({', '.join(names)})"
+    elif torch.version.cuda:
+        cuda = f"CUDA {torch.version.cuda} build, no GPU available: runs on the CPU"
+    else:
+        cuda = "CPU-only build: runs on the CPU"
+    return [f"wsss {__version__}", f"torch {torch.__version__}, {cuda}", f"python {sys.version.split()[0]}"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo("\n".join(version_lines()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print the version of wsss and torch, and whether CUDA is available, then exit."),
+) -> None:
+    """Weakly-supervised tissue segmentation of histopathology patches from patch-level labels."""
+
+
 DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (README, 'Your own data')."
 DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
 CheckpointDatasetOpt = typer.Option(
