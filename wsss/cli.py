@@ -738,6 +738,35 @@ def _predict_cohort(cfg) -> None:
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export_model(
+    checkpoint: Path = typer.Argument(..., help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    fmt: str = typer.Option(..., "--format", help="torchscript or onnx."),
+    out: Path = typer.Option(..., "--out", help="The model file (e.g. model.pt, model.onnx); its JSON sidecar is "
+                                                "written beside it with the suffix .json."),
+    stage1_checkpoint: Optional[Path] = typer.Option(
+        None, "--stage1-checkpoint", help="Also export this classifier: a second output, its sigmoid class "
+                                          "probabilities, for the gate."),
+    dataset: Optional[str] = CheckpointDatasetOpt,
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="The gate's threshold, recorded in the sidecar."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP + " Recorded in the sidecar."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT and its sidecar if they exist."),
+) -> None:
+    """Export a stage-2 segmenter (and optionally the stage-1 gate) as TorchScript or ONNX with its input
+    normalisation inside: input RGB 0-255 float32 (batch, 3, height, width), any batch and size; output
+    class logits at the input's size. Checked against PyTorch after writing."""
+    from wsss.export import ExportConfig, export
+
+    cfg = ExportConfig(checkpoint=checkpoint, out=out, format=fmt, stage1_checkpoint=stage1_checkpoint,
+                       dataset=dataset, gate_threshold=gate_threshold, gate_mode=gate_mode, force=force)
+    result = export(cfg)
+    shape = "×".join(map(str, result.check_shape))
+    check = ("not checked (onnxruntime is not installed)" if result.max_difference is None
+             else f"largest difference from PyTorch {result.max_difference:.2g} on a {shape} input")
+    typer.echo(f"written: {result.model}, {result.sidecar}; {check}")
+
+
 @app.command("cohort-summary")
 def cohort_summary(
     out: Path = typer.Argument(..., help="The --out folder of predict-wsi cohort runs (shards, ranks)."),
