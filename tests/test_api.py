@@ -204,3 +204,11 @@ def test_the_docs_example_runs(tmp_path, monkeypatch):
         exec(compile(block, str(DOCS), "exec"), namespace)
     assert (tmp_path / "wsi" / "slide_probs.ome.tif").is_file() and (tmp_path / "mosaic_mask.png").is_file()
     assert namespace["summary"] is not None
+
+
+def test_version_names_wsss_torch_and_cuda(capsys, monkeypatch):
+    code, out, err = run_cli(capsys, monkeypatch, "--version")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"wsss {wsss.__version__}" and lines[1].startswith(f"torch {torch.__version__}, ")
+    assert ("CUDA" in lines[1] and "available" in lines[1]) or "CPU-only build" in lines[1]
