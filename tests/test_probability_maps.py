@@ -223,3 +223,16 @@ def test_placement_of_a_resized_region():
     p = Placement((90.0, 60.0), (3.0, 2.0), (1.5, 1.0), (30.0, 0.0))
     assert p.origin_um == (45.0, 30.0)  # 0.5 µm per level-0 px
     assert p.qupath_affine() == [[1 / 3, 0.0, -20.0], [0.0, 0.5, -30.0]]  # (90 - 30) / 3, 60 / 2
+
+
+def test_a_cohort_writes_each_slides_probabilities_in_its_folder(slide, thin_ckpts, tmp_path, capsys, monkeypatch):
+    path, _ = slide
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "a.tif").write_bytes(path.read_bytes())
+    code, _, err = run_cli(capsys, monkeypatch, *_wsi(folder, thin_ckpts["s2"], tmp_path / "out", "--level", 2,
+                                                      "--save-probs"))
+    assert code == 0, err
+    _, series, levels = ome(tmp_path / "out" / "a" / "a_probs.ome.tif")
+    assert levels[0].shape == (4, 96, 128)
+    assert json.loads((tmp_path / "out" / "a" / "a_summary.json").read_text())["probs"] == "a_probs.ome.tif"

@@ -229,6 +229,10 @@ def upgrade_settings(recorded: dict) -> dict:
 # --------------------------------------------------------------------------- one whole image
 
 
+QUANTISE_ROWS = 256
+"""Rows quantised at a time (:meth:`Segmentation.probs_uint8`)."""
+
+
 @dataclass
 class Segmentation:
     """One image segmented: ``labels`` ``(H, W)`` uint8 class indices (the spec's background index
@@ -244,7 +248,11 @@ class Segmentation:
         """``(C, H, W)`` uint8 ``round(255 · p)``, argmax kept (:func:`wsss.probabilities.quantise`)."""
         if self.probs is None or self.argmax is None:
             raise ValueError("this segmentation was made without probabilities")
-        return quantise(self.probs, self.argmax)
+        out = np.empty(self.probs.shape, dtype=np.uint8)
+        for top in range(0, out.shape[1], QUANTISE_ROWS):  # bounded temporaries (float32, copies)
+            rows = slice(top, top + QUANTISE_ROWS)
+            out[:, rows] = quantise(self.probs[:, rows], self.argmax[rows])
+        return out
 
 
 def segment_image(image: np.ndarray, predictor: Predictor, spec: DatasetSpec, tile: int, overlap: int,
