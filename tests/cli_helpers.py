@@ -102,3 +102,61 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, module, name: str, result=None
 
     monkeypatch.setattr(module, name, stand_in)
     return calls
+
+
+# --------------------------------------------------------------------------- slides and QuPath annotations
+
+TILE = 64  # side of the synthetic tissue tiles slides are built from (level-0 pixels)
+
+
+def tiled_slide(layout, tiles: dict, seed: int = 0, tile: int = TILE):
+    """A level-0 picture ``(rows·tile, cols·tile, 3)`` uint8: ``layout[r][c]`` is the class whose tile
+    (one of ``tiles[class]``, turned by a multiple of 90°) fills that square, -1 is glass (near-white
+    grey, saturation under 8 of 255)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows, cols = len(layout), len(layout[0])
+    image = (240 + rng.integers(-3, 4, (rows * tile, cols * tile, 3))).astype(np.uint8)
+    for r, row in enumerate(layout):
+        for c, k in enumerate(row):
+            if k >= 0:
+                pick = tiles[k][rng.integers(len(tiles[k]))]
+                image[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = np.rot90(pick, int(rng.integers(4)))
+    return image
+
+
+def write_pyramid(path: Path, image, mpp: float | None, levels: int = 3, tile: int = 64) -> Path:
+    """A tiled pyramidal TIFF: level ``i`` is level 0 sampled every ``2**i``-th pixel (so its pixels are
+    level 0's, exactly), with TIFF resolution tags of ``mpp·2**i`` µm/px (none when ``mpp`` is None)."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        for i in range(levels):
+            res = {} if mpp is None else {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
+            tif.write(image[:: 2**i, :: 2**i], tile=(tile, tile), photometric="rgb", compression="zlib",
+                      subfiletype=1 if i else 0, **res)
+    return path
+
+
+def rectangle(x0: float, y0: float, x1: float, y1: float) -> list:
+    """A GeoJSON ring, counter-clockwise in the numbers, closed."""
+    return [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+
+
+def qupath_object(name: str | None, *polygons: list, object_type: str = "annotation") -> dict:
+    """A QuPath GeoJSON Feature as QuPath 0.4 exports it: one Polygon (rings) or a MultiPolygon."""
+    geometry = ({"type": "Polygon", "coordinates": polygons[0]} if len(polygons) == 1
+                else {"type": "MultiPolygon", "coordinates": list(polygons)})
+    props = {"objectType": object_type}
+    if name is not None:
+        props["classification"] = {"name": name, "color": [200, 0, 0]}
+    return {"type": "Feature", "id": "00000000-0000-0000-0000-000000000000", "geometry": geometry,
+            "properties": props}
+
+
+def write_qupath(path: Path, features: list, collection: bool = True) -> Path:
+    """QuPath's GeoJSON export: a FeatureCollection, or (``collection=False``) a bare list of Features."""
+    data = {"type": "FeatureCollection", "features": features} if collection else features
+    path.write_text(json.dumps(data))
+    return path

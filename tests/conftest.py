@@ -101,3 +101,42 @@ def thin_ckpts(tmp_path_factory) -> dict[str, Path]:
     paths["s2"] = root / "s2.pth"
     save_checkpoint(paths["s2"], stage2.checkpoint_state(model, cfg, LUAD, 0, {}))
     return paths
+
+
+TRI_SPEC = """name = "tri"
+classes = ["TUM", "NEC", "LYM"]
+colors = [[205, 51, 51], [0, 255, 0], [65, 105, 225]]
+white_is_background = true
+mpp = 1.0
+"""
+"""Three classes whose synthetic textures are tumour, necrosis and lymphocytes; patches at 1 µm/px."""
+
+
+@pytest.fixture(scope="session")
+def tri_spec(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tri_spec") / "tri.toml"
+    path.write_text(TRI_SPEC)
+    return path
+
+
+@pytest.fixture(scope="session")
+def class_tiles(tmp_path_factory, tri_spec) -> dict[int, list[np.ndarray]]:
+    """Single-class 64-px tissue tiles of the ``tri`` spec drawn at 0.5 µm/px by ``wsss synth``: the
+    training patches whose true mask is one class everywhere and whose HSV saturation exceeds 40 on
+    90% of their pixels (plainly tissue, not glass)."""
+    from wsss.data.png import read_mask
+    from wsss.data.specs import get_spec
+    from wsss.data.synth import generate
+
+    root = tmp_path_factory.mktemp("class_tiles") / "synth"
+    generate(root, n_train=600, n_val=1, n_test=1, size=64, seed=0, workers=1, progress=False,
+             spec=get_spec(tri_spec), mpp=0.5)
+    tiles: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
+    for path in sorted((root / "train").glob("*.png")):
+        truth = read_mask(root / "train_gt" / path.name)
+        with Image.open(path) as img:
+            pixels, hsv = np.asarray(img.convert("RGB")), np.asarray(img.convert("HSV"))
+        if len(np.unique(truth)) == 1 and truth[0, 0] < 3 and (hsv[..., 1] > 40).mean() >= 0.9:
+            tiles[int(truth[0, 0])].append(pixels)
+    assert all(len(t) >= 8 for t in tiles.values()), {k: len(t) for k, t in tiles.items()}
+    return tiles

@@ -67,8 +67,8 @@ def _chain(tmp_path: Path, capsys, monkeypatch, spec_text: str, name: str, class
     assert f"dataset {name}: {len(classes)} classes ({', '.join(classes)}), background value {background}" in out
     assert "no problems found" in out
 
-    _ok(capsys, monkeypatch, "reproduce", "--dataset", spec, "--data", data, "--synth", "--preset", "tiny",
-        "--run", "r", "--out", ckpt, "--report", report, "--device", "cpu", "--workers", 0)
+    _ok(capsys, monkeypatch, "reproduce", "--dataset", spec, "--data", data, "--synth", "--synth-size", 32,
+        "--preset", "tiny", "--run", "r", "--out", ckpt, "--report", report, "--device", "cpu", "--workers", 0)
     s1, s2 = ckpt / f"stage1_checkpoint_trained_on_{name}.pth", ckpt / f"stage2_checkpoint_trained_on_{name}.pth"
     assert s1.is_file() and s2.is_file()
     md = (report / "report.md").read_text()
@@ -96,8 +96,10 @@ def _chain(tmp_path: Path, capsys, monkeypatch, spec_text: str, name: str, class
         assert img.getpalette()[: 3 * len(classes)] == [v for c in _spec_colours(spec_text) for v in c]
     tiles = np.concatenate([np.asarray(Image.open(p)) for p in sorted((data / "test" / "img").glob("*.png"))[:2]], 1)
     slide = _slide(tmp_path / "slide.tif", tiles)
+    # the slide records no µm/px; it is made of the patches, at the model's (synth.json's)
+    patch_mpp = json.loads((data / "synth.json").read_text())["mpp"]
     _ok(capsys, monkeypatch, "predict-wsi", slide, "--checkpoint", s2, "--out", tmp_path / "wsi", "--tile", 32,
-        "--overlap", 0, "--min-tissue", 0, "--geojson", "--device", "cpu")
+        "--overlap", 0, "--min-tissue", 0, "--geojson", "--device", "cpu", "--slide-mpp", patch_mpp)
     geo = json.loads((tmp_path / "wsi" / "slide.geojson").read_text())
     colours = dict(zip(classes, _spec_colours(spec_text)))
     assert geo["features"] and all(colours[f["properties"]["classification"]["name"]]

@@ -177,7 +177,8 @@ def test_cli_train_with_gate_then_evaluate_reproduces(tiny_data, stage1_ckpt, tm
     assert code == 0, err
     assert "with the gate" in out and "mIoU" in out
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"test", "test_gate", "val_best", "best_epoch"} and metrics["best_epoch"] == 1
+    assert set(metrics) == {"test", "test_gate", "val_best", "best_epoch", "test_last_epoch", "kept"}
+    assert metrics["best_epoch"] == 1 and metrics["kept"] == "best validation mIoU"
     for folder in ("pred", "pred_gate"):
         assert len(list((tmp_path / "report" / folder).glob("*.png"))) == 4
 

@@ -132,6 +132,78 @@ def check_data(
         raise typer.Exit(1)
 
 
+@app.command("extract-patches")
+def extract_patches(
+    slides: list[Path] = typer.Argument(
+        ..., show_default=False,
+        help="Whole-slide images, folders of them (searched recursively) or manifest CSVs (a path column; optional "
+             "mpp: the slide's level-0 µm/px, roi: x,y,w,h, patient: slides of one patient stay in one split)."),
+    dataset: str = DatasetOpt,
+    out: Path = typer.Option(..., "--out", help="Dataset folder to write (LUAD-HistoSeg layout)."),
+    annotations: Optional[Path] = typer.Option(
+        None, "--annotations", help="QuPath GeoJSON: a folder of <slide name>.geojson files, or one file for one "
+                                    "slide. Default: <slide name>.geojson next to each slide."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel to cut the patches at (default: the spec's mpp); recorded in the dataset and "
+                            "in every model trained on it."),
+    patch: int = typer.Option(224, "--patch", min=16, help="Patch side in pixels (at --mpp)."),
+    stride: Optional[int] = typer.Option(
+        None, "--stride", min=1, help="Pixels (at --mpp) from one patch to the next (default: --patch, no overlap)."),
+    min_tissue: float = typer.Option(
+        0.5, "--min-tissue", help="Keep patches whose tissue (saturation above the slide's Otsu threshold) covers at "
+                                  "least this fraction."),
+    min_class_fraction: float = typer.Option(
+        0.05, "--min-class-fraction",
+        help="A class is in a patch's label when its polygons cover at least this fraction of the patch; a training "
+             "patch with that much unannotated tissue is left out."),
+    class_map: Optional[Path] = typer.Option(
+        None, "--class-map", help="CSV: QuPath class name, spec class (empty: skip). Default: QuPath names matched "
+                                  "to the spec's classes ignoring case; other names are skipped with a warning."),
+    val_slides: Optional[str] = typer.Option(None, "--val-slides", help="Validation slides by name: a,b (no extension)."),
+    test_slides: Optional[str] = typer.Option(None, "--test-slides", help="Test slides by name: c,d."),
+    val_fraction: float = typer.Option(
+        0.0, "--val-fraction", help="Instead of names: this fraction of the slides (patients) go to val, drawn by --seed."),
+    test_fraction: float = typer.Option(0.0, "--test-fraction", help="... and this fraction to test."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the drawn split and of the contact sheet's samples."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp wins)."),
+    bounds_offset: bool = typer.Option(
+        True, "--bounds-offset/--no-bounds-offset",
+        help="Annotations of slides with openslide.bounds-* (MIRAX, ...) are in QuPath's cropped picture of them, "
+             "as QuPath opens them by default; --no-bounds-offset for slides QuPath opened with --no-crop."),
+    reader: str = typer.Option(
+        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    force: bool = typer.Option(False, "--force", help="Replace an earlier extraction in OUT."),
+) -> None:
+    """Cut labelled patches from whole-slide images and their QuPath annotations (GeoJSON): training
+    patches with their labels in their names, val/test patches with masks, split by slide.
+
+    A slide that cannot be used (unreadable, no µm/px, annotations missing or outside it) is listed
+    and the others go on (exit status 1). Check the result with wsss check-data OUT --dataset
+    OUT/spec.toml and OUT/contact_sheet.png."""
+    from wsss.wsi.extract import ExtractConfig, command_line, run as run_extract
+
+    cfg = ExtractConfig(
+        inputs=tuple(slides), dataset=dataset, out=out, annotations=annotations, mpp=mpp, patch=patch, stride=stride,
+        min_tissue=min_tissue, min_class_fraction=min_class_fraction, class_map=class_map,
+        val_slides=_csv(val_slides, str, "--val-slides") or (), test_slides=_csv(test_slides, str, "--test-slides") or (),
+        val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, slide_mpp=slide_mpp, reader=reader,
+        bounds_offset=bounds_offset, force=force, command=command_line(),
+    )
+    result = run_extract(cfg, progress=sys.stderr.isatty())
+    s = result.summary
+    done = sum(r["status"] == "done" for r in s["slides"])
+    typer.echo(f"{done} of {len(s['slides'])} slides at {s['mpp']:g} µm/px, {s['patch_size']} px patches: "
+               + ", ".join(f"{s['counts'][k]} {k}" for k in ("train", "val", "test"))
+               + f"; written to {out} (check: wsss check-data {out} --dataset {out / 'spec.toml'}; "
+               f"{out / 'contact_sheet.png'})")
+    if result.failures:
+        typer.echo(f"{len(result.failures)} slide{'s' if len(result.failures) != 1 else ''} failed:", err=True)
+        for message in result.failures:
+            typer.echo(f"  {message}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command("train-stage1")
 def train_stage1(
     dataset: str = DatasetOpt,
@@ -192,7 +264,7 @@ def train_stage1(
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
-    if "cam_metrics" in summary:
+    if summary.get("cam_metrics"):
         typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
 
 
@@ -373,6 +445,9 @@ def train_stage2(
     summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
     if "metrics" in summary:
         metrics = summary["metrics"]
+        if metrics["test"] is None:
+            typer.echo(f"kept: {metrics['kept']}, epoch {metrics['best_epoch']}; {metrics['left_out']}")
+            return
         typer.echo(format_table(metrics["test"], "stage-2 segmentation, test split"))
         if metrics["test_gate"] is not None:
             typer.echo(format_table(metrics["test_gate"], "stage-2 segmentation with the gate, test split"))
@@ -534,13 +609,18 @@ def predict(
     gate_threshold: float = typer.Option(
         DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    tile: int = typer.Option(
-        224, "--tile", min=16,
-        help="Window side in image pixels; use the training patch size (224 for LUAD/BCSS). Each window is "
-             "resized by image_size/tile when the checkpoint records its training input size, so the model "
-             "sees tissue at the scale it learned; probabilities come back at window size."),
-    overlap: int = typer.Option(
-        32, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16,
+        help="Window side in pixels at the model's µm/px. Default: the checkpoint's training patch size (224 when it "
+             "records none). Each window is resized by image_size/tile when the checkpoint records its training "
+             "input size, so the model sees tissue at the scale it learned; probabilities come back at window size."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there. "
+                                       "Default: 32, or half the window when that is less."),
+    mpp: Optional[float] = typer.Option(
+        None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
+                            "masks back to the images' size). Without it (or when the checkpoint records none) the "
+                            "images are segmented as they are, with a warning."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
@@ -561,7 +641,7 @@ def predict(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
         overlap=overlap, batch_size=batch_size, tta=tta, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force,
+        precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -594,12 +674,21 @@ def predict_wsi(
     gate_threshold: float = typer.Option(
         DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
     gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
-    level: Optional[int] = typer.Option(None, "--level", help="Pyramid level to segment (default 0)."),
+    level: Optional[int] = typer.Option(
+        None, "--level", help="Pyramid level to segment as it is (instead of the model's µm/px)."),
     mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized (instead of --level)."),
+        None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized. Default: the µm/px "
+                            "the checkpoint was trained at (level 0 when it records none)."),
+    slide_mpp: Optional[float] = typer.Option(
+        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp "
+                                  "column wins); a slide without either is refused when a µm/px is to be read."),
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
-    tile: int = typer.Option(224, "--tile", min=16, help="Window side in processed pixels (the training patch size)."),
-    overlap: int = typer.Option(32, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended."),
+    tile: Optional[int] = typer.Option(
+        None, "--tile", min=16, help="Window side in processed pixels. Default: the checkpoint's training patch size "
+                                     "(224 when it records none)."),
+    overlap: Optional[int] = typer.Option(
+        None, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended. Default: 32, or half the "
+                                       "window when that is less."),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
     tta: str = typer.Option("none", "--tta", help=TTA_HELP),
@@ -652,7 +741,7 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force,
+        precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.data.scale import recorded_scale
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
@@ -25,16 +26,43 @@ from wsss.tiling import Predictor
 log = logging.getLogger(__name__)
 
 
-def check_window_options(tile: int, overlap: int, batch_size: int, gate: bool, stage1_checkpoint: Path | None) -> None:
-    """The sliding-window and gate options every predict command shares; a bad one is a user error."""
-    if tile < 16:
+def check_window_options(tile: int | None, overlap: int | None, batch_size: int, gate: bool,
+                         stage1_checkpoint: Path | None) -> None:
+    """The sliding-window and gate options every predict command shares; a bad one is a user error.
+    ``tile`` and ``overlap`` None: not given (:func:`window_for` picks them from the checkpoint)."""
+    if tile is not None and tile < 16:
         raise WsssError(f"--tile must be at least 16 px, not {tile}")
-    if not 0 <= overlap < tile:
+    if overlap is not None and overlap < 0:
+        raise WsssError(f"--overlap must be at least 0, not {overlap}")
+    if tile is not None and overlap is not None and not overlap < tile:
         raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
     if batch_size < 1:
         raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
+
+
+DEFAULT_TILE = 224
+"""The window of a checkpoint that records no training patch size (LUAD-HistoSeg's and BCSS-WSSS's patches)."""
+DEFAULT_OVERLAP = 32
+
+
+def window_for(tile: int | None, overlap: int | None, patch_size: int | None) -> tuple[int, int]:
+    """``(tile, overlap)`` of a predict command: ``--tile`` when given, else the checkpoint's training
+    patch size (:data:`DEFAULT_TILE` when it records none); ``--overlap`` when given, else
+    :data:`DEFAULT_OVERLAP` px or half the window when that is less. Checked as the options are."""
+    tile = tile if tile is not None else patch_size if patch_size is not None else DEFAULT_TILE
+    overlap = overlap if overlap is not None else min(DEFAULT_OVERLAP, tile // 2)
+    check_window_options(tile, overlap, 1, False, None)
+    return tile, overlap
+
+
+def model_scale(checkpoint: Path) -> tuple[float | None, int | None]:
+    """``(mpp, patch_size)`` a stage-2 checkpoint was trained at (:func:`wsss.data.scale.recorded_scale`);
+    read before the models load, so that a slide or image that cannot be used fails first."""
+    from wsss.models.deeplab import read_checkpoint
+
+    return recorded_scale(read_checkpoint(checkpoint))
 
 
 class ModelOptions(Protocol):

@@ -154,3 +154,43 @@ def colorbar(length: int = 160, thickness: int = 12, low: str = "0", high: str =
     if caption:
         draw.text((x + length + 4 + high_w + 2 * pad, middle), caption, fill=(0, 0, 0), font=font, anchor="lm")
     return img
+
+
+def contact_sheet(rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], cell: int = 128, gap: int = 6,
+                  footer: Image.Image | None = None) -> Image.Image:
+    """Rows of captioned pictures: ``rows[r] = (title, [(image, caption), ...])``, the title above the
+    row, each picture (RGB uint8, any size) resized to ``cell`` × ``cell`` with its caption under it,
+    ``footer`` (e.g. a :func:`legend`) at the bottom. Empty rows are left out."""
+    rows = [(title, items) for title, items in rows if items]
+    font = _font()
+    line = 14
+    ncols = max((len(items) for _, items in rows), default=1)
+    row_h = line + cell + line + gap
+    width = gap + ncols * (cell + gap)
+    height = gap + len(rows) * row_h
+    if footer is not None:
+        width = max(width, footer.width + 2 * gap)
+        height += footer.height + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, items) in enumerate(rows):
+        top = gap + r * row_h
+        draw.text((gap, top), title, fill=(0, 0, 0), font=font)
+        for c, (image, caption) in enumerate(items):
+            x, y = gap + c * (cell + gap), top + line
+            tile = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB").resize((cell, cell), Image.BILINEAR)
+            canvas.paste(tile, (x, y))
+            draw.rectangle([x - 1, y - 1, x + cell, y + cell], outline=(160, 160, 160))
+            draw.text((x, y + cell + 1), _fit(caption, cell, draw, font), fill=(0, 0, 0), font=font)
+    if footer is not None:
+        canvas.paste(footer, (gap, height - footer.height - gap))
+    return canvas
+
+
+def _fit(text: str, width: int, draw: ImageDraw.ImageDraw, font) -> str:
+    """``text`` cut (with an ellipsis) to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"

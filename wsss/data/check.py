@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from wsss.data.layout import scan_masked, scan_train
+from wsss.data.layout import masked_splits, scan_masked, scan_train, without_masks
 from wsss.data.png import read_class_mask, read_rgb
+from wsss.data.scale import dataset_mpp
 from wsss.data.specs import DatasetSpec
 from wsss.data.validate import allowed_label_styles, label_style_problem
 from wsss.errors import WsssError
@@ -31,6 +32,8 @@ class SplitStats:
 class CheckReport:
     splits: list[SplitStats]
     problems: list[str]
+    notes: list[str] = field(default_factory=list)  # facts worth knowing that are not problems
+    mpp: float | None = None  # µm per pixel of the patches (wsss.data.scale), None: not recorded
 
     @property
     def ok(self) -> bool:
@@ -107,16 +110,23 @@ def check_dataset(root: Path, spec: DatasetSpec, progress: bool = True) -> Check
     if not root.is_dir():
         raise WsssError(f"dataset folder not found: {root}")
     splits, problems = [], []
-    for stats, found in (
-        _check_train(root, spec, progress),
-        _check_masked(root, "val", spec, progress),
-        _check_masked(root, "test", spec, progress),
-    ):
+    notes = [note] if (note := without_masks(root, ("val", "test"), NO_MASKS)) else []
+    checks = [_check_train(root, spec, progress)]
+    checks += [_check_masked(root, split, spec, progress) for split in masked_splits(root, ("val", "test"))]
+    for stats, found in checks:
         splits.append(stats)
         problems += found + _size_problems(stats)
         if stats.count == 0 and not found:
             problems.append(f"{stats.name}: empty split")
-    return CheckReport(splits, problems)
+    try:
+        mpp = dataset_mpp(spec, root)
+    except WsssError as exc:
+        mpp, problems = None, [*problems, str(exc)]
+    return CheckReport(splits, problems, notes, mpp)
+
+
+NO_MASKS = ("not a problem: training needs labelled patches only, but the mIoU rows and stage 2's best-on-val "
+            "choice need masks (it keeps its last epoch instead)")
 
 
 def format_report(report: CheckReport, spec: DatasetSpec) -> str:
@@ -125,6 +135,9 @@ def format_report(report: CheckReport, spec: DatasetSpec) -> str:
     source = f"labels from {spec.labels_csv}" if spec.labels_csv else "labels from file names"
     lines = [f"dataset {spec.name}: {spec.num_classes} classes ({', '.join(names)}), background value "
              f"{spec.background_index}, {source}, {spec.mask_encoding} masks"]
+    lines.append(f"patches at {report.mpp:g} µm/px" if report.mpp is not None else
+                 "µm/px of the patches: not recorded (set mpp in the spec: models trained here will not know "
+                 "their magnification)")
     for s in report.splits:
         sizes = ", ".join(f"{w}x{h}" for (w, h) in sorted(s.sizes)) or "-"
         lines.append(f"{s.name}: {s.count} patches ({sizes})")
@@ -137,6 +150,7 @@ def format_report(report: CheckReport, spec: DatasetSpec) -> str:
                 f"{n} {c / total:.1%}" for n, c in zip(names + ["background"], s.pixel_counts)
             )
             lines.append(f"  mask pixels: {hist}")
+    lines += [f"note: {n}" for n in report.notes]
     if report.problems:
         lines.append(f"{len(report.problems)} problem(s):")
         lines += [f"  - {p}" for p in report.problems]
@@ -150,6 +164,7 @@ def report_to_json(report: CheckReport, spec: DatasetSpec) -> dict:
         "dataset": spec.name,
         "spec": spec.to_dict(),
         "ok": report.ok,
+        "mpp": report.mpp,
         "splits": {
             s.name: {
                 "count": s.count,
@@ -164,4 +179,5 @@ def report_to_json(report: CheckReport, spec: DatasetSpec) -> dict:
             for s in report.splits
         },
         "problems": report.problems,
+        "notes": report.notes,
     }

@@ -165,6 +165,30 @@ def scan_masked(root: Path, split: str) -> Scan:
     return scan
 
 
+def has_masks(root: Path, split: str) -> bool:
+    """Whether ``split`` comes with pixel masks: its folder holds ``mask/``. A dataset of labelled
+    training patches alone (or with val/test patches but no masks) trains all the same; what needs
+    masks (mIoU, the best-on-val choice) is left out. A ``mask/`` folder that does not match ``img/``
+    is a problem :func:`scan_masked` reports."""
+    folder = split_dir(root, split)
+    return folder is not None and (folder / "mask").is_dir()
+
+
+def masked_splits(root: Path, splits: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """Those of ``splits`` that have masks (:func:`has_masks`), in order."""
+    return tuple(s for s in splits if has_masks(root, s))
+
+
+def without_masks(root: Path, splits: tuple[str, ...] | list[str], left_out: str) -> str | None:
+    """One line saying which of ``splits`` have no masks in ``root`` and what is ``left_out`` for
+    that; None when all have masks."""
+    missing = [s for s in splits if not has_masks(root, s)]
+    if not missing:
+        return None
+    where = " or ".join(f"{Path(root) / s}/mask" for s in missing)
+    return f"no masks in {where}: {left_out}"
+
+
 def list_train(root: Path, spec: DatasetSpec | int) -> list[TrainSample]:
     """Like :func:`scan_train` but raises on the first problem."""
     scan = scan_train(root, spec)

@@ -14,6 +14,8 @@ or the path of a TOML spec file::
     labels_csv = "train/labels.csv"                   # optional: training labels from a CSV (a
                                                       #   relative path is under the dataset folder)
                                                       #   instead of from the file names
+    mpp = 1.0                                         # optional: µm per pixel of the patches (the
+                                                      #   magnification a model trained on them works at)
 
 Mask values ``0 .. C-1`` are the classes in label order and ``background_index`` is background (not
 evaluated, ignored by the losses); any other value in a mask is an error. A spec travels inside every
@@ -22,6 +24,7 @@ checkpoint as a plain dict (:meth:`DatasetSpec.to_dict`), so a checkpoint names 
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from collections.abc import Mapping
@@ -45,10 +48,12 @@ MASK_ENCODINGS = ("index", "rgb")
 SHIPPED = ("luad", "bcss")
 
 REQUIRED_KEYS = ("name", "classes", "colors", "white_is_background")
-OPTIONAL_KEYS = ("background_index", "background_color", "mask_encoding", "labels_csv")
+OPTIONAL_KEYS = ("background_index", "background_color", "mask_encoding", "labels_csv", "mpp")
 IDENTITY_KEYS = ("name", "classes", "colors", "white_is_background", "background_index", "background_color")
 """What a model trained on a spec depends on; ``mask_encoding`` and ``labels_csv`` only say how a copy
-of the data is stored, so a checkpoint may be used with data stored otherwise."""
+of the data is stored, so a checkpoint may be used with data stored otherwise. ``mpp`` is not among
+them: a checkpoint records the µm/px it was trained at itself (:mod:`wsss.data.scale`), and a
+spec file without ``mpp`` names the same classes."""
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -62,7 +67,8 @@ class DatasetSpec:
     ``background_index`` (default: the number of classes) is the mask value of background / not
     evaluated, drawn in ``background_color``. ``white_is_background`` says whether white pixels are
     background (LUAD) or a real tissue such as fat (BCSS), which matters for pseudo-masks and
-    predictions. Invalid values raise :class:`WsssError` with one line naming the problem.
+    predictions. ``mpp``: µm per pixel of the patches (``wsss extract-patches`` cuts them at it).
+    Invalid values raise :class:`WsssError` with one line naming the problem.
     """
 
     name: str
@@ -73,6 +79,7 @@ class DatasetSpec:
     background_color: RGB = WHITE
     mask_encoding: str = "index"
     labels_csv: str | None = None
+    mpp: float | None = None  # µm per pixel of the patches; None: not said here (wsss.data.scale)
     source: str | None = field(default=None, compare=False)  # the spec file, for messages only
 
     def __post_init__(self) -> None:
@@ -112,6 +119,7 @@ class DatasetSpec:
             "background_color": list(self.background_color),
             "mask_encoding": self.mask_encoding,
             "labels_csv": self.labels_csv,
+            "mpp": self.mpp,
         }
 
     @classmethod
@@ -141,7 +149,22 @@ class DatasetSpec:
         """The same spec reading its training labels from ``path`` (None: keep the spec's own source)."""
         if path is None:
             return self
-        return DatasetSpec(**{**{f.name: getattr(self, f.name) for f in fields(self)}, "labels_csv": str(path)})
+        return self._with(labels_csv=str(path))
+
+    def with_mpp(self, mpp: float | None) -> "DatasetSpec":
+        """The same spec with ``mpp`` µm per pixel."""
+        return self._with(mpp=mpp)
+
+    def _with(self, **changes: Any) -> "DatasetSpec":
+        return DatasetSpec(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
+
+    def to_toml(self) -> str:
+        """The spec as a TOML spec file (``None`` values left out); :func:`load_spec_file` reads it back."""
+        lines = []
+        for key, value in self.to_dict().items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
 
     def labels_csv_path(self, root: str | Path) -> Path | None:
         """The training-label CSV of the dataset in ``root`` (a relative path is under ``root``), or None."""
@@ -217,6 +240,31 @@ def _check(spec: DatasetSpec) -> None:
                                 f"{_colour_owner(spec, i)} are both {list(c)}")
     if spec.labels_csv is not None and (not isinstance(spec.labels_csv, str) or not spec.labels_csv.strip()):
         raise WsssError(f"labels_csv must be the path of a CSV file, not {spec.labels_csv!r}")
+    if spec.mpp is not None:
+        check_mpp(spec.mpp, "mpp")
+        object.__setattr__(spec, "mpp", float(spec.mpp))
+
+
+MPP_RANGE = (0.05, 100.0)
+"""µm per pixel a slide or a patch may have: from beyond a 100× objective to a 1× overview."""
+
+
+def check_mpp(value: Any, what: str) -> None:
+    """Refuse a µm/px value that is not a number in :data:`MPP_RANGE`, in one line naming ``what``."""
+    lo, hi = MPP_RANGE
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo <= value <= hi
+    if not ok:
+        raise WsssError(f"{what} is µm per pixel, a number from {lo:g} to {hi:g}, not {value!r}")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a TOML basic string for the names a spec allows
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 
 def _colour_owner(spec: DatasetSpec, i: int) -> str:

@@ -11,6 +11,11 @@ Outputs, for every input image ``<name>.<ext>``::
 Each image is segmented by the sliding window of :mod:`wsss.tiling` with the tile predictor of
 :mod:`wsss.inference`; each window is resized by ``image_size / tile`` when the checkpoint records
 the input size it was trained at, so tissue appears at the scale the model learned.
+
+Magnification: ``--mpp`` is the images' µm per pixel. When the checkpoint records the µm/px of its
+training patches (:mod:`wsss.data.scale`), every image is resampled to it first and its mask back to
+the image's size; when either is unknown the images are taken as they are, with one warning. The
+window (``--tile``) defaults to the checkpoint's training patch size.
 """
 
 from __future__ import annotations
@@ -20,18 +25,20 @@ import io
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from wsss.data.png import check_rgb_mode, write_mask, write_rgb
-from wsss.data.specs import DatasetSpec
+from wsss.data.scale import resample_factor, resampled_size
+from wsss.data.specs import DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.inference import (
-    TilePredictor, check_tta, check_window_options, load_models, run_precision, upgrade_settings,
+    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
+    window_for,
 )
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
@@ -61,19 +68,22 @@ class PredictConfig:
     stage1_checkpoint: Path | None = None
     gate_threshold: float = DEFAULT_GATE_THRESHOLD
     gate_mode: str = "mask"
-    tile: int = 224
-    overlap: int = 32
+    tile: int | None = None  # None: the checkpoint's training patch size (window_for)
+    overlap: int | None = None  # None: 32 px, or half the window when that is less
     batch_size: int = 8
     device: str = "auto"
     precision: str = "fp32"  # fp32, bf16, fp16 or auto (wsss.runtime.resolve_precision)
     tta: str = "none"
     force: bool = False  # replace files in OUT that wsss did not write, and predictions of other settings
+    mpp: float | None = None  # µm per pixel of the input images; None: not known
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
         check_tta(self.tta)
+        if self.mpp is not None:
+            check_mpp(self.mpp, "--mpp")
 
 
 @dataclass
@@ -172,20 +182,40 @@ MIN_SIDE_OF_TILE = 0.5
 sliver of its training field of view (a 1×1 px image came out as "100 % one class")."""
 
 
-def check_image_size(path: Path, image: np.ndarray, tile: int) -> None:
+def check_image_size(path: Path, image: np.ndarray, tile: int, resampled: str = "") -> None:
     height, width = image.shape[:2]
     need = math.ceil(tile * MIN_SIDE_OF_TILE)
     if min(height, width) < need:
-        raise WsssError(f"{path} is {width}×{height} px, far below the {tile} px window (at least {need} px a side "
-                        f"is needed; a smaller --tile, e.g. the training patch size, may fit)")
+        raise WsssError(f"{path} is {width}×{height} px{resampled}, far below the {tile} px window (at least {need} px "
+                        f"a side is needed; a smaller --tile may fit)")
+
+
+def resample(image: np.ndarray, factor: float | None, resample_filter: int = Image.BILINEAR) -> np.ndarray:
+    """``image`` (RGB ``(H, W, 3)`` or a mask ``(H, W)``) resized by ``factor`` (None or 1: as it is).
+    Bilinear (PIL's, which widens its support when shrinking) for pictures, nearest for masks."""
+    if factor is None or factor == 1.0:
+        return image
+    return resize_to(image, resampled_size((image.shape[1], image.shape[0]), factor), resample_filter)
+
+
+def resize_to(image: np.ndarray, size: tuple[int, int], resample_filter: int) -> np.ndarray:
+    """``image`` resized to ``size`` = ``(w, h)``."""
+    return np.array(Image.fromarray(image).resize(size, resample_filter))  # writable: the mask gets its background
 
 
 def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
-                  progress: bool = False) -> dict:
-    """Segment one image and write its mask and overlay; returns its summary row."""
+                  progress: bool = False, factor: float | None = None) -> dict:
+    """Segment one image and write its mask and overlay; returns its summary row. ``factor``: model
+    pixels per image pixel (:func:`wsss.data.scale.resample_factor`); the image is resampled by it
+    for the model and the mask resampled back (nearest) to the image's size."""
     image = read_image(path)
-    check_image_size(path, image, cfg.tile)
-    mask = predict_mask(image, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
+    work = resample(image, factor)
+    at = f" ({work.shape[1]}×{work.shape[0]} at the model's µm/px)" if work is not image else ""
+    check_image_size(path, work, cfg.tile, at)
+    mask = predict_mask(work, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
+    if work is not image:
+        del work
+        mask = resize_to(mask, (image.shape[1], image.shape[0]), Image.NEAREST)
     if spec.white_is_background:
         mask[white_background(image)] = spec.background_index
     mask_path, overlay_path = output_paths(cfg.out, path)
@@ -218,9 +248,10 @@ def write_summary(path: Path, rows: Sequence[dict], spec: DatasetSpec) -> None:
 
 
 def settings(cfg: PredictConfig, spec: DatasetSpec) -> dict:
-    """What a prediction depends on (the models' bytes, classes, tiling, gate); not where or how fast."""
+    """What a prediction depends on (the models' bytes, classes, tiling, gate, the images' µm/px);
+    not where or how fast."""
     return {"checkpoint_sha256": file_sha256(cfg.checkpoint), "dataset": spec.name, "tile": cfg.tile,
-            "overlap": cfg.overlap, "precision": run_precision(cfg), "tta": cfg.tta,
+            "overlap": cfg.overlap, "precision": run_precision(cfg), "tta": cfg.tta, "mpp": cfg.mpp,
             "gate": [file_sha256(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None}
 
 
@@ -238,6 +269,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     did not write are not replaced, nor predictions made with other settings, unless ``cfg.force``."""
     check_output_folder(cfg.out)
     images = collect_images(cfg.inputs)
+    cfg, factor = with_model_scale(cfg)
     predictor, spec = load_models(cfg)
     now = settings(cfg, spec)
     with owned_folder(cfg.out, "predict", force=cfg.force, read_from=input_folders_of(images, cfg.inputs)) as owner:
@@ -250,7 +282,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         note_saved(f"no image finished yet in {cfg.out}")
         for path in _progress(images, progress and len(images) > 1, desc="predict"):
             try:
-                rows.append(predict_image(path, predictor, spec, cfg, progress))
+                rows.append(predict_image(path, predictor, spec, cfg, progress, factor))
             except WsssError as exc:
                 failures.append(str(exc))
                 log.debug("skipping %s: %s", path, exc)
@@ -261,6 +293,33 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
             done = {row["image"] for row in rows}
             write_summary(summary, [r for r in earlier if r["image"] not in done] + rows, spec)
     return PredictResult(rows, failures, len(images), written)
+
+
+def with_model_scale(cfg: PredictConfig) -> tuple[PredictConfig, float | None]:
+    """The configuration with the window the checkpoint was trained with (unless ``--tile`` gives
+    one), and the factor images are resampled by to the model's µm/px (None: as they are, with one
+    warning saying what is not known)."""
+    model_mpp, patch_size = model_scale(cfg.checkpoint)
+    tile, overlap = window_for(cfg.tile, cfg.overlap, patch_size)
+    cfg = replace(cfg, tile=tile, overlap=overlap)
+    factor = resample_factor(cfg.mpp, model_mpp)
+    if factor is None:
+        log.warning("warning: %s", unknown_scale(cfg.mpp, model_mpp, cfg.checkpoint))
+    elif factor != 1.0:
+        log.info("images at %g µm/px are resampled by %.4g to the model's %g µm/px", cfg.mpp, factor, model_mpp)
+    return cfg, factor
+
+
+def unknown_scale(image_mpp: float | None, model_mpp: float | None, checkpoint: Path) -> str:
+    """What is not known about the images' and the model's µm/px, and what is done instead."""
+    if model_mpp is None and image_mpp is None:
+        return (f"neither the images' µm/px (--mpp) nor that of the model is known ({checkpoint} records none): "
+                "the images are segmented as they are, which is right only at the training patches' magnification")
+    if model_mpp is None:
+        return (f"{checkpoint} does not record the µm/px it was trained at: --mpp {image_mpp:g} is not used, the "
+                "images are segmented as they are")
+    return (f"the images' µm/px is not known: they are taken to be at the model's {model_mpp:g} µm/px (pass --mpp "
+            "to have them resampled to it)")
 
 
 def _previous_settings(owner: Owner, now: dict, force: bool) -> bool:

@@ -29,7 +29,8 @@ from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
 from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
-from wsss.data.layout import list_masked, list_train
+from wsss.data.layout import list_masked, list_train, masked_splits, without_masks
+from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
@@ -182,6 +183,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
         "input_norm": get_input_norm(cfg.input_norm).to_dict(),
         "image_size": cfg.image_size,
         "frozen_pretrained": model.is_frozen_pretrained,
+        **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
         **extra,
     }
 
@@ -216,9 +218,10 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
     owner.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
     problems = validate.train_problems(samples, spec)
-    for split in cfg.eval_splits:
+    for split in masked_splits(cfg.data, cfg.eval_splits):
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)
     validate.require(problems, cfg.data, spec.name)
+    dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
     return samples
 
 
@@ -444,7 +447,11 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
 def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path) -> dict:
     norm = get_input_norm(cfg.input_norm)
     results = {}
-    for split in cfg.eval_splits:
+    skipped = without_masks(cfg.data, cfg.eval_splits, "their CAM evaluation is left out (stage 1 keeps its last "
+                                                        "epoch either way)")
+    if skipped:
+        log.info(skipped)
+    for split in masked_splits(cfg.data, cfg.eval_splits):
         results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
                                        cfg.cam_threshold, workers=cfg.workers, precision=cfg.precision,
                                        tie_rule=cfg.cam_tie_rule)

@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader
 from wsss import config as cfglib
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
 from wsss.data.datasets import InputNorm, get_input_norm
-from wsss.data.layout import MaskedSample, default_pm_dir, list_masked, list_train
+from wsss.data.layout import MaskedSample, default_pm_dir, has_masks, list_masked, list_train, without_masks
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
+from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
 from wsss.errors import Stopped, WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
@@ -372,6 +373,7 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
         "spec": spec.to_dict(),
         "input_norm": get_input_norm(cfg.input_norm).to_dict(),
         "image_size": cfg.image_size,
+        **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
         **extra,
     }
 
@@ -440,11 +442,16 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
-    test_samples = list_masked(cfg.data, "test")
+    test_samples = split_masks(cfg.data, "test")
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
     _check_inputs(cfg, spec, samples, mask_paths, test_samples)
     return _training_set(cfg, spec, samples, mask_paths)
+
+
+def split_masks(root: Path, split: str) -> list[MaskedSample]:
+    """The image/mask pairs of ``split``; none when it has no masks (training goes on without them)."""
+    return list_masked(root, split) if has_masks(root, split) else []
 
 
 def _pm_dir(cfg: Stage2Config) -> Path:
@@ -472,9 +479,10 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
     problems = checks.train_problems(samples, spec)
     problems += checks.pseudo_mask_problems(samples, mask_paths, spec, trusted)
-    problems += checks.masked_problems(list_masked(cfg.data, "val"), spec)
+    problems += checks.masked_problems(split_masks(cfg.data, "val"), spec)
     problems += checks.masked_problems(test_samples, spec)
     checks.require(problems, cfg.data, spec.name)
+    dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
 
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
@@ -485,7 +493,9 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
     seed_everything(cfg.seed, dist.rank)
     gate = _gate_classifier(cfg, spec)
-    val_samples = list_masked(cfg.data, "val")
+    val_samples = split_masks(cfg.data, "val")
+    if not val_samples and dist.is_main:
+        log.info(without_masks(cfg.data, ["val"], "stage 2 keeps its last epoch (nothing to choose the best by)"))
     if state is None and dist.is_main:
         warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
@@ -520,14 +530,15 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch)
-        val = validate(model, cfg, spec, val_samples, dist)
-        score = finite_score(val, epoch, cfg.epochs, cfg.data)  # every process: they stop together
+        val = validate(model, cfg, spec, val_samples, dist) if val_samples else None
+        score = finite_score(val, epoch, cfg.epochs, cfg.data) if val is not None else None  # every process
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
-            if improves(score, best.get("mIoU")):
+            if val is None or improves(score, best.get("mIoU")):  # without val masks: the latest epoch
                 best = {"mIoU": score, "epoch": epoch, "val": val}
                 save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best))
-                log.info("best validation mIoU so far: saved %s", paths.checkpoint)
+                if val is not None:
+                    log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
                 model, cfg, spec, epoch, best, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
@@ -567,10 +578,16 @@ def _distributed(model: DeepLabV3Plus, dist: Distributed):
     )
 
 
-def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict) -> None:
+def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict | None) -> None:
     def fmt(v):
         return "nan" if v is None else f"{v:.4f}"
 
+    if val is None:  # no val masks
+        log.info("epoch %d/%d  loss %.4f", epoch + 1, cfg.epochs, loss)
+        if writer is not None:
+            writer.add_scalar("train/total_loss_epoch", loss, epoch)
+            writer.flush()
+        return
     log.info("epoch %d/%d  loss %.4f  val mIoU %s  fwIoU %s  pixel acc %s", epoch + 1, cfg.epochs, loss,
              fmt(val["mIoU"]), fmt(val["fwIoU"]), fmt(val["pixel_acc"]))
     if writer is not None:
@@ -585,6 +602,8 @@ def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, d
                      gate: LoadedClassifier | None, best: dict) -> dict | None:
     if best.get("epoch") is None or best["epoch"] == cfg.epochs - 1 or not paths.last.is_file():
         return None
+    if not has_masks(cfg.data, "test"):
+        return None
     meters = evaluate_samples(load_segmenter(paths.last, spec), list_masked(cfg.data, "test"), spec, device, gate,
                               cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.precision, None, desc="test last epoch",
                               gate_mode=cfg.gate_mode)
@@ -594,7 +613,17 @@ def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, d
 def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, device: torch.device,
                     gate: LoadedClassifier | None, best: dict) -> dict:
     """Test the best checkpoint (read back from disk, as ``wsss evaluate`` would) with and without
-    the gate; write ``metrics.json`` and the prediction PNGs; log the tables."""
+    the gate; write ``metrics.json`` and the prediction PNGs; log the tables. Without test masks
+    the scores are left out (None, with one line saying why); ``kept`` says which epoch's model it is."""
+    kept = "best validation mIoU" if best.get("val") is not None else "last epoch (no val masks)"
+    if not has_masks(cfg.data, "test"):
+        reason = without_masks(cfg.data, ["test"], "the test scores are left out")
+        log.info(reason)
+        metrics = {"test": None, "test_gate": None, "val_best": best.get("val"),
+                   "best_epoch": None if best.get("epoch") is None else best["epoch"] + 1,
+                   "test_last_epoch": None, "kept": kept, "left_out": reason}
+        write_json(paths.metrics, metrics)
+        return metrics
     seg = load_segmenter(paths.checkpoint, spec)
     pred_dirs = {"plain": paths.pred, "gate": paths.pred_gate}
     meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate, cfg.gate_threshold,
@@ -608,6 +637,7 @@ def test_and_report(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, de
         # The last epoch's model on the same test split (with the gate when there is one), so that
         # what choosing by validation gains or loses is on record: None when the best is the last.
         "test_last_epoch": _test_last_epoch(cfg, spec, paths, device, gate, best),
+        "kept": kept,
     }
     write_json(paths.metrics, metrics)
     log.info(format_table(metrics["test"], "stage-2 segmentation, test split"))

@@ -36,7 +36,9 @@ from wsss.errors import WsssError
 from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.locks import LockHeld, acquire
-from wsss.wsi.predict_wsi import SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name
+from wsss.wsi.predict_wsi import (
+    SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +92,8 @@ def folder_slides(folder: Path, out: Path) -> list[Path]:
 
 def read_manifest(path: Path, out: Path) -> list[SlideJob]:
     """The slides of a manifest CSV: ``path`` (relative paths from the manifest's folder), and
-    optionally ``mpp`` (the slide's level-0 µm/px) and ``roi`` (``x,y,w,h``, level-0 pixels)."""
+    optionally ``mpp`` (the slide's level-0 µm/px), ``roi`` (``x,y,w,h``, level-0 pixels) and
+    ``patient`` (``extract-patches`` keeps a patient's slides in one split)."""
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
@@ -109,7 +112,7 @@ def read_manifest(path: Path, out: Path) -> list[SlideJob]:
         if not slide.is_file():
             raise WsssError(f"manifest {path}, line {line}: slide not found: {slide}")
         jobs.append(SlideJob(slide, out / slide_name(slide), slide_name(slide), _mpp(row.get("mpp"), path, line),
-                             _roi(row.get("roi"), path, line)))
+                             _roi(row.get("roi"), path, line), row.get("patient") or None))
     if not jobs:
         raise WsssError(f"manifest {path} lists no slides")
     return jobs
@@ -368,6 +371,7 @@ def run(cfg: WsiConfig, progress: bool = True, env: dict | None = None) -> Cohor
     if cfg.out.exists() and not cfg.out.is_dir():
         raise WsssError(f"--out {cfg.out} is a file; a folder is needed")
     jobs = collect_slides(cfg.inputs, cfg.out)
+    cfg = with_model_scale(cfg)
     worker = worker_from_env(cfg.shard, env)
     mine = worker.share(jobs)
     log.info("%d slides in the cohort; %s takes %d", len(jobs), worker.describe(), len(mine))

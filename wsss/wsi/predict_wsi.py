@@ -19,7 +19,9 @@ Outputs, for a slide ``<name>.<ext>`` (a cohort: in ``OUT/<name>/``)::
                                not write is never replaced (unless --force) nor removed
 
 The processed region (the slide or ``--roi``, in level-0 pixels) is read at ``--level``, or at the
-level closest to ``--mpp`` and resized, one row of windows at a time; windows are tiled, predicted
+level closest to ``--mpp`` and resized (without either: the µm/px the checkpoint was trained at,
+:mod:`wsss.data.scale`; a slide that does not record its own µm/px then needs ``--slide-mpp``), one
+row of windows at a time; windows are tiled, predicted
 and blended exactly as in ``wsss predict`` (:mod:`wsss.tiling`). A window whose tissue
 fraction is below ``--min-tissue`` (saturation above the Otsu threshold of a slide thumbnail) is
 not segmented; pixels no segmented window covers are background.
@@ -42,18 +44,21 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from wsss.data.png import write_rgb
-from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
+from wsss.data.scale import MPP_TOLERANCE as SCALE_TOLERANCE
+from wsss.data.specs import BACKGROUND_NAME, DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
-from wsss.inference import check_tta, check_window_options, load_models, run_precision, upgrade_settings
+from wsss.inference import (
+    check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings, window_for,
+)
 from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.tiling import (
@@ -68,7 +73,7 @@ from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
 
 log = logging.getLogger(__name__)
 
-MPP_TOLERANCE = 0.05
+MPP_TOLERANCE = SCALE_TOLERANCE
 """A level within 5% of ``--mpp`` is used as it is (a 0.2527 µm/px scan's 4× level for ``--mpp 1``)."""
 
 GEOJSON_MAX_PIXELS = 2**26
@@ -93,11 +98,11 @@ class WsiConfig:
     stage1_checkpoint: Path | None = None
     gate_threshold: float = DEFAULT_GATE_THRESHOLD
     gate_mode: str = "mask"
-    level: int | None = None  # neither level nor mpp: level 0
+    level: int | None = None  # neither level nor mpp: the model's µm/px (model_mpp), else level 0
     mpp: float | None = None
     roi: tuple[int, int, int, int] | None = None  # x, y, w, h in level-0 pixels
-    tile: int = 224
-    overlap: int = 32
+    tile: int | None = None  # None: the checkpoint's training patch size (wsss.inference.window_for)
+    overlap: int | None = None  # None: 32 px, or half the window when that is less
     batch_size: int = 8
     min_tissue: float = 0.05
     geojson: bool = False
@@ -113,6 +118,8 @@ class WsiConfig:
     bounds_offset: bool = True  # shift GeoJSON as QuPath crops slides to openslide.bounds-*
     shard: tuple[int, int] | None = None  # (index, count) of a cluster array job
     force: bool = False  # replace files in a slide's output folder that wsss did not write
+    slide_mpp: float | None = None  # level-0 µm/px of slides that do not record it (a manifest's mpp wins)
+    model_mpp: float | None = None  # set from the checkpoint by with_model_scale, not an option
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -129,6 +136,8 @@ class WsiConfig:
             raise WsssError(f"--level must be 0 or more, not {self.level}")
         if self.mpp is not None and not self.mpp > 0:
             raise WsssError(f"--mpp must be positive, not {self.mpp}")
+        if self.slide_mpp is not None:
+            check_mpp(self.slide_mpp, "--slide-mpp")
         if self.roi is not None and (len(self.roi) != 4 or min(self.roi[:2]) < 0 or min(self.roi[2:]) < 1):
             raise WsssError(f"--roi needs x,y,w,h with x, y >= 0 and w, h >= 1 (level-0 pixels), not {self.roi}")
         if not 0.0 <= self.min_tissue <= 1.0:
@@ -139,6 +148,28 @@ class WsiConfig:
     @property
     def geojson_options(self) -> GeoJsonOptions:
         return GeoJsonOptions(self.geojson_mode, self.object_type, self.min_area, self.simplify)
+
+    @property
+    def target_mpp(self) -> tuple[float | None, str]:
+        """The µm/px slides are read at and what says so: ``--mpp``, else (without ``--level``) the
+        model's; ``(None, "")``: a level as it is."""
+        if self.mpp is not None:
+            return self.mpp, "--mpp"
+        if self.level is None and self.model_mpp is not None:
+            return self.model_mpp, "the model's µm/px"
+        return None, ""
+
+
+def with_model_scale(cfg: WsiConfig) -> WsiConfig:
+    """The configuration with what the checkpoint records (:func:`wsss.inference.model_scale`): its
+    µm/px (slides are read at it unless ``--level`` or ``--mpp`` say otherwise) and its training patch
+    size (the window unless ``--tile`` gives one)."""
+    mpp, patch_size = model_scale(cfg.checkpoint)
+    tile, overlap = window_for(cfg.tile, cfg.overlap, patch_size)
+    if mpp is None and cfg.level is None and cfg.mpp is None:
+        log.info("%s does not record the µm/px it was trained at: slides are read at level 0 (--mpp reads them at "
+                 "another)", cfg.checkpoint)
+    return replace(cfg, tile=tile, overlap=overlap, model_mpp=mpp)
 
 
 @dataclass(frozen=True)
@@ -152,6 +183,7 @@ class SlideJob:
     name: str
     mpp: float | None = None
     roi: tuple[int, int, int, int] | None = None
+    patient: str | None = None  # a manifest's patient column (extract-patches splits by patient)
 
     @property
     def stem(self) -> Path:
@@ -198,12 +230,12 @@ class WsiResult:
 
 def choose_level(downsamples: tuple[float, ...], slide_mpp: tuple[float, float] | None,
                  level: int | None = None, mpp: float | None = None,
-                 tolerance: float = MPP_TOLERANCE) -> tuple[int, float]:
+                 tolerance: float = MPP_TOLERANCE, what: str = "--mpp") -> tuple[int, float]:
     """``(level, scale)``: the level to read and the factor its pixels are resized by (1, or < 1).
 
     ``level`` is taken as it is. For ``mpp`` (µm per pixel wanted), the coarsest level not coarser
     than ``mpp`` (within ``tolerance``) is read and shrunk to ``mpp``, unless it is within
-    ``tolerance`` of it already. Neither: level 0.
+    ``tolerance`` of it already. Neither: level 0. ``what`` names ``mpp`` in messages.
     """
     if level is not None:
         if not 0 <= level < len(downsamples):
@@ -217,7 +249,7 @@ def choose_level(downsamples: tuple[float, ...], slide_mpp: tuple[float, float] 
     level_mpp = [base * d for d in downsamples]
     fine_enough = [i for i, m in enumerate(level_mpp) if m <= mpp * (1 + tolerance)]
     if not fine_enough:
-        raise WsssError(f"--mpp {mpp:g} is finer than the slide's level 0 ({level_mpp[0]:.4g} µm/px)")
+        raise WsssError(f"{what} {mpp:g} is finer than the slide's level 0 ({level_mpp[0]:.4g} µm/px)")
     best = max(fine_enough, key=lambda i: level_mpp[i])
     scale = 1.0 if level_mpp[best] >= mpp / (1 + tolerance) else level_mpp[best] / mpp
     return best, scale
@@ -386,10 +418,11 @@ def _file_id(path: Path | None) -> list | None:
 def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
     """What the label image depends on, known before the slide is opened."""
     return {
-        "slide": _file_id(job.path), "slide_mpp": job.mpp, "roi": job.roi or cfg.roi, "reader": cfg.reader,
+        "slide": _file_id(job.path), "slide_mpp": job.mpp or cfg.slide_mpp, "roi": job.roi or cfg.roi,
+        "reader": cfg.reader,
         "checkpoint": _file_id(cfg.checkpoint),
         "gate": [_file_id(cfg.stage1_checkpoint), cfg.gate_threshold, cfg.gate_mode] if cfg.gate else None,
-        "dataset": [spec.name, list(spec.classes)], "level": cfg.level, "mpp": cfg.mpp, "tile": cfg.tile,
+        "dataset": [spec.name, list(spec.classes)], "level": cfg.level, "mpp": cfg.target_mpp[0], "tile": cfg.tile,
         "overlap": cfg.overlap, "min_tissue": cfg.min_tissue, "precision": run_precision(cfg),
         "batch_size": cfg.batch_size,
         "tta": cfg.tta,
@@ -576,11 +609,13 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
 # --------------------------------------------------------------------------- the run
 
 
-def open_job(job: SlideJob, reader: str) -> Slide:
-    """The job's slide, with the manifest's µm/px in place of the file's when given."""
+def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slide:
+    """The job's slide, with the manifest's µm/px (else ``slide_mpp``, ``--slide-mpp``) in place of
+    the file's when given."""
     slide = open_slide(job.path, reader)
-    if job.mpp is not None:
-        slide.mpp = (job.mpp, job.mpp)
+    mpp = job.mpp if job.mpp is not None else slide_mpp
+    if mpp is not None:
+        slide.mpp = (mpp, mpp)
     return slide
 
 
@@ -597,8 +632,12 @@ def slide_threshold(slide: Slide) -> int:
 
 
 def slide_grid(slide: Slide, job: SlideJob, cfg: WsiConfig) -> Grid:
-    """The label grid of the job's region at the level ``--level`` or ``--mpp`` picks."""
-    level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, cfg.mpp)
+    """The label grid of the job's region at the level ``--level``, ``--mpp`` or the model's µm/px picks."""
+    mpp, what = cfg.target_mpp
+    if mpp is not None and slide.mpp is None:
+        raise WsssError(f"{slide.path} does not record its µm/px, which reading it at {what} ({mpp:g}) needs: pass "
+                        "--slide-mpp (its level-0 µm/px), or --level to read a level as it is")
+    level, scale = choose_level(slide.downsamples, slide.mpp, cfg.level, mpp, what=what or "--mpp")
     return plan_grid(slide.dimensions, slide.downsamples, level, scale, job.roi or cfg.roi)
 
 
@@ -630,7 +669,7 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
     ``owner`` holds (:func:`owned_slide`). Files there that wsss did not write are refused before
     anything is computed (unless ``--force``). A slide that cannot be read, has no tissue, or lacks
     the µm/px ``--mpp`` needs is a :class:`WsssError`."""
-    with open_job(job, cfg.reader) as slide:
+    with open_job(job, cfg.reader, cfg.slide_mpp) as slide:
         grid = slide_grid(slide, job, cfg)
         owner.claim(output_files(job, cfg, grid))
         owner.begin(job_fingerprint(cfg, job, spec), run_inputs(cfg))
@@ -657,7 +696,8 @@ def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
     check_output_folder(cfg.out)
     path = cfg.inputs[0]
     job = SlideJob(path, cfg.out, slide_name(path))
-    with open_job(job, cfg.reader) as slide:  # a slide that cannot be used fails before the models load
+    with open_job(job, cfg.reader, cfg.slide_mpp) as slide:  # a slide that cannot be used fails before the models load
+        cfg = with_model_scale(cfg)
         grid = slide_grid(slide, job, cfg)
     with owned_slide(job, cfg) as owner:
         owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
