@@ -25,7 +25,7 @@ RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
 	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
 endif
 
-.PHONY: venv test docs reproduce ablation quality bench clean
+.PHONY: venv test docs reproduce ablation quality bench dist dist-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -71,5 +71,27 @@ bench: venv
 		if [ -f $$script ]; then echo "== $$script"; $(PY) $$script || exit 1; fi; \
 	done
 
+# The wheel and sdist (`python -m build`), then each installed into a fresh venv (torch pinned as above)
+# and run from outside the source tree: wsss --help, wsss --version and a tiny predict
+# (scripts/dist_check.py). 3 minutes here, most of them installing torch into the fresh venv.
+DIST_VENV := build/dist-check-venv
+dist: venv
+	rm -rf dist
+	$(PY) -m pip install --quiet build
+	$(PY) -m build --outdir dist .
+
+dist-check: dist
+	rm -rf $(DIST_VENV) build/dist-check
+	$(PYTHON) -m venv $(DIST_VENV)
+	$(DIST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(DIST_VENV)/bin/python -m pip install --quiet $(TORCH_PINS)
+	for dist in dist/wsss-*.whl dist/wsss-*.tar.gz; do \
+		echo "== $$dist"; rm -rf build/dist-check; \
+		$(DIST_VENV)/bin/python -m pip install --quiet --force-reinstall --no-deps "$$dist" || exit 1; \
+		$(DIST_VENV)/bin/python -m pip install --quiet "$$dist" || exit 1; \
+		(cd build && PATH="$(CURDIR)/$(DIST_VENV)/bin:$$PATH" && wsss --help >/dev/null && wsss --version \
+			&& python $(CURDIR)/scripts/dist_check.py dist-check) || exit 1; \
+	done
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -18,6 +18,7 @@ from cli_helpers import record_calls, run_cli, write_pyramid
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.scale import dataset_mpp, recorded_scale
 from wsss.data.specs import LUAD
+from wsss import inference
 from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.models.resnet38 import ResNet38Classifier
@@ -79,7 +80,7 @@ def model96(tmp_path) -> Path:
 def test_predict_takes_the_checkpoints_patch_size_as_its_window(model96, tmp_path, capsys, monkeypatch, caplog):
     """The 96-px-patch model segments a 96-px image with --checkpoint alone (a 224-px window refused it)."""
     Image.new("RGB", (96, 96), (200, 100, 180)).save(tmp_path / "image.png")
-    calls = record_calls(monkeypatch, P, "predict_mask", P.predict_mask)
+    calls = record_calls(monkeypatch, inference, "predict_mask", inference.predict_mask)
     code, out, err = run_cli(capsys, monkeypatch, "predict", tmp_path / "image.png", "--checkpoint", model96,
                              "--out", tmp_path / "o", "--device", "cpu")
     assert code == 0, err
@@ -93,7 +94,7 @@ def test_predict_takes_the_checkpoints_patch_size_as_its_window(model96, tmp_pat
 
 def test_predict_resamples_images_to_the_models_mpp(model96, thin_ckpts, tmp_path, capsys, monkeypatch, caplog):
     Image.new("RGB", (200, 160), (200, 100, 180)).save(tmp_path / "half.png")  # at 0.5 µm/px: 100 × 80 at 1
-    calls = record_calls(monkeypatch, P, "predict_mask", P.predict_mask)
+    calls = record_calls(monkeypatch, inference, "predict_mask", inference.predict_mask)
     for mpp, seen in ((0.5, (80, 100)), (1.04, (160, 200)), (2.0, (320, 400))):  # 1.04: within 5%, as it is
         code, _, err = run_cli(capsys, monkeypatch, "predict", tmp_path / "half.png", "--checkpoint", model96,
                                "--out", tmp_path / f"o{mpp}", "--device", "cpu", "--mpp", mpp)

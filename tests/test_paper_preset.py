@@ -140,9 +140,9 @@ def test_poly_steps_of_the_real_datasets(patches, tmp_path):
     s2 = resolve(Stage2Config, STAGE2_PRESETS, "paper", dataset="luad", data=tmp_path, workers=0)
     cpu2 = resolve(Stage2Config, STAGE2_PRESETS, "cpu", dataset="luad", data=tmp_path, workers=0, batch_size=20)
     floor, ceil = STEPS_PER_EPOCH[patches]
-    assert len(stage1.train_loader(s1, [None] * patches, dist, 0)) == floor
-    assert len(stage2.train_loader(s2, [None] * patches, dist, 0)) == ceil
-    assert len(stage2.train_loader(cpu2, [None] * patches, dist, 0)) == floor
+    assert len(stage1.train_loader(s1, [None] * patches, dist)) == floor
+    assert len(stage2.train_loader(s2, [None] * patches, dist)) == ceil
+    assert len(stage2.train_loader(cpu2, [None] * patches, dist)) == floor
 
 
 # --------------------------------------------------------------------------- commands that load a model

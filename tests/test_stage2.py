@@ -275,3 +275,61 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     best = load_checkpoint(tmp_path / "stage2_checkpoint_trained_on_luad.pth")
     evaluated = sum(int((read_mask(s.mask) != LUAD.background_index).sum()) for s in list_masked(tiny_data, "val"))
     assert best["best_val"]["pixels"] == evaluated
+
+
+def test_ema_keeps_the_average_of_the_weights_seen_after_every_step(tiny_data, tmp_path, monkeypatch):
+    """--ema d: the kept (validated, saved, tested) model is the exponential moving average of the
+    weights after each optimizer step, recomputed here from those weights: a = w1, then
+    a <- d*a + (1-d)*w (BatchNorm statistics too). Resuming an interrupted --ema run gives the same
+    average to the bit."""
+    seen: list[dict] = []
+    real_step = stage2.optimizer_step
+
+    def recording_step(loss, optimizer, scheduler, scaler):
+        real_step(loss, optimizer, scheduler, scaler)
+        model = next(iter(recording_step.models))
+        seen.append({k: v.detach().clone().float() for k, v in model.state_dict().items()
+                     if v.dtype.is_floating_point})
+
+    recording_step.models = []
+    real_build = stage2.build_model
+
+    def build_and_remember(cfg, spec):
+        model = real_build(cfg, spec)
+        recording_step.models[:] = [model]
+        return model
+
+    monkeypatch.setattr(stage2, "optimizer_step", recording_step)
+    monkeypatch.setattr(stage2, "build_model", build_and_remember)
+    decay = 0.6
+    stage2.train(tiny_cfg(tiny_data, tmp_path, ema=decay, epochs=2))
+    assert len(seen) == 6  # 24 patches, batches of 8, 2 epochs
+    average = dict(seen[0])
+    for weights in seen[1:]:
+        average = {k: decay * average[k] + (1 - decay) * weights[k] for k in average}
+    last = load_checkpoint(tmp_path / "ckpt" / "stage2_luad_last.pth")
+    kept = load_checkpoint(tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth")["model"]
+    best_epoch = load_checkpoint(tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth")["epoch"]
+    if best_epoch == 1:  # the best on val is the last epoch's average
+        for k, v in average.items():
+            assert torch.allclose(kept[k].float(), v, atol=1e-6), k
+    for k, v in average.items():
+        assert torch.allclose(last["ema"][f"module.{k}"].float(), v, atol=1e-6), k
+    assert any(not torch.equal(last["model"][k].float(), average[k]) for k in average)  # the raw weights differ
+
+    monkeypatch.undo()
+    real_epoch = stage2.train_one_epoch
+
+    def stop_at_second_epoch(*args, **kwargs):
+        if args[-1] == 1:  # the epoch index
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(stage2, "train_one_epoch", stop_at_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        stage2.train(tiny_cfg(tiny_data, tmp_path / "b", ema=decay, epochs=2))
+    monkeypatch.undo()
+    stage2.train(tiny_cfg(tiny_data, tmp_path / "b", ema=decay, epochs=2), resume=True)
+    again = load_checkpoint(tmp_path / "b" / "ckpt" / "stage2_luad_last.pth")
+    for k, v in last["ema"].items():
+        assert torch.equal(again["ema"][k], v), k

@@ -22,6 +22,39 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+def version_lines() -> list[str]:
+    """``wsss --version``: the package's version, then torch's and whether CUDA can be used."""
+    import torch
+
+    from wsss import __version__
+
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        cuda = f"CUDA {torch.version.cuda} available: {torch.cuda.device_count()} GPU(s) ({', '.join(names)})"
+    elif torch.version.cuda:
+        cuda = f"CUDA {torch.version.cuda} build, no GPU available: runs on the CPU"
+    else:
+        cuda = "CPU-only build: runs on the CPU"
+    return [f"wsss {__version__}", f"torch {torch.__version__}, {cuda}", f"python {sys.version.split()[0]}"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo("\n".join(version_lines()))
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True,
+        help="Print the version of wsss and torch, and whether CUDA is available, then exit."),
+) -> None:
+    """Weakly-supervised tissue segmentation of histopathology patches from patch-level labels."""
+
+
 DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (README, 'Your own data')."
 DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
 CheckpointDatasetOpt = typer.Option(
@@ -404,6 +437,9 @@ def train_stage2(
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
+    ema: Optional[float] = typer.Option(
+        None, "--ema", help="Validate, keep and test an exponential moving average of the weights, this decay per "
+                            "step (e.g. 0.99; 0: off, the reference)."),
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights",
         help="deeplab-resnet.pth.tar, a stage2_checkpoint_trained_on_*.pth, a torchvision ImageNet backbone "
@@ -435,7 +471,7 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic,
+        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema,
         init_weights=init_weights,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
         precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
@@ -629,6 +665,13 @@ def predict(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
+    save_probs: bool = typer.Option(
+        False, "--save-probs", help="Also <name>_probs.ome.tif: the class probabilities x 255 (uint8), one channel "
+                                    "per class named by class, a tiled pyramidal OME-TIFF (C bytes a pixel more "
+                                    "memory while an image is segmented)."),
+    save_tissue_mask: bool = typer.Option(
+        False, "--save-tissue-mask", help="Also <name>_tissue.png: 255 where the saturation is above Otsu's "
+                                          "threshold of the image (predict-wsi's tissue rule), else 0."),
 ) -> None:
     """Segment your own images of any size with a stage-2 checkpoint (sliding window, blended overlaps).
 
@@ -641,7 +684,8 @@ def predict(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
         overlap=overlap, batch_size=batch_size, tta=tta, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp,
+        precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask,
     )
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
@@ -721,6 +765,14 @@ def predict_wsi(
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
+    save_probs: bool = typer.Option(
+        False, "--save-probs", help="Also <name>_probs.ome.tif: the class probabilities x 255 (uint8), one channel "
+                                    "per class named by class, tiled pyramidal OME-TIFF with µm/px and where it lies "
+                                    "on the slide; 0 where no window was segmented. Kept on disk while the slide "
+                                    "runs (C bytes a label pixel), not in memory."),
+    save_tissue_mask: bool = typer.Option(
+        False, "--save-tissue-mask", help="Also <name>_tissue.png (or .ome.tif, as the label image): 255 where a "
+                                          "pixel counts as tissue (saturation above the slide's threshold), else 0."),
 ) -> None:
     """Segment whole-slide images tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
 
@@ -741,7 +793,8 @@ def predict_wsi(
         roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp,
+        precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask,
     )
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None
@@ -775,6 +828,35 @@ def _predict_cohort(cfg) -> None:
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
     if failed:
         raise typer.Exit(1)
+
+
+@app.command("export")
+def export_model(
+    checkpoint: Path = typer.Argument(..., help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    fmt: str = typer.Option(..., "--format", help="torchscript or onnx."),
+    out: Path = typer.Option(..., "--out", help="The model file (e.g. model.pt, model.onnx); its JSON sidecar is "
+                                                "written beside it with the suffix .json."),
+    stage1_checkpoint: Optional[Path] = typer.Option(
+        None, "--stage1-checkpoint", help="Also export this classifier: a second output, its sigmoid class "
+                                          "probabilities, for the gate."),
+    dataset: Optional[str] = CheckpointDatasetOpt,
+    gate_threshold: float = typer.Option(
+        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="The gate's threshold, recorded in the sidecar."),
+    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP + " Recorded in the sidecar."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT and its sidecar if they exist."),
+) -> None:
+    """Export a stage-2 segmenter (and optionally the stage-1 gate) as TorchScript or ONNX with its input
+    normalisation inside: input RGB 0-255 float32 (batch, 3, height, width), any batch and size; output
+    class logits at the input's size. Checked against PyTorch after writing."""
+    from wsss.export import ExportConfig, export
+
+    cfg = ExportConfig(checkpoint=checkpoint, out=out, format=fmt, stage1_checkpoint=stage1_checkpoint,
+                       dataset=dataset, gate_threshold=gate_threshold, gate_mode=gate_mode, force=force)
+    result = export(cfg)
+    shape = "×".join(map(str, result.check_shape))
+    check = ("not checked (onnxruntime is not installed)" if result.max_difference is None
+             else f"largest difference from PyTorch {result.max_difference:.2g} on a {shape} input")
+    typer.echo(f"written: {result.model}, {result.sidecar}; {check}")
 
 
 @app.command("cohort-summary")

@@ -1,6 +1,7 @@
 """The model side of every predict command: class probabilities of image windows from a stage-2
-segmenter (gated by the stage-1 classifier when asked), and loading both from checkpoints.
-Used by ``wsss predict`` and ``wsss predict-wsi``."""
+segmenter (gated by the stage-1 classifier when asked), loading both from checkpoints, and a whole
+image segmented (:func:`segment_image`). Used by ``wsss predict``, ``wsss predict-wsi`` and the
+Python API (:mod:`wsss.api`)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,16 @@ import numpy as np
 import torch
 
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
-from wsss.data.scale import recorded_scale
+from wsss.data.scale import recorded_scale, resampled_size
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
 from wsss.runtime import memory_format, resolve_device, resolve_precision
 from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
-from wsss.tiling import Predictor
+from wsss.pixels import white_background
+from wsss.probabilities import quantise, to_float16, winners
+from wsss.tiling import Predictor, predict_mask, probability_bands
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +252,89 @@ def upgrade_settings(recorded: dict) -> dict:
     upgraded = {k: v for k, v in recorded.items() if k != "amp"}
     upgraded["precision"] = "amp" if recorded["amp"] else "fp32"
     return upgraded
+
+
+# --------------------------------------------------------------------------- one whole image
+
+
+QUANTISE_ROWS = 256
+"""Rows quantised at a time (:meth:`Segmentation.probs_uint8`)."""
+
+
+@dataclass
+class Segmentation:
+    """One image segmented: ``labels`` ``(H, W)`` uint8 class indices (the spec's background index
+    on white glass, for specs whose white is background); with probabilities asked for, ``probs``
+    ``(C, H, W)`` float16 and ``argmax`` ``(H, W)`` uint8, the most probable class of every pixel
+    (``labels`` before the background was marked)."""
+
+    labels: np.ndarray
+    probs: np.ndarray | None = None
+    argmax: np.ndarray | None = None
+
+    def probs_uint8(self) -> np.ndarray:
+        """``(C, H, W)`` uint8 ``round(255 · p)``, argmax kept (:func:`wsss.probabilities.quantise`)."""
+        if self.probs is None or self.argmax is None:
+            raise ValueError("this segmentation was made without probabilities")
+        out = np.empty(self.probs.shape, dtype=np.uint8)
+        for top in range(0, out.shape[1], QUANTISE_ROWS):  # bounded temporaries (float32, copies)
+            rows = slice(top, top + QUANTISE_ROWS)
+            out[:, rows] = quantise(self.probs[:, rows], self.argmax[rows])
+        return out
+
+
+def segment_image(image: np.ndarray, predictor: Predictor, spec: DatasetSpec, tile: int, overlap: int,
+                  batch_size: int, probs: bool = False, progress: bool = False,
+                  factor: float | None = None) -> Segmentation:
+    """Segment an ``(H, W, 3)`` uint8 image by the sliding window of :mod:`wsss.tiling`: the one
+    engine of ``wsss predict`` and of :meth:`wsss.api.Segmenter.predict`.
+
+    ``factor`` (model pixels per image pixel, None or 1: as it is): the image is resized by it
+    (bilinear) for the model, and labels and probabilities are taken back to ``(H, W)`` by the pixel
+    under each centre. White background (specs whose white is background) is marked on the image's
+    own pixels, last."""
+    work = resample_rgb(image, factor)
+    if probs:
+        argmax, p16 = _labels_and_probs(work, predictor, tile, overlap, batch_size, progress)
+    else:
+        argmax, p16 = predict_mask(work, predictor, tile, overlap, batch_size, progress), None
+    del work
+    if argmax.shape != image.shape[:2]:
+        argmax = sample_to(argmax, image.shape[:2])
+        p16 = sample_to(p16, image.shape[:2]) if p16 is not None else None
+    labels = argmax.copy() if probs else argmax
+    if spec.white_is_background:
+        labels[white_background(image)] = spec.background_index
+    return Segmentation(labels, p16, argmax if probs else None)
+
+
+def _labels_and_probs(image: np.ndarray, predictor: Predictor, tile: int, overlap: int, batch_size: int,
+                      progress: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The argmax ``(H, W)`` uint8 (as :func:`~wsss.tiling.predict_mask` makes it) and the float16
+    probabilities ``(C, H, W)`` of an image, filled band by band."""
+    labels = np.empty(image.shape[:2], dtype=np.uint8)
+    p16: np.ndarray | None = None
+    for top, band in probability_bands(image, predictor, tile, overlap, batch_size, progress):
+        rows = slice(top, top + band.shape[1])
+        if p16 is None:
+            p16 = np.empty((band.shape[0], *image.shape[:2]), dtype=np.float16)
+        labels[rows] = winners(band)
+        p16[:, rows] = to_float16(band)
+    return labels, p16
+
+
+def resample_rgb(image: np.ndarray, factor: float | None) -> np.ndarray:
+    """``(H, W, 3)`` uint8 resized by ``factor`` (bilinear, PIL); None or 1: the image itself."""
+    if factor is None or factor == 1.0:
+        return image
+    width, height = resampled_size((image.shape[1], image.shape[0]), factor)
+    return resize_rgb(image, (height, width))
+
+
+def sample_to(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``(..., h, w)`` → ``(..., H, W)``: each output pixel takes the input pixel under its centre
+    (classes stay classes, and the argmax of probabilities stays that of the labels)."""
+    h, w = values.shape[-2:]
+    rows = ((np.arange(size[0]) + 0.5) * h / size[0]).astype(np.intp)
+    cols = ((np.arange(size[1]) + 0.5) * w / size[1]).astype(np.intp)
+    return values[..., rows[:, None], cols[None, :]]

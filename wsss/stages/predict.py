@@ -7,6 +7,10 @@ Outputs, for every input image ``<name>.<ext>``::
                              background, for specs whose white is background)
     OUT/<name>_overlay.png   the image blended with the class colours, a legend underneath
     OUT/summary.csv          one row per processed image: size and area fraction of every class
+    OUT/<name>_probs.ome.tif with --save-probs: the class probabilities, uint8 0-255, one channel per
+                             class (named by class), a tiled pyramidal OME-TIFF (channel_image.py)
+    OUT/<name>_tissue.png    with --save-tissue-mask: 255 where the pixel is tissue (saturation above
+                             Otsu's threshold of the image, as predict-wsi's tissue), else 0
 
 Each image is segmented by the sliding window of :mod:`wsss.tiling` with the tile predictor of
 :mod:`wsss.inference`; each window is resized by ``image_size / tile`` when the checkpoint records
@@ -37,14 +41,15 @@ from wsss.data.specs import DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.inference import (
-    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
-    window_for,
+    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, segment_image,
+    upgrade_settings, window_for,
 )
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
-from wsss.pixels import class_fractions, overlay_with_legend, row_blocks, white_background
+from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved
 from wsss.stages.stage1 import _progress
-from wsss.tiling import predict_mask
+from wsss.wsi.channel_image import write_probability_image, write_tissue_png
+from wsss.wsi.tissue import image_tissue
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,8 @@ class PredictConfig:
     tta: str = "none"
     force: bool = False  # replace files in OUT that wsss did not write, and predictions of other settings
     mpp: float | None = None  # µm per pixel of the input images; None: not known
+    save_probs: bool = False  # also <name>_probs.ome.tif
+    save_tissue_mask: bool = False  # also <name>_tissue.png
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -177,49 +184,56 @@ def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
     return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
 
 
+def probs_path(out: Path, image: Path) -> Path:
+    return out / f"{image.stem}_probs.ome.tif"
+
+
+def tissue_path(out: Path, image: Path) -> Path:
+    return out / f"{image.stem}_tissue.png"
+
+
+def optional_outputs(cfg: PredictConfig, image: Path) -> list[Path]:
+    """The files ``--save-probs`` and ``--save-tissue-mask`` add for ``image``."""
+    return ([probs_path(cfg.out, image)] if cfg.save_probs else []) + \
+        ([tissue_path(cfg.out, image)] if cfg.save_tissue_mask else [])
+
+
 MIN_SIDE_OF_TILE = 0.5
 """An image whose shorter side is below this fraction of ``--tile`` is refused: the model would see a
 sliver of its training field of view (a 1×1 px image came out as "100 % one class")."""
 
 
-def check_image_size(path: Path, image: np.ndarray, tile: int, resampled: str = "") -> None:
+def check_image_size(path: Path, image: np.ndarray, tile: int, factor: float | None = None) -> None:
+    """Refuse an image smaller than the window allows, measured at the model's µm/px (``factor``:
+    model pixels per image pixel, :func:`wsss.inference.segment_image`)."""
     height, width = image.shape[:2]
+    resampled = ""
+    if factor is not None and factor != 1.0:
+        width, height = resampled_size((width, height), factor)
+        resampled = f" ({width}×{height} at the model's µm/px)"
     need = math.ceil(tile * MIN_SIDE_OF_TILE)
     if min(height, width) < need:
-        raise WsssError(f"{path} is {width}×{height} px{resampled}, far below the {tile} px window (at least {need} px "
-                        f"a side is needed; a smaller --tile may fit)")
-
-
-def resample(image: np.ndarray, factor: float | None, resample_filter: int = Image.BILINEAR) -> np.ndarray:
-    """``image`` (RGB ``(H, W, 3)`` or a mask ``(H, W)``) resized by ``factor`` (None or 1: as it is).
-    Bilinear (PIL's, which widens its support when shrinking) for pictures, nearest for masks."""
-    if factor is None or factor == 1.0:
-        return image
-    return resize_to(image, resampled_size((image.shape[1], image.shape[0]), factor), resample_filter)
-
-
-def resize_to(image: np.ndarray, size: tuple[int, int], resample_filter: int) -> np.ndarray:
-    """``image`` resized to ``size`` = ``(w, h)``."""
-    return np.array(Image.fromarray(image).resize(size, resample_filter))  # writable: the mask gets its background
+        raise WsssError(f"{path} is {image.shape[1]}×{image.shape[0]} px{resampled}, far below the {tile} px window "
+                        f"(at least {need} px a side is needed; a smaller --tile may fit)")
 
 
 def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
                   progress: bool = False, factor: float | None = None) -> dict:
     """Segment one image and write its mask and overlay; returns its summary row. ``factor``: model
     pixels per image pixel (:func:`wsss.data.scale.resample_factor`); the image is resampled by it
-    for the model and the mask resampled back (nearest) to the image's size."""
+    for the model and labels (and probabilities) taken back to the image's size."""
     image = read_image(path)
-    work = resample(image, factor)
-    at = f" ({work.shape[1]}×{work.shape[0]} at the model's µm/px)" if work is not image else ""
-    check_image_size(path, work, cfg.tile, at)
-    mask = predict_mask(work, predictor, cfg.tile, cfg.overlap, cfg.batch_size, progress)
-    if work is not image:
-        del work
-        mask = resize_to(mask, (image.shape[1], image.shape[0]), Image.NEAREST)
-    if spec.white_is_background:
-        mask[white_background(image)] = spec.background_index
+    check_image_size(path, image, cfg.tile, factor=factor)
+    segmentation = segment_image(image, predictor, spec, cfg.tile, cfg.overlap, cfg.batch_size, cfg.save_probs,
+                                 progress, factor)
+    mask = segmentation.labels
     mask_path, overlay_path = output_paths(cfg.out, path)
     write_mask(mask_path, mask, spec.flat_palette())
+    if cfg.save_probs:
+        write_probability_image(probs_path(cfg.out, path), segmentation.probs_uint8(), spec, None)
+    del segmentation
+    if cfg.save_tissue_mask:
+        write_tissue_png(tissue_path(cfg.out, path), image_tissue(image)[0])
     canvas = overlay_with_legend(image, mask, spec)
     del image  # the overlay's PNG encoder needs room too
     write_rgb(overlay_path, canvas)
@@ -276,7 +290,8 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         previous = _previous_settings(owner, now, cfg.force)
         owner.begin({"settings": now, "inputs": [str(p) for p in images]}, {"checkpoint": now["checkpoint_sha256"]})
         summary = cfg.out / SUMMARY_NAME
-        owner.claim([summary, *(p for image in images for p in output_paths(cfg.out, image))], "outputs")
+        owner.claim([summary, *(p for image in images for p in (*output_paths(cfg.out, image),
+                                                                 *optional_outputs(cfg, image)))], "outputs")
         earlier = read_summary(summary, spec) if previous and owner.ours(summary) else []
         rows, failures = [], []
         note_saved(f"no image finished yet in {cfg.out}")

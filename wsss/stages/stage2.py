@@ -332,9 +332,22 @@ def train_loader(cfg: Stage2Config, dataset: PseudoMaskDataset, dist: Distribute
     return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch) -> float:
+def weight_average(model: DeepLabV3Plus, decay: float):
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics (``decay`` per
+    step; None when 0). Validated and kept instead of the raw weights: its evaluation does not jump
+    with the last few steps' updates, so choosing the best epoch on val is less of a lottery."""
+    if decay <= 0:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Config, dist: Distributed, writer, epoch,
+                    ema=None) -> float:
     """One pass over the training patches in ``cfg.precision`` (resolved); returns the mean weighted
-    loss, summed on the device and read back once."""
+    loss, summed on the device and read back once. ``ema``: a :func:`weight_average` updated after
+    every step."""
     model.train()
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
     norm, layout = get_input_norm(cfg.input_norm), memory_format(dist.device, cfg.precision)
@@ -348,6 +361,8 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Con
             logits = model(x)["out"]
         loss = loss_fn(logits.float(), masks)  # fp32: cross-entropy's log-softmax over bf16/fp16 logits
         optimizer_step(loss, optimizer, scheduler, scaler)
+        if ema is not None:
+            ema.update_parameters(_unwrapped(model))
         total += loss.detach().double() * x.shape[0]
         count += x.shape[0]
         losses.add(step, loss)
@@ -517,6 +532,10 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
             log.info("the saved run did not use fp16: the gradient scaler starts afresh")
         start = state["epoch"] + 1
         best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
+    ema = weight_average(model, cfg.ema)
+    if ema is not None and state is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+    kept = model if ema is None else ema.module  # what is validated, saved as the model and tested
     train_model = _distributed(model, dist)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
@@ -529,19 +548,21 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     for epoch in range(start, cfg.epochs):
         # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
-        loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch)
-        val = validate(model, cfg, spec, val_samples, dist) if val_samples else None
+        loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch,
+                               ema=ema)
+        val = validate(kept, cfg, spec, val_samples, dist) if val_samples else None
         score = finite_score(val, epoch, cfg.epochs, cfg.data) if val is not None else None  # every process
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
             if val is None or improves(score, best.get("mIoU")):  # without val masks: the latest epoch
                 best = {"mIoU": score, "epoch": epoch, "val": val}
-                save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, epoch, best))
+                save_checkpoint(paths.checkpoint, checkpoint_state(kept, cfg, spec, epoch, best))
                 if val is not None:
                     log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
                 model, cfg, spec, epoch, best, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
+                scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                ema=None if ema is None else ema.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
     batches.close()
@@ -565,6 +586,11 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
 def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
                              stain=cfg.stain_jitter, mosaic=cfg.mosaic)
+
+
+def _unwrapped(model):
+    """The model a DistributedDataParallel wrapper trains (the model itself otherwise)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def _distributed(model: DeepLabV3Plus, dist: Distributed):
@@ -604,7 +630,11 @@ def _test_last_epoch(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, d
         return None
     if not has_masks(cfg.data, "test"):
         return None
-    meters = evaluate_samples(load_segmenter(paths.last, spec), list_masked(cfg.data, "test"), spec, device, gate,
+    seg = load_segmenter(paths.last, spec)
+    ema = read_checkpoint(paths.last).get("ema") if cfg.ema else None
+    if ema is not None:  # the last epoch's weight average, which is what validation saw
+        seg.model.load_state_dict({k.removeprefix("module."): v for k, v in ema.items() if k.startswith("module.")})
+    meters = evaluate_samples(seg, list_masked(cfg.data, "test"), spec, device, gate,
                               cfg.gate_threshold, cfg.batch_size, cfg.workers, cfg.precision, None, desc="test last epoch",
                               gate_mode=cfg.gate_mode)
     return meters["gate" if "gate" in meters else "plain"].to_json(list(spec.classes))

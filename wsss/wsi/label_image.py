@@ -4,7 +4,8 @@ The OME-TIFF (``<name>_mask.ome.tif``) holds class indices (uint8, one channel) 
 palette as the TIFF colour map, tiles of 256², deflate, and reduced levels (every 2nd pixel, so
 classes stay classes) in SubIFDs, the OME-TIFF pyramid layout that Bio-Formats (and so QuPath)
 reads. Its OME-XML gives the physical pixel size (``PhysicalSizeX/Y`` in µm) when the slide records
-one, and the class of every index in a ``MapAnnotation`` (namespace :data:`CLASSES_NAMESPACE`), with
+one, where the image lies on the slide (:class:`~wsss.wsi.placement.Placement`: a ``Plane`` position in
+µm and a ``wsss/placement`` ``MapAnnotation`` in level-0 pixels), and the class of every index in a ``MapAnnotation`` (namespace :data:`CLASSES_NAMESPACE`), with
 the colours in a second one. OpenSlide opens it as a generic tiled TIFF (level 0 only: its TIFF
 driver does not follow SubIFDs). Every tile is written from the (memory-mapped) label array in row
 order, so memory stays at one row of tiles; the file is written atomically and is byte-for-byte
@@ -24,6 +25,7 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.ownership import remove_ours
 from wsss.runtime import atomic_path
+from wsss.wsi.placement import Placement
 
 PNG_MAX_PIXELS = 89_478_485
 """Largest label image written as PNG by ``--mask-format auto``: PIL's decompression-bomb warning
@@ -59,7 +61,8 @@ def label_image_path(stem: Path, fmt: str, pixels: int) -> Path:
 
 
 def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None,
-                      fmt: str = "auto", png_max_pixels: int = PNG_MAX_PIXELS) -> Path:
+                      fmt: str = "auto", png_max_pixels: int = PNG_MAX_PIXELS,
+                      placement: Placement | None = None) -> Path:
     """``<stem>_mask.png`` or ``<stem>_mask.ome.tif`` (:func:`label_kind`); label images of the
     other kinds that an earlier run wrote are removed (:func:`wsss.ownership.remove_ours`)."""
     names = label_names(stem)
@@ -67,7 +70,7 @@ def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tu
     if kind == "png":
         write_mask(names["png"], np.asarray(labels), spec.flat_palette())
     else:
-        write_ome_tiff(names["ome-tiff"], labels, spec, mpp, stem.name)
+        write_ome_tiff(names["ome-tiff"], labels, spec, mpp, stem.name, placement)
     for other, path in names.items():
         if other != kind:
             remove_ours(path)
@@ -82,8 +85,9 @@ def pyramid_levels(shape: tuple[int, int], tile: int = TIFF_TILE) -> list[int]:
     return steps
 
 
-def ome_xml(name: str, shape: tuple[int, int], spec: DatasetSpec, mpp: tuple[float, float] | None) -> str:
-    """The OME-XML of a one-channel uint8 label image: size, µm per pixel, the classes."""
+def ome_xml(name: str, shape: tuple[int, int], spec: DatasetSpec, mpp: tuple[float, float] | None,
+            placement: Placement | None = None) -> str:
+    """The OME-XML of a one-channel uint8 label image: size, µm per pixel, where it lies, the classes."""
     height, width = shape
     physical = ""
     if mpp is not None:
@@ -105,19 +109,22 @@ def ome_xml(name: str, shape: tuple[int, int], spec: DatasetSpec, mpp: tuple[flo
         f'SizeC="1" SizeZ="1" SizeT="1"{physical}>'
         '<Channel ID="Channel:0:0" Name="class" SamplesPerPixel="1"/>'
         '<TiffData IFD="0" PlaneCount="1"/>'
+        + (placement.ome_planes(1) if placement is not None else "") +
         '</Pixels>'
         '<AnnotationRef ID="Annotation:0"/><AnnotationRef ID="Annotation:1"/>'
+        + ('<AnnotationRef ID="Annotation:2"/>' if placement is not None else "") +
         '</Image>'
         '<StructuredAnnotations>'
         f'<MapAnnotation ID="Annotation:0" Namespace="{CLASSES_NAMESPACE}"><Value>{classes}</Value></MapAnnotation>'
         f'<MapAnnotation ID="Annotation:1" Namespace="{COLOURS_NAMESPACE}"><Value>{rgb}</Value></MapAnnotation>'
+        + (placement.ome_annotation("Annotation:2") if placement is not None else "") +
         '</StructuredAnnotations>'
         '</OME>'
     )
 
 
 def write_ome_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple[float, float] | None,
-                   name: str) -> None:
+                   name: str, placement: Placement | None = None) -> None:
     """``labels`` ``(H, W)`` uint8 as a tiled, deflate, palette OME-TIFF with a SubIFD pyramid."""
     import tifffile
 
@@ -129,7 +136,7 @@ def write_ome_tiff(path: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tuple
         with tifffile.TiffWriter(tmp, bigtiff=labels.size > 2**30) as tif:
             for k, step in enumerate(steps):
                 level = labels[::step, ::step]
-                extra = {"subifds": len(steps) - 1, "description": ome_xml(name, labels.shape, spec, mpp)} if k == 0 \
+                extra = {"subifds": len(steps) - 1, "description": ome_xml(name, labels.shape, spec, mpp, placement)} if k == 0 \
                     else {"subfiletype": 1}
                 if mpp is not None:
                     extra.update(resolution=(1e4 / (mpp[0] * step), 1e4 / (mpp[1] * step)), resolutionunit="CENTIMETER")

@@ -7,7 +7,13 @@ Outputs, for a slide ``<name>.<ext>`` (a cohort: in ``OUT/<name>/``)::
     OUT/<name>_mask.ome.tif    … or, above PNG_MAX_PIXELS (or with --mask-format ome-tiff), a tiled
                                pyramidal palette OME-TIFF with µm/px and class names (label_image.py)
     OUT/<name>_overlay.png     thumbnail of the processed region, classes blended in, legend below
-    OUT/<name>_summary.json    level, scale, µm per pixel, tiles segmented and skipped, per-class
+    OUT/<name>_probs.ome.tif   with --save-probs: class probabilities 0-255, one channel per class
+                               (named by class), tiled pyramidal OME-TIFF (channel_image.py)
+    OUT/<name>_tissue.png      with --save-tissue-mask: 255 where a pixel counts as tissue (saturation
+    (or _tissue.ome.tif)       above the slide's threshold), in the label image's format
+    OUT/<name>_summary.json    level, scale, µm per pixel, where the images lie on the slide
+                               (placement: level-0 origin, in QuPath's coordinates too), tiles
+                               segmented and skipped, per-class
                                pixels, fractions and (when the slide records µm/px) areas in µm²,
                                seconds, and the fingerprint of inputs and options (a cohort re-run
                                skips a slide whose summary has the same fingerprint)
@@ -61,12 +67,15 @@ from wsss.inference import (
 )
 from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
+from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
 from wsss.runtime import atomic_path, check_precision, note_saved
 from wsss.stages.stage1 import _progress
-from wsss.wsi.label_image import check_mask_format, label_image_path, write_label_image
+from wsss.wsi.channel_image import write_probability_image, write_tissue_image, write_tissue_png
+from wsss.wsi.label_image import check_mask_format, label_image_path, label_kind, write_label_image
+from wsss.wsi.placement import Placement
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
 from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
 from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
@@ -120,6 +129,8 @@ class WsiConfig:
     force: bool = False  # replace files in a slide's output folder that wsss did not write
     slide_mpp: float | None = None  # level-0 µm/px of slides that do not record it (a manifest's mpp wins)
     model_mpp: float | None = None  # set from the checkpoint by with_model_scale, not an option
+    save_probs: bool = False  # also <name>_probs.ome.tif
+    save_tissue_mask: bool = False  # also <name>_tissue.png / .ome.tif
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -205,6 +216,14 @@ class SlideJob:
     @property
     def geojson(self) -> Path:
         return self.out / f"{self.name}.geojson"
+
+    @property
+    def probs(self) -> Path:
+        return self.out / f"{self.name}_probs.ome.tif"
+
+    def tissue(self, kind: str) -> Path:
+        """The tissue mask of label-image kind ``kind`` (``png`` or ``ome-tiff``)."""
+        return self.out / f"{self.name}_tissue{'.png' if kind == 'png' else '.ome.tif'}"
 
 
 def slide_name(path: Path) -> str:
@@ -303,6 +322,11 @@ class Grid:
             return None
         return slide_mpp[0] * self.downsample[0], slide_mpp[1] * self.downsample[1]
 
+    def placement(self, slide_mpp: tuple[float, float] | None,
+                  qupath_offset: tuple[float, float] = (0, 0)) -> Placement:
+        """Where the label image lies on the slide (``qupath_offset``: where QuPath's picture starts)."""
+        return Placement(self.origin, self.downsample, self.mpp(slide_mpp), tuple(qupath_offset))
+
 
 def plan_grid(dimensions: tuple[tuple[int, int], ...], downsamples: tuple[float, ...], level: int,
               scale: float, roi: tuple[int, int, int, int] | None) -> Grid:
@@ -332,10 +356,16 @@ def replay_start(ys: list[int], th: int, start: int) -> int:
 
 class BandProgress:
     """The label image being written (``labels.npy``, memory-mapped) and ``state.json``: the window
-    rows finished and the tiles segmented and skipped so far, under the run's ``fingerprint``."""
+    rows finished and the tiles segmented and skipped so far, under the run's ``fingerprint``. With
+    ``--save-probs`` and ``--save-tissue-mask`` also ``probs.npy`` ``(C, H, W)`` and ``tissue.npy``
+    ``(H, W)``, filled and flushed with the labels (the fingerprint says which are kept)."""
 
-    def __init__(self, folder: Path, labels: np.ndarray, state: dict) -> None:
+    def __init__(self, folder: Path, labels: np.ndarray, state: dict, layers: dict[str, np.ndarray] | None = None
+                 ) -> None:
         self.folder, self.labels, self.state = folder, labels, state
+        layers = layers or {}
+        self.probs: np.ndarray | None = layers.get("probs")
+        self.tissue: np.ndarray | None = layers.get("tissue")
         self._since = time.monotonic()
 
     def elapsed(self) -> float:
@@ -343,29 +373,35 @@ class BandProgress:
         return float(self.state.get("seconds", 0.0)) + time.monotonic() - self._since
 
     @classmethod
-    def open(cls, folder: Path, fingerprint: dict, shape: tuple[int, int]) -> BandProgress:
-        """Continue the unfinished run in ``folder`` when it has the same fingerprint, else start anew."""
+    def open(cls, folder: Path, fingerprint: dict, shape: tuple[int, int],
+             layers: dict[str, tuple[int, ...]] | None = None) -> BandProgress:
+        """Continue the unfinished run in ``folder`` when it has the same fingerprint, else start anew.
+        ``layers``: the shapes of the other uint8 arrays kept beside the labels (``probs``, ``tissue``)."""
         fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as read back
-        state_path, labels_path = folder / "state.json", folder / "labels.npy"
-        if state_path.is_file() and labels_path.is_file():
+        shapes = {"labels": tuple(shape), **{k: tuple(v) for k, v in (layers or {}).items()}}
+        paths = {name: folder / f"{name}.npy" for name in shapes}
+        state_path = folder / "state.json"
+        if state_path.is_file() and paths["labels"].is_file():
             try:
                 state = json.loads(state_path.read_text(encoding="utf-8"))
-                labels = np.lib.format.open_memmap(labels_path, mode="r+")
+                arrays = {name: np.lib.format.open_memmap(path, mode="r+") for name, path in paths.items()}
             except (OSError, ValueError):
-                state, labels = {}, None
-            if (upgrade_settings(state.get("fingerprint") or {}) == fingerprint and labels is not None
-                    and labels.shape == shape):
-                return cls(folder, labels, state)
+                state, arrays = {}, None
+            if (upgrade_settings(state.get("fingerprint") or {}) == fingerprint and arrays is not None
+                    and all(arrays[name].shape == shapes[name] for name in shapes)):
+                return cls(folder, arrays.pop("labels"), state, arrays)
             log.info("%s holds an unfinished run with other settings; starting over", folder)
         folder.mkdir(parents=True, exist_ok=True)
-        try:
-            labels = np.lib.format.open_memmap(labels_path, mode="w+", dtype=np.uint8, shape=shape)
-            _reserve(labels_path)
-        except OSError as exc:
-            labels_path.unlink(missing_ok=True)
-            raise WsssError(f"cannot write {labels_path}: {exc.strerror or exc}") from None
-        progress = cls(folder, labels, {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0, "skipped": 0,
-                                        "seconds": 0.0})
+        arrays = {}
+        for name, path in paths.items():
+            try:
+                arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shapes[name])
+                _reserve(path)
+            except OSError as exc:
+                path.unlink(missing_ok=True)
+                raise WsssError(f"cannot write {path}: {exc.strerror or exc}") from None
+        progress = cls(folder, arrays.pop("labels"), {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0,
+                                                      "skipped": 0, "seconds": 0.0}, arrays)
         progress.save()
         return progress
 
@@ -374,8 +410,10 @@ class BandProgress:
         return int(self.state["rows_done"])
 
     def finish_row(self, segmented: int, skipped: int) -> None:
-        """One more window row is in ``labels``: flush it, then record it."""
-        self.labels.flush()
+        """One more window row is in ``labels`` (and the other layers): flush them, then record it."""
+        for array in (self.labels, self.probs, self.tissue):
+            if array is not None:
+                array.flush()
         self.state["rows_done"] += 1
         self.state["segmented"] += segmented
         self.state["skipped"] += skipped
@@ -390,7 +428,7 @@ class BandProgress:
             tmp.write_text(json.dumps(self.state, indent=2) + "\n", encoding="utf-8")
 
     def remove(self) -> None:
-        del self.labels
+        del self.labels, self.probs, self.tissue
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -433,6 +471,7 @@ def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
     """What every output of a slide depends on: a finished slide whose summary records the same
     fingerprint is not segmented again."""
     outputs = {"mask_format": cfg.mask_format, "geojson": cfg.geojson}
+    outputs.update({k: True for k in ("save_probs", "save_tissue_mask") if getattr(cfg, k)})
     if cfg.geojson:
         outputs.update(geojson_mode=cfg.geojson_mode, object_type=cfg.object_type, min_area=cfg.min_area,
                        simplify=cfg.simplify, bounds_offset=cfg.bounds_offset)
@@ -442,8 +481,9 @@ def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
 def band_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec, slide: Slide, grid: Grid,
                      threshold: int) -> dict:
     """What the label image depends on; an unfinished slide resumes only when all of it is unchanged."""
+    layers = {k: True for k in ("save_probs", "save_tissue_mask") if getattr(cfg, k)}
     return {**labels_fingerprint(cfg, job, spec), "reader": slide.reader, "grid": [grid.level, grid.box, grid.size],
-            "tissue_threshold": threshold}
+            "tissue_threshold": threshold, **layers}
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -465,6 +505,17 @@ def band_labels(blended: tuple[torch.Tensor, torch.Tensor] | None, band: np.ndar
     if spec.white_is_background:
         labels[white_background(band)[:rows]] = spec.background_index
     return labels
+
+
+def band_probs(blended: tuple[torch.Tensor, torch.Tensor] | None, rows: int, width: int,
+               classes: int) -> np.ndarray:
+    """Class probabilities ``(C, rows, W)`` uint8 of the first ``rows`` rows of a window row
+    (:func:`wsss.probabilities.quantise`: their argmax is :func:`band_labels`' class wherever a
+    window was segmented); 0 where none was."""
+    if blended is None:
+        return np.zeros((classes, rows, width), dtype=np.uint8)
+    probs, wsum = blended
+    return quantise(to_float16(probs), winners(probs), (wsum > 0).cpu().numpy())
 
 
 def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetSpec, threshold: int,
@@ -502,6 +553,10 @@ def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetS
                 continue  # run again only to rebuild the blend of the rows below
             rows = final_rows(windows.ys, row.index, windows.th)
             state.labels[row.top : row.top + rows] = band_labels(blended, row.band, rows, spec)
+            if state.probs is not None:
+                state.probs[:, row.top : row.top + rows] = band_probs(blended, rows, width, spec.num_classes)
+            if state.tissue is not None:
+                state.tissue[row.top : row.top + rows] = (saturation(row.band[:rows]) > threshold) * np.uint8(255)
             state.finish_row(len(row.starts), per_row - len(row.starts))
             bar.update(per_row)
 
@@ -519,6 +574,33 @@ def sample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     for block in row_blocks(h, width):
         out[block] = np.asarray(labels[rows[block]])[:, cols]
     return out
+
+
+def slide_placement(grid: Grid, slide: Slide, cfg: WsiConfig) -> Placement:
+    """Where the label image lies on the slide, QuPath's offset as the GeoJSON takes it."""
+    return grid.placement(slide.mpp, slide.qupath_offset if cfg.bounds_offset else (0, 0))
+
+
+def write_layers(job: SlideJob, cfg: WsiConfig, grid: Grid, spec: DatasetSpec, state: BandProgress,
+                 placement: Placement, mpp: tuple[float, float] | None, summary: dict) -> list[Path]:
+    """The probability and tissue images asked for (named in ``summary``); those of an earlier run
+    that this one does not write are removed (only files wsss wrote)."""
+    files = []
+    kind = label_kind(cfg.mask_format, grid.size[0] * grid.size[1])
+    if state.probs is not None:
+        files.append(write_probability_image(job.probs, state.probs, spec, mpp, placement))
+        summary["probs"] = job.probs.name
+    else:
+        remove_ours(job.probs)
+    if state.tissue is not None:
+        tissue = job.tissue(kind)
+        files.append(write_tissue_png(tissue, state.tissue) if kind == "png"
+                     else write_tissue_image(tissue, state.tissue, mpp, placement))
+        summary["tissue_mask"] = tissue.name
+    for other in ("png", "ome-tiff"):
+        if state.tissue is None or other != kind:
+            remove_ours(job.tissue(other))
+    return files
 
 
 def write_overlay(path: Path, slide: Slide, grid: Grid, labels: np.ndarray, spec: DatasetSpec,
@@ -575,6 +657,7 @@ def summarise(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec: Dat
         "level": grid.level, "level_downsample": grid.level_downsample, "scale": list(grid.scale),
         "downsample": list(grid.downsample), "mpp": list(mpp) if mpp else None,
         "region": [round(v, 3) for v in grid.box0], "size": list(grid.size),
+        "placement": slide_placement(grid, slide, cfg).to_json(),
         "tile": cfg.tile, "overlap": cfg.overlap, "tta": cfg.tta,
         "tiles": {"total": state.state["segmented"] + state.state["skipped"],
                   "segmented": state.state["segmented"], "skipped": state.state["skipped"]},
@@ -589,10 +672,12 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
     the summary last, so that it exists only when everything else does."""
     labels = state.labels
     summary = summarise(job, cfg, slide, grid, spec, labels, threshold, state)
-    mask = write_label_image(job.stem, labels, spec, grid.mpp(slide.mpp), cfg.mask_format)
+    mpp, placement = grid.mpp(slide.mpp), slide_placement(grid, slide, cfg)
+    mask = write_label_image(job.stem, labels, spec, mpp, cfg.mask_format, placement=placement)
     write_overlay(job.overlay, slide, grid, labels, spec)
     files = [mask, job.overlay]
     summary["mask"], summary["overlay"] = mask.name, job.overlay.name
+    files += write_layers(job, cfg, grid, spec, state, placement, mpp, summary)
     regions = job.geojson
     if cfg.geojson:
         summary["geojson"], summary["regions"] = regions.name, write_regions(regions, labels, spec, grid, slide, cfg)
@@ -643,8 +728,11 @@ def slide_grid(slide: Slide, job: SlideJob, cfg: WsiConfig) -> Grid:
 
 def output_files(job: SlideJob, cfg: WsiConfig, grid: Grid) -> list[Path]:
     """The files a run writes for ``job``, claimed before anything is computed."""
-    mask = label_image_path(job.stem, cfg.mask_format, grid.size[0] * grid.size[1])
-    return [mask, job.overlay, *([job.geojson] if cfg.geojson else []), job.summary]
+    pixels = grid.size[0] * grid.size[1]
+    mask = label_image_path(job.stem, cfg.mask_format, pixels)
+    layers = ([job.probs] if cfg.save_probs else []) + \
+        ([job.tissue(label_kind(cfg.mask_format, pixels))] if cfg.save_tissue_mask else [])
+    return [mask, job.overlay, *layers, *([job.geojson] if cfg.geojson else []), job.summary]
 
 
 @contextmanager
@@ -675,7 +763,7 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
         owner.begin(job_fingerprint(cfg, job, spec), run_inputs(cfg))
         threshold = slide_threshold(slide)
         state = BandProgress.open(job.partial, band_fingerprint(cfg, job, spec, slide, grid, threshold),
-                                  grid.size[::-1])
+                                  grid.size[::-1], layer_shapes(cfg, grid, spec))
         resumed = state.rows_done
         if resumed:
             log.info("continuing %s from window row %d", job.path, resumed + 1)
@@ -690,9 +778,18 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
     return result
 
 
-def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
+def layer_shapes(cfg: WsiConfig, grid: Grid, spec: DatasetSpec) -> dict[str, tuple[int, ...]]:
+    """The arrays kept beside the labels while a slide is segmented: probabilities, tissue."""
+    width, height = grid.size
+    return {**({"probs": (spec.num_classes, height, width)} if cfg.save_probs else {}),
+            **({"tissue": (height, width)} if cfg.save_tissue_mask else {})}
+
+
+def run(cfg: WsiConfig, progress: bool = True,
+        models: tuple[Predictor, DatasetSpec] | None = None) -> WsiResult:
     """``wsss predict-wsi SLIDE``: one slide, outputs directly in ``--out``, which is held for this
-    slide (:func:`owned_slide`)."""
+    slide (:func:`owned_slide`). ``models``: the predictor and spec :func:`load_models` gives for
+    ``cfg``, already loaded (the Python API's :meth:`wsss.api.Segmenter.predict_slide`)."""
     check_output_folder(cfg.out)
     path = cfg.inputs[0]
     job = SlideJob(path, cfg.out, slide_name(path))
@@ -701,7 +798,7 @@ def run(cfg: WsiConfig, progress: bool = True) -> WsiResult:
         grid = slide_grid(slide, job, cfg)
     with owned_slide(job, cfg) as owner:
         owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
-        predictor, spec = load_models(cfg)
+        predictor, spec = models if models is not None else load_models(cfg)
         return run_slide(job, cfg, predictor, spec, owner, progress)
 
 

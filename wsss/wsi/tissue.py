@@ -46,3 +46,15 @@ def tissue_threshold(thumbnail: np.ndarray, floor: int = MIN_SATURATION) -> int:
 def tissue_fractions(tissue: np.ndarray, starts: list[int], width: int) -> list[float]:
     """Fraction of tissue pixels in each window ``tissue[:, x0 : x0 + width]`` of a boolean band."""
     return [float(tissue[:, x0 : x0 + width].mean()) for x0 in starts]
+
+
+def image_tissue(image: np.ndarray, side: int = 1024, block_rows: int = 1024) -> tuple[np.ndarray, int]:
+    """Tissue pixels ``(H, W)`` bool of a whole ``(H, W, 3)`` uint8 image and the threshold used: as
+    for a slide, Otsu's threshold of a thumbnail's saturation (every n-th pixel, at most ``side`` a
+    side), applied to every pixel, ``block_rows`` rows at a time."""
+    step = max(1, -(-max(image.shape[:2]) // side))
+    threshold = tissue_threshold(image[::step, ::step])
+    tissue = np.empty(image.shape[:2], dtype=bool)
+    for top in range(0, image.shape[0], block_rows):
+        tissue[top : top + block_rows] = saturation(image[top : top + block_rows]) > threshold
+    return tissue, threshold
