@@ -580,7 +580,7 @@ def run(cfg: ReproduceConfig) -> dict:
     else:
         synth_seconds = None
     if not data.is_dir():
-        raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
+        raise WsssError(f"dataset folder {data} not found (docs/datasets.md says where to put them)")
     continue_with_same_command()
     log.info("initial weights: %s", describe_init_weights(init_weights(cfg)))
     folders = input_folders(data)
