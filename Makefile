@@ -25,7 +25,7 @@ RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
 	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
 endif
 
-.PHONY: venv test reproduce ablation quality stain bench dist dist-check clean
+.PHONY: venv test docs reproduce ablation quality stain bench dist dist-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q
+
+# The documentation pages (docs/) as a site in build/site; --strict: a broken link or anchor fails.
+docs: venv
+	$(VENV)/bin/mkdocs build --strict
 
 reproduce: venv
 	$(WSSS) reproduce $(RUN_ARGS) --device $(DEVICE)

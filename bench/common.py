@@ -1,4 +1,5 @@
-"""Shared bench helpers: the machine's fp32 GEMM FLOP/s and FLOP counts of a step, measured in-run."""
+"""Shared bench helpers: the patch sizes the presets train on, the machine's fp32 GEMM FLOP/s and
+FLOP counts of a step, measured in-run."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+# No preset resizes: a model sees its patches at their own size. `make reproduce` runs the cpu
+# presets on 112-px synthetic patches (`wsss synth --size 112`), so that is what their models are fed;
+# the paper's datasets (and the paper and best presets) have 224-px patches.
+REPRODUCE_PATCH_SIZE = 112
+DATASET_PATCH_SIZE = 224
+
+
+def patch_size(preset: str | None) -> int:
+    """Side in px of the patches ``preset`` trains on, as fed to its model."""
+    return REPRODUCE_PATCH_SIZE if preset in ("cpu", "cpu-paper") else DATASET_PATCH_SIZE
 
 
 def gemm_flops_per_second(n: int = 1024, repeats: int = 10) -> float:

@@ -3,10 +3,11 @@
 Streaming generation keeps no graph or mask between batches, so peak RSS should not grow with
 the number of patches (target: the 2,000-patch run within 1.5× of the 200-patch run). Each run is
 a fresh child process generating all three layers with a random-init model of the ``cpu`` stage-1
-preset (width and input size from ``wsss.config.STAGE1_PRESETS``); it reports its own peak RSS
-(``ru_maxrss``) and that of its DataLoader workers.
+preset (its width from ``wsss.config.STAGE1_PRESETS``) on synthetic patches fed at their own size
+(default: make reproduce's 112 px); it reports its own peak RSS (``ru_maxrss``) and that of its
+DataLoader workers.
 
-    python bench/pm_memory.py                         # 200 vs 2000 patches of 64 px
+    python bench/pm_memory.py                         # 200 vs 2000 patches of 112 px
     python bench/pm_memory.py --counts 100 1000 --size 96
 """
 
@@ -20,13 +21,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPRODUCE_PATCH_SIZE  # noqa: E402
+
 
 def child(data: Path, checkpoint: Path, workers: int, batch_size: int) -> None:
     """Generate the pseudo-masks of ``data`` and print peak RSS (MiB) as JSON."""
+    from wsss.config import PM_PRESETS
     from wsss.stages.pseudo_masks import PseudoMaskConfig, generate
 
     cfg = PseudoMaskConfig(dataset="luad", data=data, checkpoint=checkpoint, out=data / "train_PM",
-                           batch_size=batch_size, device="cpu", workers=workers, force=True)
+                           batch_size=batch_size, device="cpu", workers=workers, force=True, **PM_PRESETS["cpu"])
     summary = generate(cfg, progress=False)
     # ru_maxrss is in KiB on Linux
     print(json.dumps({
@@ -49,14 +54,14 @@ def make_checkpoint(path: Path) -> None:
     preset = STAGE1_PRESETS["cpu"]
     torch.manual_seed(0)
     model = ResNet38Classifier(LUAD.num_classes, width=preset["width"])
-    cfg = Stage1Config(dataset="luad", data=path.parent, width=preset["width"], image_size=preset["image_size"])
+    cfg = Stage1Config(dataset="luad", data=path.parent, width=preset["width"])
     save_checkpoint(path, checkpoint_state(model, cfg, LUAD, 0))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", type=int, nargs=2, default=(200, 2000), metavar=("SMALL", "LARGE"))
-    parser.add_argument("--size", type=int, default=64, help="Synthetic patch side.")
+    parser.add_argument("--size", type=int, default=REPRODUCE_PATCH_SIZE, help="Synthetic patch side.")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--child", nargs=2, metavar=("DATA", "CHECKPOINT"), help=argparse.SUPPRESS)

@@ -2,9 +2,11 @@
 
 Same random-init model, same patches, one run. Two settings:
 
-* ``full``: ResNet38 at full width, 224-px input, a few patches (``--full-patches``, default 4);
-* ``cpu``:  the ``cpu`` stage-1 preset (width and input size from ``wsss.config.STAGE1_PRESETS``)
-  on ``--cpu-patches`` (default 64) 224-px synthetic patches.
+* ``full``: ResNet38 at full width on a few 224-px synthetic patches (``--full-patches``, default 4);
+* ``cpu``:  the ``cpu`` stage-1 preset's width (``wsss.config.STAGE1_PRESETS``) on ``--cpu-patches``
+  (default 64) synthetic patches of make reproduce's 112 px.
+
+Every patch is fed at its own size, as no preset resizes.
 
 Three ways to get the same pseudo-masks of 3 layers × C classes:
 
@@ -24,6 +26,7 @@ The ratios are loop seconds over batched seconds; masks of all three are compare
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -32,23 +35,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from wsss.cam.gradcam import GRADCAM_LAYERS, fuse_pseudo_mask, multi_layer_gradcam
-from wsss.config import STAGE1_PRESETS
-from wsss.data.background import white_mask
-from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
-from wsss.data.layout import list_train
-from wsss.data.png import read_rgb
-from wsss.data.specs import LUAD
-from wsss.models.resnet38 import ResNet38Classifier
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATASET_PATCH_SIZE, REPRODUCE_PATCH_SIZE  # noqa: E402
+
+from wsss.cam.gradcam import GRADCAM_LAYERS, fuse_pseudo_mask, multi_layer_gradcam  # noqa: E402
+from wsss.config import STAGE1_PRESETS  # noqa: E402
+from wsss.data.background import white_mask  # noqa: E402
+from wsss.data.datasets import InputNorm, to_tensor  # noqa: E402
+from wsss.data.layout import list_train  # noqa: E402
+from wsss.data.png import read_rgb  # noqa: E402
+from wsss.data.specs import LUAD  # noqa: E402
+from wsss.models.resnet38 import ResNet38Classifier  # noqa: E402
 
 Patches = tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]  # x, labels, white, size
 
 
-def load_patches(root: Path, n: int, model_size: int | None) -> Patches:
-    """``n`` training patches: model inputs (n, 3, S, S), labels (n, C) bool, white (n, H, W), (H, W)."""
+def load_patches(root: Path, n: int) -> Patches:
+    """``n`` training patches: model inputs (n, 3, H, W), labels (n, C) bool, white (n, H, W), (H, W)."""
     samples = list_train(root, LUAD.num_classes)[:n]
     images = [read_rgb(s.path) for s in samples]
-    x = torch.stack([to_tensor(resize_rgb(im, model_size), InputNorm()) for im in images])
+    x = torch.stack([to_tensor(im, InputNorm()) for im in images])
     labels = torch.tensor([s.label for s in samples], dtype=torch.bool)
     white = torch.stack([torch.from_numpy(white_mask(im)) for im in images])
     return x, labels, white, images[0].shape[:2]
@@ -105,10 +111,15 @@ def timed(fn: Callable) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, result
 
 
-def run_setting(name: str, width: float, model_size: int | None, root: Path, n: int, batch_size: int) -> dict:
+def run_setting(name: str, width: float, size: int, folder: Path, n: int, batch_size: int) -> dict:
+    """Time the three ways on ``n`` synthetic patches of ``size`` px made under ``folder``."""
+    from wsss.data.synth import generate
+
+    root = folder / f"data{size}"
+    generate(root, n_train=n, n_val=1, n_test=1, size=size, seed=0, workers=2, progress=False)
     torch.manual_seed(0)
     model = ResNet38Classifier(LUAD.num_classes, width=width).eval()
-    patches = load_patches(root, n, model_size)
+    patches = load_patches(root, n)
     print(f"\n[{name}] width {width}, model input {patches[0].shape[-1]} px, patches {n} "
           f"({patches[3][0]} px), batch {batch_size}, threads {torch.get_num_threads()}", flush=True)
     batched(model, (patches[0][:1], patches[1][:1], patches[2][:1], patches[3]), 1)  # warm-up
@@ -130,23 +141,17 @@ def main() -> None:
     parser.add_argument("--full-patches", type=int, default=4)
     parser.add_argument("--cpu-patches", type=int, default=64)
     parser.add_argument("--cpu-batch-size", type=int, default=16)
-    parser.add_argument("--size", type=int, default=224, help="Synthetic patch side.")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice).")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from wsss.data.synth import generate
-
     preset = STAGE1_PRESETS["cpu"]
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "data"
-        n = max(args.full_patches, args.cpu_patches)
-        generate(root, n_train=n, n_val=1, n_test=1, size=args.size, seed=0, workers=2, progress=False)
         rows = []
         if args.only in (None, "full"):
-            rows.append(run_setting("full", 1.0, None, root, args.full_patches, args.full_patches))
+            rows.append(run_setting("full", 1.0, DATASET_PATCH_SIZE, Path(tmp), args.full_patches, args.full_patches))
         if args.only in (None, "cpu"):
-            rows.append(run_setting("cpu preset", preset["width"], preset["image_size"], root, args.cpu_patches,
+            rows.append(run_setting("cpu preset", preset["width"], REPRODUCE_PATCH_SIZE, Path(tmp), args.cpu_patches,
                                     args.cpu_batch_size))
     print("\nsetting      patches  batched s/patch  loop-inputgrad ratio  loop-reference ratio")
     for r in rows:

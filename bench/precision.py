@@ -4,23 +4,25 @@ it reaches, the training loaders' images/s per worker, and how many pseudo-mask 
     python bench/precision.py [--threads N] [--rounds 5] [--data DIR] [--checkpoint STAGE1.pth]
                               [--train-patches 400] [--train-epochs 12] [--pm-patches 96]
 
-Throughput (the ``cpu`` presets' models, random inputs; fp32 and bf16 timed in alternating rounds
-so that both see the same machine load, median of the rounds):
+Throughput (the ``cpu`` presets' models on random inputs of make reproduce's 112 px, the size they
+train at; fp32 and bf16 timed in alternating rounds so that both see the same machine load, median of
+the rounds):
 
-* stage-1 training step (forward with PDA, backward, SGD step) and stage-2 training step;
+* stage-1 training step (forward, with PDA where the preset uses it; backward, SGD step) and stage-2's;
 * a generate-pm batch (Grad-CAM at b4_5, b5_2, bn7 and the fusion, ``wsss.stages.pseudo_masks``);
-* a batch of predict windows (resize, normalise, DeepLab, softmax: ``wsss.inference.TilePredictor``).
+* a batch of predict windows of the training patch size (normalise, DeepLab, softmax:
+  ``wsss.inference.TilePredictor``).
 
 Each row gives images/s in both precisions, their ratio, and FLOP/s as a fraction of the matrix
 multiply peak measured in the same run (fp32 rows against the fp32 peak, bf16 rows against bf16's).
 
 Loaders: one worker's images/s (items prepared in this process, as a worker does) of the stage-1
-and stage-2 training sets, at the cpu preset's scale (224-px patches resized to 112, d4, mosaic)
-and at the paper's (224 px, flips), and how many such workers ~3000 images/s (what an H100 trains
-on at 224 px) would take.
+and stage-2 training sets, at the cpu presets' settings (make reproduce's 112-px patches at their own
+size, d4, mosaic) and at the paper's (224-px patches, flips), and how many such workers ~3000
+images/s (what an H100 trains on at 224 px) would take.
 
 Pseudo-mask agreement: a stage-1 classifier (``--checkpoint``, or one trained here in fp32 with the
-cpu preset on 400 synthetic patches, about 5 minutes on one core) makes the pseudo-masks of
+cpu preset on 400 synthetic 112-px patches, about 5 minutes on one core) makes the pseudo-masks of
 ``--pm-patches`` training patches in fp32 and in bf16 (each in the layout generate-pm gives it); the
 fraction of pixels whose class differs, per layer. generate-pm runs Grad-CAM in bf16 because this
 stays below 0.5 % for classifiers that fit their labels (0.17-0.31 % measured); a classifier that
@@ -44,12 +46,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, machine  # noqa: E402
+from common import DATASET_PATCH_SIZE, REPRODUCE_PATCH_SIZE, count_flops, machine  # noqa: E402
 
 from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config, resolve  # noqa: E402
 from wsss.data.datasets import ClassificationDataset, InputNorm, normalise  # noqa: E402
 from wsss.data.layout import list_train  # noqa: E402
 from wsss.data.png import read_rgb  # noqa: E402
+from wsss.data.scale import training_patch_size  # noqa: E402
 from wsss.data.seg_datasets import PseudoMaskDataset  # noqa: E402
 from wsss.data.specs import LUAD  # noqa: E402
 from wsss.inference import TilePredictor  # noqa: E402
@@ -58,7 +61,7 @@ from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
 from wsss.models.resnet38 import ResNet38Classifier  # noqa: E402
 from wsss.runtime import autocast, cpu_has_bf16, memory_format  # noqa: E402
 from wsss.stages.pseudo_masks import PmMethod, patch_item, pseudo_masks  # noqa: E402
-from wsss.stages.stage1 import training_format  # noqa: E402
+from wsss.stages.stage1 import build_model, training_format  # noqa: E402
 from wsss.stages.stage2 import LoadedSegmenter  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -140,16 +143,18 @@ def copies(make: Callable[[], torch.nn.Module], layout: Callable[[str], torch.me
 
 
 def stage1_row(rounds: int) -> Row:
-    preset = STAGE1_PRESETS["cpu"]
-    size, batch = preset["image_size"], preset["batch_size"]
-    models = copies(lambda: ResNet38Classifier(4, width=preset["width"]).train(), lambda p: training_format(CPU, p))
+    cfg = resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=Path("."))
+    size, batch = REPRODUCE_PATCH_SIZE, cfg.batch_size
+    gamma = 0.9 if cfg.pda else None  # PDA as after epoch 3, where the preset uses it
+    models = copies(lambda: build_model(cfg, LUAD).train(), lambda p: training_format(CPU, p))
     opts = {p: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for p, m in models.items()}
-    x, y = torch.rand(batch, 3, size, size), (torch.rand(batch, 4) > 0.5).float()
+    x, y = torch.rand(batch, 3, size, size), (torch.rand(batch, LUAD.num_classes) > 0.5).float()
 
     def step(precision: str) -> None:
         model, opt = models[precision], opts[precision]
         with autocast(CPU, precision):
-            logits = model(x.contiguous(memory_format=training_format(CPU, precision)), pda_gamma=0.9, pda_norm="max")
+            logits = model(x.contiguous(memory_format=training_format(CPU, precision)), pda_gamma=gamma,
+                           pda_norm=cfg.pda_norm)
         loss = F.multilabel_soft_margin_loss(logits.float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -166,9 +171,9 @@ def stage2_row(rounds: int) -> Row:
                     lambda p: memory_format(CPU, p))
     opts = {p: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for p, m in models.items()}
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, LUAD.background_index)
-    size, batch = cfg.image_size, cfg.batch_size
+    size, batch = REPRODUCE_PATCH_SIZE, cfg.batch_size
     x = torch.rand(batch, 3, size, size)
-    masks = torch.randint(0, 5, (batch, len(cfg.pm_layers), size, size))
+    masks = torch.randint(0, LUAD.background_index + 1, (batch, len(cfg.pm_layers), size, size))
 
     def step(precision: str) -> None:
         model, opt = models[precision], opts[precision]
@@ -196,7 +201,7 @@ def pm_row(model: ResNet38Classifier, items: list[dict], rounds: int) -> Row:
     return Row(f"generate-pm batch ({len(items)})", len(items), flops, seconds)
 
 
-def predict_row(rounds: int, tile: int = 224, batch: int = 8) -> Row:
+def predict_row(rounds: int, tile: int = REPRODUCE_PATCH_SIZE, batch: int = 8) -> Row:
     cfg = resolve(Stage2Config, STAGE2_PRESETS, "cpu", dataset="luad", data=Path("."))
     models = copies(lambda: DeepLabV3Plus(DeepLabArch(cfg.backbone, cfg.out_stride, 4, cfg.head_channels)).eval(),
                     lambda p: memory_format(CPU, p))
@@ -222,26 +227,36 @@ def items_per_second(dataset, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def loader_lines(root: Path, n: int) -> list[str]:
-    samples = list_train(root, LUAD)
-    pm = [[root / "train_gt" / s.path.name] * 3 for s in samples]  # true masks stand in for 3 PM layers
-    s1, s2 = STAGE1_PRESETS["cpu"], STAGE2_PRESETS["cpu"]
+def loader_lines(cpu_root: Path, paper_root: Path, n: int) -> list[str]:
+    """Loader rates of the cpu presets on ``cpu_root``'s patches and the paper's on ``paper_root``'s."""
+
+    def training_sets(root: Path, preset: str) -> tuple[int | None, ClassificationDataset, PseudoMaskDataset]:
+        samples = list_train(root, LUAD)
+        pm = [[root / "train_gt" / s.path.name] * 3 for s in samples]  # true masks stand in for 3 PM layers
+        s1 = resolve(Stage1Config, STAGE1_PRESETS, preset, dataset="luad", data=root)
+        s2 = resolve(Stage2Config, STAGE2_PRESETS, preset, dataset="luad", data=root)
+        return (training_patch_size(root),
+                ClassificationDataset(samples, s1.image_size, None, augment=True, geometric=s1.augment,
+                                      stain=s1.stain_jitter),
+                PseudoMaskDataset(samples, pm, s2.image_size, None, LUAD, geometric=s2.augment, stain=s2.stain_jitter,
+                                  mosaic=s2.mosaic))
+
+    cpu_size, cpu_s1, cpu_s2 = training_sets(cpu_root, "cpu")
+    paper_size, paper_s1, paper_s2 = training_sets(paper_root, "paper")
     sets = {
-        "stage-1, cpu preset (112px, d4)": ClassificationDataset(samples, s1["image_size"], None, augment=True,
-                                                                 geometric="d4"),
-        "stage-1, paper (224px, flips)": ClassificationDataset(samples, None, None, augment=True, geometric="flip"),
-        "stage-2, cpu preset (112px, d4, mosaic)": PseudoMaskDataset(samples, pm, s2["image_size"], None, LUAD,
-                                                                     geometric="d4", mosaic=0.5),
-        "stage-2, paper (224px, hflip, blur)": PseudoMaskDataset(samples, pm, None, None, LUAD),
+        f"stage-1, cpu preset ({cpu_size}px, d4)": cpu_s1,
+        f"stage-1, paper ({paper_size}px, flips)": paper_s1,
+        f"stage-2, cpu preset ({cpu_size}px, d4, mosaic)": cpu_s2,
+        f"stage-2, paper ({paper_size}px, hflip, blur)": paper_s2,
     }
     lines = []
     for name, dataset in sets.items():
         rate = items_per_second(dataset, n)
         lines.append(f"  {name:<42} {rate:6.1f} img/s per worker; {GPU_IMAGES_PER_SECOND} img/s takes "
                      f"{GPU_IMAGES_PER_SECOND / rate:5.1f} workers (cores)")
-    x = torch.stack([dataset[i][0] for i in range(8)])
+    x = torch.stack([paper_s2[i][0] for i in range(8)])
     bytes_u8, bytes_f32 = x.numel(), x.numel() * 4
-    lines.append(f"  a stage-2 batch of 8 at 224px: images {bytes_u8 / 1e6:.1f} MB as uint8 (float32 "
+    lines.append(f"  a stage-2 batch of 8 at {x.shape[-1]}px: images {bytes_u8 / 1e6:.1f} MB as uint8 (float32 "
                  f"{bytes_f32 / 1e6:.1f} MB); 3 masks {3 * x[:, 0].numel() / 1e6:.1f} MB as uint8 (int64 "
                  f"{24 * x[:, 0].numel() / 1e6:.1f} MB)")
     return lines
@@ -261,8 +276,9 @@ def trained_classifier(root: Path, out: Path, epochs: int) -> tuple[ResNet38Clas
     return clf.model.eval(), {"fit": summary["fit"], "checkpoint": summary["checkpoint"]}
 
 
-def pm_items(root: Path, n: int, model_size: int | None) -> list[dict]:
-    return [patch_item(read_rgb(s.path), s.label, LUAD, InputNorm(), model_size, "glass")
+def pm_items(root: Path, n: int) -> list[dict]:
+    """generate-pm's items of ``n`` training patches, each fed at its own size."""
+    return [patch_item(read_rgb(s.path), s.label, LUAD, InputNorm(), None, "glass")
             for s in list_train(root, LUAD)[:n]]
 
 
@@ -283,10 +299,10 @@ def agreement_lines(model: ResNet38Classifier, items: list[dict], batch: int = 8
     return lines, max(flipped.values()) / pixels
 
 
-def synthetic(root: Path, n_train: int) -> Path:
+def synthetic(root: Path, n_train: int, size: int) -> Path:
     from wsss.data.synth import generate
 
-    generate(root, n_train=n_train, n_val=4, n_test=4, size=224, seed=0, workers=1, progress=False)
+    generate(root, n_train=n_train, n_val=4, n_test=4, size=size, seed=0, workers=1, progress=False)
     return root
 
 
@@ -313,23 +329,23 @@ def main() -> None:
           f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = args.data or synthetic(Path(tmp) / "data", args.train_patches)
+        root = args.data or synthetic(Path(tmp) / "data", args.train_patches, REPRODUCE_PATCH_SIZE)
+        paper_root = synthetic(Path(tmp) / "paper_data", max(args.loader_items, 8), DATASET_PATCH_SIZE)
         if args.checkpoint is not None:
             from wsss.stages.stage1 import load_classifier
 
             model, about = load_classifier(args.checkpoint).model.eval(), {"checkpoint": str(args.checkpoint)}
         else:
             model, about = trained_classifier(root, Path(tmp) / "s1", args.train_epochs)
-        image_size = STAGE1_PRESETS["cpu"]["image_size"]
 
         print("\nthroughput, fp32 vs bf16 (cpu presets' models; median of alternating rounds):")
         rows = [stage1_row(args.rounds), stage2_row(args.rounds),
-                pm_row(model, pm_items(root, 8, image_size), args.rounds), predict_row(args.rounds)]
+                pm_row(model, pm_items(root, 8), args.rounds), predict_row(args.rounds)]
         for row in rows:
             print(row.line(peaks))
 
         print("\ntraining loaders (uint8 items, one process = one worker):")
-        for line in loader_lines(root, args.loader_items):
+        for line in loader_lines(root, paper_root, args.loader_items):
             print(line)
 
         fit = about.get("fit")
@@ -337,7 +353,7 @@ def main() -> None:
                 f"{fit['label_acc']:.3f}" if fit else f"{about['checkpoint']}")
         print(f"\npseudo-masks, bf16 vs fp32 ({min(args.pm_patches, len(list_train(root, LUAD)))} patches; "
               f"classifier {what}):")
-        lines, worst = agreement_lines(model, pm_items(root, args.pm_patches, image_size))
+        lines, worst = agreement_lines(model, pm_items(root, args.pm_patches))
         for line in lines:
             print(line)
         print(f"  worst layer {100 * worst:.3f} % flipped: {'within' if worst <= 0.005 else 'ABOVE'} the 0.5 % "

@@ -2,15 +2,17 @@
 then the wall time and peak memory of a whole large image.
 
     python bench/predict_speed.py [--preset cpu|paper] [--backbone NAME --head-channels N --image-size N]
-                                  [--tile 224 --overlap 32 --batch-size 8] [--size 10000] [--threads N]
+                                  [--tile N --overlap 32 --batch-size 8] [--size 10000] [--threads N]
                                   [--pipeline]
 
 Part 1 times the tile predictor (resize, normalise, DeepLab forward, softmax) on a batch of random
-windows of a randomly initialised model of the preset's architecture. Part 2 (``--size N``, 0 skips
-it) writes an N × N synthetic PNG (a random H&E-coloured texture with white glass) and runs
-``python -m wsss predict`` on it in a child process, so the peak resident memory reported (the child's
-``ru_maxrss``) is the command's own, from interpreter start to the last PNG written; the same command
-on a 224-px image gives the fixed part (Python, torch, the model).
+windows of a randomly initialised model of the preset's architecture. The windows are, as ``wsss
+predict`` picks them, the size of the patches the model trained on (``--tile``; default: the cpu
+presets' 112 px of make reproduce, the others' 224 px), fed at that size unless ``--image-size``.
+Part 2 (``--size N``, 0 skips it) writes an N × N synthetic PNG (a random H&E-coloured texture with
+white glass) and runs ``python -m wsss predict`` on it in a child process, so the peak resident
+memory reported (the child's ``ru_maxrss``) is the command's own, from interpreter start to the last
+PNG written; the same command on a 224-px image gives the fixed part (Python, torch, the model).
 
 Part 3 (``--pipeline``) times the whole sliding window (``wsss.tiling.predict_mask``) on a narrow and
 a wide synthetic image, batching as before this change (within one row of windows, no prefetch
@@ -33,7 +35,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import count_flops, gemm_flops_per_second, machine, time_calls  # noqa: E402
+from common import count_flops, gemm_flops_per_second, machine, patch_size, time_calls  # noqa: E402
 
 from wsss.config import STAGE2_PRESETS, Stage2Config, resolve  # noqa: E402
 from wsss.data.specs import LUAD  # noqa: E402
@@ -136,7 +138,7 @@ def main() -> None:
     parser.add_argument("--backbone", default=None)
     parser.add_argument("--head-channels", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--tile", type=int, default=224)
+    parser.add_argument("--tile", type=int, default=None, help="window side (default: the preset's patch size)")
     parser.add_argument("--overlap", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
@@ -144,6 +146,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--pipeline", action="store_true", help="also time the whole sliding window, before/now")
     args = parser.parse_args()
+    args.tile = args.tile or patch_size(args.preset)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = resolve(Stage2Config, STAGE2_PRESETS, args.preset, dataset="luad", data=Path("."), backbone=args.backbone,

@@ -1,13 +1,14 @@
 """What test-time augmentation (``--tta``) does to a trained stage-2 model: mIoU on a test split and
 windows/s, for ``none``, ``flip`` and ``d4``, side by side in one run.
 
-    python bench/tta_effect.py --checkpoint stage2.pth --data DATASET [--split test] [--tile 224]
+    python bench/tta_effect.py --checkpoint stage2.pth --data DATASET [--dataset SPEC] [--split test] [--tile 224]
                                [--batch-size 8] [--repeats 2] [--threads N]
 
-Every test patch is segmented as ``wsss predict`` segments a window of ``--tile`` px (resized to the
-checkpoint's training size, softmax, TTA averaged, the argmax over the tissue classes) and scored
-against its mask (background pixels not evaluated), exactly as ``wsss evaluate`` scores. Times are
-the median over ``--repeats`` passes over the split, the modes alternating.
+Every test patch is segmented as ``wsss predict`` segments a window of ``--tile`` px (resized by the
+checkpoint's ``image_size`` / ``--tile`` where it records one; no preset sets one now, so a patch is fed
+at its own size and ``--tile`` does not matter; softmax, TTA averaged, the argmax over the tissue
+classes) and scored against its mask (background pixels not evaluated), exactly as ``wsss evaluate``
+scores. Times are the median over ``--repeats`` passes over the split, the modes alternating.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from wsss.data.datasets import read_masked  # noqa: E402
 from wsss.data.layout import list_masked  # noqa: E402
-from wsss.data.png import read_mask, read_rgb  # noqa: E402
-from wsss.inference import TTA_MODES, TilePredictor  # noqa: E402
+from wsss.data.specs import LUAD, get_spec  # noqa: E402
+from wsss.inference import TTA_MODES, TilePredictor, model_size  # noqa: E402
 from wsss.metrics import confusion_matrix, scores  # noqa: E402
 from wsss.stages import stage2  # noqa: E402
 
@@ -34,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--dataset", default=None,
+                        help="luad, bcss or a TOML spec file (default: the checkpoint's; luad if it records none)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -43,13 +47,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     seg = stage2.load_segmenter(args.checkpoint)
+    spec = get_spec(args.dataset) if args.dataset else seg.spec or LUAD
     samples = list_masked(args.data, args.split)
-    images = [read_rgb(s.image) for s in samples]
-    masks = np.stack([read_mask(s.mask) for s in samples])
+    pairs = [read_masked(s, spec) for s in samples]  # masks as wsss evaluate reads them
+    images = [image for image, _ in pairs]
+    masks = np.stack([mask for _, mask in pairs])
     num_classes = seg.model.num_classes
     print(f"machine: {machine()}")
-    print(f"{args.checkpoint.name}: {len(samples)} {args.split} patches, windows of {args.tile} px -> model input "
-          f"{seg.image_size or args.tile} px, batch {args.batch_size}")
+    h, w = model_size(images[0].shape[:2], args.tile, seg.image_size)
+    print(f"{args.checkpoint.name}: {len(samples)} {args.split} patches of {images[0].shape[0]} px, windows of "
+          f"{args.tile} px -> model input {h} x {w} px, batch {args.batch_size}")
     predictors = {mode: TilePredictor(seg, args.tile, torch.device("cpu"), tta=mode) for mode in TTA_MODES}
     times: dict[str, list[float]] = {mode: [] for mode in TTA_MODES}
     preds: dict[str, np.ndarray] = {}
@@ -62,7 +69,7 @@ def main() -> None:
             preds[mode] = np.concatenate(out)
     base = None
     for mode in TTA_MODES:
-        s = scores(confusion_matrix(preds[mode], masks, num_classes))
+        s = scores(confusion_matrix(preds[mode], masks, num_classes, spec.background_index))
         seconds = sorted(times[mode])[len(times[mode]) // 2]
         rate = len(images) / seconds
         base = base or rate

@@ -123,5 +123,5 @@ def test_bad_exports_end_in_one_line_and_write_nothing(thin_ckpts, tmp_path, cap
     assert (tmp_path / "mine.pt").read_text() == "not wsss's"
     monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # the export extra not installed
     assert fails(thin_ckpts["s2"], "--format", "onnx", "--out", tmp_path / "m.onnx") == \
-        "error: ONNX export needs the onnx package: pip install 'wsss[export]'"
+        "error: ONNX export needs the onnx package: pip install onnx onnxruntime (the export extra)"
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.json").exists()

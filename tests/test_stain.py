@@ -51,7 +51,7 @@ def test_normalising_another_look_gives_the_stain_densities_of_the_training_look
     """The same 20 tissue patches in two looks. With normalisation the model trains on normalised
     default-look patches; normalised, the other look's mean H and E densities are theirs (within
     ``tolerance``), which the raw patches were far from (30-100%). Macenko on pale is not in the list:
-    with weak eosin fewer pixels pass its stained-in-every-channel rule and H ends 42% low (README)."""
+    with weak eosin fewer pixels pass its stained-in-every-channel rule and H ends 42% low (docs/stain.md)."""
     target = default_targets[method]
     training, before, after, raw = [], [], [], []
     for seed in range(20):

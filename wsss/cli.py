@@ -55,7 +55,7 @@ def _root(
     """Weakly-supervised tissue segmentation of histopathology patches from patch-level labels."""
 
 
-DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (README, 'Your own data')."
+DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (docs/own-data.md)."
 DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
 CheckpointDatasetOpt = typer.Option(
     None, "--dataset", help="luad, bcss or a TOML spec file (default: the spec recorded in the checkpoint; needed for "

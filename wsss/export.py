@@ -254,7 +254,7 @@ def _write_onnx(module: nn.Module, example: Tensor, probe: Tensor, expected: lis
                               dynamic_axes=axes, opset_version=OPSET, dynamo=False)
         except (ModuleNotFoundError, torch.onnx.OnnxExporterError) as exc:
             if isinstance(exc, ModuleNotFoundError) or "not installed" in str(exc):
-                raise WsssError("ONNX export needs the onnx package: pip install 'wsss[export]'") from None
+                raise WsssError("ONNX export needs the onnx package: pip install onnx onnxruntime (the export extra)") from None
             raise
         difference = _onnx_difference(tmp, probe, expected)
     return difference
@@ -265,7 +265,7 @@ def _onnx_difference(path: Path, probe: Tensor, expected: list[Tensor]) -> float
         import onnxruntime
     except ImportError:
         log.warning("warning: onnxruntime is not installed, so the ONNX file was not checked against PyTorch "
-                    "(pip install 'wsss[export]')")
+                    "(pip install onnxruntime)")
         return None
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {"image": probe.numpy()})

@@ -6,7 +6,7 @@ eval-pm (when ``DATA/train_gt`` exists) → train-stage2 with the gate → the u
 the true masks, when asked) → the ablation variants (when asked) → figures (first seed) → one
 results table, written to ``REPORT/report.md`` and ``REPORT/report.json``.
 
-Seed 0 writes to ``OUT``, ``REPORT`` and ``DATA/train_PM`` (as a single ``make reproduce``); seed
+Seed 0 writes to ``OUT``, ``REPORT`` and ``OUT/train_PM`` (as a single ``make reproduce``); seed
 ``N > 0`` to ``OUT/seedN``, ``REPORT/seedN`` and ``OUT/seedN/train_PM``. Each seed's results go to
 ``seed_result.json`` in its report folder, and the mean/min/max rows of a seed sweep are computed
 from those files (:func:`aggregate_files`).
@@ -580,7 +580,7 @@ def run(cfg: ReproduceConfig) -> dict:
     else:
         synth_seconds = None
     if not data.is_dir():
-        raise WsssError(f"dataset folder {data} not found (see README: where to put the datasets)")
+        raise WsssError(f"dataset folder {data} not found (docs/datasets.md says where to put them)")
     continue_with_same_command()
     log.info("initial weights: %s", describe_init_weights(init_weights(cfg)))
     folders = input_folders(data)

@@ -1,6 +1,6 @@
 """Reading whole-slide images: one small reader interface, two backends.
 
-* **OpenSlide** (``pip install 'wsss[wsi]'``: ``openslide-python`` with ``openslide-bin``, which
+* **OpenSlide** (the ``wsi`` extra: ``openslide-python`` with ``openslide-bin``, which
   ships the library): Aperio ``.svs``, Hamamatsu ``.ndpi``, MIRAX, generic tiled TIFF and the rest
   of OpenSlide's formats. Imported only when a slide is opened.
 * **tifffile** (a core dependency): plain pyramidal TIFFs (levels as successive reduced-resolution
@@ -29,7 +29,8 @@ from wsss.errors import WsssError
 
 READERS = ("auto", "openslide", "tifffile")
 TIFF_SUFFIXES = (".tif", ".tiff")
-INSTALL_HINT = "pip install 'wsss[wsi]'"
+# wsss is not on PyPI: the packages of its `wsi` extra by name (docs/install.md)
+INSTALL_HINT = "pip install openslide-python openslide-bin (the wsi extra: pip install -e '.[wsi]' in a clone)"
 
 READ_BUDGET = 64 * 2**20
 """Bytes of source pixels read at once when shrinking a large area (thumbnails)."""
