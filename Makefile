@@ -25,7 +25,7 @@ RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
 	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
 endif
 
-.PHONY: venv test docs reproduce ablation quality bench dist dist-check clean
+.PHONY: venv test docs reproduce ablation quality stain bench dist dist-check clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,13 @@ quality: venv
 	$(WSSS) reproduce --dataset luad --data $(SHIFTED) --synth --synth-size 112 --synth-look shifted --preset cpu \
 		--run synthetic-shifted --seeds $(SEEDS) --upper-bound --no-figures --device $(DEVICE)
 	$(WSSS) reproduce $(RUN_ARGS) --seeds $(SEEDS) --upper-bound --transfer $(SHIFTED) --device $(DEVICE)
+
+# The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look with
+# each configuration, tested on every stain/scanner look; a rerun continues.
+STAIN_ROOT ?= runs/stain
+STAIN_CONFIGS ?= none,macenko,reinhard,reinhard+scanner
+stain: venv
+	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS)
 
 bench: venv
 	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py \

@@ -94,6 +94,18 @@ def test_the_sidecar_gives_the_recorded_scale(thin_ckpts, tmp_path, capsys, monk
         (1.0, 224, "logits", 1)
 
 
+def test_a_model_with_a_stain_target_is_not_exported(thin_ckpts, tmp_path, capsys, monkeypatch):
+    """--stain-norm models map every window onto their target before the scaling (every command that
+    runs them does); a graph without that step would compute something else, so export refuses them."""
+    target = {"method": "reinhard", "patches": 7, "source": "the training set",
+              "lab_mean": [60.0, 20.0, -10.0], "lab_std": [12.0, 6.0, 5.0]}
+    ckpt = tmp_path / "s2_stain.pth"
+    save_checkpoint(ckpt, {**load_checkpoint(thin_ckpts["s2"]), "input_norm": {**IMAGENET, "stain": target}})
+    code, _, err = run_cli(capsys, monkeypatch, "export", ckpt, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert code == 1 and err.count("error:") == 1 and "normalises stain" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2_stain.pth"]
+
+
 def test_bad_exports_end_in_one_line_and_write_nothing(thin_ckpts, tmp_path, capsys, monkeypatch):
     def fails(*args) -> str:
         code, _, err = run_cli(capsys, monkeypatch, "export", *args)

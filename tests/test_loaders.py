@@ -105,3 +105,28 @@ def test_persistent_workers_give_a_resumed_run_the_batches_of_an_uninterrupted_o
     assert [len(b[0]) for b in uninterrupted[0]] == [5, 5, 5]  # drop_last: 16 patches, 3 full batches
     whole.close()
     resumed.close()
+
+
+def test_uint8_items_are_mapped_onto_the_models_stain_target_in_the_workers(synth16):
+    """With --stain-norm the workers send each patch already mapped onto the model's target (the uint8
+    part of its input normalisation), as the evaluation path's to_tensor maps it; only the scaling is
+    left for the device. One worker process: the target travels to it with the dataset."""
+    from wsss.data.stain import StainNorm
+
+    target = StainNorm("reinhard", lab_mean=(55.0, 25.0, -12.0), lab_std=(14.0, 7.0, 6.0))
+    samples = list_train(synth16, LUAD)[:4]
+    gt = [synth16 / "train_gt" / s.path.name for s in samples]
+    stage1 = ClassificationDataset(samples, None, None, stain_norm=target)
+    stage2 = PseudoMaskDataset(samples, [[p] for p in gt], None, None, LUAD, augment=False, stain_norm=target)
+    changed = 0
+    for dataset in (stage1, stage2):
+        x = next(iter(DataLoader(dataset, batch_size=4, num_workers=1)))[0]
+        assert x.dtype == torch.uint8
+        for i, sample in enumerate(samples):
+            with Image.open(sample.path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            assert np.array_equal(x[i].permute(1, 2, 0).numpy(), target(pixels))
+            changed += not np.array_equal(x[i].permute(1, 2, 0).numpy(), pixels)
+        floats = torch.stack([ClassificationDataset(samples, None, InputNorm(stain=target))[i][0] for i in range(4)])
+        assert torch.equal(normalise(x, InputNorm()), floats)
+    assert changed >= 4  # the target moved most patches' colours

@@ -33,10 +33,10 @@ def _first_epoch_only(monkeypatch, module) -> None:
     """The run stops (as Ctrl-C would) when its second epoch starts: epoch 1 of 2 is saved."""
     real = module.train_one_epoch
 
-    def stop_at_epoch_2(*args):
+    def stop_at_epoch_2(*args, **kwargs):  # stage 2 passes ema= by keyword
         if args[-1] == 1:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(module, "train_one_epoch", stop_at_epoch_2)
 

@@ -164,3 +164,86 @@ def test_cli_bad_look_is_one_error_line_and_writes_nothing(tmp_path, capsys, mon
 def test_bad_look_values_raise():
     with pytest.raises(WsssError, match="--pale"):
         synth.Look(pale=-0.1)
+
+
+# --------------------------------------------------------------------------- stain and scanner looks
+
+
+@pytest.mark.parametrize("name", synth.STAIN_LOOKS)
+def test_stain_looks_keep_the_tissue_and_masks_of_the_default_look(name):
+    for seed in range(3):
+        image, mask = synth.make_patch(np.random.default_rng(seed), 64)
+        other, other_mask = synth.make_patch(np.random.default_rng(seed), 64, synth.LOOKS[name])
+        assert np.array_equal(mask, other_mask)
+        assert not np.array_equal(image, other)
+        assert synth.LOOKS[name].texture_scale == 1.0 and synth.LOOKS[name].pale == 0.0
+
+
+def test_jpeg_look_is_the_default_patch_through_a_pil_jpeg_round_trip():
+    import io
+
+    image, _ = synth.make_patch(np.random.default_rng(4), 64)
+    compressed, _ = synth.make_patch(np.random.default_rng(4), 64, synth.LOOKS["jpeg"])
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=40)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert np.array_equal(compressed, expected)
+
+
+def test_brightness_multiplies_the_light():
+    # image = clip(L + n) and dimmed = clip(0.9 L + n) with the same noise n (std 3): dimmed - 0.9 image
+    # = 0.1 n, plus rounding, wherever nothing clipped.
+    image, _ = synth.make_patch(np.random.default_rng(2), 64)
+    dimmed, _ = synth.make_patch(np.random.default_rng(2), 64, synth.Look(brightness=0.9))
+    unclipped = (image < 250) & (image > 5)
+    diff = dimmed.astype(float)[unclipped] - 0.9 * image.astype(float)[unclipped]
+    assert np.abs(diff).mean() < 0.8 and np.abs(diff).max() < 3.5
+    assert dimmed.mean() == pytest.approx(0.9 * image.mean(), rel=0.01)
+
+
+def test_blur_removes_fine_detail():
+    def detail(image: np.ndarray) -> float:  # mean squared 4-neighbour Laplacian of the grey image
+        g = image.astype(float).mean(axis=2)
+        lap = 4 * g[1:-1, 1:-1] - g[:-2, 1:-1] - g[2:, 1:-1] - g[1:-1, :-2] - g[1:-1, 2:]
+        return float((lap**2).mean())
+
+    image, _ = synth.make_patch(np.random.default_rng(1), 128)
+    blurred, _ = synth.make_patch(np.random.default_rng(1), 128, synth.LOOKS["blur"])
+    assert detail(blurred) < 0.3 * detail(image)
+
+
+def test_negative_stain_hue_turns_haematoxylin_bluer_and_weaker_eosin_paler():
+    # lymphocyte-only patches are mostly haematoxylin: blue minus red grows when H turns bluer
+    turned, weaker = [], []
+    for seed in range(6):
+        h, e = synth._lymphocytes(np.random.default_rng(seed), 64)
+        plain = synth._stain(np.random.default_rng(seed), h, e).astype(float)
+        bluer = synth._stain(np.random.default_rng(seed), h, e, synth.Look(h_hue=-15)).astype(float)
+        turned.append((bluer[..., 2] - bluer[..., 0]).mean() - (plain[..., 2] - plain[..., 0]).mean())
+        pale_e = synth._stain(np.random.default_rng(seed), 0 * h, e, synth.Look(e_scale=0.5)).astype(float)
+        full_e = synth._stain(np.random.default_rng(seed), 0 * h, e).astype(float)
+        od = lambda rgb: -np.log(np.maximum(rgb, 1) / 255).sum(axis=2).mean()  # noqa: E731
+        weaker.append(od(pale_e) / od(full_e))
+    assert min(turned) > 2
+    assert np.mean(weaker) == pytest.approx(0.5, abs=0.03)
+
+
+def test_stain_looks_are_recorded_with_what_they_change(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "ds"
+    code, stdout, err = run_cli(capsys, monkeypatch, "synth", out, "--train", 2, "--val", 1, "--test", 1,
+                                "--size", 32, "--workers", 1, "--look", "lab-b")
+    assert code == 0, err
+    look = {"stain_scale": 1.0, "hue_shift": 0.0, "texture_scale": 1.0, "pale": 0.0, "h_hue": -12.0, "e_hue": -18.0,
+            "e_scale": 0.75, "brightness": 0.9, "blur": 0.8}
+    assert json.loads(stdout)["look"] == look
+    assert json.loads((out / "synth.json").read_text())["look"] == look
+    assert synth.resolve_look("default", **{}) == synth.Look()
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("jpeg", 3, "jpeg must be 0"), ("jpeg", 50.5, "jpeg must be 0"), ("blur", -1, "blur must be"),
+    ("brightness", 2, "brightness must be"), ("e_scale", 0, "e_scale must be"), ("h_hue", 100, "h_hue must be"),
+])
+def test_bad_scanner_fields_are_refused(field, value, fragment):
+    with pytest.raises(WsssError, match=fragment):
+        synth.Look(**{field: value})

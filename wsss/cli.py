@@ -69,6 +69,23 @@ TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right,
 PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper (the paper's method at CPU scale), "
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
+StainNormOpt = typer.Option(
+    None, "--stain-norm", help="none (the reference), macenko or reinhard: a stain target fitted on the training set "
+                               "(median over up to 200 patches, glass-dominated ones skipped) is stored in the "
+                               "checkpoint and every command that runs the model maps its input onto it.")
+StainTargetOpt = typer.Option(
+    None, "--stain-target", help="Fit the --stain-norm target on this RGB image (its tissue tiles) instead of the "
+                                 "training set.")
+HedScaleOpt = typer.Option(None, "--hed-scale", help="HED augmentation: each stain's density × (1 + U(-s, s)) (0: off).")
+HedShiftOpt = typer.Option(None, "--hed-shift", help="HED augmentation: each stain's density + U(-s, s) (0: off).")
+LabJitterOpt = typer.Option(
+    None, "--lab-jitter", help="RandStainNA: LAB statistics drawn around the training set's, spread × this (1: its "
+                               "own spread; 0: off).")
+LightJitterOpt = typer.Option(
+    None, "--light-jitter", help="Brightness, contrast × (1 + U(-s, s)) and gamma exp(U(-s, s)) (0: off).")
+BlurJitterOpt = typer.Option(None, "--blur-jitter", help="With p = 0.5 a Gaussian blur of σ ~ U(0, s) px (0: off).")
+JpegJitterOpt = typer.Option(
+    None, "--jpeg-jitter", help="With p = 0.5 a JPEG round trip at a quality from this to 95 (0: off).")
 PRECISION_HELP = ("fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a gradient scaler) or auto (bf16 on "
                   "CUDA GPUs and CPUs that support it, else fp32). Losses, softmax and CAM normalisation stay fp32.")
 PM_PRECISION_HELP = (
@@ -98,8 +115,10 @@ def synth(
     workers: int = typer.Option(2, "--workers", min=1, help="Worker processes."),
     force: bool = typer.Option(False, "--force", help="Write into OUT even if it already holds a dataset."),
     look: str = typer.Option(
-        "default", "--look", help="default, or shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a "
-                                  "model was not tuned to); the options below override its values."),
+        "default", "--look", help="default; shifted (stain 0.8, hue 12°, texture 1.3, pale 0.3: data a model was "
+                                  "not tuned to); or a stain/scanner look with the default look's tissue and masks: "
+                                  "lab-b (bluer H, purpler and weaker E, darker, slightly blurred), pale, dark, jpeg "
+                                  "(quality 40), blur. The options below override its values."),
     stain_scale: Optional[float] = typer.Option(
         None, "--stain-scale", help="Multiplier of the H and E optical densities (default look 1.0)."),
     hue_shift: Optional[float] = typer.Option(
@@ -271,6 +290,14 @@ def train_stage1(
         None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
     stain_jitter: Optional[float] = typer.Option(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    stain_norm: Optional[str] = StainNormOpt,
+    stain_target: Optional[Path] = StainTargetOpt,
+    hed_scale: Optional[float] = HedScaleOpt,
+    hed_shift: Optional[float] = HedShiftOpt,
+    lab_jitter: Optional[float] = LabJitterOpt,
+    light_jitter: Optional[float] = LightJitterOpt,
+    blur_jitter: Optional[float] = BlurJitterOpt,
+    jpeg_jitter: Optional[int] = JpegJitterOpt,
     tie_rule: Optional[str] = typer.Option(
         None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
                                  + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
@@ -293,6 +320,8 @@ def train_stage1(
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
+        **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
+                         jpeg_jitter),
         cam_tie_rule=tie_rule, device=device, precision=_precision(precision, amp), workers=workers, seed=seed,
     )
     cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
@@ -434,6 +463,14 @@ def train_stage2(
         None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
     stain_jitter: Optional[float] = typer.Option(
         None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    stain_norm: Optional[str] = StainNormOpt,
+    stain_target: Optional[Path] = StainTargetOpt,
+    hed_scale: Optional[float] = HedScaleOpt,
+    hed_shift: Optional[float] = HedShiftOpt,
+    lab_jitter: Optional[float] = LabJitterOpt,
+    light_jitter: Optional[float] = LightJitterOpt,
+    blur_jitter: Optional[float] = BlurJitterOpt,
+    jpeg_jitter: Optional[int] = JpegJitterOpt,
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
@@ -471,8 +508,9 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema,
-        init_weights=init_weights,
+        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema, init_weights=init_weights,
+        **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
+                         jpeg_jitter),
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
         precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
         report=report,
@@ -582,8 +620,8 @@ def reproduce(
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
     gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
     synth_look: str = typer.Option(
-        "default", "--synth-look", help="With --synth: default or shifted (another stain, hue, magnification and "
-                                        "pale tissue; see wsss synth --look)."),
+        "default", "--synth-look", help="With --synth: the look of the synthetic data (default, shifted, lab-b, "
+                                        "pale, dark, jpeg, blur; see wsss synth --look)."),
     synth_task: Optional[int] = typer.Option(
         None, "--synth-task", help="With --synth: a random synthetic task of this seed (wsss synth --task-seed)."),
     synth_tasks: Optional[str] = typer.Option(
@@ -875,6 +913,13 @@ def cohort_summary(
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
+                   jpeg_jitter) -> dict:
+    """The stain normalisation and colour augmentation options both training stages take, as config fields."""
+    return dict(stain_norm=stain_norm, stain_target=stain_target, hed_scale=hed_scale, hed_shift=hed_shift,
+                lab_jitter=lab_jitter, light_jitter=light_jitter, blur_jitter=blur_jitter, jpeg_jitter=jpeg_jitter)
 
 
 def _precision(precision: Optional[str], amp: Optional[bool]) -> Optional[str]:

@@ -46,6 +46,15 @@ class Stage1Config:
     pda_norm: str = "none"  # reference; "max" keeps the attention in [0, 1] (see wsss.cam.pda)
     augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    stain_norm: str = "none"  # none (the reference), macenko or reinhard: fitted target stored in the checkpoint
+    stain_target: Path | None = None  # fit the target on this image instead of the training set
+    # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
+    hed_scale: float = 0.0
+    hed_shift: float = 0.0
+    lab_jitter: float = 0.0
+    light_jitter: float = 0.0
+    blur_jitter: float = 0.0
+    jpeg_jitter: int = 0
     cam_threshold: float = 0.25
     # "reference": where every kept class scores 0 the lowest index wins, as WSSS-Tissue's evaluation;
     # "ours": a zeroed class never wins (see wsss.cam.cam.cam_to_segmentation)
@@ -68,6 +77,7 @@ class Stage1Config:
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
         _check_stain_jitter(self.stain_jitter)
+        check_stain_options(self)
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -87,6 +97,25 @@ def _check_choice(option: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_stain_jitter(stain_jitter: float) -> None:
     if not 0.0 <= stain_jitter <= 1.0:
         raise WsssError(f"--stain-jitter must be in [0, 1], not {stain_jitter:g}")
+
+
+def check_stain_options(cfg: Any) -> None:
+    """The stain normalisation and colour augmentation fields both stages share."""
+    from wsss.data.stain import METHODS
+
+    _check_choice("--stain-norm", cfg.stain_norm, METHODS)
+    if cfg.stain_target is not None:
+        if not isinstance(cfg.stain_target, Path):
+            object.__setattr__(cfg, "stain_target", Path(cfg.stain_target))
+        if cfg.stain_norm == "none":
+            raise WsssError("--stain-target needs --stain-norm macenko or reinhard")
+    for option, value, high in (("--hed-scale", cfg.hed_scale, 1.0), ("--hed-shift", cfg.hed_shift, 1.0),
+                                ("--lab-jitter", cfg.lab_jitter, 3.0), ("--light-jitter", cfg.light_jitter, 0.5),
+                                ("--blur-jitter", cfg.blur_jitter, 5.0)):
+        if not 0.0 <= value <= high:
+            raise WsssError(f"{option} must be in [0, {high:g}], not {value:g}")
+    if cfg.jpeg_jitter != 0 and not 5 <= cfg.jpeg_jitter <= 95:
+        raise WsssError(f"--jpeg-jitter is the lowest JPEG quality, 5 to 95 (0: off), not {cfg.jpeg_jitter}")
 
 
 def check_sgd(momentum: float, weight_decay: float) -> None:
@@ -179,7 +208,7 @@ def from_dict(cls: type, data: dict[str, Any]):
         if f.name not in data:
             continue
         v = data[f.name]
-        if f.name in ("data", "out", "init_weights", "labels_csv") and v is not None:
+        if f.name in ("data", "out", "init_weights", "labels_csv", "stain_target") and v is not None:
             v = Path(v)
         elif isinstance(v, list):
             v = tuple(v)
@@ -224,6 +253,15 @@ class Stage2Config:
     input_norm: str = "none"  # the reference feeds [0, 1] RGB
     augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    stain_norm: str = "none"  # none (the reference), macenko or reinhard: fitted target stored in the checkpoint
+    stain_target: Path | None = None  # fit the target on this image instead of the training set
+    # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
+    hed_scale: float = 0.0
+    hed_shift: float = 0.0
+    lab_jitter: float = 0.0
+    light_jitter: float = 0.0
+    blur_jitter: float = 0.0
+    jpeg_jitter: int = 0
     mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0: off)
     init_weights: Path | None = None
@@ -269,6 +307,7 @@ class Stage2Config:
         check_precision(self.precision)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
         _check_stain_jitter(self.stain_jitter)
+        check_stain_options(self)
         if not 0.0 <= self.ema < 1.0:
             raise WsssError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema:g}")
         if not 0.0 <= self.mosaic <= 1.0:

@@ -61,8 +61,7 @@ class Normalise(nn.Module):
 
     def __init__(self, norm: InputNorm) -> None:
         super().__init__()
-        stain = getattr(norm, "stain", None)
-        if stain is not None:
+        if norm.stain is not None:  # a per-patch NumPy fit (wsss.data.stain), not a graph
             raise WsssError("this model normalises stain before its input scaling; an exported graph cannot "
                             "carry that step, so it is not exported")
         self.register_buffer("mean", torch.tensor(norm.mean, dtype=torch.float32).view(1, 3, 1, 1))

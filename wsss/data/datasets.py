@@ -14,28 +14,36 @@ from wsss.data import augment
 from wsss.data.layout import MaskedSample, TrainSample
 from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
+from wsss.data.stain import StainNorm
 from wsss.errors import WsssError
 
 
 @dataclass(frozen=True)
 class InputNorm:
-    """Input scaling ``(x / 255 - mean) / std``; recorded in every checkpoint and reapplied later.
+    """How a model's input is made from a uint8 RGB patch: the patch mapped onto the model's stain
+    target (``stain``, :mod:`wsss.data.stain`; None: as it is), then scaled ``(x / 255 - mean) / std``.
+    Recorded in every checkpoint and reapplied wherever the model runs.
 
-    The reference feeds ``[0, 1]`` RGB with no mean/std (``none``).
+    The reference feeds ``[0, 1]`` RGB with no mean/std (``none``) and no stain normalisation.
     """
 
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    stain: StainNorm | None = None
 
     def to_dict(self) -> dict:
-        return {"mean": list(self.mean), "std": list(self.std)}
+        d = {"mean": list(self.mean), "std": list(self.std)}
+        if self.stain is not None:
+            d["stain"] = self.stain.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InputNorm":
         """``None`` (e.g. a published plain state_dict) means the reference's ``[0, 1]`` input."""
         if not d:
             return cls()
-        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+        stain = StainNorm.from_dict(d["stain"]) if d.get("stain") else None
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), stain)
 
 
 INPUT_NORMS = {
@@ -52,22 +60,29 @@ def get_input_norm(name: str) -> InputNorm:
 
 
 def to_tensor(image: np.ndarray, norm: InputNorm) -> torch.Tensor:
-    """``(H, W, 3)`` uint8 → normalised ``(3, H, W)`` float32."""
+    """``(H, W, 3)`` uint8 → normalised ``(3, H, W)`` float32: the stain normalisation (if any) of the
+    uint8 patch, then the scaling. Every model input of every command is made here."""
+    if norm.stain is not None:
+        image = norm.stain(np.asarray(image, dtype=np.uint8))
     x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255.0)
     mean = torch.tensor(norm.mean).view(3, 1, 1)
     std = torch.tensor(norm.std).view(3, 1, 1)
     return (x - mean) / std
 
 
-def to_uint8_tensor(image: np.ndarray) -> torch.Tensor:
+def to_uint8_tensor(image: np.ndarray, stain: StainNorm | None = None) -> torch.Tensor:
     """``(H, W, 3)`` uint8 → ``(3, H, W)`` uint8, as loader workers send training images (a quarter
-    of float32's bytes); :func:`normalise` finishes the job where the model runs."""
+    of float32's bytes): mapped onto the stain target ``stain`` (None: as it is), the part of the input
+    normalisation that works on uint8; :func:`normalise` finishes the job where the model runs."""
+    if stain is not None:
+        image = stain(np.asarray(image, dtype=np.uint8))
     return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def normalise(x: torch.Tensor, norm: InputNorm) -> torch.Tensor:
-    """uint8 images ``(..., 3, H, W)`` → float32 ``(x / 255 - mean) / std`` on ``x``'s device; the
-    same arithmetic as :func:`to_tensor`, so the values are the same to the bit."""
+    """uint8 images ``(..., 3, H, W)`` (stain-normalised already, :func:`to_uint8_tensor`) → float32
+    ``(x / 255 - mean) / std`` on ``x``'s device; the same arithmetic as :func:`to_tensor`, so the
+    values are the same to the bit."""
     x = x.float().div_(255.0)
     mean = torch.tensor(norm.mean, device=x.device).view(3, 1, 1)
     std = torch.tensor(norm.std, device=x.device).view(3, 1, 1)
@@ -95,10 +110,12 @@ def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
 class ClassificationDataset(Dataset):
     """Training patches with their multi-hot labels, for stage 1.
 
-    Item: ``(image (3, S, S) float, label (C,) float, index)``; with ``norm`` None the image is uint8,
-    to be normalised on the device (:func:`normalise`). With ``augment``: random flips
-    (``geometric="flip"``, the reference) or all eight square symmetries (``"d4"``), and HED stain
-    jitter of strength ``stain`` (0: none); see :mod:`wsss.data.augment`.
+    Item: ``(image (3, S, S) float, label (C,) float, index)``; with ``norm`` None the image is uint8
+    (mapped onto the stain target ``stain_norm`` if given), to be scaled on the device
+    (:func:`normalise`). With ``augment``: random flips (``geometric="flip"``, the reference) or all
+    eight square symmetries (``"d4"``), HED stain jitter of strength ``stain`` (0: none) and the
+    ``colour`` augmentation; see :mod:`wsss.data.augment`. The model's stain normalisation
+    (``norm.stain`` or ``stain_norm``) comes after augmentation, as at test time.
     """
 
     def __init__(
@@ -109,6 +126,8 @@ class ClassificationDataset(Dataset):
         augment: bool = False,
         geometric: str = "flip",
         stain: float = 0.0,
+        colour: augment.ColourAugment | None = None,
+        stain_norm: StainNorm | None = None,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -116,6 +135,8 @@ class ClassificationDataset(Dataset):
         self.augment = augment
         self.geometric = geometric
         self.stain = stain
+        self.colour = colour
+        self.stain_norm = stain_norm
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -128,7 +149,8 @@ class ClassificationDataset(Dataset):
             # torch's RNG is seeded per worker by the DataLoader, so augmentations are reproducible.
             (image,) = augment.geometric([image], self.geometric)
             image = augment.stain_jitter(image, self.stain)
-        x = to_uint8_tensor(image) if self.norm is None else to_tensor(image, self.norm)
+            image = augment.colour(image, self.colour)
+        x = to_uint8_tensor(image, self.stain_norm) if self.norm is None else to_tensor(image, self.norm)
         return x, label, index
 
 

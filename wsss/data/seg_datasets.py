@@ -16,6 +16,7 @@ from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, r
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import check_mask_values, read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
+from wsss.data.stain import StainNorm
 from wsss.errors import WsssError
 
 
@@ -36,14 +37,14 @@ def pseudo_mask_paths(
 
 
 def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip",
-                  stain: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+                  stain: float = 0.0, colour: augment.ColourAugment | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Stage-2 augmentation, drawn from torch's RNG (seeded per worker and epoch).
 
     ``geometric="hflip"`` is the reference's: image (H, W, 3) and masks (L, H, W) flipped left-right
     together with p = 0.5. ``"d4"``: a random one of the square's eight symmetries, applied to both
-    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) of
-    the image, and, as the reference, the image alone blurred with p = 0.5 by a Gaussian of radius
-    uniform in [0, 1).
+    (:func:`wsss.data.augment.geometric`). Then HED stain jitter of strength ``stain`` (0: none) and
+    the ``colour`` augmentation of the image, and, as the reference, the image alone blurred with
+    p = 0.5 by a Gaussian of radius uniform in [0, 1).
     """
     if geometric == "d4":
         image, *planes = augment.geometric([image, *masks], "d4")
@@ -52,6 +53,7 @@ def flip_and_blur(image: np.ndarray, masks: np.ndarray, geometric: str = "hflip"
         image = image[:, ::-1]
         masks = masks[:, :, ::-1]
     image = augment.stain_jitter(np.ascontiguousarray(image), stain)
+    image = augment.colour(image, colour)
     if torch.rand(()) < 0.5:
         radius = float(torch.rand(()))
         image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).filter(ImageFilter.GaussianBlur(radius)))
@@ -77,8 +79,8 @@ class PseudoMaskDataset(Dataset):
     """Training patches with one pseudo-mask per layer.
 
     Item: ``(image (3, S, S) float, masks (L, S, S) long, index)``; with ``norm`` None the image and the
-    masks are uint8 (a sixth of the bytes), the image to be normalised on the device
-    (:func:`wsss.data.datasets.normalise`). Image resized bilinearly and masks
+    masks are uint8 (a sixth of the bytes), the image mapped onto the stain target ``stain_norm`` (if
+    given) and to be scaled on the device (:func:`wsss.data.datasets.normalise`). Image resized bilinearly and masks
     by nearest neighbour to ``image_size`` (``None``: the patches' own size), after augmentation.
     Mask values are tissue classes ``0..C-1`` or the spec's background index (ignored by the loss);
     any other value is an error naming the file. Pseudo-masks (and the synthetic ``train_gt``
@@ -96,6 +98,8 @@ class PseudoMaskDataset(Dataset):
         geometric: str = "hflip",
         stain: float = 0.0,
         mosaic: float = 0.0,
+        colour: augment.ColourAugment | None = None,
+        stain_norm: StainNorm | None = None,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
@@ -106,6 +110,8 @@ class PseudoMaskDataset(Dataset):
         self.geometric = geometric
         self.stain = stain
         self.mosaic = mosaic
+        self.colour = colour
+        self.stain_norm = stain_norm
         # Patches with one class: their pseudo-masks are exact (that class, or background on white).
         self.single = [i for i, sample in enumerate(self.samples) if sum(sample.label) == 1]
 
@@ -131,11 +137,11 @@ class PseudoMaskDataset(Dataset):
         if self.augment and self.mosaic > 0 and len(self.single) >= 2 and float(torch.rand(())) < self.mosaic:
             image, masks = self._mosaic(image.shape[:2]) or (image, masks)
         if self.augment:
-            image, masks = flip_and_blur(image, masks, self.geometric, self.stain)
+            image, masks = flip_and_blur(image, masks, self.geometric, self.stain, self.colour)
         image = resize_rgb(image, self.image_size)
         masks = np.stack([resize_mask(m, self.image_size) for m in masks])
         if self.norm is None:
-            return to_uint8_tensor(image), torch.from_numpy(masks.astype(np.uint8)), index
+            return to_uint8_tensor(image, self.stain_norm), torch.from_numpy(masks.astype(np.uint8)), index
         return to_tensor(image, self.norm), torch.from_numpy(masks.astype(np.int64)), index
 
 

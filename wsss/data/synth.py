@@ -19,6 +19,7 @@ Layout written by :func:`generate`::
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
@@ -66,12 +68,27 @@ class Look:
     region is rendered pale: its eosin fades to a tenth over blotches covering about a third of it
     (nuclei keep about half their density), so parts of it cross the white-glass rule (grey > 200)
     while the true masks still call it tissue. The defaults are the generator's usual look.
+
+    The scanner and staining fields change colour and sharpness only, never the tissue: ``h_hue`` and
+    ``e_hue`` rotate one stain's OD vector further (degrees; negative turns haematoxylin bluer and
+    eosin purpler), ``h_scale`` and ``e_scale`` multiply one stain's density, ``brightness`` multiplies
+    the transmitted light (below 1: a darker scan, glass included), ``blur`` is the σ in px (at 224 px)
+    of a Gaussian blur of the scanned light, and ``jpeg`` the quality of a JPEG round trip (0: none).
+    They draw no random numbers, so a patch of any such look shows the same tissue and mask as the
+    default look's patch of the same seed.
     """
 
     stain_scale: float = 1.0
     hue_shift: float = 0.0
     texture_scale: float = 1.0
     pale: float = 0.0
+    h_hue: float = 0.0
+    e_hue: float = 0.0
+    h_scale: float = 1.0
+    e_scale: float = 1.0
+    brightness: float = 1.0
+    blur: float = 0.0
+    jpeg: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.2 <= self.stain_scale <= 3.0:
@@ -82,9 +99,28 @@ class Look:
             raise WsssError(f"--texture-scale must be in [0.5, 2.5], not {self.texture_scale:g}")
         if not 0.0 <= self.pale <= 1.0:
             raise WsssError(f"--pale is a probability in [0, 1], not {self.pale:g}")
+        for name in ("h_hue", "e_hue"):
+            if not -90.0 <= getattr(self, name) <= 90.0:
+                raise WsssError(f"{name} must be in [-90, 90] degrees, not {getattr(self, name):g}")
+        for name in ("h_scale", "e_scale"):
+            if not 0.2 <= getattr(self, name) <= 3.0:
+                raise WsssError(f"{name} must be in [0.2, 3], not {getattr(self, name):g}")
+        if not 0.5 <= self.brightness <= 1.5:
+            raise WsssError(f"brightness must be in [0.5, 1.5], not {self.brightness:g}")
+        if not 0.0 <= self.blur <= 5.0:
+            raise WsssError(f"blur must be in [0, 5] px, not {self.blur:g}")
+        if self.jpeg != 0 and not (5 <= self.jpeg <= 100 and self.jpeg == int(self.jpeg)):
+            raise WsssError(f"jpeg must be 0 (none) or a quality from 5 to 100, not {self.jpeg:g}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The four original fields always, a scanner/staining field only when it is not its default: the
+        records of the looks that existed before those fields (``synth.json``, manifests) stay as they were."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k in _ORIGINAL_FIELDS or v != _DEFAULTS[k]}
+
+
+_ORIGINAL_FIELDS = ("stain_scale", "hue_shift", "texture_scale", "pale")
+_DEFAULTS = asdict(Look())
 
 
 LOOKS: dict[str, Look] = {
@@ -93,11 +129,21 @@ LOOKS: dict[str, Look] = {
     # eosin), 1.3x magnification, and pale regions that the white-glass rule partly takes for
     # background; the classes keep their textures.
     "shifted": Look(stain_scale=0.8, hue_shift=12.0, texture_scale=1.3, pale=0.3),
+    # Stain and scanner looks: the same tissue and masks as the default look (no texture change, no
+    # extra random draws), only colour, strength, light, sharpness and compression differ.
+    # Another lab: bluer haematoxylin, purpler and weaker eosin, a darker, slightly blurred scan.
+    "lab-b": Look(h_hue=-12.0, e_hue=-18.0, e_scale=0.75, brightness=0.9, blur=0.8),
+    "pale": Look(stain_scale=0.7, brightness=1.05),  # weakly stained, brightly lit
+    "dark": Look(stain_scale=1.5),  # strongly stained
+    "jpeg": Look(jpeg=40),  # a scanner's JPEG at quality 40
+    "blur": Look(blur=1.5),  # out of focus
 }
+STAIN_LOOKS = ("lab-b", "pale", "dark", "jpeg", "blur")
+"""The looks that change stain or scanner only: the columns of the stain transfer matrix."""
 
 
 def resolve_look(name: str = "default", **overrides: float | None) -> Look:
-    """The named look (``default`` or ``shifted``) with the options that are not None replacing its values."""
+    """The named look (one of :data:`LOOKS`) with the options that are not None replacing its values."""
     if name not in LOOKS:
         raise WsssError(f"--look must be one of {', '.join(LOOKS)}, not {name!r}")
     values = {**LOOKS[name].to_dict(), **{k: float(v) for k, v in overrides.items() if v is not None}}
@@ -648,19 +694,37 @@ def _stain(rng: np.random.Generator, h: np.ndarray, e: np.ndarray, look: Look = 
 
     Stain vectors, stain strengths and section thickness vary per patch (like different labs,
     scanners and staining batches); that variation is what makes class mean colours overlap.
-    ``look`` rotates the stain vectors and scales the optical density (:class:`Look`); a random task
-    adds its own ``hue`` (degrees) and ``strength`` (a multiplier of the density).
+    ``look`` rotates the stain vectors and scales the optical density, and may dim, blur and
+    JPEG-compress the scan (:class:`Look`); a random task adds its own ``hue`` (degrees) and
+    ``strength`` (a multiplier of the density).
     """
     size = h.shape[0]
-    h_vec = _unit(_hue_rotate(_H_VEC, look.hue_shift + hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
-    e_vec = _unit(_hue_rotate(_E_VEC, look.hue_shift + hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
+    h_vec = _unit(_hue_rotate(_H_VEC, look.hue_shift + hue + look.h_hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
+    e_vec = _unit(_hue_rotate(_E_VEC, look.hue_shift + hue + look.e_hue) + rng.normal(0, 0.05, 3)).astype(np.float32)
     thick = 1.0 + 0.08 * _smooth_noise(rng, size, size / 3)
     optics = 0.6 * size / _REF_SIZE  # slight optical blur, applied to densities (it is linear)
     h = ndimage.gaussian_filter(h, optics) * thick * np.float32(rng.uniform(0.7, 1.3))
     e = ndimage.gaussian_filter(e, optics) * thick * np.float32(rng.uniform(0.7, 1.35))
+    if look.h_scale != 1.0 or look.e_scale != 1.0:
+        h, e = h * np.float32(look.h_scale), e * np.float32(look.e_scale)
     od = (h[..., None] * h_vec + e[..., None] * e_vec) * np.float32(look.stain_scale * strength)
-    rgb = 255.0 * np.exp(-od) + 3.0 * rng.standard_normal(od.shape, dtype=np.float32)
-    return np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    light = 255.0 * np.exp(-od)
+    if look.brightness != 1.0:
+        light = light * np.float32(look.brightness)
+    if look.blur > 0:  # the scanner's blur acts on light, before the sensor's noise
+        light = ndimage.gaussian_filter(light, (look.blur * size / _REF_SIZE,) * 2 + (0,))
+    rgb = light + 3.0 * rng.standard_normal(od.shape, dtype=np.float32)
+    image = np.clip(rgb + 0.5, 0, 255).astype(np.uint8)
+    return _jpeg(image, int(look.jpeg)) if look.jpeg else image
+
+
+def _jpeg(image: np.ndarray, quality: int) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 after a JPEG round trip at ``quality`` (Pillow, 4:2:0 chroma, as scanners)."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    buffer.seek(0)
+    with Image.open(buffer) as decoded:
+        return np.asarray(decoded.convert("RGB")).copy()
 
 
 def _hue_rotate(vec: np.ndarray, degrees: float) -> np.ndarray:

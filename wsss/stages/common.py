@@ -1,5 +1,6 @@
 """What the two training stages share: their output file names, resuming, the training loader, the
-optimizer step, the loss check and tensorboard logs."""
+optimizer step, the loss check, tensorboard logs and the model's input pipeline (stain target, colour
+augmentation)."""
 
 from __future__ import annotations
 
@@ -277,8 +278,8 @@ def device_images(x: torch.Tensor, norm, device: torch.device,
                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """A batch of uint8 images (B, 3, H, W) from the loader → normalised float32 model input on
     ``device`` in ``layout`` (:func:`wsss.runtime.memory_format`): the loader's workers send a
-    quarter of the bytes, and the normalisation runs where the model does
-    (:func:`wsss.data.datasets.normalise`)."""
+    quarter of the bytes (mapped onto ``norm``'s stain target already), and the scaling runs where
+    the model does (:func:`wsss.data.datasets.normalise`)."""
     from wsss.data.datasets import normalise
 
     x = normalise(x.to(device, non_blocking=True), norm)
@@ -353,3 +354,48 @@ class StepLosses:
                     self.writer.add_scalar(self.tag, value, self.first_step + step)
                     self.writer.add_scalar("train/lr", lr, self.first_step + step)
         self.pending = []
+
+
+# --------------------------------------------------------------------------- what a model's input is made of
+
+
+@dataclass(frozen=True)
+class InputPipeline:
+    """How a run turns its training patches into model inputs: the model's input normalisation (with
+    its stain target, recorded in every checkpoint) and the colour augmentation of training."""
+
+    norm: Any  # wsss.data.datasets.InputNorm
+    colour: Any  # wsss.data.augment.ColourAugment
+
+
+def input_pipeline(cfg: Any, paths: list[Path], state: dict | None) -> InputPipeline:
+    """The input normalisation and colour augmentation of a training run (either stage).
+
+    The stain target is the one a resumed run's checkpoint recorded, else fitted now on ``--stain-target``
+    or on the training patches ``paths`` (each as the model sees it, at ``cfg.image_size``)."""
+    from wsss.data import stain
+    from wsss.data.augment import ColourAugment
+    from wsss.data.datasets import InputNorm, get_input_norm
+
+    target = None
+    if cfg.stain_norm != "none":
+        recorded = InputNorm.from_dict(state.get("input_norm")).stain if state is not None else None
+        if recorded is not None and recorded.method == cfg.stain_norm:
+            target = recorded
+        elif cfg.stain_target is not None:
+            target = stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
+        else:
+            target = stain.fit_training_set(cfg.stain_norm, paths, cfg.image_size)
+    lab = stain.lab_statistics(paths, cfg.image_size) if cfg.lab_jitter > 0 else None
+    colour = ColourAugment(cfg.hed_scale, cfg.hed_shift, cfg.lab_jitter, cfg.light_jitter, cfg.blur_jitter,
+                           cfg.jpeg_jitter, lab)
+    return InputPipeline(replace(get_input_norm(cfg.input_norm), stain=target), colour)
+
+
+def check_stain_target(cfg: Any) -> None:
+    """Fit ``--stain-target`` once before a run claims its outputs, so that an image that is not RGB or
+    is mostly glass ends in one line with nothing written."""
+    if cfg.stain_norm != "none" and cfg.stain_target is not None:
+        from wsss.data import stain
+
+        stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)

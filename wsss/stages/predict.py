@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from wsss.data import stain
 from wsss.data.png import check_rgb_mode, write_mask, write_rgb
 from wsss.data.scale import resample_factor, resampled_size
 from wsss.data.specs import DatasetSpec, check_mpp
@@ -302,6 +303,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
                 failures.append(str(exc))
                 log.debug("skipping %s: %s", path, exc)
             note_saved(f"{len(rows)} of {len(images)} images segmented into {cfg.out} (a rerun does them all again)")
+        stain.log_counts("windows")
         written = None
         if rows:
             written = summary

@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
+from wsss.data import stain
 from wsss.cam.cam import check_tie_rule
 from wsss.cam.gradcam import GRADCAM_LAYERS, averaged_gradcam, check_layers, class_pixel_counts, fuse_pseudo_mask
 from wsss.data.background import WHITE_RULES, white_mask
@@ -337,6 +338,7 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
         done += len(batch)
         note_saved(f"the pseudo-masks of {done} of {len(samples)} patches are in {out} (a rerun keeps them)")
         del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
+    stain.log_counts("training patches")
     return writer
 
 

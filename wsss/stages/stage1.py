@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss import config as cfglib
+from wsss.data import stain
 from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
@@ -40,8 +41,8 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    EpochLoader, RunPaths, StepLosses, check_same_inputs, device_images, note_epochs, optimizer_step, resume_state,
-    tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
+    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
     Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_checkpoint,
@@ -110,10 +111,12 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
     return model
 
 
-def train_loader(cfg: Stage1Config, samples, dist: Distributed) -> EpochLoader:
-    """The training batches of every epoch: uint8 images (normalised on the device), labels, indices."""
+def train_loader(cfg: Stage1Config, samples, dist: Distributed, pipeline: InputPipeline | None = None) -> EpochLoader:
+    """The training batches of every epoch: uint8 images (colour-augmented and stain-normalised by
+    ``pipeline`` in the workers, scaled on the device), labels, indices."""
+    colour, target = (pipeline.colour, pipeline.norm.stain) if pipeline is not None else (None, None)
     dataset = ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
-                                    stain=cfg.stain_jitter)
+                                    stain=cfg.stain_jitter, colour=colour, stain_norm=target)
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
 
@@ -167,8 +170,10 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, di
     return EpochStats(loss_sum / max(n, 1), exact / max(n, 1), bits / max(n, 1))
 
 
-def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **extra) -> dict:
-    """Our checkpoint format (STYLE rule 6): everything needed to reuse or resume the model."""
+def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, norm: InputNorm | None = None,
+                     **extra) -> dict:
+    """Our checkpoint format (STYLE rule 6): everything needed to reuse or resume the model; ``norm``
+    is the model's input normalisation, its stain target included (None: ``cfg.input_norm``, no stain target)."""
     return {
         "stage": 1,
         "format": 1,
@@ -180,7 +185,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, **
         "dataset": spec.name,
         "class_names": list(spec.classes),
         "spec": spec.to_dict(),
-        "input_norm": get_input_norm(cfg.input_norm).to_dict(),
+        "input_norm": (norm or get_input_norm(cfg.input_norm)).to_dict(),
         "image_size": cfg.image_size,
         "frozen_pretrained": model.is_frozen_pretrained,
         **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
@@ -201,20 +206,23 @@ def train(cfg: Stage1Config, resume: bool = False, force: bool = False, given: C
         cfg, state = resume_state(cfg, paths, cfglib.STAGE1_RUNTIME_FIELDS, resume, force, given=given, owner=owner)
         if state is not None:
             check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
-        samples = _prepare(cfg, spec, paths, owner, resumed=state is not None)
+        samples, pipeline = _prepare(cfg, spec, paths, owner, state)
         dist = Distributed(cfg.device)
         try:
-            return _train(cfg, spec, paths, state, dist, samples)
+            return _train(cfg, spec, paths, state, dist, samples, pipeline)
         finally:
             dist.close()
 
 
-def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner, resumed: bool) -> list:
+def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner,
+             state: dict | None) -> tuple[list, InputPipeline]:
     """Before the first epoch: a resumed run reads the patches it read before, the outputs are ours
-    to write, and every training patch and evaluation mask is valid. Returns the training samples."""
+    to write, and every training patch and evaluation mask is valid. Returns the training samples and
+    how they become model inputs (the stain target fitted, or the resumed run's)."""
     samples = list_train(cfg.data, spec)
+    check_stain_target(cfg)
     inputs = training_inputs(cfg, samples)
-    check_same_inputs(owner, inputs, ("train",), resumed)
+    check_same_inputs(owner, inputs, ("train",), state is not None)
     owner.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
     problems = validate.train_problems(samples, spec)
@@ -222,7 +230,7 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)
     validate.require(problems, cfg.data, spec.name)
     dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
-    return samples
+    return samples, input_pipeline(cfg, [s.path for s in samples], state)
 
 
 def training_inputs(cfg: Stage1Config, samples) -> dict:
@@ -230,12 +238,14 @@ def training_inputs(cfg: Stage1Config, samples) -> dict:
     from wsss.data.layout import train_image_dir
 
     init = Path(cfg.init_weights) if cfg.init_weights is not None else None
+    target = Path(cfg.stain_target) if cfg.stain_target is not None else None
     return {"train": listing_hash([s.path for s in samples], train_image_dir(cfg.data)),
-            "init_weights": file_sha256(init) if init is not None and init.is_file() else None}
+            "init_weights": file_sha256(init) if init is not None and init.is_file() else None,
+            **({"stain_target": file_sha256(target)} if target is not None and target.is_file() else {})}
 
 
 def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed,
-           samples) -> dict:
+           samples, pipeline: InputPipeline) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     # The config records the precision the run computes in (auto → bf16 or fp32 here).
@@ -247,7 +257,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     model = model.to(memory_format=training_format(dist.device, cfg.precision))
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
-    batches = train_loader(cfg, samples, dist)
+    batches = train_loader(cfg, samples, dist, pipeline)
     steps_per_epoch = len(batches)
     if steps_per_epoch == 0:
         raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
@@ -280,10 +290,11 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
         stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist, writer,
                                 epoch)
+        stain.log_counts("training patches of this epoch")
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
             save_checkpoint(paths.last, checkpoint_state(
-                model, cfg, spec, epoch, optimizer=optimizer.state_dict(),
+                model, cfg, spec, epoch, pipeline.norm, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
@@ -292,12 +303,12 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
         final_epoch = cfg.epochs - 1
-        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device)
+        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device, pipeline.norm)
         report_fit(fit)
-        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, fit=fit))
+        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, pipeline.norm, fit=fit))
         note_saved(f"training finished ({paths.checkpoint} saved); the CAM evaluation was cut short", True)
         if cfg.eval_splits:
-            summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics)
+            summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics, pipeline.norm)
         if writer is not None:
             writer.close()
     return summary
@@ -309,13 +320,12 @@ augmentation) ends below this has not fitted its labels, and its CAMs are poor: 
 
 
 @torch.no_grad()
-def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: torch.device,
+def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: torch.device, norm: InputNorm,
                  batch_size: int = 32) -> dict:
     """How well the trained classifier fits its training labels: label accuracy (right label bits)
     and exact match (all labels of a patch right) over the training patches, as they are (eval mode,
     no augmentation), per class too; ``fits`` compares the label accuracy with :data:`FIT_LABEL_ACC`."""
-    norm = get_input_norm(cfg.input_norm)
-    dataset = ClassificationDataset(samples, cfg.image_size, None)
+    dataset = ClassificationDataset(samples, cfg.image_size, None, stain_norm=norm.stain)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=cfg.workers, pin_memory=device.type == "cuda")
     layout = memory_format(device, cfg.precision)
     model.eval().to(memory_format=layout)
@@ -441,11 +451,11 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
         x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
         pred = predict_cams(model, x, tuple(mask.shape[-2:]), threshold, tie_rule, precision)
         meter.update(pred.cpu(), mask)
+    stain.log_counts(f"{split} patches")
     return meter.to_json(list(spec.classes))
 
 
-def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path) -> dict:
-    norm = get_input_norm(cfg.input_norm)
+def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path: Path, norm: InputNorm) -> dict:
     results = {}
     skipped = without_masks(cfg.data, cfg.eval_splits, "their CAM evaluation is left out (stage 1 keeps its last "
                                                         "epoch either way)")

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from wsss import config as cfglib
+from wsss.data import stain
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
 from wsss.data.datasets import InputNorm, get_input_norm
 from wsss.data.layout import MaskedSample, default_pm_dir, has_masks, list_masked, list_train, without_masks
@@ -52,8 +53,8 @@ from wsss.data import validate as checks
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    EpochLoader, RunPaths, StepLosses, check_same_inputs, device_images, note_epochs, optimizer_step, resume_state,
-    tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
+    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
     Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_scaler_state,
@@ -218,6 +219,7 @@ def evaluate_samples(
             meters[key].update(pred, mask)
             if pred_dirs is not None and key in pred_dirs:
                 _write_predictions(pred_dirs[key], pred, mask, [samples[i] for i in index.tolist()], spec)
+    stain.log_counts(f"{desc} inputs")
     return meters
 
 
@@ -268,9 +270,11 @@ def evaluate_checkpoint(
     return results
 
 
-def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples, dist: Distributed) -> dict:
-    """Validation metrics of this process's share of ``samples``, summed over all processes."""
-    seg = LoadedSegmenter(model, get_input_norm(cfg.input_norm), cfg.image_size, list(spec.classes))
+def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples, dist: Distributed,
+             norm: InputNorm) -> dict:
+    """Validation metrics of this process's share of ``samples``, summed over all processes (the
+    patches prepared with the model's input normalisation ``norm``)."""
+    seg = LoadedSegmenter(model, norm, cfg.image_size, list(spec.classes))
     share = list(samples)[dist.rank :: dist.world_size]
     meter = evaluate_samples(seg, share, spec, dist.device, batch_size=cfg.batch_size, workers=cfg.workers,
                              precision=cfg.precision, desc="validate", progress=dist.is_main)["plain"]
@@ -371,8 +375,10 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Con
     return loss_sum / max(n, 1)
 
 
-def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, epoch: int, best: dict, **extra) -> dict:
-    """Our checkpoint format (STYLE rule 6) for stage 2."""
+def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, epoch: int, best: dict,
+                     norm: InputNorm | None = None, **extra) -> dict:
+    """Our checkpoint format (STYLE rule 6) for stage 2; ``norm``: the input normalisation, stain target
+    included (None: ``cfg.input_norm``, no stain target)."""
     return {
         "stage": 2,
         "format": 1,
@@ -386,7 +392,7 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
         "dataset": spec.name,
         "class_names": list(spec.classes),
         "spec": spec.to_dict(),
-        "input_norm": get_input_norm(cfg.input_norm).to_dict(),
+        "input_norm": (norm or get_input_norm(cfg.input_norm)).to_dict(),
         "image_size": cfg.image_size,
         **dataset_scale(spec, cfg.data),  # mpp and patch_size: the scale the model works at
         **extra,
@@ -438,22 +444,24 @@ def train(cfg: Stage2Config, resume: bool = False, force: bool = False, given: C
         paths = Stage2Paths.of(cfg)
         with owned_folder(paths.report, "train-stage2", key=key, force=force, option="--report",
                           read_from=input_folders(cfg.data), enabled=main) as reports:
-            dataset = _prepare(cfg, spec, paths, owner, reports, resumed=state is not None)
+            dataset, norm = _prepare(cfg, spec, paths, owner, reports, state)
             dist = Distributed(cfg.device)
             try:
-                return _train(cfg, spec, paths, state, dist, dataset)
+                return _train(cfg, spec, paths, state, dist, dataset, norm)
             finally:
                 dist.close()
 
 
 def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ownership.Owner,
-             reports: ownership.Owner, resumed: bool) -> PseudoMaskDataset:
+             reports: ownership.Owner, state: dict | None) -> tuple[PseudoMaskDataset, InputNorm]:
     """Before the first epoch: a resumed run reads what it read before, the outputs are ours to
-    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set."""
+    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set and the
+    model's input normalisation (its stain target fitted, or the resumed run's)."""
     samples = list_train(cfg.data, spec)
     mask_paths = pseudo_mask_paths(samples, _pm_dir(cfg), cfg.pm_layers, spec.name)
+    check_stain_target(cfg)
     inputs = training_inputs(cfg, samples, mask_paths)
-    check_same_inputs(owner, inputs, ("train", "pseudo_masks"), resumed)
+    check_same_inputs(owner, inputs, ("train", "pseudo_masks"), state is not None)
     for held in (owner, reports):
         held.begin(cfglib.to_dict(cfg), inputs)
     owner.claim(paths.outputs)
@@ -461,7 +469,8 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
     _check_inputs(cfg, spec, samples, mask_paths, test_samples)
-    return _training_set(cfg, spec, samples, mask_paths)
+    pipeline = input_pipeline(cfg, [s.path for s in samples], state)
+    return _training_set(cfg, spec, samples, mask_paths, pipeline), pipeline.norm
 
 
 def split_masks(root: Path, split: str) -> list[MaskedSample]:
@@ -479,9 +488,11 @@ def training_inputs(cfg: Stage2Config, samples, mask_paths) -> dict:
     from wsss.data.layout import train_image_dir
 
     init = Path(cfg.init_weights) if cfg.init_weights is not None else None
+    target = Path(cfg.stain_target) if cfg.stain_target is not None else None
     return {"train": listing_hash([s.path for s in samples], train_image_dir(cfg.data)),
             "pseudo_masks": listing_hash([p for row in mask_paths for p in row], _pm_dir(cfg), times=True),
-            "init_weights": file_sha256(init) if init is not None and init.is_file() else None}
+            "init_weights": file_sha256(init) if init is not None and init.is_file() else None,
+            **({"stain_target": file_sha256(target)} if target is not None and target.is_file() else {})}
 
 
 def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, test_samples) -> None:
@@ -501,7 +512,7 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
-           dataset: PseudoMaskDataset) -> dict:
+           dataset: PseudoMaskDataset, norm: InputNorm) -> dict:
     if not dist.is_main:
         logging.getLogger("wsss").setLevel(logging.WARNING)
     # The config records the precision the run computes in (auto → bf16 or fp32 here).
@@ -550,17 +561,18 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         seed_everything(cfg.seed + 7919 * epoch, dist.rank)
         loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch,
                                ema=ema)
-        val = validate(kept, cfg, spec, val_samples, dist) if val_samples else None
+        stain.log_counts("training patches of this epoch")
+        val = validate(kept, cfg, spec, val_samples, dist, norm) if val_samples else None
         score = finite_score(val, epoch, cfg.epochs, cfg.data) if val is not None else None  # every process
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
             if val is None or improves(score, best.get("mIoU")):  # without val masks: the latest epoch
                 best = {"mIoU": score, "epoch": epoch, "val": val}
-                save_checkpoint(paths.checkpoint, checkpoint_state(kept, cfg, spec, epoch, best))
+                save_checkpoint(paths.checkpoint, checkpoint_state(kept, cfg, spec, epoch, best, norm))
                 if val is not None:
                     log.info("best validation mIoU so far: saved %s", paths.checkpoint)
             save_checkpoint(paths.last, checkpoint_state(
-                model, cfg, spec, epoch, best, optimizer=optimizer.state_dict(),
+                model, cfg, spec, epoch, best, norm, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                 ema=None if ema is None else ema.state_dict()))
             note_epochs(paths, epoch + 1, cfg.epochs)
@@ -583,9 +595,12 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     return summary
 
 
-def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths) -> PseudoMaskDataset:
+def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pipeline: InputPipeline
+                  ) -> PseudoMaskDataset:
+    """uint8 patches and pseudo-masks, colour-augmented and mapped onto the stain target in the workers."""
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
-                             stain=cfg.stain_jitter, mosaic=cfg.mosaic)
+                             stain=cfg.stain_jitter, mosaic=cfg.mosaic, colour=pipeline.colour,
+                             stain_norm=pipeline.norm.stain)
 
 
 def _unwrapped(model):

@@ -56,6 +56,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wsss.data import stain
 from wsss.data.png import write_rgb
 from wsss.data.scale import MPP_TOLERANCE as SCALE_TOLERANCE
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec, check_mpp
@@ -768,6 +769,7 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
         if resumed:
             log.info("continuing %s from window row %d", job.path, resumed + 1)
         segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
+        stain.log_counts(f"windows of {job.path.name}")
         if state.state["segmented"] == 0:
             state.remove()
             raise WsssError(f"{job.path}: no tissue (no window reaches --min-tissue {cfg.min_tissue:g} of "
