@@ -35,6 +35,9 @@ AUG = [*HED, "--lab-jitter", "1", *SCANNER]
 # Training options per configuration: (stage 1, stage 2). A stain target is each model's own; a "2"
 # suffix means the augmentation is given to stage 2 only (strong augmentation keeps the thin stage-1
 # classifier from fitting its labels in 12 epochs: `aug` on both stages measured label accuracy 0.85).
+# Every configuration starts from none of these (whatever the preset turns on), then adds its own.
+NEUTRAL = ["--stain-norm", "none", "--stain-jitter", "0", "--hed-scale", "0", "--hed-shift", "0", "--lab-jitter", "0",
+           "--light-jitter", "0", "--blur-jitter", "0", "--jpeg-jitter", "0"]
 CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "none": ([], []),
     "macenko": (NORM["macenko"], NORM["macenko"]),
@@ -90,12 +93,12 @@ def train_chain(run: Path, data: Path, options: tuple[list[str], list[str]], see
     s2 = run / "stage2" / "stage2_checkpoint_trained_on_luad.pth"
     common = ["--dataset", "luad", "--data", data, "--preset", "cpu", "--seed", seed, *(["--amp"] if amp else [])]
     if not s1.is_file():
-        wsss(["train-stage1", *common, "--out", run / "stage1", "--force", *options[0]], log)
+        wsss(["train-stage1", *common, "--out", run / "stage1", "--force", *NEUTRAL, *options[0]], log)
     if not (run / "report" / "metrics.json").is_file():
         wsss(["generate-pm", "--data", data, "--checkpoint", s1, "--out", run / "pm", "--preset", "cpu",
               "--workers", 0], log)
         wsss(["train-stage2", *common, "--out", run / "stage2", "--report", run / "report", "--pm-dir", run / "pm",
-              "--stage1-checkpoint", s1, "--gate", "--force", *options[1]], log)
+              "--stage1-checkpoint", s1, "--gate", "--force", *NEUTRAL, *options[1]], log)
     return s1, s2
 
 
