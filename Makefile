@@ -37,6 +37,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The documentation pages (docs/) as a site in build/site; --strict: a broken link or anchor fails.

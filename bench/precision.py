@@ -48,6 +48,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DATASET_PATCH_SIZE, REPRODUCE_PATCH_SIZE, count_flops, machine  # noqa: E402
 
+from wsss.models import loading  # noqa: E402
 from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config, resolve  # noqa: E402
 from wsss.data.datasets import ClassificationDataset, InputNorm, normalise  # noqa: E402
 from wsss.data.layout import list_train  # noqa: E402
@@ -60,9 +61,9 @@ from wsss.losses import build_multi_mask_loss  # noqa: E402
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
 from wsss.models.resnet38 import ResNet38Classifier  # noqa: E402
 from wsss.runtime import autocast, cpu_has_bf16, memory_format  # noqa: E402
-from wsss.stages.pseudo_masks import PmMethod, patch_item, pseudo_masks  # noqa: E402
+from wsss.cam.pseudo_mask import PmMethod, patch_item, pseudo_masks  # noqa: E402
 from wsss.stages.stage1 import build_model, training_format  # noqa: E402
-from wsss.stages.stage2 import LoadedSegmenter  # noqa: E402
+from wsss.models.loading import LoadedSegmenter  # noqa: E402
 
 CPU = torch.device("cpu")
 PRECISIONS = ("fp32", "bf16")
@@ -272,7 +273,7 @@ def trained_classifier(root: Path, out: Path, epochs: int) -> tuple[ResNet38Clas
     cfg = resolve(Stage1Config, STAGE1_PRESETS, "cpu", dataset="luad", data=root, out=out, epochs=epochs,
                   eval_splits=(), device="cpu")
     summary = stage1.train(cfg)
-    clf = stage1.load_classifier(Path(summary["checkpoint"]))
+    clf = loading.load_classifier(Path(summary["checkpoint"]))
     return clf.model.eval(), {"fit": summary["fit"], "checkpoint": summary["checkpoint"]}
 
 
@@ -332,7 +333,7 @@ def main() -> None:
         root = args.data or synthetic(Path(tmp) / "data", args.train_patches, REPRODUCE_PATCH_SIZE)
         paper_root = synthetic(Path(tmp) / "paper_data", max(args.loader_items, 8), DATASET_PATCH_SIZE)
         if args.checkpoint is not None:
-            from wsss.stages.stage1 import load_classifier
+            from wsss.models.loading import load_classifier
 
             model, about = load_classifier(args.checkpoint).model.eval(), {"checkpoint": str(args.checkpoint)}
         else:

@@ -37,6 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import count_flops, gemm_flops_per_second, machine, patch_size, time_calls  # noqa: E402
 
+from wsss.models import loading  # noqa: E402
 from wsss.config import STAGE2_PRESETS, Stage2Config, resolve  # noqa: E402
 from wsss.data.specs import LUAD  # noqa: E402
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus  # noqa: E402
@@ -55,7 +56,7 @@ def make_checkpoint(path: Path, cfg: Stage2Config) -> None:
 
 def bench_tiles(path: Path, tile: int, batch: int, repeats: int) -> float:
     """Print windows/s and the GEMM fraction of the tile predictor; returns windows/s."""
-    seg = stage2.load_segmenter(path)
+    seg = loading.load_segmenter(path)
     predict = TilePredictor(seg, tile, torch.device("cpu"))
     rng = np.random.default_rng(0)
     tiles = [rng.integers(0, 256, (tile, tile, 3), dtype=np.uint8) for _ in range(batch)]
@@ -72,7 +73,7 @@ def bench_tiles(path: Path, tile: int, batch: int, repeats: int) -> float:
 def bench_pipeline(path: Path, args) -> None:
     """Print windows/s of the sliding window batched within rows (before) and across rows with
     prefetch (now), on a narrow image (fewer windows a row than a batch) and a wide one."""
-    seg = stage2.load_segmenter(path)
+    seg = loading.load_segmenter(path)
     predict = TilePredictor(seg, args.tile, torch.device("cpu"))
     stride = args.tile - args.overlap
     peak = gemm_flops_per_second()

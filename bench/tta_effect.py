@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine  # noqa: E402
 
+from wsss.models import loading  # noqa: E402
 from wsss.data.datasets import read_masked  # noqa: E402
 from wsss.data.layout import list_masked  # noqa: E402
 from wsss.data.specs import LUAD, get_spec  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    seg = stage2.load_segmenter(args.checkpoint)
+    seg = loading.load_segmenter(args.checkpoint)
     spec = get_spec(args.dataset) if args.dataset else seg.spec or LUAD
     samples = list_masked(args.data, args.split)
     pairs = [read_masked(s, spec) for s in samples]  # masks as wsss evaluate reads them

@@ -13,8 +13,7 @@ import torch
 from cli_helpers import run_cli
 from wsss.data.specs import LUAD
 from wsss.runtime import load_checkpoint, save_checkpoint
-from wsss.stages.stage1 import load_classifier
-from wsss.stages.stage2 import load_segmenter
+from wsss.models.loading import load_classifier, load_segmenter
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 

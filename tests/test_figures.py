@@ -12,6 +12,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from test_gradcam import make_classifier
+from wsss.models import loading
 from wsss.config import Stage1Config
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.labels import format_label
@@ -213,7 +214,7 @@ def test_cam_rows_one_patch_per_class(synth_root, checkpoint, tmp_path):
     chosen = pick_per_class([s.label for s in samples], 4)
     assert chosen == {0: 5, 1: 4, 2: 0, 3: 6}  # seed 0's labels (two-class patches first, each once)
     grid_cells = cells(out, 4, 2 + len(LAYERS))
-    clf = stage1.load_classifier(checkpoint, 4)
+    clf = loading.load_classifier(checkpoint, 4)
     for row, (cls, index) in zip(grid_cells, chosen.items()):
         image = read_rgb(samples[index].path)
         cams, _ = evaluation_cams(clf, image, torch.device("cpu"))
@@ -225,7 +226,7 @@ def test_cam_rows_one_patch_per_class(synth_root, checkpoint, tmp_path):
 
 
 def test_evaluation_cams_agree_with_the_cam_evaluation(synth_root, checkpoint):
-    clf = stage1.load_classifier(checkpoint, 4)
+    clf = loading.load_classifier(checkpoint, 4)
     for sample in list_masked(synth_root, "test"):
         image = read_rgb(sample.image)
         cams, probs = evaluation_cams(clf, image, torch.device("cpu"))

@@ -13,7 +13,7 @@ from wsss.data.background import white_mask
 from wsss.data.seg_datasets import compose_mosaic as augment_mosaic
 from wsss.errors import WsssError
 from wsss.models.resnet38 import ResNet38Classifier
-from wsss.stages.pseudo_masks import PmMethod
+from wsss.cam.pseudo_mask import PmMethod
 
 
 def _pixelwise_cams(model, x, layers, size):

@@ -25,6 +25,7 @@ from reference_nets import (
     reference_gradcam,
     resize_bilinear,
 )
+from wsss.models import loading
 from wsss.cam.cam import cam_to_segmentation
 from wsss.cam.gradcam import fuse_pseudo_mask, multi_layer_gradcam
 from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS, Stage1Config, Stage2Config, resolve
@@ -438,7 +439,7 @@ def test_reference_checkpoint_computes_what_the_reference_computes(reference_dee
     """Our model with the reference's weights (through load_segmenter, which also infers the
     architecture) equals the reference's forward written from its named tensors."""
     path, _, state = reference_deeplab_file
-    loaded = stage2.load_segmenter(path, 4)
+    loaded = loading.load_segmenter(path, 4)
     model = loaded.model.double().eval()
     torch.manual_seed(3)
     x = torch.rand(2, 3, 64, 64, dtype=torch.float64)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from tiling_oracle import content_predictor, full_blend
+from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
 from wsss.data.datasets import InputNorm, to_tensor
@@ -56,8 +57,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def seg(ckpts) -> stage2.LoadedSegmenter:
-    return stage2.load_segmenter(ckpts["s2"])
+def seg(ckpts) -> loading.LoadedSegmenter:
+    return loading.load_segmenter(ckpts["s2"])
 
 
 def _random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -106,12 +107,12 @@ def test_one_tile_equals_whole_image_inference(seg):
     predictor = I.TilePredictor(seg, TILE, torch.device("cpu"))
     image = _random_image(TILE, TILE)
     x = to_tensor(np.asarray(Image.fromarray(image).resize((32, 32), Image.BILINEAR)), seg.norm)[None]
-    expected = stage2.segment(seg.model, x, (TILE, TILE)).argmax(dim=1)[0].numpy()
+    expected = loading.segment(seg.model, x, (TILE, TILE)).argmax(dim=1)[0].numpy()
     assert np.array_equal(TL.predict_mask(image, predictor, TILE, 16, 4), expected)
 
     small = _random_image(40, 56, seed=1)  # smaller than a tile: one window of 40 × 56 at half scale
     x = to_tensor(np.asarray(Image.fromarray(small).resize((28, 20), Image.BILINEAR)), seg.norm)[None]
-    expected = stage2.segment(seg.model, x, (40, 56)).argmax(dim=1)[0].numpy()
+    expected = loading.segment(seg.model, x, (40, 56)).argmax(dim=1)[0].numpy()
     assert np.array_equal(TL.predict_mask(small, predictor, TILE, 16, 4), expected)
 
 
@@ -186,18 +187,18 @@ def test_blended_probabilities_of_a_real_network_vary_smoothly_across_tile_borde
 
 
 def test_gate_zeroes_the_probability_of_classes_the_classifier_rules_out_per_tile(seg, ckpts):
-    clf = stage1.load_classifier(ckpts["s1"], 4)
+    clf = loading.load_classifier(ckpts["s1"], 4)
     tiles = [np.full((TILE, TILE, 3), 40, dtype=np.uint8), _random_image(TILE, TILE, seed=3)]
     xg = torch.stack([to_tensor(np.asarray(Image.fromarray(t).resize((48, 48), Image.BILINEAR)), clf.norm)
                       for t in tiles])
-    cls = stage2.class_probs(clf, xg)  # (2, 4), the classifier at its own 48 px
+    cls = loading.class_probs(clf, xg)  # (2, 4), the classifier at its own 48 px
     c = int((cls[0] - cls[1]).abs().argmax())
     threshold = float(cls[:, c].mean())  # class c is gated in exactly one of the two tiles
     gated = I.TilePredictor(seg, TILE, torch.device("cpu"), clf, threshold)(tiles)
     plain = I.TilePredictor(seg, TILE, torch.device("cpu"))(tiles)
     x = torch.stack([to_tensor(np.asarray(Image.fromarray(t).resize((32, 32), Image.BILINEAR)), seg.norm)
                      for t in tiles])
-    logits = stage2.segment(seg.model, x, (TILE, TILE))
+    logits = loading.segment(seg.model, x, (TILE, TILE))
     assert torch.allclose(plain, logits.softmax(dim=1))
     assert torch.allclose(gated, stage2.gate_logits(logits, cls, threshold).softmax(dim=1))
     kept = stage2.gate_logits(torch.zeros(2, 4, 1, 1), cls, threshold)[:, :, 0, 0] == 0
@@ -293,7 +294,7 @@ def test_predict_writes_masks_overlays_and_summary(ckpts, seg, tmp_path, capsys,
 
     mask, palette = _read_mask(out / "wide_mask.png")
     assert palette[: 3 * 5] == LUAD.flat_palette()[: 3 * 5]
-    gate = stage1.load_classifier(ckpts["s1"], 4)
+    gate = loading.load_classifier(ckpts["s1"], 4)
     expected = TL.predict_mask(wide, I.TilePredictor(seg, TILE, torch.device("cpu"), gate, 0.5), TILE, 16, 3)
     expected[white_mask(wide)] = 4
     assert np.array_equal(mask, expected)
@@ -430,7 +431,7 @@ def _can_measure_rss() -> bool:
 @pytest.mark.skipif(not _can_measure_rss(), reason="needs Linux /proc peak-RSS reset")
 def test_memory_grows_with_the_tile_row_not_with_classes_times_pixels(ckpts, tmp_path):
     """A 3000 × 3000 image: whole-image float32 sums (4 classes + weight) would take 172 MiB."""
-    seg = stage2.load_segmenter(ckpts["s2"])
+    seg = loading.load_segmenter(ckpts["s2"])
     predictor = I.TilePredictor(seg, 224, torch.device("cpu"))  # windows of 224 px, the model at 32
     predictor([np.zeros((224, 224, 3), dtype=np.uint8)] * 8)  # first-call allocations out of the way
     n = 3000
@@ -484,7 +485,7 @@ class _SymmetricConv(torch.nn.Module):
 
 @pytest.mark.parametrize("shape", [(40, 40), (40, 56)])
 def test_tta_leaves_an_equivariant_model_unchanged(shape):
-    seg = stage2.LoadedSegmenter(_SymmetricConv(), InputNorm(), None, None)
+    seg = loading.LoadedSegmenter(_SymmetricConv(), InputNorm(), None, None)
     tiles = [_random_image(*shape, seed=s) for s in range(3)]
     plain = I.TilePredictor(seg, 64, torch.device("cpu"))(tiles)
     for mode in ("flip", "d4"):
@@ -499,7 +500,7 @@ def test_tta_averages_the_softmax_of_every_flip_and_rotation_mapped_back(seg):
                      for t in tiles])  # the model input: windows at half scale
 
     def probs(xt, size, undo):
-        return undo(stage2.segment(seg.model, xt, size).softmax(dim=1))
+        return undo(loading.segment(seg.model, xt, size).softmax(dim=1))
 
     h, w = TILE, 48
     flips = [probs(x, (h, w), lambda p: p), probs(x.flip(3), (h, w), lambda p: p.flip(3)),

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from test_gradcam import make_classifier, reference_fusion, slow_normalised
+from wsss.models import loading
 from wsss.config import Stage1Config
 from wsss.data.background import white_mask
 from wsss.data.datasets import get_input_norm, resize_rgb, to_tensor
@@ -64,7 +65,7 @@ def test_masks_equal_the_slow_reference(synth_root, checkpoints, tmp_path):
     out = tmp_path / "pm"
     summary = generate(config(synth_root, checkpoints["ours"], out), progress=False)
     assert summary["computed"] == 6 and summary["files_written"] == 18
-    loaded = stage1.load_classifier(checkpoints["ours"], 4)
+    loaded = loading.load_classifier(checkpoints["ours"], 4)
     assert loaded.image_size == 32 and loaded.norm == get_input_norm("imagenet")
     saw_background = False
     for path in list_images(synth_root / "train"):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from cli_helpers import run_cli
 from conftest import write_palette_mask
+from wsss.models import loading
 from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
 from wsss.data.datasets import InputNorm
 from wsss.data.specs import LUAD
@@ -115,7 +116,7 @@ def test_checkpoint_format(tiny_data, tmp_path):
     metrics = json.loads((tmp_path / "stage1_luad_cam_metrics.json").read_text())
     assert metrics["test"]["mIoU"] == summary["cam_metrics"]["test"]["mIoU"]
     assert list((tmp_path / "runs" / "stage1_luad").iterdir())  # tensorboard events
-    loaded = stage1.load_classifier(tmp_path / "stage1_checkpoint_trained_on_luad.pth", 4)
+    loaded = loading.load_classifier(tmp_path / "stage1_checkpoint_trained_on_luad.pth", 4)
     assert loaded.image_size == 32 and not loaded.model.training
 
 

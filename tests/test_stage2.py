@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cli_helpers import run_cli
+from wsss.models import loading
 from wsss.config import STAGE2_PRESETS, Stage1Config, Stage2Config, from_dict, resolve, to_dict
 from wsss.data.datasets import InputNorm
 from wsss.data.layout import list_train
@@ -201,7 +202,7 @@ def test_cli_train_with_gate_then_evaluate_reproduces(tiny_data, stage1_ckpt, tm
         assert code == 0, err
     confusion = torch.tensor(json.loads((tmp_path / "reference.json").read_text())["test_gate"]["confusion_matrix"])
     assert confusion[:, 1:].sum() == 0 and confusion[:, 0].sum() > 0
-    probs = torch.sigmoid(stage1.load_classifier(stage1_ckpt).model(torch.rand(1, 3, 32, 32)))
+    probs = torch.sigmoid(loading.load_classifier(stage1_ckpt).model(torch.rand(1, 3, 32, 32)))
     assert probs.max() <= 0.99  # the premise: nothing passes the threshold
 
     # the same weights under the reference's names and file layout, as a published checkpoint
@@ -209,7 +210,7 @@ def test_cli_train_with_gate_then_evaluate_reproduces(tiny_data, stage1_ckpt, tm
     names = {v: k for k, v in _reference_names(published).items()}
     torch.save({"state_dict": {names.get(k, k): v for k, v in published.items()}, "optimizer": {}},
                tmp_path / "published.pth")
-    loaded = stage2.load_segmenter(tmp_path / "published.pth", 4)
+    loaded = loading.load_segmenter(tmp_path / "published.pth", 4)
     assert loaded.model.arch == DeepLabArch("resnet18", 16, 4, 16) and loaded.norm == InputNorm()
     for name, tensor in loaded.model.state_dict().items():
         assert torch.equal(tensor, published[name]), name

@@ -15,6 +15,7 @@ from PIL import Image
 
 from cli_helpers import run_cli
 from colour_oracle import srgb_to_lab, stain_od
+from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data import stain, synth
 from wsss.data.datasets import InputNorm
@@ -190,8 +191,8 @@ def spy(monkeypatch) -> list[str]:
 
 def test_the_stored_target_round_trips_through_a_checkpoint(stained_ckpts):
     assert load_checkpoint(stained_ckpts["s1"])["input_norm"]["stain"]["method"] == "macenko"  # weights_only
-    assert stage1.load_classifier(stained_ckpts["s1"]).norm.stain == tagged("macenko", "stage 1")
-    assert stage2.load_segmenter(stained_ckpts["s2"]).norm.stain == tagged("reinhard", "stage 2")
+    assert loading.load_classifier(stained_ckpts["s1"]).norm.stain == tagged("macenko", "stage 1")
+    assert loading.load_segmenter(stained_ckpts["s2"]).norm.stain == tagged("reinhard", "stage 2")
 
 
 def test_eval_cam_and_generate_pm_apply_the_classifiers_target(synth16, stained_ckpts, spy, tmp_path, capsys,
@@ -245,7 +246,7 @@ def test_train_stage2_fits_its_own_target_and_gates_with_the_classifiers(synth16
                            "--pm-weights", 1, "--stage1-checkpoint", stained_ckpts["s1"], "--gate", "--out", out,
                            "--report", report, "--stain-norm", "macenko", "--device", "cpu")
     assert code == 0, err
-    seg = stage2.load_segmenter(out / "stage2_checkpoint_trained_on_luad.pth")
+    seg = loading.load_segmenter(out / "stage2_checkpoint_trained_on_luad.pth")
     assert seg.norm.stain.method == "macenko" and seg.norm.stain.source == "the training set"
     # training (16 patches; a last batch of < 16 is dropped only when more than one batch), validation (4)
     # and the test (4) with its own target, the gate's classifier on the 4 test patches with its own
@@ -260,7 +261,7 @@ def test_train_stage1_stores_the_fitted_target_and_a_resumed_run_keeps_it(synth1
             "--epochs", 1, "--out", out, "--stain-norm", "reinhard", "--device", "cpu"]
     code, _, err = run_cli(capsys, monkeypatch, *args)
     assert code == 0, err
-    clf = stage1.load_classifier(out / "stage1_checkpoint_trained_on_luad.pth")
+    clf = loading.load_classifier(out / "stage1_checkpoint_trained_on_luad.pth")
     expected = stain.fit_training_set("reinhard", sorted((synth16 / "train").glob("*.png")), 32)
     assert clf.norm.stain == expected and clf.norm.stain.patches == 16
     last = load_checkpoint(out / "stage1_luad_last.pth")

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import live_lock, run_cli, spy_on_models, write_lock
+from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
 from wsss.data.specs import LUAD
@@ -92,7 +93,7 @@ def s1_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(ckpt) -> I.TilePredictor:
-    return I.TilePredictor(stage2.load_segmenter(ckpt), TILE, torch.device("cpu"))
+    return I.TilePredictor(loading.load_segmenter(ckpt), TILE, torch.device("cpu"))
 
 
 def _args(slide_path, ckpt, out, *extra):
@@ -396,7 +397,7 @@ def test_roi_and_mpp_map_back_to_level_0(slide, ckpt, s1_ckpt, predictor, tmp_pa
     assert code == 0, err
     mask = _read_png(tmp_path / "roi" / "slide_mask.png")
     crop = levels[1][40:90, 30:125]
-    gated = I.TilePredictor(predictor.seg, TILE, torch.device("cpu"), stage1.load_classifier(s1_ckpt, 4), 0.5)
+    gated = I.TilePredictor(predictor.seg, TILE, torch.device("cpu"), loading.load_classifier(s1_ckpt, 4), 0.5)
     assert np.array_equal(mask, TL.predict_mask(crop, gated, TILE, OVERLAP, 8))
     summary = json.loads((tmp_path / "roi" / "slide_summary.json").read_text())
     assert summary["region"] == [60, 80, 250, 180] and summary["tiles"]["skipped"] == 0

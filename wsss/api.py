@@ -318,7 +318,7 @@ def load_classifier(stage1_ckpt: str | Path, device: str = "auto", *, dataset: s
                     precision: str = "fp32") -> Classifier:
     """Load a stage-1 checkpoint (ours or WSSS-Tissue's; ``dataset`` for published ones) as a
     :class:`Classifier`. A stage-2 checkpoint or a class-count mismatch: :class:`WsssError`."""
-    from wsss.stages.stage1 import classifier_and_spec
+    from wsss.models.loading import classifier_and_spec
 
     check_precision(precision)
     loaded, spec = classifier_and_spec(Path(stage1_ckpt), dataset)

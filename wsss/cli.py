@@ -350,7 +350,8 @@ def eval_cam(
     from wsss.metrics import format_table, write_json
     from wsss.runtime import resolve_device, resolve_precision
     from wsss.cam.cam import check_tie_rule
-    from wsss.stages.stage1 import classifier_and_spec, evaluate_cams
+    from wsss.models.loading import classifier_and_spec
+    from wsss.stages.stage1 import evaluate_cams
 
     if tie_rule is not None:
         check_tie_rule(tie_rule)
@@ -395,7 +396,8 @@ def generate_pm(
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
     from wsss.config import PM_PRESETS
-    from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate, parse_layers
+    from wsss.cam.pseudo_mask import parse_layers
+    from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate
 
     if preset is not None and preset not in PM_PRESETS:
         raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(PM_PRESETS)}")
@@ -581,7 +583,7 @@ def figures(
 ) -> None:
     """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
     from wsss.figures import CAMS_NAME, EXAMPLES_NAME, cam_figure, examples_figure
-    from wsss.stages.stage1 import classifier_and_spec
+    from wsss.models.loading import classifier_and_spec
     from wsss.ownership import owned_folder
 
     _, spec = classifier_and_spec(stage1_checkpoint, dataset, labels_csv)

@@ -127,8 +127,7 @@ class ExportResult:
 def build(cfg: ExportConfig) -> tuple[nn.Module, dict]:
     """The module to export (eval mode, CPU) and the sidecar's description of it."""
     from wsss.models.deeplab import read_checkpoint
-    from wsss.stages.stage1 import load_classifier
-    from wsss.stages.stage2 import segmenter_and_spec
+    from wsss.models.loading import load_classifier, segmenter_and_spec
 
     seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
     recorded = read_checkpoint(cfg.checkpoint)

@@ -3,7 +3,7 @@
 
 ``examples.png``, one test patch per row: image | ground truth | PM <layer> … | stage-2 columns, in the
 dataset's palette colours with a class legend. Pseudo-masks exist on disk only for training patches,
-so the PM columns are computed here with :func:`wsss.stages.pseudo_masks.pseudo_masks`, exactly as
+so the PM columns are computed here with :func:`wsss.cam.pseudo_mask.pseudo_masks`, exactly as
 ``wsss generate-pm`` does, taking the tissue classes present in the ground truth as the image-level
 label. The stage-2 columns are the palette PNGs stage 2 wrote, ``<folder>/<image stem>.png``.
 
@@ -26,14 +26,14 @@ from PIL import Image
 
 from wsss.cam.cam import DEFAULT_CAM_THRESHOLD, minmax_normalise, upsample_cams
 from wsss.cam.gradcam import GRADCAM_LAYERS, multi_layer_gradcam
+from wsss.cam.pseudo_mask import PmMethod, parse_layers, patch_item, pseudo_masks
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, list_masked, list_train
 from wsss.data.png import read_class_mask, read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
+from wsss.models.loading import LoadedClassifier, load_classifier
 from wsss.runtime import atomic_path, resolve_device
-from wsss.stages.pseudo_masks import PmMethod, parse_layers, patch_item, pseudo_masks
-from wsss.stages.stage1 import LoadedClassifier, load_classifier
 from wsss.viz import colorbar, colorize, grid, heatmap_overlay, legend
 
 log = logging.getLogger(__name__)

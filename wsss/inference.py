@@ -19,9 +19,10 @@ from wsss.data.scale import recorded_scale, resampled_size
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
+from wsss.models.loading import (
+    LoadedClassifier, LoadedSegmenter, class_probs, load_classifier, segment, segmenter_and_spec,
+)
 from wsss.runtime import memory_format, resolve_device, resolve_precision
-from wsss.stages.stage1 import LoadedClassifier, load_classifier
-from wsss.stages.stage2 import LoadedSegmenter, class_probs, segment, segmenter_and_spec
 from wsss.pixels import white_background
 from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import Predictor, predict_mask, probability_bands

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,33 +146,6 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise WsssError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
     return obj
-
-
-def expect_stage(ckpt: dict, path: str | Path, stage: int, spec=None) -> None:
-    """Refuse a checkpoint of another stage, class count or dataset spec with one clear message.
-
-    ``spec`` is a :class:`wsss.data.specs.DatasetSpec` (the checkpoint's recorded spec must be the
-    same), a class count, or None (no check).
-    """
-    from wsss.data.specs import DatasetSpec, check_same_spec, recorded_spec
-    from wsss.errors import WsssError
-
-    found = ckpt.get("stage")
-    if found is None:
-        raise WsssError(f"{path} is not a wsss checkpoint (no 'stage' entry)")
-    if found != stage:
-        raise WsssError(f"{path} is a stage-{found} checkpoint; a stage-{stage} checkpoint is needed here")
-    if isinstance(spec, DatasetSpec):
-        check_same_spec(recorded_spec(ckpt, path), spec, path)
-        num_classes = spec.num_classes
-    else:
-        num_classes = spec
-    classes = ckpt.get("class_names")
-    if num_classes is not None and classes is not None and len(classes) != num_classes:
-        raise WsssError(
-            f"{path} was trained for {len(classes)} classes ({', '.join(classes)}); "
-            f"this dataset has {num_classes}"
-        )
 
 
 # --------------------------------------------------------------------------- what an interruption keeps
@@ -422,3 +396,11 @@ class Distributed:
 
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def progress_bar(iterable, main: bool = True, **kw):
+    """A tqdm bar over ``iterable``, shown by the main process only: redrawn every 0.5 s on a
+    terminal, every 15 s when stderr is a log file."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, disable=not main, mininterval=0.5 if sys.stderr.isatty() else 15, **kw)

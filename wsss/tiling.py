@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wsss.stages.stage1 import _progress
+from wsss.runtime import progress_bar
 
 PREFETCH_GROUPS = 2
 """Groups of window rows read and prepared ahead of the model (0: no background thread)."""
@@ -319,7 +319,7 @@ def probability_bands(
     predictor = as_predictor(predict)
     group = group or rows_per_group(batch_size, len(grid.xs))
     groups = prefetch(row_groups(image_row(image, grid), range(len(grid.ys)), group, grid.tw, predictor.prepare), depth)
-    with _progress(None, progress, total=grid.count, desc="tiles", leave=False) as bar:
+    with progress_bar(None, progress, total=grid.count, desc="tiles", leave=False) as bar:
         for row, blended in blend_groups(groups, predictor, grid, batch_size):
             bar.update(len(row.starts))
             yield row.top, blended[0]

@@ -16,7 +16,8 @@ import torch
 from wsss import config as cfglib
 from wsss.errors import WsssError
 from wsss.ownership import Owner, differences
-from wsss.runtime import Distributed, expect_stage, load_checkpoint, note_saved, seed_worker
+from wsss.models.loading import expect_stage
+from wsss.runtime import Distributed, load_checkpoint, note_saved, seed_worker
 
 log = logging.getLogger(__name__)
 

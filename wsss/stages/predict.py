@@ -47,8 +47,7 @@ from wsss.inference import (
 )
 from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
-from wsss.runtime import atomic_path, check_precision, note_saved
-from wsss.stages.stage1 import _progress
+from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_png
 from wsss.wsi.tissue import image_tissue
 
@@ -296,7 +295,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         earlier = read_summary(summary, spec) if previous and owner.ours(summary) else []
         rows, failures = [], []
         note_saved(f"no image finished yet in {cfg.out}")
-        for path in _progress(images, progress and len(images) > 1, desc="predict"):
+        for path in progress_bar(images, progress and len(images) > 1, desc="predict"):
             try:
                 rows.append(predict_image(path, predictor, spec, cfg, progress, factor))
             except WsssError as exc:

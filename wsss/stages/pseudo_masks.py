@@ -27,23 +27,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
 from wsss.data import stain
-from wsss.cam.cam import check_tie_rule
-from wsss.cam.gradcam import GRADCAM_LAYERS, averaged_gradcam, check_layers, class_pixel_counts, fuse_pseudo_mask
-from wsss.data.background import WHITE_RULES, white_mask
-from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
+from wsss.cam.gradcam import GRADCAM_LAYERS, class_pixel_counts
+from wsss.data.datasets import InputNorm
 from wsss.data.layout import TrainSample, default_pm_dir, list_images, list_train, pseudo_mask_path, train_gt_dir
 from wsss.data.png import check_mask_values, image_size, read_mask, read_rgb, write_mask
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table
-from wsss.models.resnet38 import ResNet38Classifier
+from wsss.cam.pseudo_mask import PmMethod, parse_layers, patch_item, pseudo_masks
+from wsss.models.loading import classifier_and_spec
 from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, differences, file_sha256, owned_folder
 from wsss.runtime import (
-    atomic_path, check_precision, memory_format, note_saved, resolve_device, resolve_precision,
+    atomic_path, check_precision, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
 )
-from wsss.stages.stage1 import _progress, classifier_and_spec
 
 log = logging.getLogger(__name__)
 
@@ -82,32 +80,6 @@ class PseudoMaskConfig:
     @property
     def method(self) -> "PmMethod":
         return PmMethod(self.tie_rule, self.scales, self.flip, self.white_rule)
-
-
-@dataclass(frozen=True)
-class PmMethod:
-    """How a patch's Grad-CAMs become its pseudo-masks (shared by generate-pm and the figures)."""
-
-    tie_rule: str = "reference"
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = False
-    white_rule: str = "grey"
-
-    def __post_init__(self) -> None:
-        check_tie_rule(self.tie_rule)
-        if not self.scales or any(not 0.25 <= s <= 4.0 for s in self.scales):
-            raise WsssError(f"--scales must be between 0.25 and 4, not {','.join(f'{s:g}' for s in self.scales)}")
-        if self.white_rule not in WHITE_RULES:
-            raise WsssError(f"--white-rule must be one of {', '.join(WHITE_RULES)}, not {self.white_rule!r}")
-
-
-def parse_layers(text: str | Sequence[str]) -> tuple[str, ...]:
-    """``"b4_5,b5_2,bn7"`` (or a sequence) → layer names in forward order; unknown names are a user error."""
-    names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
-    try:
-        return check_layers(names)
-    except ValueError as exc:
-        raise WsssError(f"--layers: {exc}") from None
 
 
 # --------------------------------------------------------------------------- existing outputs
@@ -184,18 +156,6 @@ class PseudoMaskDataset(Dataset):
         return item
 
 
-def patch_item(image: np.ndarray, label: Sequence[int], spec: DatasetSpec, norm: InputNorm,
-               model_size: int | None, white_rule: str = "grey") -> dict:
-    """What :func:`pseudo_masks` needs of one patch ``(H, W, 3)`` uint8 with multi-hot ``label``:
-    ``x`` model input, ``label`` bool, ``size`` (H, W), ``white`` background mask or None."""
-    return {
-        "x": to_tensor(resize_rgb(image, model_size), norm),
-        "label": torch.tensor(label, dtype=torch.bool),
-        "size": tuple(image.shape[:2]),
-        "white": torch.from_numpy(white_mask(image, rule=white_rule)) if spec.white_is_background else None,
-    }
-
-
 def _keep_list(items: list[dict]) -> list[dict]:
     """DataLoader collate: keep the items; patches are stacked per shape group later."""
     return items
@@ -212,23 +172,6 @@ def _shape_groups(items: Sequence[dict]) -> Iterator[list[dict]]:
 
 
 # --------------------------------------------------------------------------- generation
-
-
-def pseudo_masks(model: ResNet38Classifier, items: Sequence[dict], layers: Sequence[str], spec: DatasetSpec,
-                 device: torch.device, method: PmMethod = PmMethod(), precision: str = "fp32") -> dict[str, torch.Tensor]:
-    """``{layer: (B, H, W) uint8}`` pseudo-masks of a group of same-size items (dataset items), the
-    classifier's passes in ``precision`` (resolved)."""
-    x = torch.stack([item["x"] for item in items]).to(device)
-    x = x.contiguous(memory_format=memory_format(device, precision))
-    labels = torch.stack([item["label"] for item in items]).to(device)
-    white = None
-    if items[0]["white"] is not None:
-        white = torch.stack([item["white"] for item in items]).to(device)
-    cams = averaged_gradcam(model, x, layers, tuple(items[0]["size"]), method.scales, method.flip,
-                            precision=precision)
-    return {layer: fuse_pseudo_mask(cams.pop(layer), labels, white, spec.background_index,
-                                    method.tie_rule).to(torch.uint8).cpu()
-            for layer in layers}
 
 
 class _MaskWriter:
@@ -330,7 +273,7 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
     writer = _MaskWriter(samples, out, spec, layers, owner)
     done = 0
     note_saved(f"no pseudo-mask written yet to {out}")
-    for batch in _progress(loader, progress, desc="pseudo-masks", unit="batch"):
+    for batch in progress_bar(loader, progress, desc="pseudo-masks", unit="batch"):
         writer.count_existing(batch)
         for group in _shape_groups(batch):
             needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
@@ -484,7 +427,7 @@ def evaluate(data: Path, spec: DatasetSpec, pm_dir: Path | None = None) -> dict[
     if not gts:
         raise WsssError(f"no masks in {gt_dir}")
     meters = {layer: _PmMeter(spec) for layer in layers}
-    for gt_path in _progress(gts, True, desc="eval-pm", unit="patch"):
+    for gt_path in progress_bar(gts, True, desc="eval-pm", unit="patch"):
         gt = read_mask(gt_path)
         check_mask_values(gt, spec, gt_path)
         for layer in layers:

@@ -12,7 +12,6 @@ Outputs in ``OUT`` (``<d>`` is the dataset spec's name):
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, replace
@@ -22,7 +21,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from wsss import config as cfglib
 from wsss.data import stain
@@ -32,7 +30,7 @@ from wsss.config import Stage1Config
 from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
 from wsss.data.layout import list_masked, list_train, masked_splits, without_masks
 from wsss.data.scale import dataset_scale
-from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
+from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
@@ -45,8 +43,8 @@ from wsss.stages.common import (
     input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_checkpoint,
-    load_scaler_state, memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything,
+    Distributed, autocast, grad_scaler, is_main_process, load_scaler_state,
+    memory_format, note_saved, progress_bar, resolve_precision, save_checkpoint, seed_everything,
 )
 
 log = logging.getLogger(__name__)
@@ -128,10 +126,6 @@ def training_format(device: torch.device, precision: str) -> torch.memory_format
     return memory_format(device, precision) if device.type != "cpu" else torch.contiguous_format
 
 
-def _progress(iterable, main: bool, **kw):
-    return tqdm(iterable, disable=not main, mininterval=0.5 if sys.stderr.isatty() else 15, **kw)
-
-
 # --------------------------------------------------------------------------- training
 
 
@@ -149,7 +143,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, di
     norm, layout = get_input_norm(cfg.input_norm), training_format(dist.device, cfg.precision)
     totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss·n, exact, right bits
     count = 0
-    bar = _progress(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    bar = progress_bar(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
     losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/loss_iter", optimizer)
     for step, (x, y, _) in enumerate(bar):
         x = device_images(x, norm, dist.device, layout)
@@ -330,7 +324,7 @@ def training_fit(model: ResNet38Classifier, cfg: Stage1Config, samples, device: 
     layout = memory_format(device, cfg.precision)
     model.eval().to(memory_format=layout)
     right_bits, exact, n = None, 0, 0
-    for x, y, _ in _progress(loader, True, desc="stage1 fit", leave=False):
+    for x, y, _ in progress_bar(loader, True, desc="stage1 fit", leave=False):
         with autocast(device, cfg.precision):
             logits = model(device_images(x, norm, device, layout))
         right = ((logits.float() > 0).cpu().float() == y)
@@ -371,60 +365,6 @@ def _log_epoch(writer, epoch, cfg, stats: EpochStats, gamma, optimizer) -> None:
 # --------------------------------------------------------------------------- loading and CAM evaluation
 
 
-@dataclass
-class LoadedClassifier:
-    model: ResNet38Classifier
-    norm: InputNorm
-    image_size: int | None
-    class_names: list[str] | None
-    spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
-    # The tie rule its training run's CAM evaluation used (`eval-cam`'s default); a published file
-    # was evaluated by the reference's code.
-    cam_tie_rule: str = "reference"
-
-
-def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
-    """A stage-1 classifier from our checkpoint or a published WSSS-Tissue state_dict (``[0,1]`` input).
-
-    Width and class count come from the file. ``spec``: the dataset spec it must have been trained on
-    (another recorded spec is a user error naming the difference) or just a class count.
-    """
-    ckpt = load_checkpoint(path)
-    num_classes = spec.num_classes if isinstance(spec, DatasetSpec) else spec
-    if "stage" in ckpt:
-        expect_stage(ckpt, path, 1, spec)
-        arch = ckpt["arch"]
-        model = ResNet38Classifier(arch["num_classes"], width=arch["width"])
-        model.load_state_dict(ckpt["model"])
-        # A checkpoint of a wsss that recorded no tie rule was evaluated with ours.
-        tie_rule = (ckpt.get("config") or {}).get("cam_tie_rule", "ours")
-        return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
-                                ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path), tie_rule)
-    state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
-    if "fc8.weight" not in state or "conv1a.weight" not in state:
-        raise WsssError(f"{path} is neither a wsss checkpoint nor a ResNet38 classifier state_dict")
-    classes = state["fc8.weight"].shape[0]
-    if num_classes is not None and classes != num_classes:
-        raise WsssError(f"{path} was trained for {classes} classes; this dataset has {num_classes}")
-    model = ResNet38Classifier(classes, width=state["conv1a.weight"].shape[0] / 64)
-    report = load_stage1_weights(model, path)
-    if report.missing or report.shape_mismatch:
-        raise WsssError(f"{path} does not fit a ResNet38 classifier: {report.summary()}")
-    return LoadedClassifier(model.eval(), InputNorm(), None, None)
-
-
-def classifier_and_spec(path: Path, dataset: str | None, labels_csv: Path | None = None
-                        ) -> tuple[LoadedClassifier, DatasetSpec]:
-    """The classifier at ``path`` and the dataset spec to use it with: the one it records, or
-    ``--dataset`` (required for published files, refused when it differs from the record)."""
-    clf = load_classifier(path)
-    spec = resolve_with_checkpoint(dataset, clf.spec, path, labels_csv)
-    if clf.model.num_classes != spec.num_classes:
-        raise WsssError(f"{path} was trained for {clf.model.num_classes} classes; "
-                        f"the {spec.name} dataset has {spec.num_classes}")
-    return clf, spec
-
-
 @torch.no_grad()
 def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, int], threshold: float,
                  tie_rule: str = "ours", precision: str = "fp32") -> torch.Tensor:
@@ -447,7 +387,7 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputN
     meter = ConfusionMeter(spec.num_classes, spec.background_index)
     layout = memory_format(device, precision)
     model.eval().to(device, memory_format=layout)
-    for x, mask, _ in _progress(loader, True, desc=f"CAM eval {split}", leave=False):
+    for x, mask, _ in progress_bar(loader, True, desc=f"CAM eval {split}", leave=False):
         x = x.to(device, non_blocking=True).contiguous(memory_format=layout)
         pred = predict_cams(model, x, tuple(mask.shape[-2:]), threshold, tie_rule, precision)
         meter.update(pred.cpu(), mask)

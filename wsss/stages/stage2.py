@@ -32,7 +32,7 @@ from wsss.data.layout import MaskedSample, default_pm_dir, has_masks, list_maske
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
 from wsss.data.scale import dataset_scale
-from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec, resolve_with_checkpoint
+from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec
 from wsss.errors import Stopped, WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
@@ -41,13 +41,12 @@ from wsss.models.deeplab import (
     HEAD_PREFIX,
     DeepLabArch,
     DeepLabV3Plus,
-    infer_arch,
     load_deeplab_weights,
-    map_reference_keys,
     read_checkpoint,
-    state_dict_of,
 )
-from wsss.models.weights import LoadReport, _load_matching
+from wsss.models.loading import (
+    LoadedClassifier, LoadedSegmenter, class_probs, load_classifier, load_segmenter, segment, segmenter_and_spec,
+)
 from wsss import ownership
 from wsss.data import validate as checks
 from wsss.data.validate import input_folders
@@ -57,10 +56,10 @@ from wsss.stages.common import (
     input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, expect_stage, grad_scaler, is_main_process, load_scaler_state,
-    memory_format, note_saved, resolve_precision, save_checkpoint, seed_everything, seed_worker,
+    Distributed, autocast, grad_scaler, is_main_process, load_scaler_state, memory_format, note_saved,
+    progress_bar, resolve_precision, save_checkpoint, seed_everything, seed_worker,
 )
-from wsss.stages.stage1 import LoadedClassifier, _progress, load_classifier, poly_lambda
+from wsss.stages.stage1 import poly_lambda
 
 log = logging.getLogger(__name__)
 
@@ -93,84 +92,7 @@ class Stage2Paths(RunPaths):
 # --------------------------------------------------------------------------- loading models
 
 
-@dataclass
-class LoadedSegmenter:
-    model: DeepLabV3Plus
-    norm: InputNorm
-    image_size: int | None
-    class_names: list[str] | None
-    batch_size: int | None = None  # the training batch size (evaluation default, see `evaluate`)
-    spec: DatasetSpec | None = None  # the spec it was trained on (None: a published file records none)
-    # The gate its training run tested with (`evaluate`'s default); a published file: the reference's.
-    gate_mode: str = "reference"
-    gate_threshold: float = DEFAULT_GATE_THRESHOLD
-
-
-def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedSegmenter:
-    """A stage-2 model from our checkpoint or a published WSSS-Tissue / pytorch-deeplab-xception file.
-
-    A published file (``{"state_dict": ...}`` or a plain state dict) is taken as the reference
-    trained it: output stride 16, ``[0, 1]`` RGB input (its ``Normalize`` has mean 0, std 1), the
-    patches' own size; backbone, class count and head width are read from the weights. ``spec``: the
-    dataset spec it must have been trained on (another recorded spec is a user error), or a class count.
-    """
-    ckpt = read_checkpoint(path)
-    num_classes = spec.num_classes if isinstance(spec, DatasetSpec) else spec
-    if "stage" in ckpt:
-        expect_stage(ckpt, path, 2, spec)
-        model = DeepLabV3Plus(DeepLabArch.from_dict(ckpt["arch"]))
-        model.load_state_dict(ckpt["model"])
-        config = ckpt.get("config") or {}
-        # A checkpoint of a wsss that recorded no gate mode was tested with ours.
-        return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
-                               ckpt.get("class_names"), config.get("batch_size"), recorded_spec(ckpt, path),
-                               config.get("gate_mode", "mask"), config.get("gate_threshold", DEFAULT_GATE_THRESHOLD))
-    raw = state_dict_of(ckpt, path)
-    if any(k.removeprefix("module.") in ("fc8.weight", "conv1a.weight") for k in raw):
-        raise WsssError(f"{path} is a stage-1 (ResNet38) classifier; a stage-2 checkpoint is needed here")
-    state = map_reference_keys(raw)
-    try:
-        arch = infer_arch(state)
-    except WsssError as exc:
-        raise WsssError(f"{path}: {exc}") from None
-    if num_classes is not None and arch.num_classes != num_classes:
-        raise WsssError(f"{path} was trained for {arch.num_classes} classes; this dataset has {num_classes}")
-    model = DeepLabV3Plus(arch)
-    report = _load_matching(model, state, LoadReport(source=str(path), imagenet=False))
-    if report.missing or report.shape_mismatch or report.unexpected:
-        raise WsssError(f"{path} does not fit a DeepLab v3+ {arch.backbone}: {report.summary()}")
-    return LoadedSegmenter(model.eval(), InputNorm(), None, None)
-
-
-def segmenter_and_spec(path: Path, dataset: str | None) -> tuple[LoadedSegmenter, DatasetSpec]:
-    """The segmenter at ``path`` and the dataset spec to use it with: the one it records, or
-    ``--dataset`` (required for published files, refused when it differs from the record)."""
-    seg = load_segmenter(path)
-    spec = resolve_with_checkpoint(dataset, seg.spec, path)
-    if seg.model.num_classes != spec.num_classes:
-        raise WsssError(f"{path} was trained for {seg.model.num_classes} classes; "
-                        f"the {spec.name} dataset has {spec.num_classes}")
-    return seg, spec
-
-
 # --------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def segment(model: DeepLabV3Plus, x: torch.Tensor, size: Sequence[int], precision: str = "fp32") -> torch.Tensor:
-    """Images (B, 3, S, S) → float32 logits (B, C, H, W) at the masks' size ``(H, W)`` (bilinear),
-    the model run in ``precision`` (resolved: fp32, bf16 or fp16)."""
-    with autocast(x.device, precision):
-        return model(x, size=tuple(size))["out"].float()
-
-
-@torch.no_grad()
-def class_probs(clf: LoadedClassifier, x: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
-    """Stage-1 probabilities (B, C) = sigmoid(logits) of images prepared for the classifier; the
-    model runs in ``precision``, the sigmoid in fp32."""
-    with autocast(x.device, precision):
-        logits = clf.model(x)
-    return torch.sigmoid(logits.float())
 
 
 def evaluate_samples(
@@ -207,7 +129,7 @@ def evaluate_samples(
         meters["gate"] = ConfusionMeter(spec.num_classes, spec.background_index)
     layout = memory_format(device, precision)
     seg.model.eval().to(device, memory_format=layout)
-    for views, mask, index in _progress(loader, progress, desc=desc, leave=False):
+    for views, mask, index in progress_bar(loader, progress, desc=desc, leave=False):
         views = [v.to(device, non_blocking=True).contiguous(memory_format=layout) for v in views]
         logits = segment(seg.model, views[0], mask.shape[-2:], precision)
         preds = {"plain": logits.argmax(dim=1)}
@@ -356,7 +278,7 @@ def train_one_epoch(model, batches, optimizer, scheduler, scaler, cfg: Stage2Con
     loss_fn = build_multi_mask_loss(cfg.loss, cfg.loss_reduction, cfg.pm_weights, get_spec(cfg.dataset).background_index)
     norm, layout = get_input_norm(cfg.input_norm), memory_format(dist.device, cfg.precision)
     total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0
-    bar = _progress(batches, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    bar = progress_bar(batches, dist.is_main, desc=f"stage2 epoch {epoch + 1}/{cfg.epochs}", leave=False)
     losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/total_loss_iter", optimizer)
     for step, (x, masks, _) in enumerate(bar):
         x = device_images(x, norm, dist.device, layout)

@@ -64,7 +64,7 @@ from wsss.data.splits import assign_splits
 from wsss.data.validate import allowed_label_styles
 from wsss.errors import WsssError
 from wsss.ownership import owned_folder, remove_ours
-from wsss.runtime import atomic_path, note_saved
+from wsss.runtime import atomic_path, note_saved, progress_bar
 from wsss.wsi.annotations import (
     UNANNOTATED, ClassLookup, Region, check_inside, class_areas, paint_order, rasterise, read_annotations,
     read_class_map, spec_lookup,
@@ -336,7 +336,6 @@ def label_text(label: Sequence[int], spec: DatasetSpec) -> str:
 
 def cut_slide(plan: SlidePlan, cfg: ExtractConfig, spec: DatasetSpec, tally: Tally, progress: bool = False) -> int:
     """Cut, test and write the patches of one slide; returns how many were kept."""
-    from wsss.stages.stage1 import _progress
 
     grid, regions = plan.grid, plan.regions
     union = class_areas(regions, spec.num_classes)
@@ -350,7 +349,7 @@ def cut_slide(plan: SlidePlan, cfg: ExtractConfig, spec: DatasetSpec, tally: Tal
     spaced = "spaced" in (allowed_label_styles(spec) or ("spaced",))
     out = Path(cfg.out)
     kept = 0
-    for x, y in _progress(windows, progress, desc=plan.job.name, leave=False):
+    for x, y in progress_bar(windows, progress, desc=plan.job.name, leave=False):
         pixels = read_resampled(plan.slide, grid.level, grid.level_box(x, y, cfg.patch), (cfg.patch, cfg.patch))
         tissue = saturation(pixels) > plan.threshold
         tissue_fraction = float(tissue.mean())

@@ -72,8 +72,7 @@ from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
-from wsss.runtime import atomic_path, check_precision, note_saved
-from wsss.stages.stage1 import _progress
+from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_image, write_tissue_png
 from wsss.wsi.label_image import check_mask_format, label_image_path, label_kind, write_label_image
 from wsss.wsi.placement import Placement
@@ -547,7 +546,7 @@ def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetS
     per_row = len(windows.xs)
     groups = row_groups(read_row, range(first, len(windows.ys)), group, windows.tw, predictor.prepare)
     with closing(prefetch(groups)) as groups, \
-            _progress(None, progress, total=windows.count, initial=min(start, len(windows.ys)) * per_row,
+            progress_bar(None, progress, total=windows.count, initial=min(start, len(windows.ys)) * per_row,
                       desc="tiles") as bar:
         for row, blended in blend_groups(groups, predictor, windows, cfg.batch_size):
             if row.index < start:
