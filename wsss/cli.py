@@ -1003,6 +1003,47 @@ def _raise_interrupted(signum, frame) -> None:
 _MAIN_PID = [os.getpid()]
 
 
+# --------------------------------------------------------------------------- --help panels
+
+# Every option's --help panel, by its parameter name (one table for every command; an option has the
+# same panel wherever it appears). The panels come in this order, options keeping their order within
+# a panel: what to read and where to write first, so a newcomer finds --dataset, --data, --out,
+# --checkpoint and --preset at the top. An option not listed is Advanced.
+HELP_PANELS: dict[str, tuple[str, ...]] = {
+    "Data and outputs": (
+        "dataset", "data", "out", "report", "labels_csv", "pm_dir", "split", "json_out", "run", "synth", "synth_look",
+        "synth_task", "synth_tasks", "synth_difficulty", "synth_size", "synth_mpp", "synth_counts", "transfer",
+        "annotations", "class_map", "mpp", "slide_mpp", "patch", "stride", "level", "roi", "val_slides", "test_slides",
+        "val_fraction", "test_fraction", "train", "val", "test", "size", "spec_name", "task_seed", "difficulty", "look",
+        "save_probs", "save_tissue_mask", "geojson", "mask_format", "fmt", "figures"),
+    "Model": (
+        "checkpoint", "preset", "stage1_init", "stage2_init", "init_weights", "backbone", "width", "head_channels",
+        "out_stride", "image_size", "input_norm", "dropout", "pda", "layers", "pm_layers", "pm_weights", "stain_norm",
+        "stain_target", "tile", "overlap", "tta"),
+    "Training": (
+        "epochs", "batch_size", "lr", "head_lr_mult", "momentum", "weight_decay", "loss", "loss_reduction", "augment",
+        "mosaic", "ema", "drop_last", "seed", "seeds", "upper_bound", "ablations", "stain_jitter", "hed_scale",
+        "hed_shift", "lab_jitter", "light_jitter", "blur_jitter", "jpeg_jitter"),
+    "Gate": ("gate", "stage1_checkpoint", "gate_threshold", "gate_mode"),
+    "Runtime": ("device", "precision", "amp", "workers", "resume", "force", "shard", "reader"),
+}
+ADVANCED_PANEL = "Advanced"
+PANEL_OF: dict[str, str] = {name: panel for panel, names in HELP_PANELS.items() for name in names}
+PANEL_ORDER: tuple[str, ...] = (*HELP_PANELS, ADVANCED_PANEL)
+
+
+def cli_command():
+    """The ``wsss`` command group with every option in its --help panel (:data:`HELP_PANELS`)."""
+    command = typer.main.get_command(app)
+    for sub in command.commands.values():
+        for param in sub.params:
+            if param.param_type_name == "option":
+                param.rich_help_panel = PANEL_OF.get(param.name, ADVANCED_PANEL)
+        # arguments first, then the panels in order (sorted is stable: options keep their order)
+        sub.params.sort(key=lambda p: -1 if p.param_type_name != "option" else PANEL_ORDER.index(p.rich_help_panel))
+    return command
+
+
 def main() -> None:
     """Entry point: user errors and OS errors become one ``error:`` line and exit status 1, an
     interruption (Ctrl-C, SIGTERM) one line saying what was saved and how to continue (130, 143);
@@ -1017,7 +1058,7 @@ def main() -> None:
     clear_saved_note()
     previous = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        app()
+        cli_command()(prog_name="wsss")
     except Stopped as exc:
         typer.echo(f"error: {_one_line(exc)}; {_saved_and_continue()}", err=True)
         sys.exit(1)
