@@ -69,6 +69,12 @@ TTA_HELP = ("Test-time augmentation: none, flip (the window, flipped left-right,
 PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper (the paper's method at CPU scale), "
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
+ConfigOpt = typer.Option(
+    None, "--config", help="A TOML file whose [stage1], [pseudo_masks] or [stage2] table (this command's) sets "
+                           "configuration keys, as --print-config writes them: over the preset, under the options "
+                           "given here.")
+PrintConfigOpt = typer.Option(
+    False, "--print-config", help="Print the resolved configuration as a --config file's table and exit.")
 StainNormOpt = typer.Option(
     None, "--stain-norm", help="none (the reference), macenko or reinhard: a stain target fitted on the training set "
                                "(median over up to 200 patches, glass-dominated ones skipped) is stored in the "
@@ -309,10 +315,11 @@ def train_stage1(
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT (--device, --precision and "
                                                         "--workers may change)."),
     force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Train the ResNet38 classifier (stage 1) with PDA, then evaluate its CAMs on val and test."""
-    from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
-    from wsss.stages.common import given_options
+    from wsss.config import STAGE1_PRESETS, Stage1Config, config_toml, resolve_command
     from wsss.stages.stage1 import train
 
     options = dict(
@@ -324,8 +331,11 @@ def train_stage1(
                          jpeg_jitter),
         cam_tie_rule=tie_rule, device=device, precision=_precision(precision, amp), workers=workers, seed=seed,
     )
-    cfg = resolve(Stage1Config, STAGE1_PRESETS, preset, **options)
-    summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
+    cfg, given = resolve_command(Stage1Config, STAGE1_PRESETS, preset, options, config_file, "stage1")
+    if print_config:
+        typer.echo(config_toml(cfg, "stage1"), nl=False)
+        return
+    summary = train(cfg, resume=resume, force=force, given=given)
     if summary.get("cam_metrics"):
         typer.echo(json.dumps({k: v["mIoU"] for k, v in summary["cam_metrics"].items()}))
 
@@ -373,40 +383,46 @@ def generate_pm(
     dataset: Optional[str] = CheckpointDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder."),
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
-    layers: str = typer.Option("b4_5,b5_2,bn7", "--layers", help="Comma-separated Grad-CAM layers."),
+    layers: Optional[str] = typer.Option(
+        None, "--layers", help="Comma-separated Grad-CAM layers (default: b4_5,b5_2,bn7)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Pseudo-mask folder (default: DATA/train_PM)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    batch_size: int = typer.Option(8, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    precision: str = typer.Option("fp32", "--precision", help=PM_PRECISION_HELP),
-    workers: int = typer.Option(2, "--workers", min=0),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Patches a batch (default: 8)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto (the default), cpu or cuda."),
+    precision: Optional[str] = typer.Option(None, "--precision", help=PM_PRECISION_HELP + " Default: fp32."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Loader processes (default: 2)."),
     force: bool = typer.Option(False, "--force", help="Recompute pseudo-masks that already exist."),
     tie_rule: Optional[str] = typer.Option(
         None, "--tie-rule", help="ours (an unlabelled class never wins) or reference (WSSS-Tissue's argmax, where "
                                  "unlabelled classes score 0; differs at a few pixels). Default: the preset's "
                                  "(paper, cpu-paper: reference; cpu, best: ours)."),
-    scales: str = typer.Option(
-        "1", "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
-                              "(reference: 1)."),
-    flip: bool = typer.Option(False, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch."),
+    scales: Optional[str] = typer.Option(
+        None, "--scales", help="Comma-separated input scales whose Grad-CAMs are averaged, e.g. 0.75,1,1.25 "
+                               "(default and reference: 1)."),
+    flip: Optional[bool] = typer.Option(
+        None, "--flip/--no-flip", help="Also average the Grad-CAMs of the mirrored patch (default: no)."),
     white_rule: Optional[str] = typer.Option(
         None, "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
                                    "pale tissue stays tissue). Default: the preset's (paper: grey; cpu, best: glass)."),
     preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Write a palette pseudo-mask per training patch and layer from the stage-1 Grad-CAMs (resumable)."""
-    from wsss.config import PM_PRESETS
+    from wsss.config import PM_PRESETS, config_toml, resolve_command
     from wsss.cam.pseudo_mask import parse_layers
     from wsss.stages.pseudo_masks import PseudoMaskConfig, format_summary, generate
 
-    if preset is not None and preset not in PM_PRESETS:
-        raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(PM_PRESETS)}")
-    given = {k: v for k, v in (("white_rule", white_rule), ("tie_rule", tie_rule)) if v is not None}
-    values = {**PM_PRESETS[preset or "paper"], **given}
-    cfg = PseudoMaskConfig(dataset=dataset, data=data, checkpoint=checkpoint, layers=parse_layers(layers),
-                           out=out, batch_size=batch_size, device=device, precision=_precision(precision, None),
-                           workers=workers, force=force, scales=_csv(scales, float, "--scales") or (), flip=flip,
-                           labels_csv=labels_csv, **values)
+    options = dict(dataset=dataset, data=data, checkpoint=checkpoint,
+                   layers=parse_layers(layers) if layers is not None else None, out=out, batch_size=batch_size,
+                   device=device, precision=_precision(precision, None), workers=workers, force=force or None,
+                   scales=_csv(scales, float, "--scales"), flip=flip, labels_csv=labels_csv, white_rule=white_rule,
+                   tie_rule=tie_rule)
+    cfg, _ = resolve_command(PseudoMaskConfig, PM_PRESETS, preset, options, config_file, "pseudo_masks",
+                             keep_none=("dataset",))
+    if print_config:
+        typer.echo(config_toml(cfg, "pseudo_masks"), nl=False)
+        return
     typer.echo(format_summary(generate(cfg)))
 
 
@@ -497,11 +513,12 @@ def train_stage2(
     report: Optional[Path] = typer.Option(None, "--report", help="Metrics and predictions (default results/<dataset>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
     force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Train DeepLab v3+ on the pseudo-masks (stage 2), keep the best on val, test it with and without the gate."""
-    from wsss.config import STAGE2_PRESETS, Stage2Config, resolve
+    from wsss.config import STAGE2_PRESETS, Stage2Config, config_toml, resolve_command
     from wsss.metrics import format_table
-    from wsss.stages.common import given_options
     from wsss.stages.stage2 import train
 
     options = dict(
@@ -517,8 +534,11 @@ def train_stage2(
         precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
         report=report,
     )
-    cfg = resolve(Stage2Config, STAGE2_PRESETS, preset, **options)
-    summary = train(cfg, resume=resume, force=force, given=given_options(preset, options))
+    cfg, given = resolve_command(Stage2Config, STAGE2_PRESETS, preset, options, config_file, "stage2")
+    if print_config:
+        typer.echo(config_toml(cfg, "stage2"), nl=False)
+        return
+    summary = train(cfg, resume=resume, force=force, given=given)
     if "metrics" in summary:
         metrics = summary["metrics"]
         if metrics["test"] is None:
@@ -1017,7 +1037,7 @@ HELP_PANELS: dict[str, tuple[str, ...]] = {
         "val_fraction", "test_fraction", "train", "val", "test", "size", "spec_name", "task_seed", "difficulty", "look",
         "save_probs", "save_tissue_mask", "geojson", "mask_format", "fmt", "figures"),
     "Model": (
-        "checkpoint", "preset", "stage1_init", "stage2_init", "init_weights", "backbone", "width", "head_channels",
+        "checkpoint", "preset", "config_file", "print_config", "stage1_init", "stage2_init", "init_weights", "backbone", "width", "head_channels",
         "out_stride", "image_size", "input_norm", "dropout", "pda", "layers", "pm_layers", "pm_weights", "stain_norm",
         "stain_target", "tile", "overlap", "tta"),
     "Training": (

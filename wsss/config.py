@@ -164,14 +164,16 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def resolve(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, **options: Any):
-    """Build ``cls`` from its defaults, then ``presets[preset]``, then non-None ``options``."""
+def resolve(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, keep_none: tuple[str, ...] = (),
+            **options: Any):
+    """Build ``cls`` from its defaults, then ``presets[preset]``, then non-None ``options`` (and the
+    ``keep_none`` ones even when None)."""
     values: dict[str, Any] = {}
     if preset is not None:
         if preset not in presets:
             raise WsssError(f"unknown preset {preset!r}; choose one of {', '.join(presets)}")
         values.update(presets[preset])
-    values.update({k: v for k, v in options.items() if v is not None})
+    values.update({k: v for k, v in options.items() if v is not None or k in keep_none})
     values["preset"] = preset
     try:
         return cls(**values)
@@ -356,3 +358,105 @@ PM_PRESETS: dict[str, dict[str, Any]] = {
 
 IMPROVEMENTS = {"stage1": IMPROVEMENTS_STAGE1, "pm": IMPROVEMENTS_PM, "stage2": IMPROVEMENTS_STAGE2}
 """What the ``cpu`` and ``best`` presets change from the reference, per step (one ablation row each)."""
+
+
+# --------------------------------------------------------------------------- configuration files
+
+CONFIG_TABLES: tuple[str, ...] = ("stage1", "pseudo_masks", "stage2")
+"""The tables of a ``--config`` file: one per command that takes a preset (train-stage1,
+generate-pm, train-stage2); each command reads its own, so one file can hold a whole pipeline."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a TOML value can be the value of a field annotated ``hint`` (an int is a float, a
+    string a path, an array a tuple of its element type)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint) if h is not type(None))
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint in (str, Path):
+        return isinstance(value, str)
+    if origin is tuple:
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value) if args else isinstance(value, list)
+    return True
+
+
+def read_config_table(path: Path, table: str, cls: type) -> dict[str, Any]:
+    """The ``[table]`` of the ``--config`` file ``path`` as configuration values of ``cls`` (paths as
+    :class:`~pathlib.Path`, arrays as tuples); nothing when the file has no such table. A file that
+    is not TOML, an unknown table or key, or a value of the wrong type: one :class:`WsssError` line
+    naming the file and the key."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise WsssError(f"--config {path} not found") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise WsssError(f"--config {path} is not a TOML file: {exc}") from None
+    unknown = [k for k in data if k not in CONFIG_TABLES]
+    if unknown:
+        raise WsssError(f"{path}: unknown table or key {unknown[0]!r} (a configuration file has the tables "
+                        f"{', '.join(f'[{t}]' for t in CONFIG_TABLES)})")
+    values = data.get(table, {})
+    if not isinstance(values, dict):
+        raise WsssError(f"{path}: {table} must be a table ([{table}])")
+    types = _field_types(cls)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in types:
+            raise WsssError(f"{path}: [{table}] has no key {key!r} (its keys: {', '.join(types)})")
+        if not _fits(value, types[key]):
+            raise WsssError(f"{path}: [{table}] {key} = {value!r} has the wrong type (expected {types[key]})")
+        if isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(value, str) and Path in getattr(types[key], "__args__", (types[key],)):
+            value = Path(value)
+        out[key] = value
+    return out
+
+
+def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],
+                    config_file: Path | None, table: str, keep_none: tuple[str, ...] = ()) -> tuple[Any, frozenset[str]]:
+    """A command's configuration: ``cls``'s defaults, then the preset (``--preset``, else the file's
+    ``preset`` key), then the ``--config`` file's ``[table]``, then the options given on the command
+    line (not None, except the fields in ``keep_none``, whose None means something: generate-pm's
+    dataset None is the checkpoint's). Returns it with the names of the fields the user set."""
+    from_file = read_config_table(config_file, table, cls) if config_file is not None else {}
+    if preset is None:
+        preset = from_file.get("preset")
+    from_file.pop("preset", None)
+    chosen = {**from_file, **{k: v for k, v in options.items() if v is not None}}
+    config = resolve(cls, presets, preset, keep_none, **chosen, **{k: options[k] for k in keep_none if k not in chosen})
+    given = set(chosen)
+    if preset is not None:
+        given.add("preset")
+    return config, frozenset(given)
+
+
+def config_toml(config: Any, table: str) -> str:
+    """``config`` as the ``[table]`` of a ``--config`` file (fields that are None are left out: TOML
+    has no null, and leaving them out gives them their default, None)."""
+    import tomli_w
+
+    values = {k: v for k, v in to_dict(config).items() if v is not None}
+    return tomli_w.dumps({table: values})

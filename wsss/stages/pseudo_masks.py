@@ -67,6 +67,7 @@ class PseudoMaskConfig:
     flip: bool = False  # ... and their left-right flips (the reference: one view)
     white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
     labels_csv: Path | None = None  # None: the spec's label source
+    preset: str | None = None  # the preset its tie and white rules came from (wsss.config.PM_PRESETS)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
