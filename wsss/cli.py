@@ -107,6 +107,42 @@ CAM_TIE_HELP = ("ours (a dropped class never wins) or reference (where every kep
                 "index wins, as WSSS-Tissue's evaluation).")
 
 
+# Options that several commands share, defined once (each keeps its name, default and help everywhere).
+AmpOpt = typer.Option(None, "--amp/--no-amp", help=AMP_HELP)
+WindowBatchOpt = typer.Option(
+    8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it).")
+SegmenterCheckpointOpt = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's).")
+ClassifierCheckpointOpt = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's).")
+DataOpt = typer.Option(..., "--data", help="Dataset folder.")
+DeviceAutoOpt = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu or cuda.")
+EpochsOpt = typer.Option(None, "--epochs", min=1)
+ForceOpt = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run.")
+GateModeMaskOpt = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP)
+GateModeOpt = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP)
+GateOpt = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier.")
+GateThresholdOpt = typer.Option(
+    DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated.")
+ImageSizeOpt = typer.Option(None, "--image-size", min=16, help="Resize patches to this side.")
+InputNormOpt = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet.")
+JsonOutOpt = typer.Option(None, "--json", help="Write the metrics here.")
+OutOpt = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go.")
+PmDirOpt = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM).")
+PrecisionFp32Opt = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32.")
+PrecisionOpt = typer.Option(None, "--precision", help=PRECISION_HELP)
+PresetOpt = typer.Option(None, "--preset", help=PRESET_HELP)
+ReaderOpt = typer.Option(
+    "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile.")
+SeedOpt = typer.Option(None, "--seed")
+SplitOpt = typer.Option("test", "--split", help="val or test.")
+Stage1CheckpointOpt = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate.")
+StainJitterOpt = typer.Option(
+    None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference).")
+TtaOpt = typer.Option("none", "--tta", help=TTA_HELP)
+WorkersOpt = typer.Option(None, "--workers", min=0)
+WorkersZeroOpt = typer.Option(0, "--workers", min=0)
+
+
 @app.command()
 def synth(
     out: Path = typer.Argument(..., help="Folder to write the synthetic dataset into."),
@@ -229,8 +265,7 @@ def extract_patches(
         True, "--bounds-offset/--no-bounds-offset",
         help="Annotations of slides with openslide.bounds-* (MIRAX, ...) are in QuPath's cropped picture of them, "
              "as QuPath opens them by default; --no-bounds-offset for slides QuPath opened with --no-crop."),
-    reader: str = typer.Option(
-        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    reader: str = ReaderOpt,
     force: bool = typer.Option(False, "--force", help="Replace an earlier extraction in OUT."),
 ) -> None:
     """Cut labelled patches from whole-slide images and their QuPath annotations (GeoJSON): training
@@ -265,11 +300,11 @@ def extract_patches(
 @app.command("train-stage1")
 def train_stage1(
     dataset: str = DatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
-    out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
+    data: Path = DataOpt,
+    out: Path = OutOpt,
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    preset: Optional[str] = PresetOpt,
+    epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr (biases 2×)."),
     head_lr_mult: Optional[float] = typer.Option(
@@ -281,8 +316,8 @@ def train_stage1(
     width: Optional[float] = typer.Option(None, "--width", min=0.01, help="Channel width multiplier."),
     dropout: Optional[float] = typer.Option(
         None, "--dropout", help="Multiple of the reference's dropout rates (b6 0.3, b7 0.5, head 0.5); 0: none."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
-    input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    image_size: Optional[int] = ImageSizeOpt,
+    input_norm: Optional[str] = InputNormOpt,
     init_weights: Optional[Path] = typer.Option(
         None, "--init-weights", help="MXNet ilsvrc .params, a ResNet38 state_dict .pth, or a wsss checkpoint."),
     pda: Optional[bool] = typer.Option(None, "--pda/--no-pda", help="Progressive dropout attention."),
@@ -294,8 +329,7 @@ def train_stage1(
         None, "--pda-norm", help="none (reference) or max (attention scaled to [0,1]; stable from random init)."),
     augment: Optional[str] = typer.Option(
         None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
-    stain_jitter: Optional[float] = typer.Option(
-        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    stain_jitter: Optional[float] = StainJitterOpt,
     stain_norm: Optional[str] = StainNormOpt,
     stain_target: Optional[Path] = StainTargetOpt,
     hed_scale: Optional[float] = HedScaleOpt,
@@ -307,14 +341,14 @@ def train_stage1(
     tie_rule: Optional[str] = typer.Option(
         None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
                                  + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    amp: Optional[bool] = AmpOpt,
+    workers: Optional[int] = WorkersOpt,
+    seed: Optional[int] = SeedOpt,
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT (--device, --precision and "
                                                         "--workers may change)."),
-    force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+    force: bool = ForceOpt,
     config_file: Optional[Path] = ConfigOpt,
     print_config: bool = PrintConfigOpt,
 ) -> None:
@@ -343,18 +377,18 @@ def train_stage1(
 @app.command("eval-cam")
 def eval_cam(
     dataset: Optional[str] = CheckpointDatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
-    split: str = typer.Option("test", "--split", help="val or test."),
+    data: Path = DataOpt,
+    checkpoint: Path = ClassifierCheckpointOpt,
+    split: str = SplitOpt,
     threshold: float = typer.Option(0.25, "--threshold", help="Classes with probability <= this are dropped."),
     tie_rule: Optional[str] = typer.Option(
         None, "--tie-rule", help=CAM_TIE_HELP + " Default: the rule the checkpoint's training evaluated with "
                                                "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
-    device: str = typer.Option("auto", "--device"),
+    device: str = DeviceAutoOpt,
     precision: str = typer.Option("fp32", "--precision", help=PRECISION_HELP),
-    workers: int = typer.Option(0, "--workers", min=0),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
+    workers: int = WorkersZeroOpt,
+    json_out: Optional[Path] = JsonOutOpt,
 ) -> None:
     """Segment a split with the stage-1 CAMs and score it against the masks."""
     from wsss.metrics import format_table, write_json
@@ -381,8 +415,8 @@ def eval_cam(
 @app.command("generate-pm")
 def generate_pm(
     dataset: Optional[str] = CheckpointDatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's)."),
+    data: Path = DataOpt,
+    checkpoint: Path = ClassifierCheckpointOpt,
     layers: Optional[str] = typer.Option(
         None, "--layers", help="Comma-separated Grad-CAM layers (default: b4_5,b5_2,bn7)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Pseudo-mask folder (default: DATA/train_PM)."),
@@ -404,7 +438,7 @@ def generate_pm(
     white_rule: Optional[str] = typer.Option(
         None, "--white-rule", help="grey (reference: grey > 200 is background) or glass (also nearly colourless: "
                                    "pale tissue stays tissue). Default: the preset's (paper: grey; cpu, best: glass)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
+    preset: Optional[str] = PresetOpt,
     config_file: Optional[Path] = ConfigOpt,
     print_config: bool = PrintConfigOpt,
 ) -> None:
@@ -430,7 +464,7 @@ def generate_pm(
 def eval_pm(
     dataset: str = DatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder with train_gt/ (synthetic data)."),
-    pm_dir: Optional[Path] = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    pm_dir: Optional[Path] = PmDirOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layer: metrics} here."),
 ) -> None:
     """Score each layer's pseudo-masks against the true training masks in DATA/train_gt/."""
@@ -447,10 +481,10 @@ def eval_pm(
 @app.command("train-stage2")
 def train_stage2(
     dataset: str = DatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    data: Path = DataOpt,
     stage1_checkpoint: Optional[Path] = typer.Option(
         None, "--stage1-checkpoint", help="Stage-1 classifier for the gate (ours or WSSS-Tissue's)."),
-    pm_dir: Optional[Path] = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM)."),
+    pm_dir: Optional[Path] = PmDirOpt,
     labels_csv: Optional[Path] = LabelsCsvOpt,
     pm_layers: Optional[str] = typer.Option(
         None, "--pm-layers", help="Comma-separated PM_<layer> folders to train on (default bn7,b5_2,b4_5)."),
@@ -465,8 +499,8 @@ def train_stage2(
         None, "--backbone", help="resnet101 (paper), resnet50, resnet18 or mobilenet_v3_large."),
     out_stride: Optional[int] = typer.Option(None, "--out-stride", help="16 (paper) or 8."),
     head_channels: Optional[int] = typer.Option(None, "--head-channels", min=1, help="ASPP/decoder width (256)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1),
+    preset: Optional[str] = PresetOpt,
+    epochs: Optional[int] = EpochsOpt,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2),
     drop_last: Optional[bool] = typer.Option(
         None, "--drop-last/--keep-last",
@@ -475,12 +509,11 @@ def train_stage2(
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr; ASPP and decoder get 10×."),
     momentum: Optional[float] = typer.Option(None, "--momentum", help="SGD momentum (0.9)."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="SGD weight decay (5e-4)."),
-    image_size: Optional[int] = typer.Option(None, "--image-size", min=16, help="Resize patches to this side."),
-    input_norm: Optional[str] = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet."),
+    image_size: Optional[int] = ImageSizeOpt,
+    input_norm: Optional[str] = InputNormOpt,
     augment: Optional[str] = typer.Option(
         None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
-    stain_jitter: Optional[float] = typer.Option(
-        None, "--stain-jitter", help="HED stain augmentation strength, e.g. 0.05 (0: off, the reference)."),
+    stain_jitter: Optional[float] = StainJitterOpt,
     stain_norm: Optional[str] = StainNormOpt,
     stain_target: Optional[Path] = StainTargetOpt,
     hed_scale: Optional[float] = HedScaleOpt,
@@ -503,16 +536,16 @@ def train_stage2(
     gate_threshold: Optional[float] = typer.Option(
         None, "--gate-threshold",
         help=f"Classes with stage-1 probability <= this cannot be predicted (default {DEFAULT_GATE_THRESHOLD:g})."),
-    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    out: Path = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go."),
+    gate_mode: Optional[str] = GateModeOpt,
+    device: Optional[str] = DeviceOpt,
+    precision: Optional[str] = PrecisionOpt,
+    amp: Optional[bool] = AmpOpt,
+    workers: Optional[int] = WorkersOpt,
+    seed: Optional[int] = SeedOpt,
+    out: Path = OutOpt,
     report: Optional[Path] = typer.Option(None, "--report", help="Metrics and predictions (default results/<dataset>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run saved in OUT."),
-    force: bool = typer.Option(False, "--force", help="Start over even if OUT holds an earlier run."),
+    force: bool = ForceOpt,
     config_file: Optional[Path] = ConfigOpt,
     print_config: bool = PrintConfigOpt,
 ) -> None:
@@ -553,11 +586,11 @@ def train_stage2(
 @app.command()
 def evaluate(
     dataset: Optional[str] = CheckpointDatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
-    split: str = typer.Option("test", "--split", help="val or test."),
+    data: Path = DataOpt,
+    checkpoint: Path = SegmenterCheckpointOpt,
+    split: str = SplitOpt,
     gate: bool = typer.Option(False, "--gate/--no-gate", help="Also score with the classification gate."),
-    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
+    stage1_checkpoint: Optional[Path] = Stage1CheckpointOpt,
     gate_threshold: Optional[float] = typer.Option(
         None, "--gate-threshold", help="Classes with probability <= this are gated. Default: the checkpoint's training "
                                        f"run's (WSSS-Tissue's files: {DEFAULT_GATE_THRESHOLD:g})."),
@@ -565,11 +598,11 @@ def evaluate(
         None, "--gate-mode", help=GATE_MODE_HELP + " Default: the mode the checkpoint's training run tested with "
                                                    "(its preset's; WSSS-Tissue's files: reference)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Default: the training batch size."),
-    device: str = typer.Option("auto", "--device"),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
-    workers: int = typer.Option(0, "--workers", min=0),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here."),
+    device: str = DeviceAutoOpt,
+    precision: Optional[str] = PrecisionFp32Opt,
+    amp: Optional[bool] = AmpOpt,
+    workers: int = WorkersZeroOpt,
+    json_out: Optional[Path] = JsonOutOpt,
 ) -> None:
     """Score a stage-2 checkpoint on a split, optionally with the stage-1 classification gate."""
     from wsss.metrics import format_table, write_json
@@ -592,13 +625,13 @@ def evaluate(
 @app.command()
 def figures(
     dataset: Optional[str] = CheckpointDatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    data: Path = DataOpt,
     stage1_checkpoint: Path = typer.Option(
         ..., "--stage1-checkpoint", help="Stage-1 classifier for the pseudo-masks and CAMs (ours or WSSS-Tissue's)."),
     report: Optional[Path] = typer.Option(
         None, "--report", help="Report folder: reads pred/ and pred_gate/ there, writes the PNGs (default results/<dataset>)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DeviceAutoOpt,
     force: bool = typer.Option(False, "--force", help="Replace figures in REPORT that wsss did not write."),
 ) -> None:
     """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
@@ -621,13 +654,13 @@ def figures(
 @app.command()
 def reproduce(
     dataset: str = DatasetOpt,
-    data: Path = typer.Option(..., "--data", help="Dataset folder."),
+    data: Path = DataOpt,
     synth: bool = typer.Option(False, "--synth", help="Generate the synthetic dataset into DATA first (once)."),
     run: Optional[str] = typer.Option(
         None, "--run", help="Names checkpoints/<run> and results/<run> (default: the spec's name; with --synth "
                             "synthetic for luad, synthetic-<name> for other specs)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    preset: Optional[str] = typer.Option(None, "--preset", help=PRESET_HELP),
+    preset: Optional[str] = PresetOpt,
     stage1_init: Optional[Path] = typer.Option(
         None, "--stage1-init-weights", help="Stage-1 initialisation, e.g. the MXNet ImageNet .params file."),
     stage2_init: Optional[Path] = typer.Option(
@@ -640,7 +673,7 @@ def reproduce(
     upper_bound: bool = typer.Option(
         False, "--upper-bound/--no-upper-bound",
         help="Also train stage 2 on the true masks (DATA/train_gt, synthetic data) for every seed."),
-    gate_mode: Optional[str] = typer.Option(None, "--gate-mode", help=PRESET_GATE_HELP),
+    gate_mode: Optional[str] = GateModeOpt,
     synth_look: str = typer.Option(
         "default", "--synth-look", help="With --synth: the look of the synthetic data (default, shifted, lab-b, "
                                         "pale, dark, jpeg, blur; see wsss synth --look)."),
@@ -660,7 +693,7 @@ def reproduce(
                                  "synthetic data of another look."),
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = DeviceAutoOpt,
     precision: str = typer.Option(
         "fp32", "--precision", help=PRECISION_HELP + " Every step runs in it (a continued run may change it)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset default)."),
@@ -697,14 +730,13 @@ def _synth_counts(text: str | None) -> dict:
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF) or folders of them.", show_default=False),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    checkpoint: Path = SegmenterCheckpointOpt,
     out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png, <name>_overlay.png and summary.csv."),
     dataset: Optional[str] = CheckpointDatasetOpt,
-    gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
-    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(
-        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate: bool = GateOpt,
+    stage1_checkpoint: Optional[Path] = Stage1CheckpointOpt,
+    gate_threshold: float = GateThresholdOpt,
+    gate_mode: str = GateModeMaskOpt,
     tile: Optional[int] = typer.Option(
         None, "--tile", min=16,
         help="Window side in pixels at the model's µm/px. Default: the checkpoint's training patch size (224 when it "
@@ -717,12 +749,11 @@ def predict(
         None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
                             "masks back to the images' size). Without it (or when the checkpoint records none) the "
                             "images are segmented as they are, with a warning."),
-    batch_size: int = typer.Option(
-        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
-    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
+    batch_size: int = WindowBatchOpt,
+    tta: str = TtaOpt,
+    device: str = DeviceAutoOpt,
+    precision: Optional[str] = PrecisionFp32Opt,
+    amp: Optional[bool] = AmpOpt,
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT that wsss did not write, and predictions of other settings."),
     save_probs: bool = typer.Option(
@@ -770,14 +801,13 @@ def predict_wsi(
              "(searched recursively), or manifest CSVs (a path column; optional mpp: the slide's own level-0 "
              "µm/px, and roi: x,y,w,h). One slide file: outputs directly in OUT; otherwise a cohort: "
              "OUT/<name>/ per slide and OUT/cohort.csv."),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's)."),
+    checkpoint: Path = SegmenterCheckpointOpt,
     out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png/.ome.tif, _overlay.png, _summary.json."),
     dataset: Optional[str] = CheckpointDatasetOpt,
-    gate: bool = typer.Option(False, "--gate/--no-gate", help="Gate every tile with the stage-1 classifier."),
-    stage1_checkpoint: Optional[Path] = typer.Option(None, "--stage1-checkpoint", help="Classifier for the gate."),
-    gate_threshold: float = typer.Option(
-        DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated."),
-    gate_mode: str = typer.Option("mask", "--gate-mode", help=GATE_MODE_HELP),
+    gate: bool = GateOpt,
+    stage1_checkpoint: Optional[Path] = Stage1CheckpointOpt,
+    gate_threshold: float = GateThresholdOpt,
+    gate_mode: str = GateModeMaskOpt,
     level: Optional[int] = typer.Option(
         None, "--level", help="Pyramid level to segment as it is (instead of the model's µm/px)."),
     mpp: Optional[float] = typer.Option(
@@ -793,9 +823,8 @@ def predict_wsi(
     overlap: Optional[int] = typer.Option(
         None, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended. Default: 32, or half the "
                                        "window when that is less."),
-    batch_size: int = typer.Option(
-        8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it)."),
-    tta: str = typer.Option("none", "--tta", help=TTA_HELP),
+    batch_size: int = WindowBatchOpt,
+    tta: str = TtaOpt,
     min_tissue: float = typer.Option(
         0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
     geojson: bool = typer.Option(False, "--geojson/--no-geojson", help="Also write <name>.geojson for QuPath."),
@@ -818,11 +847,10 @@ def predict_wsi(
     shard: Optional[str] = typer.Option(
         None, "--shard", help="I/N: this job takes every N-th slide from the I-th (I from 0); default from "
                               "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT in an array job."),
-    reader: str = typer.Option(
-        "auto", "--reader", help="auto (OpenSlide when it knows the file, else tifffile), openslide or tifffile."),
+    reader: str = ReaderOpt,
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (under torchrun: the rank's GPU)."),
-    precision: Optional[str] = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32."),
-    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help=AMP_HELP),
+    precision: Optional[str] = PrecisionFp32Opt,
+    amp: Optional[bool] = AmpOpt,
     force: bool = typer.Option(
         False, "--force", help="Replace files in OUT (a cohort: OUT/<name>/) that wsss did not write."),
     save_probs: bool = typer.Option(
