@@ -26,6 +26,15 @@ def run_cli(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *arg
     return code, out, err
 
 
+def assert_one_line_error(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, *args: str) -> str:
+    """Run ``wsss ARGS`` and check that it failed as a user error should: exit status 1, one
+    ``error:`` line, the last thing on stderr (warnings may come before it), no traceback; returns stderr."""
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 1 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert err.rstrip().rsplit("error:", 1)[1].count("\n") == 0, err
+    return err
+
+
 class Interrupting:
     """A predictor that counts its forward passes and stops the run (as Ctrl-C or a kill would) at
     pass ``stop_at``; ``on_call`` looks at the run from inside (e.g. its lock) before each pass."""

@@ -140,3 +140,17 @@ def class_tiles(tmp_path_factory, tri_spec) -> dict[int, list[np.ndarray]]:
             tiles[int(truth[0, 0])].append(pixels)
     assert all(len(t) >= 8 for t in tiles.values()), {k: len(t) for k, t in tiles.items()}
     return tiles
+
+
+# A "tiny" preset for whole-chain tests: a 1/8-width ResNet38 and a ResNet-18 DeepLab on 32-px inputs, one epoch.
+TINY1 = {"width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0, "pda_norm": "max"}
+TINY2 = {"backbone": "resnet18", "head_channels": 16, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0}
+
+
+@pytest.fixture
+def tiny_presets(monkeypatch):
+    """``--preset tiny`` for this test (both training stages)."""
+    from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
+
+    monkeypatch.setitem(STAGE1_PRESETS, "tiny", TINY1)
+    monkeypatch.setitem(STAGE2_PRESETS, "tiny", TINY2)

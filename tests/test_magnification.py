@@ -23,7 +23,6 @@ from wsss.errors import WsssError
 from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.runtime import load_checkpoint, save_checkpoint
-from wsss.stages import predict as P
 from wsss.stages import stage1, stage2
 
 

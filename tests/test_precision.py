@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from cli_helpers import run_cli
-from test_reproduce import tiny, tiny_presets  # noqa: F401 (a fixture)
+from test_reproduce import tiny
 from test_trust import S1, S2
 from wsss import config as cfglib
 from wsss import runtime

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from tiling_oracle import content_predictor, full_blend
 from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
@@ -345,12 +345,6 @@ def test_dataset_comes_from_the_checkpoint_or_the_option(ckpts, tmp_path, capsys
     assert "TUM,STR,LYM,NEC,background" in (tmp_path / "pb" / "summary.csv").read_text()
 
 
-def _one_line_error(capsys, monkeypatch, *args) -> str:
-    code, _, err = run_cli(capsys, monkeypatch, *args)
-    assert code == 1 and err.count("error:") == 1 and "Traceback" not in err, err
-    assert err.rstrip().rsplit("error:", 1)[1].count("\n") == 0, err
-    return err
-
 
 def test_bad_inputs_end_in_one_clear_line(ckpts, tmp_path, capsys, monkeypatch):
     good = _save(tmp_path / "good.png", _random_image(40, 40))
@@ -359,21 +353,21 @@ def test_bad_inputs_end_in_one_clear_line(ckpts, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     base = ("--out", out, "--tile", TILE, "--device", "cpu")
     s2 = ("--checkpoint", ckpts["s2"])
-    assert "grey.png is grayscale (mode L); an RGB image is needed" in _one_line_error(
+    assert "grey.png is grayscale (mode L); an RGB image is needed" in assert_one_line_error(
         capsys, monkeypatch, "predict", grey, *s2, *base)
-    assert "holds no PNG, JPEG or TIFF images" in _one_line_error(
+    assert "holds no PNG, JPEG or TIFF images" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, tmp_path / "empty", *s2, *base)
-    assert "stage-2 checkpoint is needed" in _one_line_error(
+    assert "stage-2 checkpoint is needed" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, "--checkpoint", ckpts["s1"], *base)
-    assert "trained for 3 classes" in _one_line_error(
+    assert "trained for 3 classes" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, "--checkpoint", ckpts["s2_c3"], *base)
-    assert "--gate needs --stage1-checkpoint" in _one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--gate")
-    assert "stage-1" in _one_line_error(
+    assert "--gate needs --stage1-checkpoint" in assert_one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--gate")
+    assert "stage-1" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--gate", "--stage1-checkpoint", ckpts["s2"])
-    assert "--overlap must be" in _one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--overlap", TILE)
-    assert "--tta must be one of none, flip, d4, not 'd8'" in _one_line_error(
+    assert "--overlap must be" in assert_one_line_error(capsys, monkeypatch, "predict", good, *s2, *base, "--overlap", TILE)
+    assert "--tta must be one of none, flip, d4, not 'd8'" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--tta", "d8")
-    assert "unknown dataset 'lung'" in _one_line_error(
+    assert "unknown dataset 'lung'" in assert_one_line_error(
         capsys, monkeypatch, "predict", good, *s2, *base, "--dataset", "lung")
     assert not out.exists()
 

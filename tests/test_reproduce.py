@@ -11,14 +11,6 @@ from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
 from wsss.errors import WsssError
 from wsss.stages.reproduce import ReproduceConfig, format_report, run
 
-TINY1 = {"width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0, "pda_norm": "max"}
-TINY2 = {"backbone": "resnet18", "head_channels": 16, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0}
-
-
-@pytest.fixture
-def tiny_presets(monkeypatch):
-    monkeypatch.setitem(STAGE1_PRESETS, "tiny", TINY1)
-    monkeypatch.setitem(STAGE2_PRESETS, "tiny", TINY2)
 
 
 def tiny(tmp: Path, **kw) -> ReproduceConfig:

@@ -15,11 +15,8 @@ import tifffile
 from PIL import Image
 
 from cli_helpers import run_cli
-from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
 from wsss.data.png import read_mask
 
-TINY1 = {"width": 0.125, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0, "pda_norm": "max"}
-TINY2 = {"backbone": "resnet18", "head_channels": 16, "image_size": 32, "epochs": 1, "batch_size": 8, "workers": 0}
 
 THREE = """name = "wsss4luad"
 classes = ["tumor", "stroma", "normal"]
@@ -37,12 +34,6 @@ background_color = [250, 250, 250]
 mask_encoding = "rgb"
 labels_csv = "labels.csv"
 """
-
-
-@pytest.fixture
-def tiny_presets(monkeypatch):
-    monkeypatch.setitem(STAGE1_PRESETS, "tiny", TINY1)
-    monkeypatch.setitem(STAGE2_PRESETS, "tiny", TINY2)
 
 
 def _ok(capsys, monkeypatch, *args) -> str:

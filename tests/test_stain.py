@@ -13,7 +13,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from colour_oracle import srgb_to_lab, stain_od
 from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
@@ -271,11 +271,6 @@ def test_train_stage1_stores_the_fitted_target_and_a_resumed_run_keeps_it(synth1
 # --------------------------------------------------------------------------- bad targets: one line
 
 
-def one_line_error(capsys, monkeypatch, *args) -> str:
-    code, _, err = run_cli(capsys, monkeypatch, *args)
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
 
 @pytest.mark.parametrize("case, fragment", [
     ("grey", "grayscale"),
@@ -307,6 +302,6 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         (tmp_path / "pm" / "PM_gt").symlink_to(data / "train_gt", target_is_directory=True)
         args += ["--no-gate", "--pm-dir", tmp_path / "pm", "--pm-layers", "gt", "--pm-weights", 1,
                  "--report", tmp_path / "report"]
-    err = one_line_error(capsys, monkeypatch, *args)
+    err = assert_one_line_error(capsys, monkeypatch, *args)
     assert fragment in err
     assert not any(p.suffix in (".pth", ".json") for p in out.rglob("*")) if out.exists() else True

@@ -20,7 +20,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from cli_helpers import live_lock, run_cli, spy_on_models, write_lock
+from cli_helpers import assert_one_line_error, live_lock, run_cli, spy_on_models, write_lock
 from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
 from wsss.data.background import white_mask
@@ -528,7 +528,7 @@ def test_predict_wsi_never_replaces_a_file_it_did_not_write_unless_forced(slide,
     for name in ("slide_overlay.png", "slide_mask.png", "slide_summary.json", "slide.geojson"):
         mine = out / name
         mine.write_bytes(b"the user's own " + name.encode())
-        err = _one_line_error(capsys, monkeypatch, *args)
+        err = assert_one_line_error(capsys, monkeypatch, *args)
         assert f"{mine} exists and was not written by wsss" in err and "--force" in err, err
         assert mine.read_bytes() == b"the user's own " + name.encode()
         assert _visible(out) == [name] and not list(out.glob(".wsss-lock*"))  # nothing else written, unlocked
@@ -586,7 +586,7 @@ def test_a_slide_is_locked_while_it_runs_and_its_outputs_are_recorded(slide, ckp
         sleeper = live_lock(out, "predict-wsi" if scope else "predict", scope)
         try:
             spy_load(None)
-            err = _one_line_error(capsys, monkeypatch, *args)
+            err = assert_one_line_error(capsys, monkeypatch, *args)
         finally:
             sleeper.kill()
             sleeper.wait()
@@ -679,11 +679,6 @@ def test_ome_tiff_slides_give_their_physical_pixel_size(tmp_path, reader):
     assert S.ome_mpp("<OME><Image><Pixels/></Image></OME>") is None and S.ome_mpp("not xml") is None
 
 
-def _one_line_error(capsys, monkeypatch, *args) -> str:
-    code, _, err = run_cli(capsys, monkeypatch, *args)
-    assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
 
 def test_bad_inputs_end_in_one_clear_line(slide, ckpt, tmp_path, capsys, monkeypatch):
     path, _ = slide
@@ -706,9 +701,9 @@ def test_bad_inputs_end_in_one_clear_line(slide, ckpt, tmp_path, capsys, monkeyp
         ((tmp_path / "x.svs",), "OpenSlide"),
     ]
     for (slide_path, *rest), message in cases:
-        assert message in _one_line_error(capsys, monkeypatch, *_args(slide_path, ckpt, out, *rest))
+        assert message in assert_one_line_error(capsys, monkeypatch, *_args(slide_path, ckpt, out, *rest))
     assert not out.exists()
     with pytest.raises(WsssError, match=r"grey\.tif is not an 8-bit RGB TIFF"):
         S.open_slide(grey, "tifffile")
     monkeypatch.setattr(S, "_import_openslide", lambda: None)
-    assert "pip install openslide-python openslide-bin" in _one_line_error(capsys, monkeypatch, *_args(tmp_path / "x.svs", ckpt, out))
+    assert "pip install openslide-python openslide-bin" in assert_one_line_error(capsys, monkeypatch, *_args(tmp_path / "x.svs", ckpt, out))
