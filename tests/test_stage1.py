@@ -18,6 +18,7 @@ from cli_helpers import run_cli
 from conftest import write_palette_mask
 from wsss.models import loading
 from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
+from wsss.errors import WsssError
 from wsss.data.datasets import InputNorm
 from wsss.data.specs import LUAD
 from wsss.models.resnet38 import ResNet38Classifier
@@ -96,7 +97,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     assert not (tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth").exists()
 
     # A plain rerun refuses to overwrite the interrupted run.
-    with pytest.raises(stage1.WsssError, match="--resume"):
+    with pytest.raises(WsssError, match="--resume"):
         stage1.train(cut)
     monkeypatch.setattr(stage1, "train_one_epoch", real_epoch)
     stage1.train(replace(cut, workers=0), resume=True)

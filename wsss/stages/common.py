@@ -17,7 +17,9 @@ from wsss import config as cfglib
 from wsss.errors import WsssError
 from wsss.ownership import Owner, differences
 from wsss.models.loading import expect_stage
-from wsss.runtime import Distributed, load_checkpoint, note_saved, seed_worker
+from wsss.runtime import (
+    Distributed, load_checkpoint, load_scaler_state, note_saved, resolve_precision, seed_everything, seed_worker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -400,3 +402,56 @@ def check_stain_target(cfg: Any) -> None:
         from wsss.data import stain
 
         stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
+
+
+# --------------------------------------------------------------------------- the training skeleton
+# What both training stages do around their own train_one_epoch (as torchvision's references share
+# their utilities, not a trainer class).
+
+
+def start_training(cfg, dist: Distributed):
+    """The configuration a run computes with (its precision resolved: auto → bf16 or fp32 here),
+    after seeding every process and quietening the logs of all but the main one."""
+    if not dist.is_main:
+        logging.getLogger("wsss").setLevel(logging.WARNING)
+    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
+    seed_everything(cfg.seed, dist.rank)
+    return cfg
+
+
+def check_batches(batches, patches: int, batch_size: int) -> int:
+    """The steps of an epoch; none is a user error (too few patches for one batch)."""
+    if len(batches) == 0:
+        raise WsssError(f"{patches} training patches make no batch of {batch_size}")
+    return len(batches)
+
+
+def restore_training(state: dict | None, model: torch.nn.Module, optimizer, scheduler, scaler) -> int:
+    """Load a saved run (model, optimizer, poly schedule, gradient scaler) into a freshly built one;
+    returns the first epoch still to train (0 for a new run)."""
+    if state is None:
+        return 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
+        log.info("the saved run did not use fp16: the gradient scaler starts afresh")
+    return state["epoch"] + 1
+
+
+def distributed(model: torch.nn.Module, dist: Distributed, sync_batchnorm: bool = False) -> torch.nn.Module:
+    """The model a step trains: ``model`` itself, or under DDP its DistributedDataParallel wrapper
+    (``sync_batchnorm``: BatchNorm synchronised across GPUs first, as the reference's stage 2)."""
+    if not dist.enabled:
+        return model
+    if sync_batchnorm and dist.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+    )
+
+
+def reseed_epoch(cfg, epoch: int, dist: Distributed) -> None:
+    """Seed an epoch from the run's seed and its index, so that a resumed run draws the same dropout
+    masks, flips and blurs as an uninterrupted one."""
+    seed_everything(cfg.seed + 7919 * epoch, dist.rank)

@@ -31,7 +31,6 @@ from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, 
 from wsss.data.layout import list_masked, list_train, masked_splits, without_masks
 from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec
-from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.resnet38 import ResNet38Classifier
 from wsss.models.weights import load_stage1_weights
@@ -39,12 +38,13 @@ from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
-    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_batches, check_same_inputs, check_stain_target,
+    device_images, distributed, input_pipeline, note_epochs, optimizer_step, reseed_epoch, restore_training,
+    resume_state, start_training, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, grad_scaler, is_main_process, load_scaler_state,
-    memory_format, note_saved, progress_bar, resolve_precision, save_checkpoint, seed_everything,
+    CHECKPOINT_FORMAT, Distributed, autocast, grad_scaler, is_main_process, memory_format, note_saved, progress_bar,
+    save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ def checkpoint_state(model, cfg: Stage1Config, spec: DatasetSpec, epoch: int, no
     is the model's input normalisation, its stain target included (None: ``cfg.input_norm``, no stain target)."""
     return {
         "stage": 1,
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "arch": {"name": "resnet38", "width": cfg.width, "num_classes": spec.num_classes},
         "model": model.state_dict(),
         "epoch": epoch,
@@ -240,11 +240,7 @@ def training_inputs(cfg: Stage1Config, samples) -> dict:
 
 def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed,
            samples, pipeline: InputPipeline) -> dict:
-    if not dist.is_main:
-        logging.getLogger("wsss").setLevel(logging.WARNING)
-    # The config records the precision the run computes in (auto → bf16 or fp32 here).
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
-    seed_everything(cfg.seed, dist.rank)
+    cfg = start_training(cfg, dist)  # the config records the precision the run computes in
     if state is None and dist.is_main:
         warn_random_init(cfg)
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
@@ -252,24 +248,11 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
     batches = train_loader(cfg, samples, dist, pipeline)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise WsssError(f"{len(samples)} training patches make no batch of {cfg.batch_size}")
+    steps_per_epoch = check_batches(batches, len(samples), cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     scaler = grad_scaler(dist.device, cfg.precision)
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
-            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
-        start = state["epoch"] + 1
-    ddp_model = model
-    if dist.enabled:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
+    start = restore_training(state, model, optimizer, scheduler, scaler)
+    ddp_model = distributed(model, dist)
     schedule = PdaSchedule(cfg.pda_start, cfg.pda_decay, cfg.pda_floor, cfg.pda_first_epoch)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
@@ -279,8 +262,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        # Reseeding per epoch makes a resumed run draw the same dropout masks and flips.
-        seed_everything(cfg.seed + 7919 * epoch, dist.rank)
+        reseed_epoch(cfg, epoch, dist)
         gamma = schedule.gamma_at(epoch) if cfg.pda else None
         stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist, writer,
                                 epoch)

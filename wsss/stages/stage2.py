@@ -52,12 +52,13 @@ from wsss.data import validate as checks
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
-    EpochLoader, InputPipeline, RunPaths, StepLosses, check_same_inputs, check_stain_target, device_images,
-    input_pipeline, note_epochs, optimizer_step, resume_state, tensorboard_writer,
+    EpochLoader, InputPipeline, RunPaths, StepLosses, check_batches, check_same_inputs, check_stain_target,
+    device_images, distributed, input_pipeline, note_epochs, optimizer_step, reseed_epoch, restore_training,
+    resume_state, start_training, tensorboard_writer,
 )
 from wsss.runtime import (
-    Distributed, autocast, grad_scaler, is_main_process, load_scaler_state, memory_format, note_saved,
-    progress_bar, resolve_precision, save_checkpoint, seed_everything, seed_worker,
+    CHECKPOINT_FORMAT, Distributed, autocast, grad_scaler, is_main_process, memory_format, note_saved, progress_bar,
+    resolve_precision, save_checkpoint, seed_worker,
 )
 from wsss.stages.stage1 import poly_lambda
 
@@ -303,7 +304,7 @@ def checkpoint_state(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec,
     included (None: ``cfg.input_norm``, no stain target)."""
     return {
         "stage": 2,
-        "format": 1,
+        "format": CHECKPOINT_FORMAT,
         "arch": model.arch.to_dict(),
         "model": model.state_dict(),
         "epoch": epoch,
@@ -435,11 +436,7 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
            dataset: PseudoMaskDataset, norm: InputNorm) -> dict:
-    if not dist.is_main:
-        logging.getLogger("wsss").setLevel(logging.WARNING)
-    # The config records the precision the run computes in (auto → bf16 or fp32 here).
-    cfg = replace(cfg, precision=resolve_precision(cfg.precision, dist.device))
-    seed_everything(cfg.seed, dist.rank)
+    cfg = start_training(cfg, dist)  # the config records the precision the run computes in
     gate = _gate_classifier(cfg, spec)
     val_samples = split_masks(cfg.data, "val")
     if not val_samples and dist.is_main:
@@ -449,27 +446,18 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     model = model.to(memory_format=memory_format(dist.device, cfg.precision))
     batches = train_loader(cfg, dataset, dist)
-    steps_per_epoch = len(batches)
-    if steps_per_epoch == 0:
-        raise WsssError(f"{len(dataset)} training patches make no batch of {cfg.batch_size}")
+    steps_per_epoch = check_batches(batches, len(dataset), cfg.batch_size)
     if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
         log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     scaler = grad_scaler(dist.device, cfg.precision)
-    start, best = 0, {}
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler.is_enabled() and not load_scaler_state(scaler, state.get("scaler")):
-            log.info("the saved run did not use fp16: the gradient scaler starts afresh")
-        start = state["epoch"] + 1
-        best = {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
+    start = restore_training(state, model, optimizer, scheduler, scaler)
+    best = {} if state is None else {"mIoU": state["best_metric"], "epoch": state["best_epoch"], "val": state["best_val"]}
     ema = weight_average(model, cfg.ema)
     if ema is not None and state is not None and state.get("ema") is not None:
         ema.load_state_dict(state["ema"])
     kept = model if ema is None else ema.module  # what is validated, saved as the model and tested
-    train_model = _distributed(model, dist)
+    train_model = distributed(model, dist, sync_batchnorm=True)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
@@ -479,8 +467,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     note_epochs(paths, start, cfg.epochs)
     started = time.perf_counter()
     for epoch in range(start, cfg.epochs):
-        # Reseeding per epoch makes a resumed run draw the same dropout masks, flips and blurs.
-        seed_everything(cfg.seed + 7919 * epoch, dist.rank)
+        reseed_epoch(cfg, epoch, dist)
         loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch,
                                ema=ema)
         stain.log_counts("training patches of this epoch")
@@ -528,17 +515,6 @@ def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pip
 def _unwrapped(model):
     """The model a DistributedDataParallel wrapper trains (the model itself otherwise)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def _distributed(model: DeepLabV3Plus, dist: Distributed):
-    if not dist.enabled:
-        return model
-    if dist.device.type == "cuda":
-        # The reference uses synchronised BatchNorm on several GPUs; the state dict keeps its names.
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    return torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-    )
 
 
 def _log_epoch(writer, epoch: int, cfg: Stage2Config, loss: float, val: dict | None) -> None:
