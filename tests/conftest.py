@@ -149,8 +149,9 @@ TINY2 = {"backbone": "resnet18", "head_channels": 16, "image_size": 32, "epochs"
 
 @pytest.fixture
 def tiny_presets(monkeypatch):
-    """``--preset tiny`` for this test (both training stages)."""
-    from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
+    """``--preset tiny`` for this test (both training stages; the pseudo-masks as the paper's)."""
+    from wsss.config import PM_PRESETS, STAGE1_PRESETS, STAGE2_PRESETS
 
     monkeypatch.setitem(STAGE1_PRESETS, "tiny", TINY1)
+    monkeypatch.setitem(PM_PRESETS, "tiny", {})
     monkeypatch.setitem(STAGE2_PRESETS, "tiny", TINY2)

@@ -238,3 +238,12 @@ def test_reproduce_refuses_synthetic_data_of_other_settings(tmp_path, tiny_prese
             run(tiny(tmp_path, **kw))
         assert words in str(info.value)
     assert not (tmp_path / "report").exists()
+
+
+def test_an_unknown_preset_is_one_line_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    from cli_helpers import assert_one_line_error
+
+    err = assert_one_line_error(capsys, monkeypatch, "reproduce", "--dataset", "luad", "--data", tmp_path / "data",
+                                "--synth", "--preset", "fast", "--out", tmp_path / "ckpt", "--report", tmp_path / "r")
+    assert "unknown preset 'fast'; choose one of paper, cpu-paper, cpu, best" in err
+    assert not any(p.exists() for p in (tmp_path / "data", tmp_path / "ckpt", tmp_path / "r"))

@@ -94,8 +94,10 @@ class ReproduceConfig:
     force: bool = False
 
     def __post_init__(self) -> None:
+        if self.preset is not None and self.preset not in STAGE2_PRESETS:
+            raise WsssError(f"unknown preset {self.preset!r}; choose one of {', '.join(STAGE2_PRESETS)}")
         if self.gate_mode is None:
-            preset = STAGE2_PRESETS.get(self.preset or "paper", {})
+            preset = STAGE2_PRESETS[self.preset or "paper"]
             object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
         check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
         check_precision(self.precision)
@@ -363,11 +365,10 @@ def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, p
 def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
     from wsss.stages.pseudo_masks import PseudoMaskConfig
 
-    values = {**PM_PRESETS.get(cfg.preset or "paper", {}), **overrides}
-    return PseudoMaskConfig(dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS,
-                            out=pm_dir, device=cfg.device, precision=cfg.precision, workers=_pm_workers(cfg),
-                            force=cfg.force,
-                            labels_csv=cfg.labels_csv, **values)
+    return cfglib.resolve(PseudoMaskConfig, PM_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
+                          checkpoint=checkpoint, layers=PM_LAYERS, out=pm_dir, device=cfg.device,
+                          precision=cfg.precision, workers=_pm_workers(cfg), force=cfg.force, labels_csv=cfg.labels_csv,
+                          **overrides)
 
 
 def _stage1(s1: Stage1Config, force: bool) -> dict:
