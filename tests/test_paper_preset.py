@@ -369,7 +369,7 @@ def fake_validation(monkeypatch, scores) -> None:
     def validate(*args, **kwargs):
         return {"mIoU": next(values), "fwIoU": 0.0, "pixel_acc": 0.0, "mean_class_acc": 0.0}
 
-    monkeypatch.setattr(stage2, "validate", validate)
+    monkeypatch.setattr(stage2, "score_val", validate)
 
 
 def s2_run(data: Path, tmp_path: Path, epochs: int = 2) -> tuple:

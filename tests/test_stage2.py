@@ -132,7 +132,7 @@ def test_best_checkpoint_is_the_best_validation_epoch(tiny_data, tmp_path, monke
     def fake_validate(*args, **kw):
         return {"mIoU": next(scores), "fwIoU": 0.0, "pixel_acc": 0.0, "mean_class_acc": 0.0}
 
-    monkeypatch.setattr(stage2, "validate", fake_validate)
+    monkeypatch.setattr(stage2, "score_val", fake_validate)
     summary = stage2.train(tiny_cfg(tiny_data, tmp_path, epochs=3, image_size=16))
     best = load_checkpoint(tmp_path / "ckpt" / "stage2_checkpoint_trained_on_luad.pth")
     last = load_checkpoint(tmp_path / "ckpt" / "stage2_luad_last.pth")

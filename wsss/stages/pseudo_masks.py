@@ -109,7 +109,7 @@ def existing_mask(path: Path, size: tuple[int, int], spec: DatasetSpec) -> np.nd
 # --------------------------------------------------------------------------- data
 
 
-class PseudoMaskDataset(Dataset):
+class PatchesToMask(Dataset):
     """Training patches together with what is already on disk for them.
 
     Item, a dict: ``index``; ``todo``, the layers whose PNG must be (re)written (all of them with
@@ -268,7 +268,7 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
     model = clf.model.to(device, memory_format=memory_format(device, precision)).eval()
     _save_config(cfg, out)
     loader = DataLoader(
-        PseudoMaskDataset(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
+        PatchesToMask(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list, pin_memory=device.type == "cuda",
     )
     writer = _MaskWriter(samples, out, spec, layers, owner)
@@ -466,7 +466,7 @@ def _percent(value: float | None, digits: int = 1, as_percent: bool = True) -> s
 
 __all__ = [
     "PseudoMaskConfig",
-    "PseudoMaskDataset",
+    "PatchesToMask",
     "evaluate",
     "existing_mask",
     "format_evaluation",

@@ -48,7 +48,7 @@ from wsss.models.loading import (
     LoadedClassifier, LoadedSegmenter, class_probs, load_classifier, load_segmenter, segment, segmenter_and_spec,
 )
 from wsss import ownership
-from wsss.data import validate as checks
+from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.ownership import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
@@ -181,7 +181,7 @@ def evaluate_checkpoint(
     threshold = seg.gate_threshold if threshold is None else threshold
     gate = load_classifier(stage1_checkpoint, spec) if stage1_checkpoint is not None else None
     samples = list_masked(data, split)
-    checks.require(checks.masked_problems(samples, spec), data, spec.name)
+    validate.require(validate.masked_problems(samples, spec), data, spec.name)
     meters = evaluate_samples(seg, samples, spec, device, gate, threshold,
                               batch_size or seg.batch_size or 8, workers, resolve_precision(precision, device),
                               desc=f"evaluate {split}",
@@ -193,7 +193,7 @@ def evaluate_checkpoint(
     return results
 
 
-def validate(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples, dist: Distributed,
+def score_val(model: DeepLabV3Plus, cfg: Stage2Config, spec: DatasetSpec, samples, dist: Distributed,
              norm: InputNorm) -> dict:
     """Validation metrics of this process's share of ``samples``, summed over all processes (the
     patches prepared with the model's input normalisation ``norm``)."""
@@ -426,11 +426,11 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
     def trusted(path: Path) -> bool:
         return ownership.manifest_record(manifest, pm_dir, path) is not None
 
-    problems = checks.train_problems(samples, spec)
-    problems += checks.pseudo_mask_problems(samples, mask_paths, spec, trusted)
-    problems += checks.masked_problems(split_masks(cfg.data, "val"), spec)
-    problems += checks.masked_problems(test_samples, spec)
-    checks.require(problems, cfg.data, spec.name)
+    problems = validate.train_problems(samples, spec)
+    problems += validate.pseudo_mask_problems(samples, mask_paths, spec, trusted)
+    problems += validate.masked_problems(split_masks(cfg.data, "val"), spec)
+    problems += validate.masked_problems(test_samples, spec)
+    validate.require(problems, cfg.data, spec.name)
     dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
 
 
@@ -471,7 +471,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
         loss = train_one_epoch(train_model, batches.epoch(epoch), optimizer, scheduler, scaler, cfg, dist, writer, epoch,
                                ema=ema)
         stain.log_counts("training patches of this epoch")
-        val = validate(kept, cfg, spec, val_samples, dist, norm) if val_samples else None
+        val = score_val(kept, cfg, spec, val_samples, dist, norm) if val_samples else None
         score = finite_score(val, epoch, cfg.epochs, cfg.data) if val is not None else None  # every process
         if dist.is_main:
             _log_epoch(writer, epoch, cfg, loss, val)
