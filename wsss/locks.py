@@ -17,6 +17,7 @@ names the host, the process and the file to delete once that run is known to be 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -66,11 +67,11 @@ def process_start(pid: int) -> int | None:
 def pid_running(pid: int, start: int | None) -> bool:
     """Whether process ``pid`` (started at ``start`` when known) still runs on this host."""
     try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        # signal 0 only asks whether the process exists; PermissionError: it does, owned by another user
+        with contextlib.suppress(PermissionError):
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass  # it exists, owned by another user
     if start is not None:
         now = process_start(pid)
         if now is not None and now != start:
