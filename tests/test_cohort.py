@@ -28,7 +28,7 @@ from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
 from wsss.runtime import save_checkpoint
 from wsss.stages import stage2
 from wsss.wsi import cohort as C
-from wsss import locks as K
+from wsss.runs import lock as K
 
 TILE, OVERLAP = 64, 16  # 192 × 128: window columns 0, 48, 96, 128; rows 0, 48, 64 (12 windows)
 SEED_OF = {"a": 1, "b": 2, "c": 3, "e": 5, "f": 6}  # "d" is the corrupt one
@@ -283,7 +283,7 @@ def test_a_cohort_killed_mid_slide_resumes_to_the_same_outputs(cohort_dir, ckpt,
     spy_load(6 + 3)  # slide b, third pass: its first row is written, the second not
     code, _, _ = run_cli(capsys, monkeypatch, *_args(slides, ckpt, out, "--min-tissue", 0))
     assert code == 130
-    assert json.loads((out / "b" / "b_partial" / "state.json").read_text())["rows_done"] == 1
+    assert json.loads((out / "b" / "b_partial" / "state.json").read_text())["state"]["rows_done"] == 1
     # what a SIGKILL leaves behind: the lock of a process that no longer runs, on this host
     (out / "b" / ".wsss-lock.b").write_text(json.dumps({"host": K.HOST, "pid": dead_pid(), "proc_start": None}))
     spy_load(None)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from cli_helpers import dead_pid
-from wsss import locks as K
+from wsss.runs import lock as K
 from wsss.errors import WsssError
-from wsss.ownership import MANIFEST_NAME, Manifest, owned_folder, owner_of
+from wsss.runs.owner import MANIFEST_NAME, Manifest, owned_folder, owner_of
 from wsss.runtime import atomic_path
 
 

@@ -22,7 +22,7 @@ from wsss import config as cfglib
 from wsss import runtime
 from wsss.config import Stage1Config
 from wsss.errors import WsssError
-from wsss.ownership import MANIFEST_NAME, Manifest
+from wsss.runs.owner import MANIFEST_NAME, Manifest
 from wsss.stages import common, stage1, stage2
 from wsss.stages.reproduce import run as run_reproduce
 

@@ -81,7 +81,7 @@ def test_reproduce_refuses_to_mix_settings(tmp_path, tiny_presets):
                                                                     "preset": "cpu", "stage1_init": None,
                                                                     "stage2_init": None}, "steps": {}}))
     (tmp_path / "data" / "train").mkdir(parents=True)
-    with pytest.raises(WsssError, match="other settings.*preset: 'cpu' → 'tiny'"):
+    with pytest.raises(WsssError, match='other settings.*preset: "cpu" → "tiny"'):
         run(tiny(tmp_path, synth=False))
 
 

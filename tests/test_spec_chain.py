@@ -141,6 +141,6 @@ def test_reproduce_refuses_to_continue_a_run_of_other_classes(tmp_path, tiny_pre
     (tmp_path / "r").mkdir()
     saved = {**cfg.signature(), "classes": ["tumor", "stroma", "fat"]}
     (tmp_path / "r" / "progress.json").write_text(json.dumps({"signature": saved, "steps": {}}))
-    with pytest.raises(WsssError, match=r"other settings \(classes: \['tumor', 'stroma', 'fat'\] → "
-                                        r"\['tumor', 'stroma', 'normal'\]\)"):
+    with pytest.raises(WsssError, match=r'other settings \(classes: \["tumor", "stroma", "fat"\] → '
+                                        r'\["tumor", "stroma", "normal"\]\)'):
         run(cfg)

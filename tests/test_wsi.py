@@ -466,7 +466,7 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     code, _, err = run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))
     assert code == 130
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["slide_partial"]
-    state = json.loads((out / "slide_partial" / "state.json").read_text())
+    state = json.loads((out / "slide_partial" / "state.json").read_text())["state"]
     assert (state["rows_done"], state["segmented"], state["skipped"]) == (2, 10, 0)
 
     spy_load(None)
@@ -501,7 +501,7 @@ def test_a_resumed_run_rebuilds_the_batches_that_span_rows(slide, ckpt, tmp_path
     out = tmp_path / "out"
     spy_load(3)  # stopped in the second group's first batch: rows 0 and 1 are on disk
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
-    assert json.loads((out / "slide_partial" / "state.json").read_text())["rows_done"] == 2
+    assert json.loads((out / "slide_partial" / "state.json").read_text())["state"]["rows_done"] == 2
     spy_load(None)
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 0
     # row 2's blend needs row 1's windows (48 + 64 > 96): row 1's whole group (rows 0 and 1) again

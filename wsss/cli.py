@@ -187,7 +187,7 @@ def synth(
     from wsss.data.synth import generate, resolve_look
     from wsss.data.tasks import check_difficulty, sample_task
 
-    from wsss.ownership import owned_folder
+    from wsss.runs.owner import owned_folder
 
     spec = get_spec(spec_name)
     appearance = resolve_look(look, stain_scale=stain_scale, hue_shift=hue_shift, texture_scale=texture_scale, pale=pale)
@@ -637,7 +637,7 @@ def figures(
     """Draw REPORT/examples.png (test patches: truth, pseudo-masks, stage-2 predictions) and REPORT/cams.png."""
     from wsss.figures import CAMS_NAME, EXAMPLES_NAME, cam_figure, examples_figure
     from wsss.models.loading import classifier_and_spec
-    from wsss.ownership import owned_folder
+    from wsss.runs.owner import owned_folder
 
     _, spec = classifier_and_spec(stage1_checkpoint, dataset, labels_csv)
     report = report if report is not None else Path("results") / spec.name

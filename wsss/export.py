@@ -40,7 +40,7 @@ from wsss.data.datasets import InputNorm
 from wsss.data.specs import BACKGROUND_NAME
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
-from wsss.ownership import file_sha256
+from wsss.runs.owner import file_sha256
 from wsss.runtime import atomic_path
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,13 @@ def atomic_path(path: str | Path, owned: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success rename it over ``path``.
 
     A crash or Ctrl-C leaves either the old file or the new one, never a half-written file. Under a
-    folder a command owns (:func:`wsss.ownership.owned_folder`) the write must be allowed (``path``
+    folder a command owns (:func:`wsss.runs.owner.owned_folder`) the write must be allowed (``path``
     absent, written by wsss, or ``--force``) and is recorded in the folder's manifest (``owned=False``:
     scratch files a command keeps for itself, rewritten often, e.g. predict-wsi's progress). An OS
     error (disk full, no permission) becomes a :class:`WsssError` naming ``path``.
     """
     from wsss.errors import WsssError
-    from wsss.ownership import owner_of
+    from wsss.runs.owner import owner_of
 
     path = Path(path)
     owner = owner_of(path) if owned else None

@@ -15,7 +15,8 @@ import torch
 
 from wsss import config as cfglib
 from wsss.errors import WsssError
-from wsss.ownership import Owner, differences
+from wsss.runs.journal import diff_settings
+from wsss.runs.owner import Owner
 from wsss.models.loading import expect_stage
 from wsss.runtime import (
     Distributed, load_checkpoint, load_scaler_state, note_saved, resolve_precision, seed_everything, seed_worker,
@@ -134,23 +135,13 @@ def _refuse_unknown_settings(cls: type, saved: dict, paths: RunPaths) -> None:
 
 def _refuse_other_options(cfg: Any, saved: Any, paths: RunPaths, given: Collection[str]) -> None:
     """``--resume`` with options that change what the saved run computes is a contradiction."""
-    changed = []
-    for name in sorted(given):
-        old, new = getattr(saved, name, None), getattr(cfg, name, None)
-        if _plain(old) != _plain(new):
-            changed.append(f"--{name.replace('_', '-')} {_plain(old)} → {_plain(new)}")
+    names = sorted(given)
+    changed = diff_settings({n: getattr(saved, n, None) for n in names}, {n: getattr(cfg, n, None) for n in names},
+                            options=True)
     if changed:
         raise WsssError(f"--resume continues the run saved in {paths.last} with its own settings, but these options "
                         f"differ from it: {', '.join(changed)}; drop them to continue, or pass --force (without "
                         "--resume) to start over with them")
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, (list, tuple)):
-        return ",".join(str(v) for v in value)
-    return value
 
 
 def check_same_inputs(owner: Owner, inputs: dict, names: Collection[str], resumed: bool) -> None:
@@ -161,7 +152,7 @@ def check_same_inputs(owner: Owner, inputs: dict, names: Collection[str], resume
     previous = owner.previous_run()
     if previous is None:
         return  # a run of an older wsss: nothing recorded to compare with
-    diffs = differences(previous.get("inputs") or {}, inputs, [n for n in names if n in (previous.get("inputs") or {})])
+    diffs = diff_settings(previous.get("inputs") or {}, inputs, [n for n in names if n in (previous.get("inputs") or {})])
     if diffs:
         raise WsssError(f"the inputs changed since the run in {owner.folder} started ({'; '.join(diffs)}): resuming "
                         "would mix them; pass --force (without --resume) to start over")

@@ -45,7 +45,8 @@ from wsss.inference import (
     TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, segment_image,
     upgrade_settings, window_for,
 )
-from wsss.ownership import Owner, check_output_folder, differences, file_sha256, owned_folder
+from wsss.runs.journal import diff_settings
+from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_png
@@ -345,7 +346,7 @@ def _previous_settings(owner: Owner, now: dict, force: bool) -> bool:
     if previous is None:
         return False
     then = upgrade_settings((previous.get("config") or {}).get("settings") or {})
-    diff = differences(then, now)
+    diff = diff_settings(then, now)
     if not diff:
         return True
     if force:

@@ -38,7 +38,8 @@ from wsss.cam.pseudo_mask import PmMethod, parse_layers, patch_item, pseudo_mask
 from wsss.models.loading import classifier_and_spec
 from wsss.data import validate
 from wsss.data.validate import input_folders
-from wsss.ownership import Owner, differences, file_sha256, owned_folder
+from wsss.runs.journal import diff_settings
+from wsss.runs.owner import Owner, file_sha256, owned_folder
 from wsss.runtime import (
     atomic_path, check_precision, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
 )
@@ -327,7 +328,7 @@ def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequenc
             written_by = (runs.get(record.get("run")) or {}).get("config", {}).get("signature")
             if isinstance(written_by, dict):
                 written_by = {"precision": "fp32", **written_by}  # an older wsss computed in fp32
-            if not isinstance(written_by, dict) or differences(written_by, signature, _SIGNATURE_KEYS):
+            if not isinstance(written_by, dict) or diff_settings(written_by, signature, _SIGNATURE_KEYS):
                 stale.append((path, written_by or {}))
                 continue
             source = source if source is not None else source_id(sample.path)
@@ -342,7 +343,7 @@ def reusable_masks(owner: Owner, samples: Sequence[TrainSample], layers: Sequenc
                         f"and replace them, or choose another --out")
     if stale:
         path, old = stale[0]
-        diff = differences(old, signature, _SIGNATURE_KEYS)
+        diff = diff_settings(old, signature, _SIGNATURE_KEYS)
         made_with = f" (made with {old.get('checkpoint')})" if old.get("checkpoint") else ""
         more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
         raise WsssError(f"{path}{more} come from another run{made_with}: {'; '.join(diff) or 'unrecorded settings'}; "

@@ -43,7 +43,8 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.data.validate import input_folders
-from wsss.ownership import owned_folder
+from wsss.runs.journal import Journal
+from wsss.runs.owner import owned_folder
 from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved
 from wsss.stages.stage1 import FIT_LABEL_ACC
 
@@ -171,51 +172,7 @@ def _str(p: Path | None) -> str | None:
     return None if p is None else str(p)
 
 
-# --------------------------------------------------------------------------- progress bookkeeping
-
-
-@dataclass
-class Progress:
-    """``REPORT/progress.json``: finished steps with their wall time and results."""
-
-    path: Path
-    signature: dict
-    steps: dict[str, dict] = field(default_factory=dict)
-
-    @classmethod
-    def open(cls, path: Path, signature: dict, force: bool) -> "Progress":
-        if force or not path.is_file():
-            return cls(path, signature)
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            log.warning("%s is unreadable: starting the bookkeeping afresh", path)
-            return cls(path, signature)
-        old = _with_defaults(saved.get("signature") or {})
-        if old != signature:
-            raise WsssError(
-                f"{path} records a run with other settings ({_diff(old, signature)}); "
-                "pass --force to start over, or choose another --report / --out"
-            )
-        return cls(path, signature, saved.get("steps", {}))
-
-    def done(self, step: str) -> dict | None:
-        return self.steps.get(step)
-
-    def finish(self, step: str, seconds: float, result: dict | None = None) -> None:
-        self.steps[step] = {"seconds": round(seconds, 1), "result": result}
-        # Bookkeeping that the run rereads and a user may edit (to redo a step): not an output the
-        # folder's ownership protects.
-        with atomic_path(self.path, owned=False) as tmp:
-            tmp.write_text(json.dumps({"signature": self.signature, "steps": self.steps}, indent=2) + "\n")
-
-
-def _diff(old: dict, new: dict) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    return ", ".join(f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys) or "unknown"
-
-
-def _run_step(progress: Progress, times: dict[str, dict], step: str, title: str, fn: Callable[[], dict | None],
+def _run_step(progress: Journal, times: dict[str, dict], step: str, title: str, fn: Callable[[], dict | None],
               outputs: tuple[Path, ...] = ()) -> dict | None:
     """Run ``fn`` unless ``step`` is recorded as finished and its ``outputs`` still exist; returns its
     result. ``times[title]`` gets the wall time (that of the earlier run for a skipped step)."""
@@ -437,7 +394,7 @@ def _figures(spec: DatasetSpec, cfg: ReproduceConfig, stage1: Path, report: Path
 class _Context:
     cfg: ReproduceConfig
     spec: DatasetSpec
-    progress: Progress
+    progress: Journal
     times: dict[str, dict]
 
     def step(self, key: str, title: str, fn, outputs=()):
@@ -588,7 +545,9 @@ def run(cfg: ReproduceConfig) -> dict:
     with owned_folder(cfg.out_dir, "reproduce", force=cfg.force, read_from=folders, config=cfg.signature()), \
             owned_folder(report, "reproduce", force=cfg.force, option="--report", read_from=folders,
                          config=cfg.signature()) as owner:
-        ctx = _Context(cfg, spec, Progress.open(report / "progress.json", cfg.signature(), cfg.force), {})
+        journal = Journal.open(report / "progress.json", cfg.signature(), force=cfg.force, upgrade=_with_defaults,
+                               advice="pass --force to start over, or choose another --report / --out")
+        ctx = _Context(cfg, spec, journal, {})
         owner.claim([report / "report.json", report / "report.md"])
         note_saved(f"the finished steps are recorded in {ctx.progress.path}")
         if synth_seconds is not None:

@@ -36,7 +36,7 @@ from wsss.models.resnet38 import ResNet38Classifier
 from wsss.models.weights import load_stage1_weights
 from wsss.data import validate
 from wsss.data.validate import input_folders
-from wsss.ownership import Owner, file_sha256, listing_hash, owned_folder
+from wsss.runs.owner import Owner, file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
     EpochLoader, InputPipeline, RunPaths, StepLosses, check_batches, check_same_inputs, check_stain_target,
     device_images, distributed, input_pipeline, note_epochs, optimizer_step, reseed_epoch, restore_training,
@@ -191,7 +191,7 @@ def train(cfg: Stage1Config, resume: bool = False, force: bool = False, given: C
     """Train stage 1 (single process or one process of a ``torchrun`` job); returns a summary.
 
     ``given``: the configuration fields set on the command line, which ``resume`` must not contradict.
-    The output folder is held for the run (:func:`wsss.ownership.owned_folder`); what it reads is
+    The output folder is held for the run (:func:`wsss.runs.owner.owned_folder`); what it reads is
     checked before training starts."""
     spec = get_spec(cfg.dataset, cfg.labels_csv)
     paths = Stage1Paths(Path(cfg.out), spec.name)

@@ -47,10 +47,10 @@ from wsss.models.deeplab import (
 from wsss.models.loading import (
     LoadedClassifier, LoadedSegmenter, class_probs, load_classifier, load_segmenter, segment, segmenter_and_spec,
 )
-from wsss import ownership
+from wsss.runs import owner as ownership
 from wsss.data import validate
 from wsss.data.validate import input_folders
-from wsss.ownership import file_sha256, listing_hash, owned_folder
+from wsss.runs.owner import file_sha256, listing_hash, owned_folder
 from wsss.stages.common import (
     EpochLoader, InputPipeline, RunPaths, StepLosses, check_batches, check_same_inputs, check_stain_target,
     device_images, distributed, input_pipeline, note_epochs, optimizer_step, reseed_epoch, restore_training,

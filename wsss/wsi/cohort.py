@@ -35,7 +35,7 @@ from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
-from wsss.locks import LockHeld, acquire
+from wsss.runs.lock import LockHeld, acquire
 from wsss.wsi.predict_wsi import (
     SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
 )

@@ -63,7 +63,7 @@ from wsss.data.specs import DatasetSpec, check_mpp, get_spec
 from wsss.data.splits import assign_splits
 from wsss.data.validate import allowed_label_styles
 from wsss.errors import WsssError
-from wsss.ownership import owned_folder, remove_ours
+from wsss.runs.owner import owned_folder, remove_ours
 from wsss.runtime import atomic_path, note_saved, progress_bar
 from wsss.wsi.annotations import (
     UNANNOTATED, ClassLookup, Region, check_inside, class_areas, paint_order, rasterise, read_annotations,

@@ -23,7 +23,7 @@ import numpy as np
 from wsss.data.png import write_mask
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
-from wsss.ownership import remove_ours
+from wsss.runs.owner import remove_ours
 from wsss.runtime import atomic_path
 from wsss.wsi.placement import Placement
 
@@ -64,7 +64,7 @@ def write_label_image(stem: Path, labels: np.ndarray, spec: DatasetSpec, mpp: tu
                       fmt: str = "auto", png_max_pixels: int = PNG_MAX_PIXELS,
                       placement: Placement | None = None) -> Path:
     """``<stem>_mask.png`` or ``<stem>_mask.ome.tif`` (:func:`label_kind`); label images of the
-    other kinds that an earlier run wrote are removed (:func:`wsss.ownership.remove_ours`)."""
+    other kinds that an earlier run wrote are removed (:func:`wsss.runs.owner.remove_ours`)."""
     names = label_names(stem)
     kind = label_kind(fmt, labels.size, png_max_pixels)
     if kind == "png":

@@ -66,7 +66,8 @@ from wsss.metrics import write_json
 from wsss.inference import (
     check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings, window_for,
 )
-from wsss.ownership import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
+from wsss.runs.journal import Journal
+from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
@@ -355,18 +356,23 @@ def replay_start(ys: list[int], th: int, start: int) -> int:
 
 
 class BandProgress:
-    """The label image being written (``labels.npy``, memory-mapped) and ``state.json``: the window
-    rows finished and the tiles segmented and skipped so far, under the run's ``fingerprint``. With
-    ``--save-probs`` and ``--save-tissue-mask`` also ``probs.npy`` ``(C, H, W)`` and ``tissue.npy``
-    ``(H, W)``, filled and flushed with the labels (the fingerprint says which are kept)."""
+    """The label image being written (``labels.npy``, memory-mapped) and its :class:`~wsss.runs.journal.Journal`
+    ``state.json``: the window rows finished and the tiles segmented and skipped so far, under the
+    run's ``fingerprint``. With ``--save-probs`` and ``--save-tissue-mask`` also ``probs.npy``
+    ``(C, H, W)`` and ``tissue.npy`` ``(H, W)``, filled and flushed with the labels (the fingerprint
+    says which are kept)."""
 
-    def __init__(self, folder: Path, labels: np.ndarray, state: dict, layers: dict[str, np.ndarray] | None = None
-                 ) -> None:
-        self.folder, self.labels, self.state = folder, labels, state
+    def __init__(self, folder: Path, labels: np.ndarray, journal: Journal,
+                 layers: dict[str, np.ndarray] | None = None) -> None:
+        self.folder, self.labels, self.journal = folder, labels, journal
         layers = layers or {}
         self.probs: np.ndarray | None = layers.get("probs")
         self.tissue: np.ndarray | None = layers.get("tissue")
         self._since = time.monotonic()
+
+    @property
+    def state(self) -> dict:
+        return self.journal.state
 
     def elapsed(self) -> float:
         """Seconds spent on this slide: by earlier, interrupted runs and by this one so far."""
@@ -377,20 +383,20 @@ class BandProgress:
              layers: dict[str, tuple[int, ...]] | None = None) -> BandProgress:
         """Continue the unfinished run in ``folder`` when it has the same fingerprint, else start anew.
         ``layers``: the shapes of the other uint8 arrays kept beside the labels (``probs``, ``tissue``)."""
-        fingerprint = json.loads(json.dumps(fingerprint))  # tuples → lists, as read back
         shapes = {"labels": tuple(shape), **{k: tuple(v) for k, v in (layers or {}).items()}}
         paths = {name: folder / f"{name}.npy" for name in shapes}
-        state_path = folder / "state.json"
-        if state_path.is_file() and paths["labels"].is_file():
+        start = {"rows_done": 0, "segmented": 0, "skipped": 0, "seconds": 0.0}
+        journal = Journal.open(folder / "state.json", fingerprint, on_change="restart", upgrade=upgrade_settings,
+                               state=start)
+        if journal.state.get("rows_done") and paths["labels"].is_file():
             try:
-                state = json.loads(state_path.read_text(encoding="utf-8"))
                 arrays = {name: np.lib.format.open_memmap(path, mode="r+") for name, path in paths.items()}
             except (OSError, ValueError):
-                state, arrays = {}, None
-            if (upgrade_settings(state.get("fingerprint") or {}) == fingerprint and arrays is not None
-                    and all(arrays[name].shape == shapes[name] for name in shapes)):
-                return cls(folder, arrays.pop("labels"), state, arrays)
-            log.info("%s holds an unfinished run with other settings; starting over", folder)
+                arrays = None
+            if arrays is not None and all(arrays[name].shape == shapes[name] for name in shapes):
+                return cls(folder, arrays.pop("labels"), journal, arrays)
+            log.info("%s holds unfinished rows that cannot be read back; starting over", folder)
+        journal.steps, journal.state = {}, dict(start)
         folder.mkdir(parents=True, exist_ok=True)
         arrays = {}
         for name, path in paths.items():
@@ -400,9 +406,8 @@ class BandProgress:
             except OSError as exc:
                 path.unlink(missing_ok=True)
                 raise WsssError(f"cannot write {path}: {exc.strerror or exc}") from None
-        progress = cls(folder, arrays.pop("labels"), {"fingerprint": fingerprint, "rows_done": 0, "segmented": 0,
-                                                      "skipped": 0, "seconds": 0.0}, arrays)
-        progress.save()
+        progress = cls(folder, arrays.pop("labels"), journal, arrays)
+        journal.save()
         return progress
 
     @property
@@ -419,13 +424,8 @@ class BandProgress:
         self.state["skipped"] += skipped
         self.state["seconds"] = self.elapsed()
         self._since = time.monotonic()
-        self.save()
+        self.journal.save()
         note_saved(f"{self.rows_done} window rows saved in {self.folder} (the same command continues from there)")
-
-    def save(self) -> None:
-        # Scratch, rewritten after every row: not recorded in OUT's manifest (the folder is removed at the end).
-        with atomic_path(self.folder / "state.json", owned=False) as tmp:
-            tmp.write_text(json.dumps(self.state, indent=2) + "\n", encoding="utf-8")
 
     def remove(self) -> None:
         del self.labels, self.probs, self.tissue
@@ -737,9 +737,9 @@ def output_files(job: SlideJob, cfg: WsiConfig, grid: Grid) -> list[Path]:
 
 @contextmanager
 def owned_slide(job: SlideJob, cfg: WsiConfig) -> Iterator[Owner]:
-    """Hold the job's output folder for this slide (:func:`wsss.ownership.owned_folder`): its lock
+    """Hold the job's output folder for this slide (:func:`wsss.runs.owner.owned_folder`): its lock
     ``<out>/.wsss-lock.<name>`` (runs on other slides may share the folder; a slide locked by another
-    live process is a :class:`~wsss.locks.LockHeld`), and the manifest of what wsss wrote there."""
+    live process is a :class:`~wsss.runs.lock.LockHeld`), and the manifest of what wsss wrote there."""
     with owned_folder(job.out, "predict-wsi", key=f"predict-wsi {job.name}", force=cfg.force, scope=job.name,
                       read_from=[job.path.parent]) as owner:
         yield owner

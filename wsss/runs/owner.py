@@ -5,14 +5,14 @@ Two files in an output folder ``OUT``::
     OUT/.wsss-lock            the run holding the folder: pid, host, boot id, process start, command
     OUT/.wsss-lock.<scope>    ... or a part of it (``predict-wsi``: one lock per slide, so that runs
                               on other slides can share the folder)
-    OUT/.wsss-manifest.jsonl  a journal, one JSON object a line:
+    OUT/.wsss-manifest.jsonl  an append-only log, one JSON object a line:
         {"run": id, "key", "command", "config", "inputs", "pid", "host", "started"}   a run began
         {"file": "sub/name", "run": id, "size", "mtime_ns", "meta"?}                  a file it wrote
         {"end": id, "status": "finished" | "interrupted" | "failed"}                   it ended
 
 The rules (README, "Where files go"):
 
-* **One run at a time.** The lock file (:mod:`wsss.locks`) is created whole and exclusively. A
+* **One run at a time.** The lock file (:mod:`wsss.runs.lock`) is created whole and exclusively. A
   second run is refused with one line naming the holder. A lock whose process no longer exists on
   this machine (killed, power cut) is taken over with a warning that says so; a lock taken on
   another host is never guessed about: the message says which file to delete. A whole-folder lock
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsss import locks
+from wsss.runs import lock as locks
 from wsss.errors import Interrupted, WsssError
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def short(digest: str | None) -> str:
 
 @dataclass
 class Manifest:
-    """What a folder's journal says: runs in order, and every record of every file."""
+    """What a folder's manifest says: runs in order, and every record of every file."""
 
     runs: list[dict] = field(default_factory=list)
     ends: dict[str, str] = field(default_factory=dict)
@@ -148,12 +148,6 @@ class Manifest:
             if run.get("key") == key:
                 return run
         return None
-
-
-def recorded(folder: Path, path: Path) -> dict | None:
-    """The manifest record of ``path`` (a file under ``folder``) if wsss wrote it as it is now, else
-    None. For readers: e.g. stage 2 trusts pseudo-masks that generate-pm recorded."""
-    return manifest_record(Manifest.read(folder), Path(folder), Path(path))
 
 
 def manifest_record(manifest: Manifest, folder: Path, path: Path) -> dict | None:
@@ -229,7 +223,7 @@ def _release(held: _Held) -> None:
 
 
 _OWNERS: dict[Path, list["Owner"]] = {}  # owned folders (resolved) → owners, innermost command last
-_MANIFESTS: dict[Path, Manifest] = {}  # the journal of each owned folder as read and appended by this process
+_MANIFESTS: dict[Path, Manifest] = {}  # the manifest of each owned folder as read and appended by this process
 
 
 class Owner:
@@ -302,11 +296,7 @@ class Owner:
         """Extra facts recorded with the next write of ``path`` (e.g. the source image it was made from)."""
         self._meta[self._rel(path)] = dict(meta)
 
-    def meta_of(self, path: Path) -> dict | None:
-        record = self.record_of(path)
-        return None if record is None else record.get("meta")
-
-    # ------------------------------------------------------------------ journal
+    # ------------------------------------------------------------------ the manifest
 
     def record(self, path: Path, written: Path | None = None) -> None:
         """Record that ``path`` holds (or is about to hold, renamed from ``written``) a file of ours."""
@@ -480,7 +470,7 @@ def _remove_if_unused(folder: Path) -> None:
 
 
 def compact(folder: Path) -> None:
-    """Rewrite the journal without the records of files that are gone or were replaced since, and
+    """Rewrite the manifest without the records of files that are gone or were replaced since, and
     without the runs nothing refers to any more (the newest run of each key is always kept)."""
     manifest = Manifest.read(folder)
     keep_files: list[dict] = []
@@ -516,30 +506,8 @@ def compact(folder: Path) -> None:
         raise
 
 
-def differences(recorded: Mapping, now: Mapping, names: Iterable[str] | None = None) -> list[str]:
-    """``["key: old → new", ...]`` for the keys (all of both by default) whose values differ."""
-    keys = list(names) if names is not None else sorted(set(recorded) | set(now))
-    out = []
-    for k in keys:
-        a, b = recorded.get(k), now.get(k)
-        if _norm(a) != _norm(b):
-            out.append(f"{k}: {_show(a)} → {_show(b)}")
-    return out
-
-
-def _norm(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
-        return f"sha256 {value[:12]}…"
-    text = json.dumps(_norm(value))
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 __all__ = [
-    "LOCK_NAME", "MANIFEST_NAME", "Manifest", "Owner", "check_output_folder", "compact", "differences",
-    "file_sha256", "listing_hash", "manifest_record", "owned_folder", "owner_of", "recorded", "refuse_input_folders",
+    "LOCK_NAME", "MANIFEST_NAME", "Manifest", "Owner", "check_output_folder", "compact",
+    "file_sha256", "listing_hash", "manifest_record", "owned_folder", "owner_of", "refuse_input_folders",
     "remove_ours", "short",
 ]
