@@ -99,3 +99,41 @@ def test_a_bad_config_file_is_one_line_naming_it(content, words, tmp_path, capsy
     code, _, err = run_cli(capsys, monkeypatch, "train-stage1", "--dataset", "luad", "--data", tmp_path,
                            "--config", tmp_path / "missing.toml")
     assert code == 1 and "missing.toml not found" in err
+
+
+def test_the_presets_are_config_files_a_user_can_copy(tmp_path, capsys, monkeypatch):
+    """Each preset is a TOML file in the package with the tables of a --config file: given as
+    --config it resolves to what --preset gives (the preset's name aside), and the cpu preset holds
+    the values written here by hand."""
+    import tomllib
+
+    from wsss.config import IMPROVEMENTS, PRESET_DIR
+
+    cpu = tomllib.loads((PRESET_DIR / "cpu.toml").read_text(encoding="utf-8"))
+    assert cpu["stage1"] == {"width": 0.125, "epochs": 12, "batch_size": 16, "workers": 0, "pda_norm": "max",
+                             "head_lr_mult": 1.0, "momentum": 0.9, "augment": "d4", "pda": False, "dropout": 0.0,
+                             "lr": 0.02, "cam_tie_rule": "ours"}
+    assert cpu["pseudo_masks"] == {"workers": 0, "white_rule": "glass", "tie_rule": "ours"}
+    assert cpu["stage2"] == {"backbone": "resnet18", "head_channels": 64, "epochs": 12, "batch_size": 16,
+                             "workers": 0, "loss_reduction": "mean", "augment": "d4", "mosaic": 0.5,
+                             "gate_mode": "mask", "drop_last": True}
+    # the ablation rows: what cpu changes from cpu-paper, our tie/gate/batch rules aside
+    assert IMPROVEMENTS == {"stage1": {"momentum": 0.9, "augment": "d4", "pda": False, "dropout": 0.0, "lr": 0.02},
+                            "pm": {"white_rule": "glass"},
+                            "stage2": {"loss_reduction": "mean", "augment": "d4", "mosaic": 0.5}}
+    base = ["train-stage1", "--dataset", "luad", "--data", tmp_path, "--out", tmp_path / "o"]
+    for name in ("paper", "cpu-paper", "cpu", "best"):
+        by_name = printed(capsys, monkeypatch, *base, "--preset", name)
+        by_file = printed(capsys, monkeypatch, *base, "--config", PRESET_DIR / f"{name}.toml")
+        assert by_name.replace(f'preset = "{name}"\n', "") == by_file, name
+    two = ["train-stage2", "--dataset", "luad", "--data", tmp_path, "--out", tmp_path / "o"]
+    assert (printed(capsys, monkeypatch, *two, "--preset", "cpu").replace('preset = "cpu"\n', "")
+            == printed(capsys, monkeypatch, *two, "--config", PRESET_DIR / "cpu.toml"))
+
+
+def test_the_layers_default_is_the_gradcam_layers():
+    from wsss.cam.gradcam import GRADCAM_LAYERS
+    from wsss.config import PseudoMaskConfig
+
+    assert PseudoMaskConfig(dataset=None, data=Path("d"), checkpoint=Path("c")).layers == tuple(GRADCAM_LAYERS) \
+        == ("b4_5", "b5_2", "bn7")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli
+from cli_helpers import assert_one_line_error, run_cli
 from wsss.config import STAGE1_PRESETS, STAGE2_PRESETS
 from wsss.errors import WsssError
 from wsss.stages.reproduce import ReproduceConfig, format_report, run
@@ -83,6 +83,47 @@ def test_reproduce_refuses_to_mix_settings(tmp_path, tiny_presets):
     (tmp_path / "data" / "train").mkdir(parents=True)
     with pytest.raises(WsssError, match='other settings.*preset: "cpu" → "tiny"'):
         run(tiny(tmp_path, synth=False))
+
+
+def test_reproduce_takes_a_config_file_for_the_whole_chain(tmp_path, tiny_presets, capsys, monkeypatch):
+    """--config gives every step its table (over the preset, under reproduce's own options);
+    --print-config prints the three resolved tables; the file's settings are part of what the
+    report records, so a continued run with another file is refused."""
+    from wsss.config import PRESET_DIR
+
+    base = ["reproduce", "--dataset", "luad", "--data", tmp_path / "data", "--out", tmp_path / "c",
+            "--report", tmp_path / "r", "--seeds", "3"]
+
+    def printed(*args) -> str:
+        code, out, err = run_cli(capsys, monkeypatch, *base, *args, "--print-config")
+        assert code == 0, err
+        return out
+
+    by_name = printed("--preset", "cpu")
+    assert by_name.count("[stage1]\n") == by_name.count("[pseudo_masks]\n") == by_name.count("[stage2]\n") == 1
+    assert by_name.count('preset = "cpu"\n') == 3 and by_name.count("seed = 3\n") == 2  # stage 1 and stage 2
+    assert printed("--config", PRESET_DIR / "cpu.toml") == by_name.replace('preset = "cpu"\n', "")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[stage1]\npreset = "cpu"\nepochs = 3\nseed = 9\n\n[stage2]\ngate_mode = "reference"\n'
+                    '[pseudo_masks]\nflip = true\n')
+    text = printed("--preset", "cpu", "--config", mine)
+    stage1, pm, stage2 = (text.split(f"[{t}]\n")[1].split("\n[")[0] for t in ("stage1", "pseudo_masks", "stage2"))
+    assert "epochs = 3\n" in stage1 and "seed = 3\n" in stage1  # reproduce's --seeds wins over the file
+    assert "flip = true\n" in pm and 'gate_mode = "reference"\n' in stage2 and "epochs = 12\n" in stage2
+
+    cfg = tiny(tmp_path, synth=False, config_file=mine)
+    assert cfg.gate_mode == "reference"
+    assert cfg.signature()["config"] == {"stage1": {"preset": "cpu", "epochs": 3, "seed": 9},
+                                         "pseudo_masks": {"flip": True}, "stage2": {"gate_mode": "reference"}}
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "progress.json").write_text(json.dumps({"signature": tiny(tmp_path, synth=False).signature(),
+                                                                   "steps": {}}))
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    with pytest.raises(WsssError, match=r'other settings \(config: null → \{"stage1": \{"preset": "cpu", "epochs": 3'):
+        run(cfg)
+    mine.write_text("[stage1]\nepoch = 3\n")
+    err = assert_one_line_error(capsys, monkeypatch, *base, "--config", mine)
+    assert f"{mine}: [stage1] has no key 'epoch'" in err
 
 
 def test_reproduce_missing_data_is_one_clear_line(tmp_path, capsys, monkeypatch):

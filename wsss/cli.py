@@ -70,9 +70,9 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
 ConfigOpt = typer.Option(
-    None, "--config", help="A TOML file whose [stage1], [pseudo_masks] or [stage2] table (this command's) sets "
-                           "configuration keys, as --print-config writes them: over the preset, under the options "
-                           "given here.")
+    None, "--config", help="A TOML file whose [stage1], [pseudo_masks] and [stage2] tables set configuration keys "
+                           "as --print-config writes them (each command reads its own table, reproduce all three; "
+                           "the presets are such files): over the preset, under the options given here.")
 PrintConfigOpt = typer.Option(
     False, "--print-config", help="Print the resolved configuration as a --config file's table and exit.")
 StainNormOpt = typer.Option(
@@ -661,6 +661,8 @@ def reproduce(
                             "synthetic for luad, synthetic-<name> for other specs)."),
     labels_csv: Optional[Path] = LabelsCsvOpt,
     preset: Optional[str] = PresetOpt,
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
     stage1_init: Optional[Path] = typer.Option(
         None, "--stage1-init-weights", help="Stage-1 initialisation, e.g. the MXNet ImageNet .params file."),
     stage2_init: Optional[Path] = typer.Option(
@@ -703,16 +705,20 @@ def reproduce(
 
     Re-running continues where an earlier run stopped."""
     from wsss.stages.reproduce import ReproduceConfig, default_run, format_report, run as run_pipeline
+    from wsss.stages.reproduce import print_config as resolved_config
 
     cfg = ReproduceConfig(
         dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
-        preset=preset, out=out, report=report, synth=synth, stage1_init=stage1_init,
+        preset=preset, config_file=config_file, out=out, report=report, synth=synth, stage1_init=stage1_init,
         stage2_init=stage2_init, seeds=_csv(seeds, int, "--seeds") or (), gate_mode=gate_mode,
         upper_bound=upper_bound, synth_look=synth_look, synth_task=synth_task,
         synth_tasks=_csv(synth_tasks, int, "--synth-tasks") or (), synth_difficulty=synth_difficulty,
         synth_size=synth_size, synth_mpp=synth_mpp, **_synth_counts(synth_counts), transfer=transfer, device=device,
         precision=_precision(precision, None), workers=workers, ablations=ablations, figures=figures, force=force,
     )
+    if print_config:
+        typer.echo(resolved_config(cfg), nl=False)
+        return
     result = run_pipeline(cfg)
     typer.echo(format_report(result))
     typer.echo(f"written: {cfg.report_dir / 'report.md'}, {cfg.report_dir / 'report.json'}")

@@ -130,40 +130,6 @@ RUNTIME_FIELDS = frozenset({"device", "workers", "precision", "out", "data", "la
 # Stage 1 may also change how its CAMs are evaluated at the end.
 STAGE1_RUNTIME_FIELDS = RUNTIME_FIELDS | {"cam_tie_rule"}
 
-# Presets: `paper` is the reference's computation (the dataclass defaults), its tie rules, gate and
-# short last batch included. `cpu-paper` is the same method and recipe, and the same rules, at CPU
-# scale: a thin copy of the architecture, so the synthetic dataset trains in minutes on 2 cores, with
-# the two changes random initialisation needs (README, "Stage 1"): PDA attention scaled to [0, 1]
-# (the reference's arithmetic collapsed) and the head at the trunk's learning rate (10× made half the
-# seeds fail). `cpu` and `best` add what we measured to help (README, "Beyond the paper") at CPU
-# scale and at the paper's scale, and use our rules (OURS_*).
-# No preset resizes the patches: a model sees the tissue at the µm/px it was labelled at (small cues,
-# such as nuclear size, vanish at half the pixels). `make reproduce` gets its CPU speed from 112-px
-# synthetic patches instead.
-CPU_SCALE_STAGE1: dict[str, Any] = {"width": 0.125, "epochs": 12, "batch_size": 16, "workers": 0,
-                                    "pda_norm": "max", "head_lr_mult": 1.0}
-# dropout 0: the reference's channel dropout (b6 0.3, b7 0.5, head 0.5) drops too much of a 1/8-width
-# network's few channels; without it stage 1 fits its labels on random synthetic tasks where it did not
-# (README, Beyond the paper). lr 0.02: with dropout 0, random tasks 1-5 (seed 0) reached CAM test mIoU
-# 0.851 on average, 0.840 at the reference's 0.01.
-IMPROVEMENTS_STAGE1: dict[str, Any] = {"momentum": 0.9, "augment": "d4", "pda": False, "dropout": 0.0, "lr": 0.02}
-# What the best preset (full width, ImageNet weights, GPU) does not take over from the cpu preset: PDA
-# helped the ImageNet-initialised ResNet38 in the paper's ablation, the reference's dropout was made
-# for its 4096 channels, and the learning rate was tuned for the thin network; none of the three was
-# measured at that scale here.
-_THIN_NETWORK_ONLY = ("pda", "dropout", "lr")
-# Our rules where the reference's arithmetic is arbitrary (ties at 0), not results we measured: a class
-# the evaluation zeroed never wins a CAM pixel.
-OURS_STAGE1: dict[str, Any] = {"cam_tie_rule": "ours"}
-
-STAGE1_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "cpu-paper": CPU_SCALE_STAGE1,
-    "cpu": {**CPU_SCALE_STAGE1, **IMPROVEMENTS_STAGE1, **OURS_STAGE1},
-    "best": {**{k: v for k, v in IMPROVEMENTS_STAGE1.items() if k not in _THIN_NETWORK_ONLY}, **OURS_STAGE1},
-}
-
-
 def resolve(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, keep_none: tuple[str, ...] = (),
             **options: Any):
     """Build ``cls`` from its defaults, then ``presets[preset]``, then non-None ``options`` (and the
@@ -326,38 +292,46 @@ ADDED_FIELDS: dict[str, dict[str, Any]] = {"Stage2Config": {"drop_last": True}}
 STAGE2_RUNTIME_FIELDS = RUNTIME_FIELDS | {"report", "pm_dir", "stage1_checkpoint", "gate", "gate_threshold",
                                           "gate_mode"}
 
-# ResNet-18 with a 64-channel ASPP/decoder, 12 epochs, the patches at their own size (speed:
-# bench/stage2_speed.py). 12 epochs, not 6: trained from scratch on the true masks of random task 2,
-# 6 epochs reached test mIoU 0.688, 12 reached 0.853 (README, Beyond the paper).
-CPU_SCALE_STAGE2: dict[str, Any] = {"backbone": "resnet18", "head_channels": 64, "epochs": 12,
-                                    "batch_size": 16, "workers": 0}
-# --stain-jitter 0.05 was in this list until measured over three seeds: stage 2 + gate 0.926 (worst 0.898)
-# with it, 0.943 (worst 0.937) without, and no better on the shifted look (README, Beyond the paper).
-IMPROVEMENTS_STAGE2: dict[str, Any] = {"loss_reduction": "mean", "augment": "d4", "mosaic": 0.5}
-# Our gate (a rejected class cannot win; wsss.gate) and every epoch's batches full (the short last one
-# left out, ⌊N/batch⌋ poly steps an epoch), as the cpu preset was measured with.
-OURS_STAGE2: dict[str, Any] = {"gate_mode": "mask", "drop_last": True}
+@dataclass(frozen=True)
+class PseudoMaskConfig:
+    """``wsss generate-pm``: which classifier, which layers, where to write, how to run."""
 
-STAGE2_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "cpu-paper": CPU_SCALE_STAGE2,
-    "cpu": {**CPU_SCALE_STAGE2, **IMPROVEMENTS_STAGE2, **OURS_STAGE2},
-    "best": {**IMPROVEMENTS_STAGE2, **OURS_STAGE2},
-}
+    dataset: str | None  # None: the spec recorded in the checkpoint
+    data: Path
+    checkpoint: Path
+    layers: tuple[str, ...] = ("b4_5", "b5_2", "bn7")  # wsss.cam.gradcam.GRADCAM_LAYERS
+    out: Path | None = None  # None: DATA/train_PM
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "fp32"  # of the classifier's passes (wsss.runtime.resolve_precision)
+    workers: int = 2
+    force: bool = False
+    tie_rule: str = "reference"  # the reference's argmax; "ours": see wsss.cam.gradcam.fuse_pseudo_mask
+    scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
+    flip: bool = False  # ... and their left-right flips (the reference: one view)
+    white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
+    labels_csv: Path | None = None  # None: the spec's label source
+    preset: str | None = None  # the preset its tie and white rules came from (wsss.config.PM_PRESETS)
 
+    def __post_init__(self) -> None:
+        from wsss.runtime import check_precision
 
-# ``wsss generate-pm`` settings per preset (wsss.stages.pseudo_masks.PseudoMaskConfig fields).
-IMPROVEMENTS_PM: dict[str, Any] = {"white_rule": "glass"}
-OURS_PM: dict[str, Any] = {"tie_rule": "ours"}  # an unlabelled class never wins a pixel
-PM_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {},
-    "cpu-paper": {},
-    "cpu": {**IMPROVEMENTS_PM, **OURS_PM},
-    "best": {**IMPROVEMENTS_PM, **OURS_PM},
-}
+        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+        check_precision(self.precision)
+        self.method  # validates
 
-IMPROVEMENTS = {"stage1": IMPROVEMENTS_STAGE1, "pm": IMPROVEMENTS_PM, "stage2": IMPROVEMENTS_STAGE2}
-"""What the ``cpu`` and ``best`` presets change from the reference, per step (one ablation row each)."""
+    @property
+    def out_dir(self) -> Path:
+        from wsss.data.layout import default_pm_dir
+
+        return Path(self.out) if self.out is not None else default_pm_dir(self.data)
+
+    @property
+    def method(self):
+        """The pseudo-mask method these settings name (:class:`wsss.cam.pseudo_mask.PmMethod`)."""
+        from wsss.cam.pseudo_mask import PmMethod
+
+        return PmMethod(self.tie_rule, self.scales, self.flip, self.white_rule)
 
 
 # --------------------------------------------------------------------------- configuration files
@@ -402,22 +376,22 @@ def read_config_table(path: Path, table: str, cls: type) -> dict[str, Any]:
     is not TOML, an unknown table or key, or a value of the wrong type: one :class:`WsssError` line
     naming the file and the key."""
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib
-
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
+        data = _read_toml(path)
     except FileNotFoundError:
         raise WsssError(f"--config {path} not found") from None
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
         raise WsssError(f"--config {path} is not a TOML file: {exc}") from None
     unknown = [k for k in data if k not in CONFIG_TABLES]
     if unknown:
         raise WsssError(f"{path}: unknown table or key {unknown[0]!r} (a configuration file has the tables "
                         f"{', '.join(f'[{t}]' for t in CONFIG_TABLES)})")
-    values = data.get(table, {})
+    return table_values(path, table, data.get(table, {}), cls)
+
+
+def table_values(path: Path | str, table: str, values: Any, cls: type) -> dict[str, Any]:
+    """The ``[table]`` of the TOML file ``path`` (read into ``values``) as configuration values of
+    ``cls``: each key a field, each value of the field's type (paths as :class:`~pathlib.Path`,
+    arrays as tuples); otherwise one :class:`WsssError` line naming the file and the key."""
     if not isinstance(values, dict):
         raise WsssError(f"{path}: {table} must be a table ([{table}])")
     types = _field_types(cls)
@@ -433,6 +407,59 @@ def read_config_table(path: Path, table: str, cls: type) -> dict[str, Any]:
             value = Path(value)
         out[key] = value
     return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python < 3.11
+        import tomli as tomllib
+
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+# --------------------------------------------------------------------------- presets
+
+PRESET_DIR = Path(__file__).parent / "presets"
+"""The presets, one TOML file each with the ``[stage1] [pseudo_masks] [stage2]`` tables of a
+``--config`` file: ``paper`` is the reference's computation (the configurations' defaults),
+``cpu-paper`` the same at CPU scale, ``cpu`` and ``best`` add what we measured to help at CPU scale
+and at the paper's scale, with our rules. Each file says why it holds what it holds."""
+
+RULES: dict[str, frozenset[str]] = {"stage1": frozenset({"cam_tie_rule"}), "pm": frozenset({"tie_rule"}),
+                                    "stage2": frozenset({"gate_mode", "drop_last"})}
+"""Settings in which ``cpu`` and ``best`` follow our rule where the reference's arithmetic is arbitrary
+(ties at 0, a rejected class winning, a short last batch): not results we measured, so no ablation row."""
+
+
+def _load_presets() -> dict[str, dict[str, dict[str, Any]]]:
+    """``{step: {preset: values}}`` for the steps ``stage1``, ``pm`` and ``stage2``."""
+    classes = {"stage1": Stage1Config, "pseudo_masks": PseudoMaskConfig, "stage2": Stage2Config}
+    steps = {"stage1": "stage1", "pseudo_masks": "pm", "stage2": "stage2"}
+    out: dict[str, dict[str, dict[str, Any]]] = {step: {} for step in steps.values()}
+    for name in ("paper", "cpu-paper", "cpu", "best"):
+        path = PRESET_DIR / f"{name}.toml"
+        data = _read_toml(path)
+        unknown = [k for k in data if k not in classes]
+        if unknown:
+            raise WsssError(f"{path}: unknown table {unknown[0]!r}")
+        for table, cls in classes.items():
+            out[steps[table]][name] = table_values(path, table, data.get(table, {}), cls)
+    return out
+
+
+_PRESETS = _load_presets()
+STAGE1_PRESETS: dict[str, dict[str, Any]] = _PRESETS["stage1"]
+PM_PRESETS: dict[str, dict[str, Any]] = _PRESETS["pm"]
+STAGE2_PRESETS: dict[str, dict[str, Any]] = _PRESETS["stage2"]
+
+IMPROVEMENTS: dict[str, dict[str, Any]] = {
+    step: {k: v for k, v in presets["cpu"].items() if presets["cpu-paper"].get(k) != v and k not in RULES[step]}
+    for step, presets in _PRESETS.items()
+}
+"""What the ``cpu`` preset changes from ``cpu-paper`` (the reference at the same scale), per step,
+rules aside: one ablation row each (``wsss reproduce --ablations``)."""
 
 
 def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],

@@ -17,7 +17,6 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
+from wsss.config import PseudoMaskConfig
 from wsss.data import stain
 from wsss.cam.gradcam import GRADCAM_LAYERS, class_pixel_counts
 from wsss.data.datasets import InputNorm
@@ -34,54 +34,19 @@ from wsss.data.png import check_mask_values, image_size, read_mask, read_rgb, wr
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table
-from wsss.cam.pseudo_mask import PmMethod, parse_layers, patch_item, pseudo_masks
+from wsss.cam.pseudo_mask import parse_layers, patch_item, pseudo_masks
 from wsss.models.loading import classifier_and_spec
 from wsss.data import validate
 from wsss.data.validate import input_folders
 from wsss.runs.journal import diff_settings
 from wsss.runs.owner import Owner, file_sha256, owned_folder
 from wsss.runtime import (
-    atomic_path, check_precision, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
+    atomic_path, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
 )
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "pseudo_masks_config.json"
-
-
-@dataclass(frozen=True)
-class PseudoMaskConfig:
-    """``wsss generate-pm``: which classifier, which layers, where to write, how to run."""
-
-    dataset: str | None  # None: the spec recorded in the checkpoint
-    data: Path
-    checkpoint: Path
-    layers: tuple[str, ...] = GRADCAM_LAYERS
-    out: Path | None = None  # None: DATA/train_PM
-    batch_size: int = 8
-    device: str = "auto"
-    precision: str = "fp32"  # of the classifier's passes (wsss.runtime.resolve_precision)
-    workers: int = 2
-    force: bool = False
-    tie_rule: str = "reference"  # the reference's argmax; "ours": see wsss.cam.gradcam.fuse_pseudo_mask
-    scales: tuple[float, ...] = (1.0,)  # Grad-CAMs averaged over these input scales ...
-    flip: bool = False  # ... and their left-right flips (the reference: one view)
-    white_rule: str = "grey"  # the reference's white-background rule; "glass" spares pale tissue
-    labels_csv: Path | None = None  # None: the spec's label source
-    preset: str | None = None  # the preset its tie and white rules came from (wsss.config.PM_PRESETS)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
-        check_precision(self.precision)
-        self.method  # validates
-
-    @property
-    def out_dir(self) -> Path:
-        return Path(self.out) if self.out is not None else default_pm_dir(self.data)
-
-    @property
-    def method(self) -> "PmMethod":
-        return PmMethod(self.tie_rule, self.scales, self.flip, self.white_rule)
 
 
 # --------------------------------------------------------------------------- existing outputs

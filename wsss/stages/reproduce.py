@@ -71,6 +71,7 @@ class ReproduceConfig:
     run: str  # names the checkpoint and report folders (e.g. "synthetic", "luad")
     labels_csv: Path | None = None  # None: the spec's label source
     preset: str | None = None  # "cpu", "best" or None (the paper's settings)
+    config_file: Path | None = None  # a --config file: its [stage1] [pseudo_masks] [stage2] over the preset
     out: Path | None = None  # None: checkpoints/<run>
     report: Path | None = None  # None: results/<run>
     synth: bool = False  # generate the synthetic dataset into DATA first (skipped when it is there)
@@ -98,8 +99,10 @@ class ReproduceConfig:
         if self.preset is not None and self.preset not in STAGE2_PRESETS:
             raise WsssError(f"unknown preset {self.preset!r}; choose one of {', '.join(STAGE2_PRESETS)}")
         if self.gate_mode is None:
-            preset = STAGE2_PRESETS[self.preset or "paper"]
-            object.__setattr__(self, "gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
+            from_file = self.file_table("stage2", Stage2Config)
+            preset = STAGE2_PRESETS.get(self.preset or from_file.get("preset") or "paper", {})
+            gate_mode = from_file.get("gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
+            object.__setattr__(self, "gate_mode", gate_mode)
         check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
         check_precision(self.precision)
         resolve_look(self.synth_look)
@@ -116,6 +119,10 @@ class ReproduceConfig:
         if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
             raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
         object.__setattr__(self, "seeds", seeds)
+
+    def file_table(self, table: str, cls: type) -> dict[str, Any]:
+        """The ``[table]`` of the ``--config`` file (nothing without one)."""
+        return {} if self.config_file is None else cfglib.read_config_table(Path(self.config_file), table, cls)
 
     @property
     def out_dir(self) -> Path:
@@ -136,9 +143,18 @@ class ReproduceConfig:
         spec = get_spec(self.dataset)
         return {"dataset": spec.name, "classes": list(spec.classes), "data": str(self.data), "preset": self.preset,
                 "stage1_init": _str(self.stage1_init), "stage2_init": _str(self.stage2_init),
-                "gate_mode": self.gate_mode,
+                "gate_mode": self.gate_mode, "config": self._config_signature(),
                 "synth_look": self.synth_look if self.synth and self.synth_look != "default" else None,
                 "synth_data": self._synth_signature()}
+
+    def _config_signature(self) -> dict | None:
+        """The ``--config`` file's tables as read (what they set, not where the file is)."""
+        if self.config_file is None:
+            return None
+        from wsss.config import PseudoMaskConfig
+
+        tables = {"stage1": Stage1Config, "pseudo_masks": PseudoMaskConfig, "stage2": Stage2Config}
+        return json.loads(json.dumps({t: self.file_table(t, cls) for t, cls in tables.items()}, default=str))
 
     def _synth_signature(self) -> dict | None:
         """What the generated data depends on beyond its look (None: the default synthetic data)."""
@@ -157,7 +173,7 @@ class ReproduceConfig:
 
 
 # Keys added to the signature after the first release, with the value older progress files meant.
-_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None, "synth_data": None}
+_SIGNATURE_DEFAULTS = {"gate_mode": "mask", "synth_look": None, "synth_data": None, "config": None}
 
 
 def _with_defaults(saved: dict) -> dict:
@@ -304,28 +320,55 @@ def _short(value) -> str:
     return "none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _resolve(cfg: ReproduceConfig, cls: type, presets: dict, table: str, run: dict[str, Any],
+             overrides: Mapping[str, Any]):
+    """One step's configuration: its defaults, the preset (``--preset``, else the ``--config`` table's
+    ``preset``), the ``--config`` file's table, then what the chain sets for this run (``run``: data,
+    folders, device, precision, seed; None leaves the earlier value), then an ablation's ``overrides``."""
+    from_file = cfg.file_table(table, cls)
+    preset = cfg.preset if cfg.preset is not None else from_file.get("preset")
+    from_file.pop("preset", None)
+    return cfglib.resolve(cls, presets, preset, **{**from_file, **{k: v for k, v in run.items() if v is not None},
+                                                   **overrides})
+
+
 def stage1_config(cfg: ReproduceConfig, out: Path, seed: int = 0, **overrides) -> Stage1Config:
-    return cfglib.resolve(Stage1Config, STAGE1_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init, device=cfg.device,
-                          precision=cfg.precision, workers=cfg.workers,
-                          seed=seed, **overrides)
+    return _resolve(cfg, Stage1Config, STAGE1_PRESETS, "stage1", dict(
+        dataset=cfg.dataset, data=Path(cfg.data), out=out, labels_csv=cfg.labels_csv, init_weights=cfg.stage1_init,
+        device=cfg.device, precision=cfg.precision, workers=cfg.workers, seed=seed), overrides)
 
 
 def stage2_config(cfg: ReproduceConfig, out: Path, report: Path, stage1: Path, pm_dir: Path, seed: int = 0,
                   **overrides) -> Stage2Config:
-    return cfglib.resolve(Stage2Config, STAGE2_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          out=out, report=report, labels_csv=cfg.labels_csv, stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True,
-                          gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init, device=cfg.device,
-                          precision=cfg.precision, workers=cfg.workers, seed=seed, **overrides)
+    return _resolve(cfg, Stage2Config, STAGE2_PRESETS, "stage2", dict(
+        dataset=cfg.dataset, data=Path(cfg.data), out=out, report=report, labels_csv=cfg.labels_csv,
+        stage1_checkpoint=stage1, pm_dir=pm_dir, gate=True, gate_mode=cfg.gate_mode, init_weights=cfg.stage2_init,
+        device=cfg.device, precision=cfg.precision, workers=cfg.workers, seed=seed), overrides)
 
 
 def pm_config(cfg: ReproduceConfig, checkpoint: Path, pm_dir: Path, **overrides):
-    from wsss.stages.pseudo_masks import PseudoMaskConfig
+    from wsss.config import PseudoMaskConfig
 
-    return cfglib.resolve(PseudoMaskConfig, PM_PRESETS, cfg.preset, dataset=cfg.dataset, data=Path(cfg.data),
-                          checkpoint=checkpoint, layers=PM_LAYERS, out=pm_dir, device=cfg.device,
-                          precision=cfg.precision, workers=_pm_workers(cfg), force=cfg.force, labels_csv=cfg.labels_csv,
-                          **overrides)
+    return _resolve(cfg, PseudoMaskConfig, PM_PRESETS, "pseudo_masks", dict(
+        dataset=cfg.dataset, data=Path(cfg.data), checkpoint=checkpoint, layers=PM_LAYERS, out=pm_dir,
+        device=cfg.device, precision=cfg.precision, workers=cfg.workers, force=cfg.force,
+        labels_csv=cfg.labels_csv), overrides)
+
+
+def classifier_path(out: Path, spec: DatasetSpec) -> Path:
+    """Where a chain's stage 1 keeps its classifier (train-stage1's default name)."""
+    return out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
+
+
+def print_config(cfg: ReproduceConfig) -> str:
+    """The three steps' configurations of the first seed's chain, fully resolved, as one ``--config`` file."""
+    seed = cfg.seeds[0]
+    out, report = cfg.seed_dirs(seed)
+    s1_ckpt = classifier_path(out, get_spec(cfg.dataset))
+    pm_dir = out / "train_PM"
+    return "\n".join([cfglib.config_toml(stage1_config(cfg, out, seed), "stage1"),
+                      cfglib.config_toml(pm_config(cfg, s1_ckpt, pm_dir), "pseudo_masks"),
+                      cfglib.config_toml(stage2_config(cfg, out, report, s1_ckpt, pm_dir, seed), "stage2")])
 
 
 def _stage1(s1: Stage1Config, force: bool) -> dict:
@@ -341,12 +384,6 @@ def _pseudo_masks(pm) -> dict:
     summary = generate(pm)
     log.info(format_summary(summary))
     return {"patches": summary["patches"], "computed": summary["computed"], "out": str(pm.out)}
-
-
-def _pm_workers(cfg: ReproduceConfig) -> int:
-    if cfg.workers is not None:
-        return cfg.workers
-    return 0 if cfg.preset == "cpu" else 2  # on 2 CPU cores, loader processes only compete with the model
 
 
 def _eval_pm(spec: DatasetSpec, cfg: ReproduceConfig, pm_dir: Path) -> dict:
@@ -424,7 +461,7 @@ def _run_seed(ctx: _Context, seed: int, figures: bool) -> dict:
     key, title = _labels(seed)
     out, report = cfg.seed_dirs(seed)
     s1 = stage1_config(cfg, out, seed)
-    s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
+    s1_ckpt = classifier_path(out, spec)
     stage1 = ctx.step(f"{key}stage1", f"{title}stage 1: train-stage1 + eval-cam", lambda: _stage1(s1, cfg.force),
                       (s1_ckpt,))
     pm_dir = out / "train_PM"  # the run's own pseudo-masks (DATA/train_PM may hold someone else's)
@@ -485,7 +522,7 @@ def _run_variant(ctx: _Context, main: _Main, v: Variant) -> dict:
     s1_ckpt, cam, pm_dir, pm_eval = main.s1_ckpt, main.cam, main.pm_dir, main.pm_eval
     if v.stage1:
         s1 = stage1_config(cfg, out, main.seed, **v.stage1)
-        s1_ckpt = out / f"stage1_checkpoint_trained_on_{spec.name}.pth"
+        s1_ckpt = classifier_path(out, spec)
         cam = ctx.step(f"{key}stage1", f"{title}stage 1", lambda: _stage1(s1, cfg.force), (s1_ckpt,))["cam"]
     if v.stage1 or v.pm:
         pm_dir = out / "train_PM"

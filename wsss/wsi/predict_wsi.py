@@ -73,7 +73,7 @@ from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
-from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
+from wsss.runtime import check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_image, write_tissue_png
 from wsss.wsi.label_image import check_mask_format, label_image_path, label_kind, write_label_image
 from wsss.wsi.placement import Placement
