@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -92,6 +95,7 @@ LightJitterOpt = typer.Option(
 BlurJitterOpt = typer.Option(None, "--blur-jitter", help="With p = 0.5 a Gaussian blur of σ ~ U(0, s) px (0: off).")
 JpegJitterOpt = typer.Option(
     None, "--jpeg-jitter", help="With p = 0.5 a JPEG round trip at a quality from this to 95 (0: off).")
+
 PRECISION_HELP = ("fp32, bf16 (bfloat16 autocast), fp16 (float16 autocast with a gradient scaler) or auto (bf16 on "
                   "CUDA GPUs and CPUs that support it, else fp32). Losses, softmax and CAM normalisation stay fp32.")
 PM_PRECISION_HELP = (
@@ -141,6 +145,43 @@ StainJitterOpt = typer.Option(
 TtaOpt = typer.Option("none", "--tta", help=TTA_HELP)
 WorkersOpt = typer.Option(None, "--workers", min=0)
 WorkersZeroOpt = typer.Option(0, "--workers", min=0)
+
+
+def option_group(name: str, options: dict[str, tuple[Any, Any]]) -> Callable[[Callable], Callable]:
+    """Give a command the options of a group defined once (``{field: (annotation, typer.Option)}``) in
+    place of its parameter ``name``; the command receives them as one dict ``name`` of field → value.
+    Typer reads the command's signature, so the options appear in ``--help`` where ``name`` stood."""
+
+    def decorate(command: Callable) -> Callable:
+        signature = inspect.signature(command)
+        params = []
+        for param in signature.parameters.values():
+            if param.name != name:
+                params.append(param)
+                continue
+            params += [inspect.Parameter(field, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                         annotation=annotation) for field, (annotation, option) in options.items()]
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> Any:
+            return command(**{k: v for k, v in kwargs.items() if k not in options},
+                           **{name: {k: kwargs[k] for k in options}})
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        del run.__wrapped__  # Typer must see the group's options, not the placeholder
+        return run
+
+    return decorate
+
+
+# The stain normalisation and colour augmentation options of both training stages (config fields).
+COLOUR_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "stain_jitter": (Optional[float], StainJitterOpt), "stain_norm": (Optional[str], StainNormOpt),
+    "stain_target": (Optional[Path], StainTargetOpt), "hed_scale": (Optional[float], HedScaleOpt),
+    "hed_shift": (Optional[float], HedShiftOpt), "lab_jitter": (Optional[float], LabJitterOpt),
+    "light_jitter": (Optional[float], LightJitterOpt), "blur_jitter": (Optional[float], BlurJitterOpt),
+    "jpeg_jitter": (Optional[int], JpegJitterOpt),
+}
 
 
 @app.command()
@@ -298,6 +339,7 @@ def extract_patches(
 
 
 @app.command("train-stage1")
+@option_group("colour", COLOUR_OPTIONS)
 def train_stage1(
     dataset: str = DatasetOpt,
     data: Path = DataOpt,
@@ -329,15 +371,7 @@ def train_stage1(
         None, "--pda-norm", help="none (reference) or max (attention scaled to [0,1]; stable from random init)."),
     augment: Optional[str] = typer.Option(
         None, "--augment", help="flip (reference: random horizontal and vertical flips) or d4 (also 90° rotations)."),
-    stain_jitter: Optional[float] = StainJitterOpt,
-    stain_norm: Optional[str] = StainNormOpt,
-    stain_target: Optional[Path] = StainTargetOpt,
-    hed_scale: Optional[float] = HedScaleOpt,
-    hed_shift: Optional[float] = HedShiftOpt,
-    lab_jitter: Optional[float] = LabJitterOpt,
-    light_jitter: Optional[float] = LightJitterOpt,
-    blur_jitter: Optional[float] = BlurJitterOpt,
-    jpeg_jitter: Optional[int] = JpegJitterOpt,
+    colour: dict = None,  # COLOUR_OPTIONS
     tie_rule: Optional[str] = typer.Option(
         None, "--tie-rule", help="The CAM evaluation's tie rule at the end: " + CAM_TIE_HELP
                                  + " Default: the preset's (paper, cpu-paper: reference; cpu, best: ours)."),
@@ -360,9 +394,7 @@ def train_stage1(
         dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
-        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, stain_jitter=stain_jitter,
-        **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
-                         jpeg_jitter),
+        pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, **colour,
         cam_tie_rule=tie_rule, device=device, precision=_precision(precision, amp), workers=workers, seed=seed,
     )
     cfg, given = resolve_command(Stage1Config, STAGE1_PRESETS, preset, options, config_file, "stage1")
@@ -479,6 +511,7 @@ def eval_pm(
 
 
 @app.command("train-stage2")
+@option_group("colour", COLOUR_OPTIONS)
 def train_stage2(
     dataset: str = DatasetOpt,
     data: Path = DataOpt,
@@ -513,15 +546,7 @@ def train_stage2(
     input_norm: Optional[str] = InputNormOpt,
     augment: Optional[str] = typer.Option(
         None, "--augment", help="hflip (reference: left-right flips) or d4 (all 8 flips/rotations); both add blur."),
-    stain_jitter: Optional[float] = StainJitterOpt,
-    stain_norm: Optional[str] = StainNormOpt,
-    stain_target: Optional[Path] = StainTargetOpt,
-    hed_scale: Optional[float] = HedScaleOpt,
-    hed_shift: Optional[float] = HedShiftOpt,
-    lab_jitter: Optional[float] = LabJitterOpt,
-    light_jitter: Optional[float] = LightJitterOpt,
-    blur_jitter: Optional[float] = BlurJitterOpt,
-    jpeg_jitter: Optional[int] = JpegJitterOpt,
+    colour: dict = None,  # COLOUR_OPTIONS
     mosaic: Optional[float] = typer.Option(
         None, "--mosaic", help="Probability that a training image is a 2×2 mosaic of single-class patches, whose "
                                "masks are exact (0: off, the reference)."),
@@ -560,9 +585,7 @@ def train_stage2(
         loss=loss, loss_reduction=loss_reduction, backbone=backbone, out_stride=out_stride,
         head_channels=head_channels, epochs=epochs, batch_size=batch_size, drop_last=drop_last, lr=lr, momentum=momentum,
         weight_decay=weight_decay, image_size=image_size, input_norm=input_norm, augment=augment,
-        stain_jitter=stain_jitter, mosaic=mosaic, ema=ema, init_weights=init_weights,
-        **_stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
-                         jpeg_jitter),
+        mosaic=mosaic, ema=ema, init_weights=init_weights, **colour,
         gate=gate, gate_threshold=gate_threshold, gate_mode=gate_mode, device=device,
         precision=_precision(precision, amp), workers=workers, seed=seed, out=out,
         report=report,
@@ -969,13 +992,6 @@ def cohort_summary(
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
     if counts["failed"]:
         raise typer.Exit(1)
-
-
-def _stain_options(stain_norm, stain_target, hed_scale, hed_shift, lab_jitter, light_jitter, blur_jitter,
-                   jpeg_jitter) -> dict:
-    """The stain normalisation and colour augmentation options both training stages take, as config fields."""
-    return dict(stain_norm=stain_norm, stain_target=stain_target, hed_scale=hed_scale, hed_shift=hed_shift,
-                lab_jitter=lab_jitter, light_jitter=light_jitter, blur_jitter=blur_jitter, jpeg_jitter=jpeg_jitter)
 
 
 def _precision(precision: Optional[str], amp: Optional[bool]) -> Optional[str]:

@@ -16,8 +16,29 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD
 
 
+@dataclass(frozen=True, kw_only=True)
+class ColourSettings:
+    """Stain normalisation and colour augmentation, the same fields and checks in both training stages
+    (keyword-only, so that each stage keeps its own field order for the rest)."""
+
+    stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
+    stain_norm: str = "none"  # none (the reference), macenko or reinhard: fitted target stored in the checkpoint
+    stain_target: Path | None = None  # fit the target on this image instead of the training set
+    # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
+    hed_scale: float = 0.0
+    hed_shift: float = 0.0
+    lab_jitter: float = 0.0
+    light_jitter: float = 0.0
+    blur_jitter: float = 0.0
+    jpeg_jitter: int = 0
+
+    def check_colour(self) -> None:
+        _check_stain_jitter(self.stain_jitter)
+        check_stain_options(self)
+
+
 @dataclass(frozen=True)
-class Stage1Config:
+class Stage1Config(ColourSettings):
     """Stage 1: ResNet38 multi-label classifier with progressive dropout attention."""
 
     dataset: str  # luad, bcss or the path of a TOML spec file (wsss.data.specs)
@@ -45,16 +66,6 @@ class Stage1Config:
     pda_first_epoch: int = 3
     pda_norm: str = "none"  # reference; "max" keeps the attention in [0, 1] (see wsss.cam.pda)
     augment: str = "flip"  # reference: random h+v flips; "d4" adds 90° rotations (wsss.data.augment)
-    stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
-    stain_norm: str = "none"  # none (the reference), macenko or reinhard: fitted target stored in the checkpoint
-    stain_target: Path | None = None  # fit the target on this image instead of the training set
-    # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
-    hed_scale: float = 0.0
-    hed_shift: float = 0.0
-    lab_jitter: float = 0.0
-    light_jitter: float = 0.0
-    blur_jitter: float = 0.0
-    jpeg_jitter: int = 0
     cam_threshold: float = 0.25
     # "reference": where every kept class scores 0 the lowest index wins, as WSSS-Tissue's evaluation;
     # "ours": a zeroed class never wins (see wsss.cam.cam.cam_to_segmentation)
@@ -76,8 +87,7 @@ class Stage1Config:
         check_precision(self.precision)
         check_tie_rule(self.cam_tie_rule)
         _check_choice("--augment", self.augment, ("flip", "d4"))
-        _check_stain_jitter(self.stain_jitter)
-        check_stain_options(self)
+        self.check_colour()
         if self.pda_norm not in PDA_NORMS:
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
@@ -192,7 +202,7 @@ def save_json(config: Any, path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class Stage2Config:
+class Stage2Config(ColourSettings):
     """Stage 2: DeepLab v3+ trained on multi-layer pseudo-masks, tested with the classification gate."""
 
     dataset: str  # luad, bcss or the path of a TOML spec file (wsss.data.specs)
@@ -220,16 +230,6 @@ class Stage2Config:
     image_size: int | None = None  # None: the patches' own size (224 for the real datasets)
     input_norm: str = "none"  # the reference feeds [0, 1] RGB
     augment: str = "hflip"  # reference: left-right flips (+ blur); "d4": all 8 square symmetries (+ blur)
-    stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
-    stain_norm: str = "none"  # none (the reference), macenko or reinhard: fitted target stored in the checkpoint
-    stain_target: Path | None = None  # fit the target on this image instead of the training set
-    # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
-    hed_scale: float = 0.0
-    hed_shift: float = 0.0
-    lab_jitter: float = 0.0
-    light_jitter: float = 0.0
-    blur_jitter: float = 0.0
-    jpeg_jitter: int = 0
     mosaic: float = 0.0  # probability of a 2×2 mosaic of single-class patches instead (0: off, the reference)
     ema: float = 0.0  # decay of an exponential moving average of the weights, validated and kept (0: off)
     init_weights: Path | None = None
@@ -274,8 +274,7 @@ class Stage2Config:
         check_sgd(self.momentum, self.weight_decay)
         check_precision(self.precision)
         _check_choice("--augment", self.augment, ("hflip", "d4"))
-        _check_stain_jitter(self.stain_jitter)
-        check_stain_options(self)
+        self.check_colour()
         if not 0.0 <= self.ema < 1.0:
             raise WsssError(f"--ema is a decay per step in [0, 1) (0: off), not {self.ema:g}")
         if not 0.0 <= self.mosaic <= 1.0:
