@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import BCSS_TRAIN_NAMES, LUAD_TRAIN_NAMES, build_layout, tiny_checkpoint
 from wsss.data.specs import BCSS, LUAD
 
 @pytest.fixture(autouse=True)
@@ -19,42 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-LUAD_TRAIN_NAMES = [
-    "1031280-2300-27920-[1 0 0 1].png",
-    "1031280-2524-28144-[0 1 1 0].png",
-    "22-0000-1111-[0 0 1 0].png",
-]
-BCSS_TRAIN_NAMES = [
-    "TCGA-A1-A0SK-DX1_xmin45749_ymin25055_MPP-0.2500+0[1101].png",
-    "TCGA-A2-A0CM-DX1_xmin18562_ymin56852_MPP-0.2500+1[0100].png",
-]
-
-
-def write_rgb(path: Path, size: int = 16, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-
-
-def write_palette_mask(path: Path, mask: np.ndarray, spec=LUAD) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = Image.fromarray(mask.astype(np.uint8), mode="P")
-    img.putpalette(spec.flat_palette())
-    img.save(path)
-
-
-def build_layout(root: Path, train_names: list[str], spec, val_dir: str = "val", size: int = 16) -> Path:
-    """A dataset in the published layout: labelled train/, and img/ + mask/ for val and test."""
-    for i, name in enumerate(train_names):
-        write_rgb(root / "train" / name, size, seed=i)
-    for split in (val_dir, "test"):
-        for i in range(2):
-            write_rgb(root / split / "img" / f"{split}-{i}.png", size, seed=100 + i)
-            mask = (np.arange(size * size).reshape(size, size) % (spec.background_index + 1))
-            write_palette_mask(root / split / "mask" / f"{split}-{i}.png", mask, spec)
-    return root
 
 
 @pytest.fixture
@@ -82,25 +47,9 @@ def synth16(tmp_path_factory) -> Path:
 def thin_ckpts(tmp_path_factory) -> dict[str, Path]:
     """Untrained thin checkpoints in our format: two stage-1 classifiers (seeds 0, 1: s1a, s1b) at 32 px
     and a ResNet-18 stage 2 (s2) at 32 px."""
-    from wsss.config import Stage1Config, Stage2Config
-    from wsss.models.deeplab import DeepLabArch, DeepLabV3Plus
-    from wsss.models.resnet38 import ResNet38Classifier
-    from wsss.runtime import save_checkpoint
-    from wsss.stages import stage1, stage2
-
     root = tmp_path_factory.mktemp("thin_ckpts")
-    paths = {}
-    for name, seed in (("s1a", 0), ("s1b", 1)):
-        torch.manual_seed(seed)
-        cfg = Stage1Config(dataset="luad", data=Path("."), width=0.125, image_size=32)
-        paths[name] = root / f"{name}.pth"
-        save_checkpoint(paths[name], stage1.checkpoint_state(ResNet38Classifier(4, width=0.125), cfg, LUAD, 0))
-    torch.manual_seed(0)
-    model = DeepLabV3Plus(DeepLabArch("resnet18", 16, 4, 8))
-    cfg = Stage2Config(dataset="luad", data=Path("."), backbone="resnet18", head_channels=8, image_size=32)
-    paths["s2"] = root / "s2.pth"
-    save_checkpoint(paths["s2"], stage2.checkpoint_state(model, cfg, LUAD, 0, {}))
-    return paths
+    return {"s1a": tiny_checkpoint(root / "s1a.pth", 1, seed=0), "s1b": tiny_checkpoint(root / "s1b.pth", 1, seed=1),
+            "s2": tiny_checkpoint(root / "s2.pth", 2)}
 
 
 TRI_SPEC = """name = "tri"

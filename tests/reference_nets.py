@@ -1,4 +1,4 @@
-"""Reference networks and helpers for tests/test_oracles.py, written from WSSS-Tissue's code.
+"""Reference networks and helpers for tests/unit/test_oracles.py, written from WSSS-Tissue's code.
 
 Nothing here imports ``wsss``: these are the independent sides of the oracle tests.
 
@@ -273,3 +273,23 @@ def reference_deeplab_forward(s: dict[str, Tensor], image: Tensor) -> Tensor:
     x = F.relu(_bn(F.conv2d(x, s["decoder.last_conv.4.weight"], padding=1), s, "decoder.last_conv.5"))
     x = F.conv2d(x, s["decoder.last_conv.8.weight"], s["decoder.last_conv.8.bias"])
     return F.interpolate(x, size=image.shape[2:], mode="bilinear", align_corners=True)
+
+
+# The reference's ASPP and decoder names (WSSS-Tissue network/aspp.py, decoder.py) and ours.
+BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+REFERENCE_TO_OURS = {
+    **{f"aspp.aspp{k}.atrous_conv.weight": f"aspp.convs.{k - 1}.0.weight" for k in (1, 2, 3, 4)},
+    **{f"aspp.aspp{k}.bn.{p}": f"aspp.convs.{k - 1}.1.{p}" for k in (1, 2, 3, 4) for p in BN},
+    "aspp.global_avg_pool.1.weight": "aspp.convs.4.1.weight",
+    **{f"aspp.global_avg_pool.2.{p}": f"aspp.convs.4.2.{p}" for p in BN},
+    "aspp.conv1.weight": "aspp.project.0.weight",
+    **{f"aspp.bn1.{p}": f"aspp.project.1.{p}" for p in BN},
+    "decoder.conv1.weight": "decoder.reduce.0.weight",
+    **{f"decoder.bn1.{p}": f"decoder.reduce.1.{p}" for p in BN},
+    "decoder.last_conv.0.weight": "decoder.fuse.0.weight",
+    **{f"decoder.last_conv.1.{p}": f"decoder.fuse.1.{p}" for p in BN},
+    "decoder.last_conv.4.weight": "decoder.fuse.4.weight",
+    **{f"decoder.last_conv.5.{p}": f"decoder.fuse.5.{p}" for p in BN},
+    "decoder.last_conv.8.weight": "decoder.classifier.weight",
+    "decoder.last_conv.8.bias": "decoder.classifier.bias",
+}

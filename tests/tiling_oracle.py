@@ -2,7 +2,7 @@
 
 The blend sums whole-image (C, H, W) arrays one window at a time, with none of the row
 bands, batching across rows or prefetching of ``wsss.tiling``; it only borrows the 1-D blend
-ramp and window starts, which tests/test_predict.py checks by hand.
+ramp and window starts, which tests/cli/test_predict.py checks by hand.
 """
 
 from __future__ import annotations

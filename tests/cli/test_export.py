@@ -1,0 +1,126 @@
+"""`wsss export`: TorchScript and ONNX models with the input normalisation inside, the gate as a second
+output, dynamic batch and size, a sidecar that says what they are; bad requests in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import run_cli
+from wsss.data.specs import LUAD
+from wsss.runtime import load_checkpoint, save_checkpoint
+from wsss.models.loading import load_classifier, load_segmenter
+
+IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+
+
+@pytest.fixture(scope="module")
+def imagenet_s2(thin_ckpts, tmp_path_factory) -> Path:
+    """The thin stage-2 checkpoint recording ImageNet input normalisation: a graph without it would differ."""
+    path = tmp_path_factory.mktemp("export") / "s2_imagenet.pth"
+    save_checkpoint(path, {**load_checkpoint(thin_ckpts["s2"]), "input_norm": IMAGENET})
+    return path
+
+
+def reference(seg_path: Path, s1_path: Path | None, images: torch.Tensor) -> list[np.ndarray]:
+    """What the exported model must compute, by the definition: each model on its own normalisation
+    ``(x / 255 - mean) / std`` of the RGB 0-255 input; logits at the input size, the gate's sigmoid."""
+    seg = load_segmenter(seg_path)
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (seg.norm.mean, seg.norm.std))
+    with torch.no_grad():
+        out = [seg.model.eval()((images / 255 - mean) / std)["out"].numpy()]
+        if s1_path is not None:
+            clf = load_classifier(s1_path)
+            out.append(torch.sigmoid(clf.model.eval()(images / 255)).numpy())
+    return out
+
+
+def random_images(batch: int, height: int, width: int, seed: int) -> torch.Tensor:
+    return torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)) * 255
+
+
+def test_torchscript_equals_pytorch_at_any_batch_and_size(imagenet_s2, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "model.pt"
+    code, stdout, err = run_cli(capsys, monkeypatch, "export", imagenet_s2, "--format", "torchscript", "--out", out)
+    assert code == 0, err
+    assert "largest difference from PyTorch" in stdout and (tmp_path / "model.json").is_file()
+    model = torch.jit.load(str(out))
+    for batch, height, width in ((1, 32, 32), (3, 57, 90)):
+        x = random_images(batch, height, width, seed=batch)
+        with torch.no_grad():
+            got = model(x).numpy()
+        (want,) = reference(imagenet_s2, None, x)
+        assert got.shape == (batch, 4, height, width) and np.abs(got - want).max() <= 1e-4
+
+
+def test_onnx_with_the_gate_equals_pytorch_in_onnxruntime(imagenet_s2, thin_ckpts, tmp_path, capsys, monkeypatch):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "model.onnx"
+    code, _, err = run_cli(capsys, monkeypatch, "export", imagenet_s2, "--format", "onnx", "--out", out,
+                           "--stage1-checkpoint", thin_ckpts["s1a"], "--gate-threshold", 0.3)
+    assert code == 0, err
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image"]
+    assert [o.name for o in session.get_outputs()] == ["logits", "gate"]
+    for batch, height, width in ((1, 40, 72), (4, 64, 48)):
+        x = random_images(batch, height, width, seed=10 + batch)
+        logits, gate = session.run(None, {"image": x.numpy()})
+        want_logits, want_gate = reference(imagenet_s2, thin_ckpts["s1a"], x)
+        assert logits.shape == (batch, 4, height, width) and gate.shape == (batch, 4)
+        assert np.abs(logits - want_logits).max() <= 1e-4 and np.abs(gate - want_gate).max() <= 1e-4
+
+    sidecar = json.loads((tmp_path / "model.json").read_text())
+    assert sidecar["classes"] == list(LUAD.classes) and sidecar["palette"]["TE"] == [205, 51, 51]
+    assert sidecar["background"] == {"index": 4, "name": "background", "color": [255, 255, 255],
+                                     "white_is_background": True}
+    assert (sidecar["input"]["mean"], sidecar["input"]["std"]) == (IMAGENET["mean"], IMAGENET["std"])
+    assert sidecar["input"]["range"] == [0, 255] and sidecar["input"]["shape"] == ["batch", 3, "height", "width"]
+    assert (sidecar["mpp"], sidecar["patch_size"], sidecar["image_size"]) == (None, None, 32)  # records no µm/px
+    gate = sidecar["outputs"][1]
+    assert (gate["name"], gate["threshold"], gate["mode"], gate["input_size"]) == ("gate", 0.3, "mask", 32)
+
+
+def test_the_sidecar_gives_the_recorded_scale(thin_ckpts, tmp_path, capsys, monkeypatch):
+    ckpt = tmp_path / "s2_scale.pth"
+    save_checkpoint(ckpt, {**load_checkpoint(thin_ckpts["s2"]), "mpp": 1.0, "patch_size": 224})
+    assert run_cli(capsys, monkeypatch, "export", ckpt, "--format", "torchscript", "--out", tmp_path / "m.pt")[0] == 0
+    sidecar = json.loads((tmp_path / "m.json").read_text())
+    assert (sidecar["mpp"], sidecar["patch_size"], sidecar["outputs"][0]["name"], len(sidecar["outputs"])) == \
+        (1.0, 224, "logits", 1)
+
+
+def test_a_model_with_a_stain_target_is_not_exported(thin_ckpts, tmp_path, capsys, monkeypatch):
+    """--stain-norm models map every window onto their target before the scaling (every command that
+    runs them does); a graph without that step would compute something else, so export refuses them."""
+    target = {"method": "reinhard", "patches": 7, "source": "the training set",
+              "lab_mean": [60.0, 20.0, -10.0], "lab_std": [12.0, 6.0, 5.0]}
+    ckpt = tmp_path / "s2_stain.pth"
+    save_checkpoint(ckpt, {**load_checkpoint(thin_ckpts["s2"]), "input_norm": {**IMAGENET, "stain": target}})
+    code, _, err = run_cli(capsys, monkeypatch, "export", ckpt, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert code == 1 and err.count("error:") == 1 and "normalises stain" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s2_stain.pth"]
+
+
+def test_bad_exports_end_in_one_line_and_write_nothing(thin_ckpts, tmp_path, capsys, monkeypatch):
+    def fails(*args) -> str:
+        code, _, err = run_cli(capsys, monkeypatch, "export", *args)
+        assert code == 1 and err.count("error:") == 1 and "Traceback" not in err, err
+        return err.strip()
+
+    assert fails(thin_ckpts["s2"], "--format", "tflite", "--out", tmp_path / "m.tflite") == \
+        "error: --format must be one of torchscript, onnx, not 'tflite'"
+    assert "is a stage-1 checkpoint; a stage-2 checkpoint is needed here" in \
+        fails(thin_ckpts["s1a"], "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "mine.pt").write_text("not wsss's")
+    assert "mine.pt exists; pass --force to replace it" in \
+        fails(thin_ckpts["s2"], "--format", "torchscript", "--out", tmp_path / "mine.pt")
+    assert (tmp_path / "mine.pt").read_text() == "not wsss's"
+    monkeypatch.setitem(__import__("sys").modules, "onnx", None)  # the export extra not installed
+    assert fails(thin_ckpts["s2"], "--format", "onnx", "--out", tmp_path / "m.onnx") == \
+        "error: ONNX export needs the onnx package: pip install onnx onnxruntime (the export extra)"
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.json").exists()
