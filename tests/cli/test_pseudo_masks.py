@@ -216,3 +216,32 @@ def test_cli_generate_pm_takes_the_white_rule_of_the_preset(synth_root, checkpoi
         assert json.loads((tmp_path / name / "pseudo_masks_config.json").read_text())["white_rule"] == rule, name
     code, _, err = run_cli(capsys, monkeypatch, *base, "--out", tmp_path / "bad", "--preset", "gpu")
     assert code == 1 and "unknown preset 'gpu'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_torchrun_ranks_split_the_patches_and_write_the_single_process_masks(synth_root, checkpoints, tmp_path):
+    """Two torchrun processes (gloo on the CPU): each computes every other patch under its own lock
+    of the shared folder; together they write byte for byte the masks of one process, and the
+    summary counts every patch once. A second run keeps them all."""
+    import os
+    import subprocess
+    import sys
+
+    single = tmp_path / "one"
+    generate(config(synth_root, checkpoints["ours"], single), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "wsss",
+           "generate-pm", "--dataset", "luad", "--data", str(synth_root), "--checkpoint", str(checkpoints["ours"]),
+           "--out", str(out), "--batch-size", "4", "--device", "cpu", "--workers", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.relative_to(out) for p in pm_files(out)] == [p.relative_to(single) for p in pm_files(single)]
+    assert all((out / p.relative_to(single)).read_bytes() == p.read_bytes() for p in pm_files(single))
+    # each rank logged its own 3 patches and the summed summary: 6 computed, 18 files (once per rank)
+    assert proc.stderr.count("pseudo-masks: 6 patches computed, 0 skipped") == 2, proc.stderr[-3000:]
+    manifest = [json.loads(line) for line in (out / ".wsss-manifest.jsonl").read_text().splitlines()]
+    written = [e["file"] for e in manifest if "file" in e and e["file"].startswith("PM_")]
+    assert sorted(written) == sorted(str(p.relative_to(out)) for p in pm_files(out))  # every mask once
+    assert not list(out.glob(".wsss-lock*"))
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and again.stderr.count("0 patches computed, 6 skipped") == 2, again.stderr[-3000:]

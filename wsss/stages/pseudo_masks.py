@@ -41,7 +41,7 @@ from wsss.data.validate import input_folders
 from wsss.runs.journal import diff_settings
 from wsss.runs.owner import Owner, file_sha256, owned_folder
 from wsss.runtime import (
-    atomic_path, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
+    Distributed, atomic_path, memory_format, note_saved, progress_bar, resolve_device, resolve_precision,
 )
 
 log = logging.getLogger(__name__)
@@ -190,19 +190,35 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
     The output folder is held for the run. Masks already there are kept only when this folder's
     manifest says a run with the same checkpoint (sha256) and method wrote them from the patch as
     it is now; masks of another checkpoint or method, or that wsss did not write, stop the run with
-    one line unless ``force`` (which recomputes everything)."""
+    one line unless ``force`` (which recomputes everything).
+
+    Under ``torchrun`` the patches are split across the processes (patch ``i`` to rank ``i mod
+    world``), each on its own device and under its own lock of the shared folder
+    (``OUT/.wsss-lock.rank<r>``); the summary adds up every rank's work, and every rank returns once
+    all masks are written."""
     started = time.perf_counter()
     clf, spec = classifier_and_spec(cfg.checkpoint, cfg.dataset, cfg.labels_csv)
     layers = parse_layers(cfg.layers)
     out = cfg.out_dir
-    with owned_folder(out, "generate-pm", force=cfg.force, read_from=input_folders(cfg.data)) as owner:
-        samples, reusable = _prepare(cfg, spec, layers, owner)
-        writer = _write_all(cfg, spec, layers, samples, clf, reusable, owner, progress)
+    ranks = Distributed(cfg.device)
+    try:
+        with owned_folder(out, "generate-pm", force=cfg.force, read_from=input_folders(cfg.data),
+                          scope=f"rank{ranks.rank}" if ranks.enabled else None) as owner:
+            samples, reusable = _prepare(cfg, spec, layers, owner, ranks.is_main)
+            mine, kept = _share(samples, reusable, ranks.rank, ranks.world_size)
+            writer = _write_all(cfg, spec, layers, mine, clf, kept, owner, progress and ranks.is_main, ranks.device)
+        totals = ranks.all_reduce_sum([writer.computed, writer.files, *np.concatenate(list(writer.counts.values()))])
+        ranks.barrier()
+    finally:
+        ranks.close()
+    computed, files = int(totals[0]), int(totals[1])
+    writer.counts = {layer: np.asarray(totals[2 + i * writer.num_values: 2 + (i + 1) * writer.num_values], np.int64)
+                     for i, layer in enumerate(writer.counts)}
     summary = {
         "patches": len(samples),
-        "computed": writer.computed,
-        "skipped": len(samples) - writer.computed,
-        "files_written": writer.files,
+        "computed": computed,
+        "skipped": len(samples) - computed,
+        "files_written": files,
         "seconds": round(time.perf_counter() - started, 1),
         "layers": list(layers),
         "out": str(out),
@@ -213,26 +229,35 @@ def generate(cfg: PseudoMaskConfig, progress: bool = True) -> dict:
     return summary
 
 
-def _prepare(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], owner: Owner):
+def _share(samples: Sequence[TrainSample], reusable: dict[int, tuple[str, ...]] | None, rank: int, world: int):
+    """This rank's patches (every ``world``-th from ``rank``) and which of their masks are kept, by
+    their index in that share."""
+    indices = range(rank, len(samples), world)
+    mine = [samples[i] for i in indices]
+    kept = None if reusable is None else {j: reusable[i] for j, i in enumerate(indices) if i in reusable}
+    return mine, kept
+
+
+def _prepare(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], owner: Owner, main: bool = True):
     """Before any Grad-CAM: valid patches and which masks on disk may be kept
-    (:func:`reusable_masks`). Returns ``(samples, reusable)``."""
+    (:func:`reusable_masks`). Returns ``(samples, reusable)``. The ``main`` process writes the config."""
     samples = list_train(cfg.data, spec)
     validate.require(validate.train_problems(samples, spec), cfg.data, spec.name)
     signature = pm_signature(cfg, spec)
     reusable = None if cfg.force else reusable_masks(owner, samples, layers, signature)
     owner.begin({**cfglib.to_dict(cfg), "signature": signature}, {"checkpoint": signature["checkpoint_sha256"]})
-    owner.claim([owner.folder / CONFIG_NAME])
+    if main:
+        owner.claim([owner.folder / CONFIG_NAME])
+        _save_config(cfg, owner.folder)
     return samples, reusable
 
 
 def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], samples, clf, reusable,
-               owner: Owner, progress: bool) -> "_MaskWriter":
+               owner: Owner, progress: bool, device: torch.device) -> "_MaskWriter":
     """Compute and write every mask not kept, batch by batch; returns the writer with its tallies."""
     out = owner.folder
-    device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     model = clf.model.to(device, memory_format=memory_format(device, precision)).eval()
-    _save_config(cfg, out)
     loader = DataLoader(
         PatchesToMask(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list, pin_memory=device.type == "cuda",
