@@ -29,7 +29,8 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.data.scale import resample_factor
 from wsss.inference import (
-    Segmentation, TilePredictor, check_tta, check_window_options, load_models, model_scale, segment_image, window_for,
+    Segmentation, TilePredictor, check_tta, check_window_options, load_models, model_scale, segment_image, window_batch,
+    window_for,
 )
 from wsss.runtime import autocast, check_precision, resolve_device, resolve_precision
 
@@ -136,7 +137,7 @@ class ModelSettings:
     dataset: str | None = None
     tile: int = 224
     overlap: int = 32
-    batch_size: int = 8
+    batch_size: int | None = None  # None: 8 on the CPU, 64 on a CUDA GPU (wsss.inference.window_batch)
     device: str = "auto"
     precision: str = "fp32"
     tta: str = "none"
@@ -148,6 +149,7 @@ class ModelSettings:
         return self.stage1_checkpoint is not None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_size", window_batch(self.batch_size, self.device))
         check_precision(self.precision)
         check_window_options(self.tile, self.overlap, self.batch_size, self.gate, self.stage1_checkpoint)
         check_gate_options(self.gate_mode, self.gate_threshold)
@@ -240,15 +242,16 @@ class Segmenter:
 
 
 def load_model(stage2_ckpt: str | Path, stage1_ckpt: str | Path | None = None, device: str = "auto", *,
-               dataset: str | None = None, tile: int | None = None, overlap: int | None = None, batch_size: int = 8,
-               precision: str = "fp32", tta: str = "none", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
+               dataset: str | None = None, tile: int | None = None, overlap: int | None = None,
+               batch_size: int | None = None, precision: str = "fp32", tta: str = "none", gate_threshold: float = DEFAULT_GATE_THRESHOLD,
                gate_mode: str = "mask") -> Segmenter:
     """Load a stage-2 checkpoint (ours or WSSS-Tissue's) as a :class:`Segmenter`, gated by the
     stage-1 classifier ``stage1_ckpt`` when given.
 
     The options are ``wsss predict``'s: ``dataset`` (needed for published checkpoints, which record
     none), ``tile`` and ``overlap`` (the sliding window, px; by default the checkpoint's patch size and
-    ``wsss predict``'s overlap), ``batch_size``, ``device`` (``auto``,
+    ``wsss predict``'s overlap), ``batch_size`` (windows a forward pass; by default 8 on the CPU, 64 on
+    a CUDA GPU), ``device`` (``auto``,
     ``cpu``, ``cuda``), ``precision`` (``fp32``, ``bf16``, ``fp16``, ``auto``), ``tta`` (``none``,
     ``flip``, ``d4``), ``gate_threshold``, ``gate_mode``. A stage-1 checkpoint as ``stage2_ckpt``, a
     class-count or spec mismatch, a bad option: :class:`WsssError`, in the command line's words.

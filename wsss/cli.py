@@ -114,7 +114,8 @@ CAM_TIE_HELP = ("ours (a dropped class never wins) or reference (where every kep
 # Options that several commands share, defined once (each keeps its name, default and help everywhere).
 AmpOpt = typer.Option(None, "--amp/--no-amp", help=AMP_HELP)
 WindowBatchOpt = typer.Option(
-    8, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it).")
+    None, "--batch-size", min=1, help="Windows per forward pass (rows of windows are batched together to fill it). "
+                                      "Default: 8 on the CPU, 64 on a CUDA GPU.", show_default=False)
 SegmenterCheckpointOpt = typer.Option(..., "--checkpoint", help="Stage-2 checkpoint (ours or WSSS-Tissue's).")
 ClassifierCheckpointOpt = typer.Option(..., "--checkpoint", help="Stage-1 checkpoint (ours or WSSS-Tissue's).")
 DataOpt = typer.Option(..., "--data", help="Dataset folder.")
@@ -778,7 +779,7 @@ def predict(
         None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
                             "masks back to the images' size). Without it (or when the checkpoint records none) the "
                             "images are segmented as they are, with a warning."),
-    batch_size: int = WindowBatchOpt,
+    batch_size: Optional[int] = WindowBatchOpt,
     tta: str = TtaOpt,
     device: str = DeviceAutoOpt,
     precision: Optional[str] = PrecisionFp32Opt,
@@ -798,12 +799,13 @@ def predict(
     Memory grows with the image (its RGB pixels and a one-byte mask) and with tile × width, not with
     classes × pixels. When some images fail (unreadable, grayscale, RGBA) the others are still
     processed and written; the failures are listed at the end and the exit status is 1."""
+    from wsss.inference import window_batch
     from wsss.stages.predict import PredictConfig, run as run_predict
 
     cfg = PredictConfig(
         inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=batch_size, tta=tta, device=device,
+        overlap=overlap, batch_size=window_batch(batch_size, device), tta=tta, device=device,
         precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp, save_probs=save_probs,
         save_tissue_mask=save_tissue_mask,
     )
@@ -852,7 +854,7 @@ def predict_wsi(
     overlap: Optional[int] = typer.Option(
         None, "--overlap", min=0, help="Pixels shared by neighbouring windows, blended. Default: 32, or half the "
                                        "window when that is less."),
-    batch_size: int = WindowBatchOpt,
+    batch_size: Optional[int] = WindowBatchOpt,
     tta: str = TtaOpt,
     min_tissue: float = typer.Option(
         0.05, "--min-tissue", help="Windows with a smaller tissue fraction are background, not segmented (0: all)."),
@@ -898,6 +900,7 @@ def predict_wsi(
     (several slides, a folder, a manifest) loads the models once, skips finished slides, records a
     slide that fails and goes on (exit status 1 if any failed); under torchrun each rank, and with
     --shard each array job, takes its share of the slides."""
+    from wsss.inference import window_batch
     from wsss.wsi.cohort import parse_shard
     from wsss.wsi.predict_wsi import WsiConfig
 
@@ -907,7 +910,7 @@ def predict_wsi(
     cfg = WsiConfig(
         inputs=tuple(slides), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
         stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp,
-        roi=region, tile=tile, overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
+        roi=region, tile=tile, overlap=overlap, batch_size=window_batch(batch_size, device), tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
         precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp, save_probs=save_probs,

@@ -501,3 +501,17 @@ def test_tta_averages_the_softmax_of_every_flip_and_rotation_mapped_back(seg):
     assert torch.allclose(flip, torch.stack(flips).mean(dim=0), atol=1e-6)
     assert torch.allclose(d4, torch.stack(flips + turned).mean(dim=0), atol=1e-6)
     assert not torch.allclose(d4, flips[0], atol=1e-3)  # an untrained network is far from equivariant
+
+
+def test_the_window_batch_defaults_to_the_device(monkeypatch):
+    """--batch-size not given: 8 windows on the CPU, 64 on a CUDA GPU (``auto`` asks torch); given: as given."""
+    import torch
+
+    from wsss.inference import window_batch
+
+    assert (window_batch(None, "cpu"), window_batch(None, "cuda"), window_batch(None, "cuda:1")) == (8, 64, 64)
+    assert window_batch(3, "cuda") == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert window_batch(None, "auto") == 64
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert window_batch(None, "auto") == 8
