@@ -759,6 +759,7 @@ def _synth_counts(text: str | None) -> dict:
 
 @app.command()
 def predict(
+    ctx: typer.Context,
     inputs: list[Path] = typer.Argument(..., help="Image files (PNG, JPEG, TIFF) or folders of them.", show_default=False),
     checkpoint: Path = SegmenterCheckpointOpt,
     out: Path = typer.Option(..., "--out", help="Folder for <name>_mask.png, <name>_overlay.png and summary.csv."),
@@ -793,22 +794,28 @@ def predict(
     save_tissue_mask: bool = typer.Option(
         False, "--save-tissue-mask", help="Also <name>_tissue.png: 255 where the saturation is above Otsu's "
                                           "threshold of the image (predict-wsi's tissue rule), else 0."),
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Segment your own images of any size with a stage-2 checkpoint (sliding window, blended overlaps).
 
     Memory grows with the image (its RGB pixels and a one-byte mask) and with tile × width, not with
     classes × pixels. When some images fail (unreadable, grayscale, RGBA) the others are still
     processed and written; the failures are listed at the end and the exit status is 1."""
+    from wsss.config import config_toml
     from wsss.inference import window_batch
     from wsss.stages.predict import PredictConfig, run as run_predict
 
-    cfg = PredictConfig(
-        inputs=tuple(inputs), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
-        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile,
-        overlap=overlap, batch_size=window_batch(batch_size, device), tta=tta, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force, mpp=mpp, save_probs=save_probs,
-        save_tissue_mask=save_tissue_mask,
-    )
+    values = _with_config_file(ctx, PredictConfig, "predict", config_file, dict(
+        checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
+        gate_threshold=gate_threshold, gate_mode=gate_mode, tile=tile, overlap=overlap, batch_size=batch_size,
+        tta=tta, device=device, precision=_precision(precision, amp), force=force, mpp=mpp, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask))
+    cfg = PredictConfig(inputs=tuple(inputs), **{**values, "batch_size": window_batch(values["batch_size"], values["device"]),
+                                                 "precision": values["precision"] or "fp32"})
+    if print_config:
+        typer.echo(config_toml(cfg, "predict"), nl=False)
+        return
     result = run_predict(cfg, progress=sys.stderr.isatty())
     if result.failures and not result.rows and len(result.failures) == 1:
         raise WsssError(result.failures[0])
@@ -826,6 +833,7 @@ def predict(
 
 @app.command("predict-wsi")
 def predict_wsi(
+    ctx: typer.Context,
     slides: list[Path] = typer.Argument(
         ..., show_default=False,
         help="Whole-slide images (pyramidal TIFF, or .svs/.ndpi/.mrxs/... with OpenSlide), folders of them "
@@ -892,6 +900,8 @@ def predict_wsi(
     save_tissue_mask: bool = typer.Option(
         False, "--save-tissue-mask", help="Also <name>_tissue.png (or .ome.tif, as the label image): 255 where a "
                                           "pixel counts as tissue (saturation above the slide's threshold), else 0."),
+    config_file: Optional[Path] = ConfigOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Segment whole-slide images tile by tile: label image, overlay, per-class areas, QuPath GeoJSON.
 
@@ -900,6 +910,7 @@ def predict_wsi(
     (several slides, a folder, a manifest) loads the models once, skips finished slides, records a
     slide that fails and goes on (exit status 1 if any failed); under torchrun each rank, and with
     --shard each array job, takes its share of the slides."""
+    from wsss.config import config_toml
     from wsss.inference import window_batch
     from wsss.wsi.cohort import parse_shard
     from wsss.wsi.predict_wsi import WsiConfig
@@ -907,15 +918,19 @@ def predict_wsi(
     region = _csv(roi, int, "--roi")
     if region is not None and len(region) != 4:
         raise WsssError(f"--roi needs four numbers x,y,w,h (level-0 pixels), not {roi!r}")
-    cfg = WsiConfig(
-        inputs=tuple(slides), checkpoint=checkpoint, out=out, dataset=dataset, gate=gate,
-        stage1_checkpoint=stage1_checkpoint, gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp,
-        roi=region, tile=tile, overlap=overlap, batch_size=window_batch(batch_size, device), tta=tta, min_tissue=min_tissue, geojson=geojson,
+    values = _with_config_file(ctx, WsiConfig, "predict_wsi", config_file, dict(
+        checkpoint=checkpoint, out=out, dataset=dataset, gate=gate, stage1_checkpoint=stage1_checkpoint,
+        gate_threshold=gate_threshold, gate_mode=gate_mode, level=level, mpp=mpp, roi=region, tile=tile,
+        overlap=overlap, batch_size=batch_size, tta=tta, min_tissue=min_tissue, geojson=geojson,
         geojson_mode=geojson_mode, object_type=object_type, min_area=min_area, simplify=simplify,
         bounds_offset=bounds_offset, mask_format=mask_format, shard=parse_shard(shard), reader=reader, device=device,
-        precision=_precision(precision, amp) or "fp32", force=force, slide_mpp=slide_mpp, save_probs=save_probs,
-        save_tissue_mask=save_tissue_mask,
-    )
+        precision=_precision(precision, amp), force=force, slide_mpp=slide_mpp, save_probs=save_probs,
+        save_tissue_mask=save_tissue_mask))
+    cfg = WsiConfig(inputs=tuple(slides), **{**values, "batch_size": window_batch(values["batch_size"], values["device"]),
+                                             "precision": values["precision"] or "fp32"})
+    if print_config:
+        typer.echo(config_toml(cfg, "predict_wsi"), nl=False)
+        return
     one = slides[0]
     cohort = (len(slides) > 1 or one.is_dir() or one.suffix.lower() == ".csv" or cfg.shard is not None
               or int(os.environ.get("WORLD_SIZE", "1")) > 1)
@@ -995,6 +1010,27 @@ def cohort_summary(
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
     if counts["failed"]:
         raise typer.Exit(1)
+
+
+def _with_config_file(ctx: typer.Context, cls: type, table: str, config_file: Optional[Path],
+                      values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (config field → its option's value) with the ``--config`` file's ``[table]`` for
+    the options left at their defaults: the file sits under the command line, as for training."""
+    if config_file is None:
+        return values
+    from wsss.config import read_config_table
+
+    chosen = dict(values)
+    for key, value in read_config_table(config_file, table, cls).items():
+        if key == "inputs":  # the images or slides are the command's arguments
+            continue
+        if key not in ctx.params:
+            raise WsssError(f"{config_file}: [{table}] {key} is not an option of this command (give it on the "
+                            "command line)")
+        source = ctx.get_parameter_source(key)
+        if source is not None and source.name in ("DEFAULT", "DEFAULT_MAP"):  # Typer may bundle its own click
+            chosen[key] = value
+    return chosen
 
 
 def _precision(precision: Optional[str], amp: Optional[bool]) -> Optional[str]:

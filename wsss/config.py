@@ -162,7 +162,8 @@ def to_dict(config: Any) -> dict[str, Any]:
     out = {}
     for f in dataclasses.fields(config):
         v = getattr(config, f.name)
-        out[f.name] = str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        out[f.name] = (str(v) if isinstance(v, Path) else [str(x) if isinstance(x, Path) else x for x in v]
+                       if isinstance(v, tuple) else v)
     return out
 
 
@@ -335,9 +336,10 @@ class PseudoMaskConfig:
 
 # --------------------------------------------------------------------------- configuration files
 
-CONFIG_TABLES: tuple[str, ...] = ("stage1", "pseudo_masks", "stage2")
-"""The tables of a ``--config`` file: one per command that takes a preset (train-stage1,
-generate-pm, train-stage2); each command reads its own, so one file can hold a whole pipeline."""
+CONFIG_TABLES: tuple[str, ...] = ("stage1", "pseudo_masks", "stage2", "predict", "predict_wsi")
+"""The tables of a ``--config`` file: one per command that takes one (train-stage1, generate-pm,
+train-stage2, whose presets are such files, and predict, predict-wsi); each command reads its own,
+so one file can hold a whole pipeline."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:

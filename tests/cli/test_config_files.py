@@ -137,3 +137,35 @@ def test_the_layers_default_is_the_gradcam_layers():
 
     assert PseudoMaskConfig(dataset=None, data=Path("d"), checkpoint=Path("c")).layers == tuple(GRADCAM_LAYERS) \
         == ("b4_5", "b5_2", "bn7")
+
+
+def test_predict_and_predict_wsi_read_their_tables(tmp_path, capsys, monkeypatch):
+    """predict's [predict] and predict-wsi's [predict_wsi] tables fill the options not given on the
+    command line; the printed configuration given back prints itself again; a key that is not an
+    option of the command is one line."""
+    from helpers import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "s2.pth", 2)
+    image = tmp_path / "a.png"
+    image.write_bytes(b"")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[predict]\ntta = "flip"\ntile = 96\nbatch_size = 3\n\n[predict_wsi]\nmin_tissue = 0.25\n'
+                    'geojson = true\ntta = "d4"\n')
+    base = ["predict", image, "--checkpoint", ckpt, "--out", tmp_path / "o", "--device", "cpu"]
+    text = printed(capsys, monkeypatch, *base, "--config", mine)
+    assert text.startswith("[predict]\n") and 'tta = "flip"\n' in text and "tile = 96\n" in text
+    assert "batch_size = 3\n" in text and 'precision = "fp32"\n' in text
+    assert 'tta = "d4"\n' in printed(capsys, monkeypatch, *base, "--config", mine, "--tta", "d4")  # the line wins
+    (tmp_path / "printed.toml").write_text(text)
+    assert printed(capsys, monkeypatch, *base, "--config", tmp_path / "printed.toml") == text
+
+    wsi = ["predict-wsi", tmp_path / "s.tif", "--checkpoint", ckpt, "--out", tmp_path / "w", "--device", "cpu"]
+    text = printed(capsys, monkeypatch, *wsi, "--config", mine)
+    assert text.startswith("[predict_wsi]\n") and "min_tissue = 0.25\n" in text and "geojson = true\n" in text
+    assert "batch_size = 8\n" in text  # not in the table: the CPU's default
+    (tmp_path / "printed.toml").write_text(text)
+    assert printed(capsys, monkeypatch, *wsi, "--config", tmp_path / "printed.toml") == text
+
+    mine.write_text("[predict]\nlevel = 1\n")
+    code, _, err = run_cli(capsys, monkeypatch, *base, "--config", mine)
+    assert code == 1 and err.count("error:") == 1 and "[predict] has no key 'level'" in err
