@@ -141,7 +141,8 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
             ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
             ("stage 2 --augment d4 (ours)", "stage2_augment_d4"),
-            ("stage 2 --mosaic 0.5 (ours)", "stage2_mosaic_0.5")]
+            ("stage 2 --mosaic 0.5 (ours)", "stage2_mosaic_0.5"),
+            ("stage 2 --ema 0.99 (in no preset)", "stage2_ema_0.99")]
     assert list(rows) == ["full method", "single-layer PM (bn7)", *(t for t, _ in ours),
                           "fully supervised (true masks)"]
     report = tmp_path / "report"
@@ -165,6 +166,8 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     mean = json.loads((tmp_path / "ckpt" / "ablation" / "stage2_loss_reduction_mean" / "stage2_luad_config.json").read_text())
     assert mean["loss_reduction"] == "mean"
     assert json.loads((tmp_path / "ckpt" / "stage2_luad_config.json").read_text())["loss_reduction"] == "reference"
+    assert json.loads((tmp_path / "ckpt" / "ablation" / "stage2_ema_0.99" / "stage2_luad_config.json")
+                      .read_text())["ema"] == 0.99
     gt = json.loads((tmp_path / "ckpt" / "ablation" / "gt" / "stage2_luad_config.json").read_text())
     assert gt["pm_layers"] == ["gt"]
     assert rows["full method"]["stage2_test"] == result["stage2"]["test"]["mIoU"]

@@ -266,6 +266,8 @@ def ablation_variants(preset: str | None) -> list[Variant]:
     return [
         Variant("bn7_only", "single-layer PM (bn7)", stage2={"pm_layers": ("bn7",), "pm_weights": (1.0,)}),
         *improvement_variants(preset),  # PDA among them
+        # options measured for the presets and left out of them (docs/results.md): what they do here
+        Variant("stage2_ema_0.99", "stage 2 --ema 0.99 (in no preset)", stage2={"ema": 0.99}),
     ]
 
 
