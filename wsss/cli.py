@@ -437,8 +437,9 @@ def eval_cam(
     _precision(precision, None)
     clf, spec = classifier_and_spec(checkpoint, dataset)
     run_on = resolve_device(device)
-    metrics = evaluate_cams(clf.model, data, split, spec, clf.norm, clf.image_size, run_on, threshold, batch_size,
-                            workers, precision=resolve_precision(precision, run_on),
+    metrics = evaluate_cams(clf.model, data, split, spec, norm=clf.norm, image_size=clf.image_size, device=run_on,
+                            threshold=threshold, batch_size=batch_size, workers=workers,
+                            precision=resolve_precision(precision, run_on),
                             tie_rule=tie_rule or clf.cam_tie_rule)
     typer.echo(format_table(metrics, f"stage-1 CAM segmentation, {split} split"))
     if json_out is not None:
@@ -636,9 +637,9 @@ def evaluate(
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
     results = evaluate_checkpoint(dataset, data, checkpoint, split, resolve_device(device),
-                                  stage1_checkpoint if gate else None, gate_threshold, batch_size, workers,
-                                  _precision(precision, amp) or "fp32",
-                                  gate_mode=gate_mode)
+                                  stage1_checkpoint=stage1_checkpoint if gate else None, threshold=gate_threshold,
+                                  batch_size=batch_size, workers=workers,
+                                  precision=_precision(precision, amp) or "fp32", gate_mode=gate_mode)
     for key, metrics in results.items():
         title = f"stage-2 segmentation{' with the gate' if key.endswith('_gate') else ''}, {split} split"
         typer.echo(format_table(metrics, title))

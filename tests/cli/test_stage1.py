@@ -165,7 +165,8 @@ def half_and_half(tmp_path) -> Path:
 
 def test_eval_cams_on_hand_made_cams(half_and_half):
     model = HandMadeCams(bias=[0.0, 0.0, 0.0, 0.0])
-    m = stage1.evaluate_cams(model, half_and_half, "test", LUAD, InputNorm(), None, torch.device("cpu"))
+    m = stage1.evaluate_cams(model, half_and_half, "test", LUAD, norm=InputNorm(), image_size=None,
+                             device=torch.device("cpu"))
     # every evaluated pixel right: TE and NEC IoU 1, LYM and TAS absent everywhere
     assert m["per_class"]["TE"]["iou"] == 1.0 and m["per_class"]["NEC"]["iou"] == 1.0
     assert m["per_class"]["LYM"]["iou"] is None and m["mIoU"] == 1.0
@@ -176,7 +177,8 @@ def test_eval_cams_drops_unlikely_classes(half_and_half):
     # NEC's logit 0.5 - 3 < logit(0.25): NEC is dropped; on the right half TE, LYM and TAS all
     # score 0 after normalisation and the tie goes to TE. TE: 28 right, 28 wrong -> IoU 0.5.
     model = HandMadeCams(bias=[0.0, -3.0, 0.0, 0.0])
-    m = stage1.evaluate_cams(model, half_and_half, "test", LUAD, InputNorm(), None, torch.device("cpu"))
+    m = stage1.evaluate_cams(model, half_and_half, "test", LUAD, norm=InputNorm(), image_size=None,
+                             device=torch.device("cpu"))
     assert m["per_class"]["TE"]["iou"] == 0.5
     assert m["per_class"]["NEC"]["iou"] == 0.0
     assert m["mIoU"] == 0.25

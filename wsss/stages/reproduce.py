@@ -410,8 +410,8 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
 
     if not Path(cfg.transfer).is_dir():
         raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
-    metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device), stage1,
-                                  precision=cfg.precision, gate_mode=cfg.gate_mode)
+    metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device),
+                                  stage1_checkpoint=stage1, precision=cfg.precision, gate_mode=cfg.gate_mode)
     return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
 
 

@@ -357,7 +357,7 @@ def predict_cams(model: ResNet38Classifier, x: torch.Tensor, size: tuple[int, in
     return cam_to_segmentation(upsample_cams(cams.float(), size), torch.sigmoid(logits.float()), threshold, tie_rule)
 
 
-def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, norm: InputNorm, image_size: int | None,
+def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, *, norm: InputNorm, image_size: int | None,
                   device: torch.device, threshold: float = 0.25, batch_size: int = 16, workers: int = 0,
                   precision: str = "fp32", tie_rule: str = "ours") -> dict:
     """CAM segmentation metrics of ``split`` (JSON dict of :func:`wsss.metrics.scores_to_json`), the
@@ -384,8 +384,8 @@ def evaluate_and_save(model, cfg: Stage1Config, spec: DatasetSpec, device, path:
     if skipped:
         log.info(skipped)
     for split in masked_splits(cfg.data, cfg.eval_splits):
-        results[split] = evaluate_cams(model, cfg.data, split, spec, norm, cfg.image_size, device,
-                                       cfg.cam_threshold, workers=cfg.workers, precision=cfg.precision,
+        results[split] = evaluate_cams(model, cfg.data, split, spec, norm=norm, image_size=cfg.image_size, device=device,
+                                       threshold=cfg.cam_threshold, workers=cfg.workers, precision=cfg.precision,
                                        tie_rule=cfg.cam_tie_rule)
         log.info(format_table(results[split], f"stage-1 CAM segmentation, {split} split"))
     write_json(path, results)

@@ -158,6 +158,7 @@ def evaluate_checkpoint(
     checkpoint: Path,
     split: str,
     device: torch.device,
+    *,
     stage1_checkpoint: Path | None = None,
     threshold: float | None = None,
     batch_size: int | None = None,
