@@ -721,8 +721,9 @@ def reproduce(
     ablations: bool = typer.Option(False, "--ablations", help="Also run the ablations and add them to the report."),
     figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw examples.png and cams.png."),
     device: str = DeviceAutoOpt,
-    precision: str = typer.Option(
-        "fp32", "--precision", help=PRECISION_HELP + " Every step runs in it (a continued run may change it)."),
+    precision: Optional[str] = typer.Option(
+        None, "--precision", help=PRECISION_HELP + " Every step runs in it (a continued run may change it). Default: "
+                                                   "the preset's (cpu: auto; the others fp32)."),
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Data-loading processes (preset default)."),
     force: bool = typer.Option(False, "--force", help="Start over instead of continuing an earlier run."),
 ) -> None:

@@ -456,11 +456,12 @@ PM_PRESETS: dict[str, dict[str, Any]] = _PRESETS["pm"]
 STAGE2_PRESETS: dict[str, dict[str, Any]] = _PRESETS["stage2"]
 
 IMPROVEMENTS: dict[str, dict[str, Any]] = {
-    step: {k: v for k, v in presets["cpu"].items() if presets["cpu-paper"].get(k) != v and k not in RULES[step]}
+    step: {k: v for k, v in presets["cpu"].items()
+           if presets["cpu-paper"].get(k) != v and k not in RULES[step] and k not in RUNTIME_FIELDS}
     for step, presets in _PRESETS.items()
 }
 """What the ``cpu`` preset changes from ``cpu-paper`` (the reference at the same scale), per step,
-rules aside: one ablation row each (``wsss reproduce --ablations``)."""
+rules and how it runs (precision, workers) aside: one ablation row each (``wsss reproduce --ablations``)."""
 
 
 def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],

@@ -96,6 +96,8 @@ def test_reproduce_takes_a_config_file_for_the_whole_chain(tmp_path, tiny_preset
         return out
 
     by_name = printed("--preset", "cpu")
+    assert by_name.count('precision = "auto"\n') == 3  # the preset's, as --precision is not given
+    assert printed("--preset", "cpu", "--precision", "fp32").count('precision = "fp32"\n') == 3
     assert by_name.count("[stage1]\n") == by_name.count("[pseudo_masks]\n") == by_name.count("[stage2]\n") == 1
     assert by_name.count('preset = "cpu"\n') == 3 and by_name.count("seed = 3\n") == 2  # stage 1 and stage 2
     assert printed("--config", PRESET_DIR / "cpu.toml") == by_name.replace('preset = "cpu"\n', "")

@@ -89,7 +89,7 @@ class ReproduceConfig:
     gate_mode: str | None = None  # None: the preset's (paper, cpu-paper: reference; cpu, best: mask)
     upper_bound: bool = False  # also train stage 2 on the true masks (DATA/train_gt) for every seed
     device: str = "auto"
-    precision: str = "fp32"  # of every step (wsss.runtime.resolve_precision); how, not what: not in the signature
+    precision: str | None = None  # of every step (None: each step's preset or --config value); not in the signature
     workers: int | None = None
     ablations: bool = False
     figures: bool = True
@@ -104,7 +104,8 @@ class ReproduceConfig:
             gate_mode = from_file.get("gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
             object.__setattr__(self, "gate_mode", gate_mode)
         check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
-        check_precision(self.precision)
+        if self.precision is not None:
+            check_precision(self.precision)
         resolve_look(self.synth_look)
         from wsss.data.tasks import check_difficulty
 
@@ -411,7 +412,7 @@ def _transfer(cfg: ReproduceConfig, spec: DatasetSpec, checkpoint: Path, stage1:
     if not Path(cfg.transfer).is_dir():
         raise WsssError(f"--transfer: dataset folder {cfg.transfer} not found")
     metrics = evaluate_checkpoint(spec, Path(cfg.transfer), checkpoint, "test", resolve_device(cfg.device),
-                                  stage1_checkpoint=stage1, precision=cfg.precision, gate_mode=cfg.gate_mode)
+                                  stage1_checkpoint=stage1, precision=step_precision(cfg), gate_mode=cfg.gate_mode)
     return {"data": str(cfg.transfer), "test": metrics["test"], "test_gate": metrics["test_gate"]}
 
 
@@ -785,10 +786,21 @@ def aggregate_files(paths: Sequence[Path]) -> dict[str, dict]:
 
 
 def _precision(cfg: ReproduceConfig) -> str:
-    """The precision this call's steps computed in (``auto`` resolved)."""
+    """The precision this call's stage 2 computed in (``auto`` resolved; the other steps' alike unless
+    a --config file sets them apart)."""
     from wsss.runtime import resolve_device, resolve_precision
 
-    return resolve_precision(cfg.precision, resolve_device(cfg.device))
+    return resolve_precision(step_precision(cfg), resolve_device(cfg.device))
+
+
+def step_precision(cfg: ReproduceConfig) -> str:
+    """``--precision``, else what the ``--config`` file's or the preset's ``[stage2]`` says."""
+    if cfg.precision is not None:
+        return cfg.precision
+    from_file = cfg.file_table("stage2", Stage2Config)
+    preset = cfg.preset if cfg.preset is not None else from_file.get("preset")
+    return from_file.get("precision", STAGE2_PRESETS.get(preset or "paper", {}).get(
+        "precision", _default(Stage2Config, "precision")))
 
 
 def machine() -> dict:
