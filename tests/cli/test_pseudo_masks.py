@@ -245,3 +245,27 @@ def test_torchrun_ranks_split_the_patches_and_write_the_single_process_masks(syn
     assert not list(out.glob(".wsss-lock*"))
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and again.stderr.count("0 patches computed, 6 skipped") == 2, again.stderr[-3000:]
+
+
+def test_a_write_that_fails_in_the_writer_thread_stops_the_run_and_a_rerun_keeps_what_was_written(
+        synth_root, checkpoints, tmp_path, monkeypatch):
+    """PNGs are written in a thread while the next batch computes: its error (a full disk) reaches
+    the caller as the same one-line error, after which every recorded mask is a complete file."""
+    from wsss.stages import pseudo_masks as pm
+
+    out = tmp_path / "pm"
+    real, calls = pm.write_mask, []
+
+    def full_disk(path, mask, palette):
+        calls.append(path)
+        if len(calls) == 7:  # the first mask of the second batch of two patches (three layers a patch)
+            raise WsssError(f"cannot write {path}: No space left on device")
+        return real(path, mask, palette)
+
+    monkeypatch.setattr(pm, "write_mask", full_disk)
+    with pytest.raises(WsssError, match="No space left on device"):
+        generate(replace(config(synth_root, checkpoints["ours"], out), batch_size=2), progress=False)
+    assert len(pm_files(out)) == 6  # the first batch: two patches, three layers each
+    monkeypatch.setattr(pm, "write_mask", real)
+    summary = generate(replace(config(synth_root, checkpoints["ours"], out), batch_size=2), progress=False)
+    assert (summary["computed"], summary["skipped"]) == (4, 2) and len(pm_files(out)) == 18

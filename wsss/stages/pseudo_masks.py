@@ -17,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -263,16 +264,31 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list, pin_memory=device.type == "cuda",
     )
     writer = _MaskWriter(samples, out, spec, layers, owner)
-    done = 0
     note_saved(f"no pseudo-mask written yet to {out}")
-    for batch in progress_bar(loader, progress, desc="pseudo-masks", unit="batch"):
+
+    def write(batch: list[dict], masks: list[tuple[list[dict], dict]], done: int) -> None:
         writer.count_existing(batch)
-        for group in _shape_groups(batch):
-            needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
-            writer.write(group, pseudo_masks(model, group, needed, spec, device, cfg.method, precision))
-        done += len(batch)
+        for group, group_masks in masks:
+            writer.write(group, group_masks)
         note_saved(f"the pseudo-masks of {done} of {len(samples)} patches are in {out} (a rerun keeps them)")
-        del batch  # nothing of a batch outlives it: memory stays flat over any number of patches
+
+    # PNG encoding and the manifest run in one writer thread while the model computes the next batch
+    # (zlib releases the GIL); one batch is in flight at most, and leaving the block (an error, Ctrl-C)
+    # waits for it, so what is recorded is on disk.
+    done, pending = 0, None
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pm-writer") as pool:
+        for batch in progress_bar(loader, progress, desc="pseudo-masks", unit="batch"):
+            masks = []
+            for group in _shape_groups(batch):
+                needed = [layer for layer in layers if any(layer in item["todo"] for item in group)]
+                masks.append((group, pseudo_masks(model, group, needed, spec, device, cfg.method, precision)))
+            done += len(batch)
+            if pending is not None:
+                pending.result()  # the previous batch is on disk (or its error is raised here)
+            pending = pool.submit(write, batch, masks, done)
+            del batch, masks  # nothing of a batch outlives its write: memory stays flat over any number of patches
+        if pending is not None:
+            pending.result()
     stain.log_counts("training patches")
     return writer
 
