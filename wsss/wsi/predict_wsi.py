@@ -197,34 +197,21 @@ class SlideJob:
     roi: tuple[int, int, int, int] | None = None
     patient: str | None = None  # a manifest's patient column (extract-patches splits by patient)
 
-    @property
-    def stem(self) -> Path:
-        return self.out / self.name
+    def file(self, suffix: str) -> Path:
+        """``OUT/<name><suffix>``, one of the slide's outputs."""
+        return self.out / f"{self.name}{suffix}"
 
-    @property
-    def partial(self) -> Path:
-        """Where an unfinished run keeps its label image and progress."""
-        return self.out / f"{self.name}_partial"
-
-    @property
-    def summary(self) -> Path:
-        return self.out / f"{self.name}_summary.json"
-
-    @property
-    def overlay(self) -> Path:
-        return self.out / f"{self.name}_overlay.png"
-
-    @property
-    def geojson(self) -> Path:
-        return self.out / f"{self.name}.geojson"
-
-    @property
-    def probs(self) -> Path:
-        return self.out / f"{self.name}_probs.ome.tif"
+    # the slide's outputs; _partial: where an unfinished run keeps its label image and progress
+    stem = property(lambda self: self.file(""))
+    partial = property(lambda self: self.file("_partial"))
+    summary = property(lambda self: self.file("_summary.json"))
+    overlay = property(lambda self: self.file("_overlay.png"))
+    geojson = property(lambda self: self.file(".geojson"))
+    probs = property(lambda self: self.file("_probs.ome.tif"))
 
     def tissue(self, kind: str) -> Path:
         """The tissue mask of label-image kind ``kind`` (``png`` or ``ome-tiff``)."""
-        return self.out / f"{self.name}_tissue{'.png' if kind == 'png' else '.ome.tif'}"
+        return self.file(f"_tissue{'.png' if kind == 'png' else '.ome.tif'}")
 
 
 def slide_name(path: Path) -> str:
