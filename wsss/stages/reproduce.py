@@ -94,15 +94,21 @@ class ReproduceConfig:
     ablations: bool = False
     figures: bool = True
     force: bool = False
+    # the --config file's tables, read once (table name -> values)
+    _tables: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.preset is not None and self.preset not in STAGE2_PRESETS:
             raise WsssError(f"unknown preset {self.preset!r}; choose one of {', '.join(STAGE2_PRESETS)}")
+        if self.config_file is not None:
+            from wsss.config import PseudoMaskConfig
+
+            object.__setattr__(self, "_tables", {
+                table: cfglib.read_config_table(Path(self.config_file), table, cls)
+                for table, cls in (("stage1", Stage1Config), ("pseudo_masks", PseudoMaskConfig),
+                                   ("stage2", Stage2Config))})
         if self.gate_mode is None:
-            from_file = self.file_table("stage2", Stage2Config)
-            preset = STAGE2_PRESETS.get(self.preset or from_file.get("preset") or "paper", {})
-            gate_mode = from_file.get("gate_mode", preset.get("gate_mode", _default(Stage2Config, "gate_mode")))
-            object.__setattr__(self, "gate_mode", gate_mode)
+            object.__setattr__(self, "gate_mode", self.stage2_setting("gate_mode"))
         check_gate_options(self.gate_mode, DEFAULT_GATE_THRESHOLD)
         if self.precision is not None:
             check_precision(self.precision)
@@ -121,9 +127,16 @@ class ReproduceConfig:
             raise WsssError(f"--seeds needs distinct non-negative seeds, not {','.join(map(str, self.seeds)) or 'none'}")
         object.__setattr__(self, "seeds", seeds)
 
-    def file_table(self, table: str, cls: type) -> dict[str, Any]:
-        """The ``[table]`` of the ``--config`` file (nothing without one)."""
-        return {} if self.config_file is None else cfglib.read_config_table(Path(self.config_file), table, cls)
+    def file_table(self, table: str) -> dict[str, Any]:
+        """A copy of the ``[table]`` of the ``--config`` file (nothing without one)."""
+        return dict(self._tables.get(table, {}))
+
+    def stage2_setting(self, key: str) -> Any:
+        """Stage 2's ``key`` before this call's options: the ``--config`` file's, else the preset's
+        (``--preset``, else the file's ``preset``), else the default."""
+        from_file = self.file_table("stage2")
+        preset = STAGE2_PRESETS.get(self.preset or from_file.get("preset") or "paper", {})
+        return from_file.get(key, preset.get(key, _default(Stage2Config, key)))
 
     @property
     def out_dir(self) -> Path:
@@ -152,10 +165,7 @@ class ReproduceConfig:
         """The ``--config`` file's tables as read (what they set, not where the file is)."""
         if self.config_file is None:
             return None
-        from wsss.config import PseudoMaskConfig
-
-        tables = {"stage1": Stage1Config, "pseudo_masks": PseudoMaskConfig, "stage2": Stage2Config}
-        return json.loads(json.dumps({t: self.file_table(t, cls) for t, cls in tables.items()}, default=str))
+        return json.loads(json.dumps(self._tables, default=str))
 
     def _synth_signature(self) -> dict | None:
         """What the generated data depends on beyond its look (None: the default synthetic data)."""
@@ -328,7 +338,7 @@ def _resolve(cfg: ReproduceConfig, cls: type, presets: dict, table: str, run: di
     """One step's configuration: its defaults, the preset (``--preset``, else the ``--config`` table's
     ``preset``), the ``--config`` file's table, then what the chain sets for this run (``run``: data,
     folders, device, precision, seed; None leaves the earlier value), then an ablation's ``overrides``."""
-    from_file = cfg.file_table(table, cls)
+    from_file = cfg.file_table(table)
     preset = cfg.preset if cfg.preset is not None else from_file.get("preset")
     from_file.pop("preset", None)
     return cfglib.resolve(cls, presets, preset, **{**from_file, **{k: v for k, v in run.items() if v is not None},
@@ -795,12 +805,7 @@ def _precision(cfg: ReproduceConfig) -> str:
 
 def step_precision(cfg: ReproduceConfig) -> str:
     """``--precision``, else what the ``--config`` file's or the preset's ``[stage2]`` says."""
-    if cfg.precision is not None:
-        return cfg.precision
-    from_file = cfg.file_table("stage2", Stage2Config)
-    preset = cfg.preset if cfg.preset is not None else from_file.get("preset")
-    return from_file.get("precision", STAGE2_PRESETS.get(preset or "paper", {}).get(
-        "precision", _default(Stage2Config, "precision")))
+    return cfg.precision if cfg.precision is not None else cfg.stage2_setting("precision")
 
 
 def machine() -> dict:
