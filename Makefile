@@ -25,23 +25,29 @@ RUN_ARGS = --dataset $(DATASET) --data $(DATA) --run $(DATASET) \
 	$(if $(S1_INIT),--stage1-init-weights $(S1_INIT)) $(if $(S2_INIT),--stage2-init-weights $(S2_INIT))
 endif
 
-.PHONY: venv test docs reproduce ablation quality stain bench dist dist-check clean
+.PHONY: venv venv-test test docs reproduce ablation quality stain bench dist dist-check clean
 
+# The package and what it needs to run (make reproduce); the test tools are added by venv-test.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-test: venv
+venv-test: $(VENV)/.installed-test
+
+test: venv-test
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # The documentation pages (docs/) as a site in build/site; --strict: a broken link or anchor fails.
-docs: venv
+docs: venv-test
 	$(VENV)/bin/mkdocs build --strict
 
 reproduce: venv

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from wsss.data.datasets import ClassificationDataset, InputNorm, normalise
+from wsss.data.datasets import ClassificationDataset, DecodedCache, InputNorm, normalise
 from wsss.data.layout import list_train
 from wsss.data.seg_datasets import PseudoMaskDataset
 from wsss.data.specs import LUAD
@@ -130,3 +130,52 @@ def test_uint8_items_are_mapped_onto_the_models_stain_target_in_the_workers(synt
         floats = torch.stack([ClassificationDataset(samples, None, InputNorm(stain=target))[i][0] for i in range(4)])
         assert torch.equal(normalise(x, InputNorm()), floats)
     assert changed >= 4  # the target moved most patches' colours
+
+
+# --------------------------------------------------------------------------- the decoded cache
+
+
+def test_the_decoded_cache_holds_read_only_arrays_up_to_its_budget():
+    reads = []
+
+    def read(key: int) -> tuple[np.ndarray]:
+        reads.append(key)
+        return (np.full((4, 4), key, np.uint8),)  # 16 bytes
+
+    cache = DecodedCache(budget=40)  # room for two
+    got = [cache.get(key, lambda key=key: read(key))[0] for key in (0, 1, 2, 0, 1, 2)]
+    assert reads == [0, 1, 2, 2]  # 0 and 1 kept; 2 would pass the budget and is read again
+    assert [int(a[0, 0]) for a in got] == [0, 1, 2, 0, 1, 2]
+    assert got[3] is got[0] and cache.used == 32
+    with pytest.raises(ValueError):  # an augmentation writing into a kept array fails loudly
+        got[3][0, 0] = 9
+    assert DecodedCache.for_workers(0) is not None and DecodedCache.for_workers(2) is None
+
+
+def _cacheable(synth16: Path, stage: int, cache: DecodedCache | None):
+    """Every augmentation that may return its input unchanged (d4 identity, no blur drawn), mosaic,
+    colour augmentation and a stain target: nothing may write into what it was given."""
+    from wsss.data.augment import ColourAugment
+    from wsss.data.stain import StainNorm
+
+    samples = list_train(synth16, LUAD)
+    colour = ColourAugment(hed_scale=0.1, light=0.1, blur=1.0, jpeg=60)
+    target = StainNorm("reinhard", lab_mean=(55.0, 25.0, -12.0), lab_std=(14.0, 7.0, 6.0))
+    if stage == 1:
+        return ClassificationDataset(samples, None, None, augment=True, geometric="d4", colour=colour,
+                                     stain_norm=target, cache=cache)
+    gt = [synth16 / "train_gt" / s.path.name for s in samples]
+    return PseudoMaskDataset(samples, [[p, p] for p in gt], None, None, LUAD, geometric="d4", mosaic=0.5,
+                             colour=colour, stain_norm=target, cache=cache)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_epochs_from_the_decoded_cache_give_the_items_of_epochs_read_from_disk(synth16, stage):
+    plain, cached = _cacheable(synth16, stage, None), _cacheable(synth16, stage, DecodedCache())
+    for epoch in range(3):  # the first epoch fills the cache, the next ones read from it
+        torch.manual_seed(epoch)
+        want = [plain[i] for i in range(len(plain))]
+        torch.manual_seed(epoch)
+        got = [cached[i] for i in range(len(cached))]
+        assert all(torch.equal(a, b) for w, g in zip(want, got) for a, b in zip(w[:2], g[:2])), f"epoch {epoch}"
+    assert len(cached.cache.items) == len(cached)

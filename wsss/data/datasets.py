@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,6 +107,50 @@ def resize_mask(mask: np.ndarray, size: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(mask).resize((size, size), Image.NEAREST))
 
 
+DECODED_CACHE_BYTES = 2 << 30
+"""How many bytes of decoded training files a loader without workers keeps for the next epochs."""
+
+
+class DecodedCache:
+    """Decoded training files kept for the next epochs: the first ones read, until ``budget`` bytes
+    are held (2 GiB: make reproduce's data whole, a third of LUAD-HistoSeg's stage-2 patches and
+    masks at 224 px), then the rest read as before.
+
+    Without loader workers, reading and decoding PNGs runs between the model's steps: stage 2 reads
+    an image and three masks per patch (four more patches for a mosaic), ~3 ms of each 4 ms item on
+    make reproduce's data. Decoding is deterministic, so an epoch from the cache is the same to the
+    bit. The cached arrays are read-only: an augmentation that wrote into one would fail loudly
+    instead of changing the next epochs. With workers (``for_workers``: None) each worker would hold
+    a copy, and their decoding is off the model's critical path anyway."""
+
+    def __init__(self, budget: int = DECODED_CACHE_BYTES) -> None:
+        self.budget, self.used, self.items = budget, 0, {}
+
+    @classmethod
+    def for_workers(cls, workers: int, budget: int = DECODED_CACHE_BYTES) -> "DecodedCache | None":
+        """A cache for a loader with no worker processes; None with workers."""
+        return cls(budget) if workers == 0 else None
+
+    def get(self, key, read: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+        """``read()``'s arrays for ``key``, from the cache when they are there."""
+        hit = self.items.get(key)
+        if hit is not None:
+            return hit
+        arrays = read()
+        size = sum(a.nbytes for a in arrays)
+        if self.used + size <= self.budget:
+            for a in arrays:
+                a.flags.writeable = False
+            self.items[key] = arrays
+            self.used += size
+        return arrays
+
+
+def cached(cache: DecodedCache | None, key, read: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
+    """``read()`` through ``cache`` (None: read every time)."""
+    return read() if cache is None else cache.get(key, read)
+
+
 class ClassificationDataset(Dataset):
     """Training patches with their multi-hot labels, for stage 1.
 
@@ -115,7 +159,8 @@ class ClassificationDataset(Dataset):
     (:func:`normalise`). With ``augment``: random flips (``geometric="flip"``, the reference) or all
     eight square symmetries (``"d4"``), HED stain jitter of strength ``stain`` (0: none) and the
     ``colour`` augmentation; see :mod:`wsss.data.augment`. The model's stain normalisation
-    (``norm.stain`` or ``stain_norm``) comes after augmentation, as at test time.
+    (``norm.stain`` or ``stain_norm``) comes after augmentation, as at test time. ``cache``: the
+    patches as read and resized, kept for the next epochs (:class:`DecodedCache`).
     """
 
     def __init__(
@@ -128,6 +173,7 @@ class ClassificationDataset(Dataset):
         stain: float = 0.0,
         colour: augment.ColourAugment | None = None,
         stain_norm: StainNorm | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.image_size = image_size
@@ -137,14 +183,18 @@ class ClassificationDataset(Dataset):
         self.stain = stain
         self.colour = colour
         self.stain_norm = stain_norm
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, index: int) -> tuple[np.ndarray]:
+        return (resize_rgb(read_rgb(self.samples[index].path), self.image_size),)
+
     def __getitem__(self, index: int):
         sample = self.samples[index]
-        image, label = read_rgb(sample.path), torch.tensor(sample.label, dtype=torch.float32)
-        image = resize_rgb(image, self.image_size)
+        (image,) = cached(self.cache, index, lambda: self._read(index))
+        label = torch.tensor(sample.label, dtype=torch.float32)
         if self.augment:
             # torch's RNG is seeded per worker by the DataLoader, so augmentations are reproducible.
             (image,) = augment.geometric([image], self.geometric)

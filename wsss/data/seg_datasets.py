@@ -12,7 +12,7 @@ from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from wsss.data import augment
-from wsss.data.datasets import InputNorm, quadrants, read_masked, resize_mask, resize_rgb, to_tensor, to_uint8_tensor
+from wsss.data.datasets import DecodedCache, InputNorm, cached, quadrants, read_masked, resize_mask, resize_rgb, to_tensor, to_uint8_tensor
 from wsss.data.layout import MaskedSample, TrainSample, pseudo_mask_path
 from wsss.data.png import check_mask_values, read_mask, read_rgb
 from wsss.data.specs import DatasetSpec
@@ -85,6 +85,8 @@ class PseudoMaskDataset(Dataset):
     Mask values are tissue classes ``0..C-1`` or the spec's background index (ignored by the loss);
     any other value is an error naming the file. Pseudo-masks (and the synthetic ``train_gt``
     masks used as the upper bound) are palette PNGs of values, whatever the spec's mask encoding.
+    ``cache``: patches and masks as read (and checked), kept for the next epochs
+    (:class:`wsss.data.datasets.DecodedCache`).
     """
 
     def __init__(
@@ -100,9 +102,11 @@ class PseudoMaskDataset(Dataset):
         mosaic: float = 0.0,
         colour: augment.ColourAugment | None = None,
         stain_norm: StainNorm | None = None,
+        cache: DecodedCache | None = None,
     ) -> None:
         self.samples = list(samples)
         self.mask_paths = [list(row) for row in mask_paths]
+        self.cache = cache
         self.image_size = image_size
         self.norm = norm
         self.spec = spec
@@ -129,8 +133,11 @@ class PseudoMaskDataset(Dataset):
         return np.stack(masks)
 
     def _read(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        image = read_rgb(self.samples[index].path)
-        return image, self._masks(index, image.shape[:2])
+        def read() -> tuple[np.ndarray, np.ndarray]:
+            image = read_rgb(self.samples[index].path)
+            return image, self._masks(index, image.shape[:2])
+
+        return cached(self.cache, index, read)
 
     def __getitem__(self, index: int):
         image, masks = self._read(index)

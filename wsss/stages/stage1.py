@@ -27,7 +27,7 @@ from wsss.data import stain
 from wsss.cam.cam import cam_to_segmentation, upsample_cams
 from wsss.cam.pda import PdaSchedule
 from wsss.config import Stage1Config
-from wsss.data.datasets import ClassificationDataset, InputNorm, MaskedDataset, get_input_norm
+from wsss.data.datasets import ClassificationDataset, DecodedCache, InputNorm, MaskedDataset, get_input_norm
 from wsss.data.layout import list_masked, list_train, masked_splits, without_masks
 from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec
@@ -114,7 +114,8 @@ def train_loader(cfg: Stage1Config, samples, dist: Distributed, pipeline: InputP
     ``pipeline`` in the workers, scaled on the device), labels, indices."""
     colour, target = (pipeline.colour, pipeline.norm.stain) if pipeline is not None else (None, None)
     dataset = ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
-                                    stain=cfg.stain_jitter, colour=colour, stain_norm=target)
+                                    stain=cfg.stain_jitter, colour=colour, stain_norm=target,
+                                    cache=DecodedCache.for_workers(cfg.workers))
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
 

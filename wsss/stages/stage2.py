@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from wsss import config as cfglib
 from wsss.data import stain
 from wsss.config import STAGE2_RUNTIME_FIELDS, Stage2Config
-from wsss.data.datasets import InputNorm, get_input_norm
+from wsss.data.datasets import DecodedCache, InputNorm, get_input_norm
 from wsss.data.layout import MaskedSample, default_pm_dir, has_masks, list_masked, list_train, without_masks
 from wsss.data.png import write_mask
 from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, pseudo_mask_paths
@@ -510,7 +510,7 @@ def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pip
     """uint8 patches and pseudo-masks, colour-augmented and mapped onto the stain target in the workers."""
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
                              stain=cfg.stain_jitter, mosaic=cfg.mosaic, colour=pipeline.colour,
-                             stain_norm=pipeline.norm.stain)
+                             stain_norm=pipeline.norm.stain, cache=DecodedCache.for_workers(cfg.workers))
 
 
 def _unwrapped(model):
