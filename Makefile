@@ -72,12 +72,13 @@ quality: venv
 		--run synthetic-shifted --seeds $(SEEDS) --upper-bound --no-figures --device $(DEVICE)
 	$(WSSS) reproduce $(RUN_ARGS) --seeds $(SEEDS) --upper-bound --transfer $(SHIFTED) --device $(DEVICE)
 
-# The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look with
-# each configuration, tested on every stain/scanner look; a rerun continues.
+# The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look
+# (make reproduce's 1000/100/100 patches of 112 px) with each configuration, tested on every
+# stain/scanner look; about 12 min per configuration and seed on one core; a rerun continues.
 STAIN_ROOT ?= runs/stain
-STAIN_CONFIGS ?= none,macenko,reinhard,reinhard+scanner
+STAIN_CONFIGS ?= none,reinhard+scanner,reinhard+scanner2
 stain: venv
-	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS)
+	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS) --counts 1000,100,100
 
 bench: venv
 	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py \
