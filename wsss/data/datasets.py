@@ -127,9 +127,9 @@ class DecodedCache:
         self.budget, self.used, self.items = budget, 0, {}
 
     @classmethod
-    def for_workers(cls, workers: int, budget: int = DECODED_CACHE_BYTES) -> "DecodedCache | None":
+    def for_workers(cls, workers: int) -> "DecodedCache | None":
         """A cache for a loader with no worker processes; None with workers."""
-        return cls(budget) if workers == 0 else None
+        return cls() if workers == 0 else None
 
     def get(self, key, read: Callable[[], tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...]:
         """``read()``'s arrays for ``key``, from the cache when they are there."""
