@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,14 @@ from PIL import Image
 
 from helpers import BCSS_TRAIN_NAMES, LUAD_TRAIN_NAMES, build_layout, tiny_checkpoint
 from wsss.data.specs import BCSS, LUAD
+
+def pytest_runtest_logreport(report) -> None:
+    """A failure's traceback as soon as the test fails, not only in the summary at the end: a run
+    that a stuck test ends early (pytest-timeout, CI's time limit) still shows what failed before."""
+    if report.failed:
+        sys.stderr.write(f"\n{report.nodeid} {report.when} failed:\n{report.longreprtext}\n")
+        sys.stderr.flush()
+
 
 @pytest.fixture(autouse=True)
 def one_thread():

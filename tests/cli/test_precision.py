@@ -103,6 +103,37 @@ def test_what_each_precision_computes_in(monkeypatch):
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
+AVX512 = {"avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+
+
+@pytest.mark.parametrize("machine, flags, onednn, native", [
+    ("x86_64", AVX512, True, False),  # oneDNN has bf16 kernels on every AVX-512 CPU, emulated here
+    ("x86_64", AVX512 | {"avx512_bf16"}, True, True),
+    ("x86_64", AVX512 | {"amx_bf16", "amx_tile"}, True, True),
+    ("x86_64", AVX512 | {"avx512_bf16"}, False, False),  # ONEDNN_MAX_CPU_ISA below bf16
+    ("x86_64", {"avx2"}, False, False),
+    ("aarch64", set(), True, True),  # torch checks Arm's BF16 extension itself
+    ("aarch64", set(), False, False),
+])
+def test_auto_means_bf16_only_where_the_cpu_computes_it_natively(machine, flags, onednn, native, monkeypatch):
+    """``auto`` must not pick bf16 on an AVX-512 CPU without AVX512-BF16 or AMX: oneDNN runs it there
+    by emulation, 2.5x slower than fp32."""
+    monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+    monkeypatch.setattr(runtime, "_x86_cpu_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(runtime, "_onednn_bf16", lambda: onednn)
+    assert runtime.cpu_has_bf16() is native
+    assert runtime.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+
+
+def test_cpu_flags_are_read_from_the_flags_line(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: some avx512_bf16 CPU\nflags\t\t: fpu avx2 avx512f\n\n"
+                    "processor\t: 1\nflags\t\t: fpu avx2 avx512f\n")
+    real = runtime.Path
+    monkeypatch.setattr(runtime, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    assert runtime._x86_cpu_flags() == {"fpu", "avx2", "avx512f"}  # not the model name's words
+
+
 def test_old_configs_with_amp_read_as_precision(tmp_path):
     saved = cfglib.to_dict(Stage1Config(dataset="luad", data=tmp_path))
     del saved["precision"]
@@ -333,3 +364,17 @@ def test_reproduce_runs_every_step_in_the_precision_asked(tmp_path, tiny_presets
     assert _signature(ckpt / "train_PM")["precision"] == "bf16"
     assert result["precision"] == "bf16" and "precision bf16" in (tmp_path / "report" / "report.md").read_text()
     assert math.isfinite(result["stage2"]["test_gate"]["pixel_acc"])
+
+
+def test_usable_cpus_are_the_affinity_mask_not_the_host(monkeypatch):
+    """reproduce's synthetic data uses a process per usable CPU: a process pinned to 2 of 64 CPUs
+    (taskset, a container's cpuset) gets 2."""
+    monkeypatch.setattr(runtime.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", lambda pid: {3, 7}, raising=False)
+    assert runtime.usable_cpus() == 2
+
+    def unsupported(pid):
+        raise AttributeError("no sched_getaffinity here")
+
+    monkeypatch.setattr(runtime.os, "sched_getaffinity", unsupported, raising=False)
+    assert runtime.usable_cpus() == 64

@@ -45,7 +45,7 @@ from wsss.metrics import write_json
 from wsss.data.validate import input_folders
 from wsss.runs.journal import Journal
 from wsss.runs.owner import owned_folder
-from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved
+from wsss.runtime import atomic_path, check_precision, continue_with_same_command, note_saved, usable_cpus
 from wsss.stages.stage1 import FIT_LABEL_ACC
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def _synth(cfg: ReproduceConfig) -> dict:
     spec = get_spec(cfg.dataset)
     task = None if cfg.synth_task is None else sample_task(cfg.synth_task, spec.num_classes, cfg.synth_difficulty)
     generate(Path(cfg.data), n_train=n_train, n_val=n_val, n_test=n_test, size=cfg.synth_size,
-             workers=max(1, os.cpu_count() or 1), look=resolve_look(cfg.synth_look), spec=spec, task=task,
+             workers=usable_cpus(), look=resolve_look(cfg.synth_look), spec=spec, task=task,
              mpp=cfg.synth_mpp)
     return {"train": n_train, "val": n_val, "test": n_test}
 
