@@ -348,6 +348,10 @@ def train_stage1(
     labels_csv: Optional[Path] = LabelsCsvOpt,
     preset: Optional[str] = PresetOpt,
     epochs: Optional[int] = EpochsOpt,
+    refit_epochs: Optional[int] = typer.Option(
+        None, "--refit-epochs", min=0, help="When the classifier ends below the fit (label accuracy < 0.95 on its "
+        "training patches): this many more epochs on a restarted learning-rate schedule, then the fit is checked "
+        "again. A run that fits never uses them (paper 0, cpu 6)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1),
     lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Backbone lr (biases 2×)."),
     head_lr_mult: Optional[float] = typer.Option(
@@ -392,7 +396,7 @@ def train_stage1(
     from wsss.stages.stage1 import train
 
     options = dict(
-        dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs,
+        dataset=dataset, data=data, out=out, labels_csv=labels_csv, epochs=epochs, refit_epochs=refit_epochs,
         batch_size=batch_size, lr=lr, head_lr_mult=head_lr_mult, momentum=momentum, weight_decay=weight_decay,
         width=width, dropout=dropout, image_size=image_size, input_norm=input_norm, init_weights=init_weights, pda=pda, pda_start=pda_start, pda_decay=pda_decay, pda_floor=pda_floor,
         pda_first_epoch=pda_first_epoch, pda_norm=pda_norm, augment=augment, **colour,

@@ -46,6 +46,10 @@ class Stage1Config(ColourSettings):
     out: Path = Path("checkpoints")
     labels_csv: Path | None = None  # None: the spec's label source (file names, or its labels_csv)
     epochs: int = 20
+    # When the classifier ends below the fit (label accuracy on its training patches < 0.95): this many
+    # more epochs on a restarted poly schedule, then the fit is checked again (0: none, as the reference).
+    # A run that fits never enters them, so it computes exactly what it did without.
+    refit_epochs: int = 0
     batch_size: int = 20
     lr: float = 0.01
     head_lr_mult: float = 10.0  # fc8 learns 10× faster (20× for a bias), as the reference
@@ -92,6 +96,8 @@ class Stage1Config(ColourSettings):
             raise WsssError(f"--pda-norm must be one of {', '.join(PDA_NORMS)}, not {self.pda_norm!r}")
         get_input_norm(self.input_norm)
         PdaSchedule(self.pda_start, self.pda_decay, self.pda_floor, self.pda_first_epoch)
+        if self.refit_epochs < 0:
+            raise WsssError(f"--refit-epochs must be 0 or more, not {self.refit_epochs}")
         if not 0.0 <= self.dropout <= 2.0:
             raise WsssError(f"--dropout must be in [0, 2] (a multiple of the reference's rates), not {self.dropout:g}")
         bad = [s for s in self.eval_splits if s not in ("val", "test")]

@@ -106,6 +106,75 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
+def _lrs_of_every_step(monkeypatch) -> list[float]:
+    """The first parameter group's learning rate at every optimizer step of stage 1."""
+    seen, real = [], stage1.optimizer_step
+
+    def record(loss, optimizer, scheduler, scaler):
+        seen.append(optimizer.param_groups[0]["lr"])
+        real(loss, optimizer, scheduler, scaler)
+
+    monkeypatch.setattr(stage1, "optimizer_step", record)
+    return seen
+
+
+def _weights(path: Path) -> dict:
+    return load_checkpoint(path)["model"]
+
+
+def test_refit_epochs_run_only_when_stage1_does_not_fit(tiny_data, tmp_path, monkeypatch, caplog):
+    """A run that fits never enters the refit epochs (the same weights as without them); one that
+    does not trains --refit-epochs more on the poly schedule restarted from the initial rate, and
+    records the fit before them."""
+    final = "stage1_checkpoint_trained_on_luad.pth"
+    monkeypatch.setattr(stage1, "FIT_LABEL_ACC", 0.0)  # every run fits
+    plain = stage1.train(tiny_cfg(tiny_data, tmp_path / "plain", eval_splits=()))
+    fitting = stage1.train(tiny_cfg(tiny_data, tmp_path / "fitting", eval_splits=(), refit_epochs=2))
+    assert plain["epochs"] == fitting["epochs"] == 2 and "before_refit" not in fitting["fit"]
+    a, b = _weights(tmp_path / "plain" / final), _weights(tmp_path / "fitting" / final)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not any("restarted" in r.getMessage() for r in caplog.records)
+
+    monkeypatch.setattr(stage1, "FIT_LABEL_ACC", 1.01)  # no run fits
+    lrs = _lrs_of_every_step(monkeypatch)
+    refit = stage1.train(tiny_cfg(tiny_data, tmp_path / "refit", eval_splits=(), refit_epochs=2))
+    steps = 24 // 8  # 24 patches, batches of 8: 3 steps an epoch, 6 in 2 epochs
+    poly = [0.01 * (1 - k / (2 * steps)) ** 0.9 for k in range(2 * steps)]
+    assert lrs == pytest.approx(poly + poly)  # the 2 epochs, then the 2 refit epochs from the start again
+    assert refit["epochs"] == 4 and load_checkpoint(tmp_path / "refit" / final)["epoch"] == 3
+    assert refit["fit"]["refit_epochs"] == 2 and refit["fit"]["before_refit"]["fits"] is False
+    assert [r.getMessage() for r in caplog.records if "restarted" in r.getMessage()] == [
+        "stage 1 does not fit its training labels yet (label accuracy "
+        f"{refit['fit']['before_refit']['label_acc']:.3f} < 1.01): 2 more epochs on a restarted learning-rate "
+        "schedule (--refit-epochs)"]
+    c = _weights(tmp_path / "refit" / final)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setattr(stage1, "FIT_LABEL_ACC", 1.01)  # no run fits
+    cfg = dict(eval_splits=(), refit_epochs=3)  # not 2: the refit schedule differs from the first one
+    stage1.train(tiny_cfg(tiny_data, tmp_path / "full", **cfg))
+    real_epoch = stage1.train_one_epoch
+
+    def interrupted(*args, **kw):
+        if args[-1] == 3:  # the second refit epoch
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kw)
+
+    monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stage1.train(tiny_cfg(tiny_data, tmp_path / "cut", **cfg))
+    last = load_checkpoint(tmp_path / "cut" / "stage1_luad_last.pth")
+    assert last["epoch"] == 2 and last["refit"] is True and last["fit_before_refit"]["fits"] is False
+    monkeypatch.setattr(stage1, "train_one_epoch", real_epoch)
+    summary = stage1.train(tiny_cfg(tiny_data, tmp_path / "cut", **cfg), resume=True)
+    assert summary["fit"]["before_refit"] == last["fit_before_refit"]
+    full = _weights(tmp_path / "full" / "stage1_checkpoint_trained_on_luad.pth")
+    resumed = _weights(tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_checkpoint_format(tiny_data, tmp_path):
     summary = stage1.train(tiny_cfg(tiny_data, tmp_path, epochs=1))
     ckpt = load_checkpoint(tmp_path / "stage1_checkpoint_trained_on_luad.pth")

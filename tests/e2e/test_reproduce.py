@@ -289,3 +289,18 @@ def test_an_unknown_preset_is_one_line_before_anything_is_written(tmp_path, caps
                                 "--synth", "--preset", "fast", "--out", tmp_path / "ckpt", "--report", tmp_path / "r")
     assert "unknown preset 'fast'; choose one of paper, cpu-paper, cpu, best" in err
     assert not any(p.exists() for p in (tmp_path / "data", tmp_path / "ckpt", tmp_path / "r"))
+
+
+def test_the_task_report_names_the_runs_that_needed_refit_epochs():
+    from wsss.stages.reproduce import format_task_report
+
+    fits = [{"task": 1, "seed": "1/0", "label_acc": 0.97, "fits": True},
+            {"task": 2, "seed": "2/1", "label_acc": 0.955, "fits": True,
+             "before_refit": {"label_acc": 0.927, "fits": False}},
+            {"task": 2, "seed": "2/2", "label_acc": 0.94, "fits": False,
+             "before_refit": {"label_acc": 0.91, "fits": False}}]
+    md = format_task_report({"dataset": "luad", "preset": "cpu", "gate_mode": "mask", "difficulty": 0.5, "size": 112,
+                             "mpp": 1.0, "tasks": [1, 2], "seeds": [0, 1, 2], "summary": {}, "fits": fits,
+                             "machine": {"platform": "p", "cpu_count": 2, "torch": "t", "cuda": None}})
+    assert ("Stage 1 fits its training labels (label accuracy ≥ 0.95) in 2 of 3 runs: not in task/seed 2/2 (0.940). "
+            "Refit epochs ran in task/seed 2/1 (0.927 → 0.955), task/seed 2/2 (0.910 → 0.940).") in md

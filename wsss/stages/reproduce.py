@@ -713,10 +713,14 @@ def format_task_report(r: dict) -> str:
         lines.append(f"| {name} | {_f(row['mean'])} | {_f(worst)} | {_f(best)} | "
                      + " | ".join(_f(v) for v in per_task) + " |")
     unfit = [f for f in r["fits"] if f.get("fits") is False]
+    refit = [f for f in r["fits"] if f.get("before_refit")]
     lines += ["", f"Stage 1 fits its training labels (label accuracy ≥ {FIT_LABEL_ACC:g}) in "
               f"{len(r['fits']) - len(unfit)} of {len(r['fits'])} runs"
               + ("." if not unfit else ": not in " + ", ".join(f"task/seed {f['seed']} ({f['label_acc']:.3f})"
-                                                                for f in unfit) + ".")]
+                                                                for f in unfit) + ".")
+              + ("" if not refit else " Refit epochs ran in " + ", ".join(
+                  f"task/seed {f['seed']} ({f['before_refit']['label_acc']:.3f} → {f['label_acc']:.3f})"
+                  for f in refit) + ".")]
     m = r["machine"]
     lines += ["", f"Machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}"
               + (f", GPU {m['cuda']}" if m["cuda"] else ", no GPU") + f", precision {r.get('precision', 'fp32')}."]

@@ -137,14 +137,15 @@ class EpochStats:
     label_acc: float  # fraction of right label bits
 
 
-def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch) -> EpochStats:
+def train_one_epoch(model, batches, optimizer, scheduler, scaler, gamma, cfg, dist, writer, epoch,
+                    total: int | None = None) -> EpochStats:
     """One pass over ``batches`` (uint8 images) in ``cfg.precision`` (resolved); the statistics are
     summed on the device and read back once, at the end."""
     model.train()
     norm, layout = get_input_norm(cfg.input_norm), training_format(dist.device, cfg.precision)
     totals = torch.zeros(3, dtype=torch.float64, device=dist.device)  # loss·n, exact, right bits
     count = 0
-    bar = progress_bar(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{cfg.epochs}", leave=False)
+    bar = progress_bar(batches, dist.is_main, desc=f"stage1 epoch {epoch + 1}/{total or cfg.epochs}", leave=False)
     losses = StepLosses(dist, epoch, epoch * len(batches), bar, writer, "train/loss_iter", optimizer)
     for step, (x, y, _) in enumerate(bar):
         x = device_images(x, norm, dist.device, layout)
@@ -251,6 +252,9 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     batches = train_loader(cfg, samples, dist, pipeline)
     steps_per_epoch = check_batches(batches, len(samples), cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
+    refitting = state is not None and bool(state.get("refit"))  # resumed inside the refit epochs
+    if refitting:
+        scheduler = refit_schedule(optimizer, cfg, steps_per_epoch)
     scaler = grad_scaler(dist.device, cfg.precision)
     start = restore_training(state, model, optimizer, scheduler, scaler)
     ddp_model = distributed(model, dist)
@@ -260,35 +264,66 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         cfglib.save_json(cfg, paths.config)
         log.info("stage 1: %d patches, %d steps/epoch, device %s, precision %s, world size %d",
                  len(samples), steps_per_epoch, dist.device, cfg.precision, dist.world_size)
-    note_epochs(paths, start, cfg.epochs)
+    total = cfg.epochs + (cfg.refit_epochs if refitting else 0)
+    note_epochs(paths, start, total)
     started = time.perf_counter()
-    for epoch in range(start, cfg.epochs):
-        reseed_epoch(cfg, epoch, dist)
-        gamma = schedule.gamma_at(epoch) if cfg.pda else None
-        stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist, writer,
-                                epoch)
-        stain.log_counts("training patches of this epoch")
-        if dist.is_main:
-            _log_epoch(writer, epoch, cfg, stats, gamma, optimizer)
-            save_checkpoint(paths.last, checkpoint_state(
-                model, cfg, spec, epoch, pipeline.norm, optimizer=optimizer.state_dict(),
-                scheduler=scheduler.state_dict(), scaler=scaler.state_dict()))
-            note_epochs(paths, epoch + 1, cfg.epochs)
-        dist.barrier()
+
+    def run(epochs: range, scheduler, total: int, **extra) -> None:
+        for epoch in epochs:
+            reseed_epoch(cfg, epoch, dist)
+            gamma = schedule.gamma_at(epoch) if cfg.pda else None
+            stats = train_one_epoch(ddp_model, batches.epoch(epoch), optimizer, scheduler, scaler, gamma, cfg, dist,
+                                    writer, epoch, total=total)
+            stain.log_counts("training patches of this epoch")
+            if dist.is_main:
+                _log_epoch(writer, epoch, total, stats, gamma, optimizer)
+                save_checkpoint(paths.last, checkpoint_state(
+                    model, cfg, spec, epoch, pipeline.norm, optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), **extra))
+                note_epochs(paths, epoch + 1, total)
+            dist.barrier()
+
+    def check_fit() -> tuple[dict | None, bool]:
+        """The fit, measured by the main process; whether it fits, as every process learns it."""
+        fit = training_fit(model, cfg, samples, dist.device, pipeline.norm) if dist.is_main else None
+        return fit, dist.all_reduce_sum([float(bool(fit and fit["fits"]))])[0] > 0
+
+    fit_before = state.get("fit_before_refit") if refitting else None
+    if not refitting:
+        run(range(start, cfg.epochs), scheduler, cfg.epochs)
+        fit, fits = check_fit()
+        if not fits and cfg.refit_epochs > 0:
+            fit_before, total = fit, cfg.epochs + cfg.refit_epochs
+            if dist.is_main:
+                log.warning("stage 1 does not fit its training labels yet (label accuracy %.3f < %.2f): %d more "
+                            "epochs on a restarted learning-rate schedule (--refit-epochs)",
+                            fit["label_acc"], FIT_LABEL_ACC, cfg.refit_epochs)
+            scheduler, start, refitting = refit_schedule(optimizer, cfg, steps_per_epoch), cfg.epochs, True
+            model.to(memory_format=training_format(dist.device, cfg.precision))  # the fit check's layout undone
+    if refitting:
+        run(range(start, total), scheduler, total, refit=True, fit_before_refit=fit_before)
+        fit, _ = check_fit()
     batches.close()
     seconds = time.perf_counter() - started
-    summary = {"train_seconds": round(seconds, 1), "epochs": cfg.epochs, "checkpoint": str(paths.checkpoint)}
+    summary = {"train_seconds": round(seconds, 1), "epochs": total, "checkpoint": str(paths.checkpoint)}
     if dist.is_main:
-        final_epoch = cfg.epochs - 1
-        summary["fit"] = fit = training_fit(model, cfg, samples, dist.device, pipeline.norm)
+        if fit_before is not None:
+            fit = {**fit, "refit_epochs": cfg.refit_epochs, "before_refit": fit_before}
+        summary["fit"] = fit
         report_fit(fit)
-        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, final_epoch, pipeline.norm, fit=fit))
+        save_checkpoint(paths.checkpoint, checkpoint_state(model, cfg, spec, total - 1, pipeline.norm, fit=fit))
         note_saved(f"training finished ({paths.checkpoint} saved); the CAM evaluation was cut short", True)
         if cfg.eval_splits:
             summary["cam_metrics"] = evaluate_and_save(model, cfg, spec, dist.device, paths.cam_metrics, pipeline.norm)
         if writer is not None:
             writer.close()
     return summary
+
+
+def refit_schedule(optimizer, cfg: Stage1Config, steps_per_epoch: int):
+    """The refit epochs' learning rates: the poly schedule again from the start (every group's
+    initial rate), over ``cfg.refit_epochs`` epochs."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(cfg.refit_epochs * steps_per_epoch))
 
 
 FIT_LABEL_ACC = 0.95
@@ -332,10 +367,10 @@ def report_fit(fit: dict) -> None:
                 "--image-size, or another --seed", fit["label_acc"], fit["threshold"], fit["exact_match"])
 
 
-def _log_epoch(writer, epoch, cfg, stats: EpochStats, gamma, optimizer) -> None:
+def _log_epoch(writer, epoch, total: int, stats: EpochStats, gamma, optimizer) -> None:
     gamma_text = "off" if gamma is None else f"{gamma:.4f}"
     log.info("epoch %d/%d  loss %.4f  exact-match %.3f  label acc %.3f  PDA gamma %s",
-             epoch + 1, cfg.epochs, stats.loss, stats.exact_match, stats.label_acc, gamma_text)
+             epoch + 1, total, stats.loss, stats.exact_match, stats.label_acc, gamma_text)
     if writer is not None:
         writer.add_scalar("train/loss", stats.loss, epoch)
         writer.add_scalar("train/exact_match_acc", stats.exact_match, epoch)
