@@ -27,7 +27,7 @@ from pathlib import Path
 
 LOOKS = ("default", "lab-b", "pale", "dark", "jpeg", "blur")
 
-NORM = {"macenko": ["--stain-norm", "macenko"], "reinhard": ["--stain-norm", "reinhard"]}
+NORM = {m: ["--stain-norm", m] for m in ("macenko", "reinhard", "reinhard-mean")}
 HED = ["--hed-scale", "0.3", "--hed-shift", "0.05"]
 SCANNER = ["--light-jitter", "0.15", "--blur-jitter", "1.5", "--jpeg-jitter", "40"]
 AUG = [*HED, "--lab-jitter", "1", *SCANNER]
@@ -52,6 +52,8 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "aug2": ([], AUG),
     "reinhard+scanner2": (NORM["reinhard"], NORM["reinhard"] + SCANNER),
     "macenko+scanner2": (NORM["macenko"], NORM["macenko"] + SCANNER),
+    "reinhard-mean": (NORM["reinhard-mean"], NORM["reinhard-mean"]),
+    "reinhard-mean+scanner": (NORM["reinhard-mean"] + SCANNER, NORM["reinhard-mean"] + SCANNER),
 }
 
 

@@ -79,7 +79,8 @@ ConfigOpt = typer.Option(
 PrintConfigOpt = typer.Option(
     False, "--print-config", help="Print the resolved configuration as a --config file's table and exit.")
 StainNormOpt = typer.Option(
-    None, "--stain-norm", help="none (the reference), macenko or reinhard: a stain target fitted on the training set "
+    None, "--stain-norm", help="none (the reference), macenko, reinhard or reinhard-mean (LAB means only, each patch "
+                               "keeping its own spread): a stain target fitted on the training set "
                                "(median over up to 200 patches, glass-dominated ones skipped) is stored in the "
                                "checkpoint and every command that runs the model maps its input onto it.")
 StainTargetOpt = typer.Option(

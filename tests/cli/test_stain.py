@@ -35,9 +35,9 @@ def patch(seed: int, look: str = "default", size: int = SIZE) -> tuple[np.ndarra
 
 @pytest.fixture(scope="module")
 def default_targets() -> dict[str, StainNorm]:
-    """Macenko and Reinhard targets fitted on 40 default-look patches (seeds 100-139)."""
+    """Macenko, Reinhard and Reinhard-means targets fitted on 40 default-look patches (seeds 100-139)."""
     images = [patch(seed)[0] for seed in range(100, 140)]
-    return {method: stain.fit(method, images, "default look") for method in ("macenko", "reinhard")}
+    return {method: stain.fit(method, images, "default look") for method in ("macenko", "reinhard", "reinhard-mean")}
 
 
 # --------------------------------------------------------------------------- what the normalisers compute
@@ -78,6 +78,23 @@ def test_reinhard_gives_each_patch_the_targets_lab_mean_and_spread(default_targe
         np.testing.assert_allclose(lab.std(axis=0), target.lab_std, rtol=0.15)
 
 
+def test_reinhard_mean_gives_each_patch_the_targets_lab_mean_and_keeps_its_own_spread(default_targets):
+    """``reinhard-mean`` moves each LAB channel's mean onto the target's (as Reinhard) and leaves the
+    patch's spread as it was (what full Reinhard replaces by the target's): LAB from the CIE
+    definition, computed in the test."""
+    target, full = default_targets["reinhard-mean"], default_targets["reinhard"]
+    assert target.lab_mean == full.lab_mean and target.lab_std == full.lab_std  # the same fit
+    spreads_differ = 0
+    for seed in range(5):
+        other, _ = patch(seed, "lab-b")
+        before = srgb_to_lab(other).reshape(-1, 3)
+        lab = srgb_to_lab(target(other)).reshape(-1, 3)
+        np.testing.assert_allclose(lab.mean(axis=0), target.lab_mean, atol=1.0)
+        np.testing.assert_allclose(lab.std(axis=0), before.std(axis=0), rtol=0.1)
+        spreads_differ += not np.allclose(before.std(axis=0), target.lab_std, rtol=0.1)
+    assert spreads_differ >= 3  # the patches' own spreads are not the target's: the test tells the two apart
+
+
 def test_macenko_is_torchstains_algorithm_solved_faster(default_targets):
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
@@ -114,7 +131,7 @@ def test_the_training_target_is_the_median_of_per_patch_fits_skipping_glass(tmp_
     assert target.patches == 20 and target.source == "the training set"
 
 
-@pytest.mark.parametrize("method", ["macenko", "reinhard"])
+@pytest.mark.parametrize("method", ["macenko", "reinhard", "reinhard-mean"])
 def test_glass_and_flat_patches_pass_through_unchanged_and_are_counted(default_targets, method):
     target = default_targets[method]
     rng = np.random.default_rng(0)
