@@ -449,10 +449,10 @@ def test_12_ctrl_c_says_what_was_saved_and_how_to_continue(data, tmp_path, capsy
     out = tmp_path / "run"
     real = stage1.train_one_epoch
 
-    def interrupt_in_epoch_2(*args):
+    def interrupt_in_epoch_2(*args, **kwargs):
         if args[-1] == 1:  # the epoch index
             os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(stage1, "train_one_epoch", interrupt_in_epoch_2)
     args = ("train-stage1", "--dataset", "luad", "--data", data, "--out", out, *S1[:4], "--epochs", "2", *S1[6:])

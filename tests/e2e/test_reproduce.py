@@ -137,7 +137,8 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     rows = result["ablations"]
     # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
     # improvement row turns one on
-    ours = [("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
+    ours = [("stage 1 --refit-epochs 6 (ours)", "stage1_refit_epochs_6"),
+            ("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
             ("stage 1 --no-pda (ours)", "stage1_pda_False"), ("stage 1 --dropout 0 (ours)", "stage1_dropout_0"),
             ("stage 1 --lr 0.02 (ours)", "stage1_lr_0.02"),
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
