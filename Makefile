@@ -76,7 +76,7 @@ quality: venv
 # (make reproduce's 1000/100/100 patches of 112 px) with each configuration, tested on every
 # stain/scanner look; about 12 min per configuration and seed on one core; a rerun continues.
 STAIN_ROOT ?= runs/stain
-STAIN_CONFIGS ?= none,reinhard,reinhard+scanner,reinhard+scanner2
+STAIN_CONFIGS ?= none,reinhard,reinhard+scanner,reinhard+scanner2,reinhard-mean+scanner
 stain: venv
 	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS) --counts 1000,100,100
 
