@@ -1,6 +1,7 @@
 """Stage-1 training loop, resume, CAM evaluation and the CLI around them."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -151,7 +152,7 @@ def test_refit_epochs_run_only_when_stage1_does_not_fit(tiny_data, tmp_path, mon
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_data, tmp_path, monkeypatch):
+def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_data, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(stage1, "FIT_LABEL_ACC", 1.01)  # no run fits
     cfg = dict(eval_splits=(), refit_epochs=3)  # not 2: the refit schedule differs from the first one
     stage1.train(tiny_cfg(tiny_data, tmp_path / "full", **cfg))
@@ -168,8 +169,10 @@ def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_da
     last = load_checkpoint(tmp_path / "cut" / "stage1_luad_last.pth")
     assert last["epoch"] == 2 and last["refit"] is True and last["fit_before_refit"]["fits"] is False
     monkeypatch.setattr(stage1, "train_one_epoch", real_epoch)
+    caplog.set_level(logging.INFO, logger="wsss")
     summary = stage1.train(tiny_cfg(tiny_data, tmp_path / "cut", **cfg), resume=True)
     assert summary["fit"]["before_refit"] == last["fit_before_refit"]
+    assert any(r.getMessage().endswith("after epoch 3 of 5") for r in caplog.records)  # 2 epochs + 3 refit
     full = _weights(tmp_path / "full" / "stage1_checkpoint_trained_on_luad.pth")
     resumed = _weights(tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
