@@ -224,6 +224,13 @@ S2 = ("--backbone", "resnet18", "--head-channels", "8", "--image-size", "32", "-
       "--workers", "0", "--device", "cpu", "--no-gate")
 
 
+def model_weights(path: Path) -> dict:
+    """The ``model`` state dict of a saved checkpoint (read as every command reads one)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
 def tiny_checkpoint(path: Path, stage: int, *, seed: int = 0, image_size: int | None = 32, data: Path = Path("."),
                     num_classes: int = 4, **config) -> Path:
     """An untrained tiny model in our checkpoint format: a 1/8-width ResNet38 classifier (stage 1) or a

@@ -39,10 +39,6 @@ def _first_epoch_only(monkeypatch, module) -> None:
     monkeypatch.setattr(module, "train_one_epoch", stop_at_epoch_2)
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
-
-
 # --------------------------------------------------------------------------- the option
 
 

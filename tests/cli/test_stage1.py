@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import run_cli, write_palette_mask
+from helpers import model_weights, run_cli, write_palette_mask
 from wsss.models import loading
 from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
 from wsss.errors import WsssError
@@ -119,10 +119,6 @@ def _lrs_of_every_step(monkeypatch) -> list[float]:
     return seen
 
 
-def _weights(path: Path) -> dict:
-    return load_checkpoint(path)["model"]
-
-
 def test_refit_epochs_run_only_when_stage1_does_not_fit(tiny_data, tmp_path, monkeypatch, caplog):
     """A run that fits never enters the refit epochs (the same weights as without them); one that
     does not trains --refit-epochs more on the poly schedule restarted from the initial rate, and
@@ -132,7 +128,7 @@ def test_refit_epochs_run_only_when_stage1_does_not_fit(tiny_data, tmp_path, mon
     plain = stage1.train(tiny_cfg(tiny_data, tmp_path / "plain", eval_splits=()))
     fitting = stage1.train(tiny_cfg(tiny_data, tmp_path / "fitting", eval_splits=(), refit_epochs=2))
     assert plain["epochs"] == fitting["epochs"] == 2 and "before_refit" not in fitting["fit"]
-    a, b = _weights(tmp_path / "plain" / final), _weights(tmp_path / "fitting" / final)
+    a, b = model_weights(tmp_path / "plain" / final), model_weights(tmp_path / "fitting" / final)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any("restarted" in r.getMessage() for r in caplog.records)
 
@@ -148,7 +144,7 @@ def test_refit_epochs_run_only_when_stage1_does_not_fit(tiny_data, tmp_path, mon
         "stage 1 does not fit its training labels yet (label accuracy "
         f"{refit['fit']['before_refit']['label_acc']:.3f} < 1.01): 2 more epochs on a restarted learning-rate "
         "schedule (--refit-epochs)"]
-    c = _weights(tmp_path / "refit" / final)
+    c = model_weights(tmp_path / "refit" / final)
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
@@ -173,8 +169,8 @@ def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_da
     summary = stage1.train(tiny_cfg(tiny_data, tmp_path / "cut", **cfg), resume=True)
     assert summary["fit"]["before_refit"] == last["fit_before_refit"]
     assert any(r.getMessage().endswith("after epoch 3 of 5") for r in caplog.records)  # 2 epochs + 3 refit
-    full = _weights(tmp_path / "full" / "stage1_checkpoint_trained_on_luad.pth")
-    resumed = _weights(tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth")
+    full = model_weights(tmp_path / "full" / "stage1_checkpoint_trained_on_luad.pth")
+    resumed = model_weights(tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth")
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 

@@ -264,7 +264,8 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         cfglib.save_json(cfg, paths.config)
         log.info("stage 1: %d patches, %d steps/epoch, device %s, precision %s, world size %d",
                  len(samples), steps_per_epoch, dist.device, cfg.precision, dist.world_size)
-    total = cfg.epochs + (cfg.refit_epochs if refitting else 0)
+    with_refit = cfg.epochs + cfg.refit_epochs
+    total = with_refit if refitting else cfg.epochs
     note_epochs(paths, start, total)
     started = time.perf_counter()
 
@@ -293,7 +294,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
         run(range(start, cfg.epochs), scheduler, cfg.epochs)
         fit, fits = check_fit()
         if not fits and cfg.refit_epochs > 0:
-            fit_before, total = fit, cfg.epochs + cfg.refit_epochs
+            fit_before, total = fit, with_refit
             if dist.is_main:
                 log.warning("stage 1 does not fit its training labels yet (label accuracy %.3f < %.2f): %d more "
                             "epochs on a restarted learning-rate schedule (--refit-epochs)",
