@@ -124,23 +124,29 @@ def macenko_fit(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return he, max_c, conc
 
 
-def _reinhard():
-    from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+def _lab_channels(image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """``image``'s L, a, b channels and their means and standard deviations ``(3,)`` (torchstain's
+    conversion and scaling, as its ``NumpyReinhardNormalizer`` computes them); raises
+    :class:`FitFailed` for a patch with too little stain or a flat channel."""
+    from torchstain.numpy.utils.rgb2lab import rgb2lab
+    from torchstain.numpy.utils.split import lab_split
+    from torchstain.numpy.utils.stats import get_mean_std
 
-    return NumpyReinhardNormalizer()
+    if stained_fraction(image) < MIN_STAINED:
+        raise FitFailed("too little stain")
+    with np.errstate(all="ignore"):
+        channels = list(lab_split(rgb2lab(image.astype("float32") / 255)))
+        stats = np.array([get_mean_std(c) for c in channels])
+    means, stds = stats[:, 0], stats[:, 1]
+    if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > 1e-3).all()):
+        raise FitFailed("flat image")
+    return channels, means, stds
 
 
 def reinhard_fit(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """LAB means and standard deviations ``(3,), (3,)`` of ``image`` (torchstain's Reinhard fit)."""
-    if stained_fraction(image) < MIN_STAINED:
-        raise FitFailed("too little stain")
-    normaliser = _reinhard()
-    with np.errstate(all="ignore"):
-        normaliser.fit(image)
-    means, stds = np.asarray(normaliser.target_means, float), np.asarray(normaliser.target_stds, float)
-    if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > 1e-3).all()):
-        raise FitFailed("flat image")
-    return means, stds
+    _, means, stds = _lab_channels(image)
+    return means.astype(float), stds.astype(float)
 
 
 @dataclass(frozen=True)
@@ -222,14 +228,20 @@ class StainNorm:
             light = LIGHT * np.exp(-(target_he @ scaled))
             out = np.clip(np.rint(light - 1.0), 0, 255).T  # invert OD = -ln((I + 1) / LIGHT)
             return out.astype(np.uint8).reshape(image.shape)
-        # refuses glass and flat patches before torchstain divides by their spread
-        _, own_stds = reinhard_fit(image)
-        normaliser = _reinhard()
-        normaliser.target_means = np.asarray(self.lab_mean, dtype=np.float32)
-        normaliser.target_stds = np.asarray(own_stds if self.method == "reinhard-mean" else self.lab_std,
-                                            dtype=np.float32)
+        # torchstain's NumpyReinhardNormalizer.normalize with its own functions, the LAB conversion done
+        # once (the fit's check reuses it: half the time); glass and flat patches are refused before
+        # their spread divides anything
+        from torchstain.numpy.utils.lab2rgb import lab2rgb
+        from torchstain.numpy.utils.split import lab_merge
+        from torchstain.numpy.utils.stats import standardize
+
+        channels, means, stds = _lab_channels(image)
+        target_means = np.asarray(self.lab_mean, dtype=np.float32)
+        target_stds = stds if self.method == "reinhard-mean" else np.asarray(self.lab_std, dtype=np.float32)
         with np.errstate(all="ignore"):
-            out = normaliser.normalize(image)
+            lab = lab_merge(*(standardize(c, m, s) * ts + tm
+                              for c, m, s, tm, ts in zip(channels, means, stds, target_means, target_stds)))
+            out = (lab2rgb(lab) * 255).astype("uint8")
         return np.ascontiguousarray(out.reshape(image.shape))
 
     def describe(self) -> str:
