@@ -9,6 +9,7 @@ blur), whose test patches show exactly the tissue and masks of the default look'
     python bench/stain_transfer.py --root runs/stain                              # the defaults below
     python bench/stain_transfer.py --root runs/stain --seeds 0,1,2 --configs none,macenko
     python bench/stain_transfer.py --root runs/stain --counts 1000,100,100 --size 224  # make reproduce's data
+    python bench/stain_transfer.py --root runs/stain-task1 --task-seed 1 --mpp 1 --counts 800,60,80  # a random task
 
 Every step is a `wsss` command whose outputs are kept: rerunning skips what is done (delete a run's
 folder to redo it). Writes ROOT/transfer.json and ROOT/transfer.md (stage 2 + gate test mIoU: mean
@@ -73,8 +74,10 @@ def wsss(args: list, log: Path) -> None:
         sys.exit(f"failed ({code}): {' '.join(map(str, args))}; see {log}")
 
 
-def make_data(root: Path, counts: tuple[int, int, int], size: int, data_seed: int, log: Path) -> dict[str, Path]:
-    """The default look with all splits, every other look with its test split (same seed: same tissue)."""
+def make_data(root: Path, counts: tuple[int, int, int], size: int, data_seed: int, log: Path,
+              task: list[str] = ()) -> dict[str, Path]:
+    """The default look with all splits, every other look with its test split (same seed and task: same
+    tissue); ``task``: ``wsss synth`` options of a random task (``--task-seed K --mpp M``)."""
     folders = {}
     for look in LOOKS:
         folder = root / "data" / look
@@ -83,17 +86,17 @@ def make_data(root: Path, counts: tuple[int, int, int], size: int, data_seed: in
             continue
         train, val, test = counts if look == "default" else (1, 1, counts[2])
         wsss(["synth", folder, "--look", look, "--train", train, "--val", val, "--test", test, "--size", size,
-              "--seed", data_seed, "--workers", 2, "--force"], log)
+              "--seed", data_seed, *task, "--workers", 2, "--force"], log)
     return folders
 
 
-def train_chain(run: Path, data: Path, options: tuple[list[str], list[str]], seed: int, amp: bool, log: Path
-                ) -> tuple[Path, Path]:
+def train_chain(run: Path, data: Path, options: tuple[list[str], list[str]], seed: int, precision: list[str],
+                log: Path) -> tuple[Path, Path]:
     """Stage 1, pseudo-masks and stage 2 (cpu preset) of one configuration (its options per stage) and
     seed; returns the checkpoints."""
     s1 = run / "stage1" / "stage1_checkpoint_trained_on_luad.pth"
     s2 = run / "stage2" / "stage2_checkpoint_trained_on_luad.pth"
-    common = ["--dataset", "luad", "--data", data, "--preset", "cpu", "--seed", seed, *(["--amp"] if amp else [])]
+    common = ["--dataset", "luad", "--data", data, "--preset", "cpu", "--seed", seed, *precision]
     if not s1.is_file():
         wsss(["train-stage1", *common, "--out", run / "stage1", "--force", *NEUTRAL, *options[0]], log)
     if not (run / "report" / "metrics.json").is_file():
@@ -145,7 +148,11 @@ def main() -> None:
     parser.add_argument("--counts", default="1000,60,80", help="train,val,test patches of the synthetic data")
     parser.add_argument("--size", type=int, default=112, help="patch side of the synthetic data")
     parser.add_argument("--data-seed", type=int, default=0)
-    parser.add_argument("--no-amp", action="store_true", help="train in fp32 (default: --amp, bf16 on CPU)")
+    parser.add_argument("--task-seed", type=int, help="a random task (wsss synth --task-seed) instead of the "
+                        "fixed textures: tissue no preset was tuned to, in every look")
+    parser.add_argument("--mpp", type=float, help="µm/px of the synthetic patches (wsss synth --mpp)")
+    parser.add_argument("--precision", help="fp32, bf16, ... for both stages (default: the preset's, auto: bf16 "
+                        "where the CPU has it natively, else fp32)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     configs = args.configs.split(",")
@@ -156,22 +163,27 @@ def main() -> None:
     root = args.root
     root.mkdir(parents=True, exist_ok=True)
     log = root / "log.txt"
-    folders = make_data(root, counts, args.size, args.data_seed, log)
+    task = [*(["--task-seed", args.task_seed] if args.task_seed is not None else []),
+            *(["--mpp", args.mpp] if args.mpp is not None else [])]
+    folders = make_data(root, counts, args.size, args.data_seed, log, task)
     results_path = root / "transfer.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in configs:
         for seed in seeds:
             run = root / "runs" / name / f"seed{seed}"
             started = time.perf_counter()
-            s1, s2 = train_chain(run, folders["default"], CONFIGS[name], seed, not args.no_amp, log)
+            precision = ["--precision", args.precision] if args.precision else []
+            s1, s2 = train_chain(run, folders["default"], CONFIGS[name], seed, precision, log)
             results.setdefault(name, {})[str(seed)] = evaluate(run, s1, s2, folders, log)
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['gate']:.3f}" for k, v in results[name][str(seed)].items())
                   + f" ({time.perf_counter() - started:.0f} s)", flush=True)
     ordered = {name: results[name] for name in CONFIGS if name in results}
     text = table(ordered)
-    settings = (f"synthetic data {args.counts} at {args.size} px (seed {args.data_seed}), cpu preset"
-                f"{'' if args.no_amp else ' --amp'}; stage 2 + gate test mIoU, mean (worst) over seeds")
+    settings = (f"synthetic data {args.counts} at {args.size} px (seed {args.data_seed}"
+                f"{'' if args.task_seed is None else f', task {args.task_seed}'}"
+                f"{'' if args.mpp is None else f', {args.mpp} µm/px'}), cpu preset"
+                f"{f' --precision {args.precision}' if args.precision else ''}; stage 2 + gate test mIoU, mean (worst) over seeds")
     (root / "transfer.md").write_text(f"{settings}\n\n{text}\n")
     print(settings)
     print(text)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
+import logging
 import os
 import platform
 import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -305,6 +309,8 @@ def resolve_precision(precision: str, device) -> str:
     import torch
 
     check_precision(precision)
+    if precision in ("amp", "bf16") and device.type == "cpu" and not cpu_has_bf16():
+        _warn_emulated_bf16()
     if precision == "amp":
         return "fp16" if device.type == "cuda" else "bf16"
     if precision != "auto":
@@ -312,6 +318,12 @@ def resolve_precision(precision: str, device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:
+    log.warning("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 is emulated and runs slower "
+                "than fp32, up to 15x; --precision auto picks fp32 here")
 
 
 def autocast(device, precision: str):

@@ -374,3 +374,14 @@ def test_usable_cpus_are_the_affinity_mask_not_the_host(monkeypatch):
 
     monkeypatch.setattr(runtime.os, "sched_getaffinity", unsupported, raising=False)
     assert runtime.usable_cpus() == 64
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_asked_for_on_a_cpu_without_it_warns_once(native, synth16, tmp_path, capsys, monkeypatch, caplog):
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda: native)
+    runtime._warn_emulated_bf16.cache_clear()
+    code, _, err = run_cli(capsys, monkeypatch, "train-stage1", "--dataset", "luad", "--data", synth16,
+                           "--out", tmp_path, *S1_ONE_EPOCH, "--precision", "bf16")
+    assert code == 0, err
+    assert sum("no native bf16" in r.getMessage() for r in caplog.records) == (0 if native else 1)
+    assert json.loads((tmp_path / "stage1_luad_config.json").read_text())["precision"] == "bf16"

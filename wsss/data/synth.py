@@ -965,5 +965,15 @@ def _run_jobs(jobs: list, workers: int) -> Iterator[tuple[str, str, tuple[int, .
     if workers <= 1 or len(jobs) < 2:
         yield from map(_write_one, jobs)
         return
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:
         yield from pool.imap_unordered(_write_one, jobs, chunksize=8)
+
+
+def quiet_worker() -> None:
+    """A pool worker's signals: Ctrl-C is the parent's to handle (it stops the pool), and the pool's
+    SIGTERM when it shuts down ends the worker silently. Without this a worker inherits the command
+    line's handlers and prints a KeyboardInterrupt traceback as the pool closes."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
