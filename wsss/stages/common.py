@@ -91,8 +91,8 @@ def resume_state(cfg: Any, paths: RunPaths, runtime_fields: Collection[str], res
     saved = cfglib.from_dict(type(cfg), state["config"])
     _refuse_other_options(cfg, saved, paths, set(given) - set(runtime_fields) - {"dataset", "data", "out"})
     cfg = replace(saved, **{k: getattr(cfg, k) for k in runtime_fields})
-    total = cfg.epochs + (getattr(cfg, "refit_epochs", 0) if state.get("refit") else 0)  # stage 1's refit epochs
-    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, total)
+    # the epochs the saved run was working towards (stage 1's refit epochs included); older states: cfg.epochs
+    log.info("resuming %s after epoch %d of %d", paths.last, state["epoch"] + 1, state.get("epochs_total", cfg.epochs))
     return cfg, state
 
 

@@ -280,7 +280,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
                 _log_epoch(writer, epoch, total, stats, gamma, optimizer)
                 save_checkpoint(paths.last, checkpoint_state(
                     model, cfg, spec, epoch, pipeline.norm, optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), **extra))
+                    scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), epochs_total=total, **extra))
                 note_epochs(paths, epoch + 1, total)
             dist.barrier()
 

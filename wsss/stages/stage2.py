@@ -484,7 +484,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
             save_checkpoint(paths.last, checkpoint_state(
                 model, cfg, spec, epoch, best, norm, optimizer=optimizer.state_dict(),
                 scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                ema=None if ema is None else ema.state_dict()))
+                ema=None if ema is None else ema.state_dict(), epochs_total=cfg.epochs))
             note_epochs(paths, epoch + 1, cfg.epochs)
         dist.barrier()
     batches.close()
