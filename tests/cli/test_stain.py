@@ -95,6 +95,28 @@ def test_reinhard_mean_gives_each_patch_the_targets_lab_mean_and_keeps_its_own_s
     assert spreads_differ >= 3  # the patches' own spreads are not the target's: the test tells the two apart
 
 
+@pytest.mark.parametrize("method", ["reinhard", "reinhard-mean"])
+def test_the_graph_form_maps_each_image_of_a_batch_as_the_patch_path_does(default_targets, method):
+    """What ``wsss export`` puts in the graph: torch operations on a float batch, each image on its own.
+    Against the CIE LAB definition (computed in the test): each image's mean onto the target, the spread
+    the target's or the image's own; a glass image passes through unchanged."""
+    target = default_targets[method]
+    images = [patch(seed, look)[0] for seed, look in ((0, "lab-b"), (1, "dark"), (2, "pale"))]
+    images.append(np.full((SIZE, SIZE, 3), 240, dtype=np.uint8))
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    out = stain.ReinhardGraph(target)(x).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(out[-1], images[-1])
+    for image, mapped in zip(images[:-1], out[:-1]):
+        assert np.array_equal(mapped, np.floor(mapped)) and mapped.min() >= 0 and mapped.max() <= 255
+        lab = srgb_to_lab(mapped.astype(np.uint8)).reshape(-1, 3)
+        np.testing.assert_allclose(lab.mean(axis=0), target.lab_mean, atol=1.0)
+        spread = target.lab_std if method == "reinhard" else srgb_to_lab(image).reshape(-1, 3).std(axis=0)
+        np.testing.assert_allclose(lab.std(axis=0), spread, rtol=0.15)
+        # and the patch path's output, but for a rare pixel a grey level away (float32 rounding at truncation)
+        difference = np.abs(mapped - target(image).astype(np.float32))
+        assert difference.max() <= 1 and (difference > 0).mean() < 1e-3
+
+
 def test_macenko_is_torchstains_algorithm_solved_faster(default_targets):
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 

@@ -248,6 +248,54 @@ class StainNorm:
         return f"{self.method} stain normalisation fitted on {self.patches} patches or tiles of {self.source}"
 
 
+class ReinhardGraph:
+    """:meth:`StainNorm.transform` of a Reinhard or ``reinhard-mean`` target in torch operations, for a
+    graph that ``wsss export`` traces (a model's input normalisation travels with it).
+
+    RGB 0-255 float ``(B, 3, H, W)`` → the same, each image mapped onto the target with the arithmetic of
+    the NumPy path (torchstain's sRGB/CIE LAB conversions, D65, its truncation to whole grey levels); an
+    image whose own fit fails (fewer than :data:`MIN_STAINED` stained pixels, a flat LAB channel) passes
+    through unchanged. Float32 rounding differs from NumPy's in the last bit now and then, which can
+    move a pixel by one grey level where the NumPy path truncates.
+    """
+
+    def __init__(self, target: StainNorm) -> None:
+        if target.method not in ("reinhard", "reinhard-mean"):
+            raise WsssError(f"{target.method} stain normalisation has no graph form (only reinhard and reinhard-mean)")
+        self.target = target
+
+    def __call__(self, x):
+        import torch
+
+        from torchstain.numpy.utils.rgb2lab import _rgb2xyz
+
+        t = self.target
+        to_xyz = torch.tensor(_rgb2xyz, dtype=torch.float32, device=x.device)
+        from_xyz = torch.linalg.inv(torch.tensor(_rgb2xyz, dtype=torch.float64)).to(torch.float32).to(x.device)
+        white = torch.tensor((0.95047, 1.0, 1.08883), dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        stained = (x <= LIGHT * math.exp(-BETA) - 1.0).all(dim=1).float().mean(dim=(1, 2))
+        v = x / 255.0
+        linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+        xyz = torch.einsum("ij,bjhw->bihw", to_xyz, linear) / white
+        f = torch.where(xyz > 0.008856, xyz.clamp(min=0.008856) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+        fx, fy, fz = f[:, 0], f[:, 1], f[:, 2]
+        lab = torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+        mean = lab.mean(dim=(2, 3), keepdim=True)
+        std = lab.std(dim=(2, 3), keepdim=True, correction=0)
+        target_mean = torch.tensor(t.lab_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        target_std = std if t.method == "reinhard-mean" else torch.tensor(
+            t.lab_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+        lab = (lab - mean) / std.clamp(min=1e-3) * target_std + target_mean
+        y = (lab[:, 0] + 16.0) / 116.0
+        xyz = torch.stack([lab[:, 1] / 500.0 + y, y, y - lab[:, 2] / 200.0], dim=1)
+        xyz = torch.where(xyz > 0.2068966, xyz ** 3, (xyz - 16.0 / 116.0) / 7.787) * white
+        rgb = torch.einsum("ij,bjhw->bihw", from_xyz, xyz)
+        rgb = torch.where(rgb > 0.0031308, 1.055 * rgb.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, rgb * 12.92)
+        out = torch.floor(rgb.clamp(0.0, 1.0) * 255.0)
+        ok = (stained >= MIN_STAINED) & (std > 1e-3).flatten(1).all(dim=1)
+        return torch.where(ok.view(-1, 1, 1, 1), out, x)
+
+
 def counts(reset: bool = False) -> dict[str, int]:
     """How many patches this process normalised and passed through unchanged since the last reset."""
     out = {"normalised": _COUNTS["normalised"], "passed": _COUNTS["passed"]}
