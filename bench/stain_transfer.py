@@ -55,6 +55,7 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "macenko+scanner2": (NORM["macenko"], NORM["macenko"] + SCANNER),
     "reinhard-mean": (NORM["reinhard-mean"], NORM["reinhard-mean"]),
     "reinhard-mean+scanner": (NORM["reinhard-mean"] + SCANNER, NORM["reinhard-mean"] + SCANNER),
+    "reinhard-mean+scanner2": (NORM["reinhard-mean"], NORM["reinhard-mean"] + SCANNER),
 }
 
 

@@ -236,6 +236,7 @@ def test_pool_workers_end_silently_whatever_handlers_the_command_line_installed(
     monkeypatch.setattr(synth, "_write_one", _signal_dispositions)
     try:
         results = list(synth._run_jobs(list(range(4)), workers=2))
+        assert signal.getsignal(signal.SIGTERM) is raising  # the parent's handler is back
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert results == [(True, True)] * 4

@@ -18,6 +18,7 @@ Layout written by :func:`generate`::
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -965,15 +966,30 @@ def _run_jobs(jobs: list, workers: int) -> Iterator[tuple[str, str, tuple[int, .
     if workers <= 1 or len(jobs) < 2:
         yield from map(_write_one, jobs)
         return
-    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:
+    with _worker_signals():  # the workers are forked here, and take these dispositions with them
+        pool = multiprocessing.Pool(workers)
+    with pool:
         yield from pool.imap_unordered(_write_one, jobs, chunksize=8)
 
 
-def quiet_worker() -> None:
-    """A pool worker's signals: Ctrl-C is the parent's to handle (it stops the pool), and the pool's
-    SIGTERM when it shuts down ends the worker silently. Without this a worker inherits the command
-    line's handlers and prints a KeyboardInterrupt traceback as the pool closes."""
+@contextlib.contextmanager
+def _worker_signals() -> Iterator[None]:
+    """Signal dispositions for processes forked inside: Ctrl-C is the parent's to handle (it stops the
+    pool), and the pool's SIGTERM when it shuts down ends a worker silently. Without this a worker
+    inherits the command line's Python handlers and prints a KeyboardInterrupt traceback as the pool
+    closes, or, when a fork in a process with other threads left it stuck before running any Python,
+    never ends. The parent's handlers are back as soon as the workers exist."""
     import signal
+    import threading
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread sets handlers
+        yield
+        return
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, signal.SIG_DFL)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
