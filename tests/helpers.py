@@ -298,3 +298,10 @@ def write_pyramid_levels(path: Path, image: np.ndarray, levels: int = 3, mpp: fl
             res = {} if mpp is None else {"resolution": (1e4 / (mpp * 2**i),) * 2, "resolutionunit": "CENTIMETER"}
             tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", subfiletype=1 if i else 0, **res)
     return arrays
+
+
+def tensorboard_threads() -> list:
+    """The live threads of tensorboardX event writers (each writer runs one until it is closed)."""
+    import threading
+
+    return [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboardX") and t.is_alive()]

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import model_weights, run_cli, write_palette_mask
+from helpers import model_weights, run_cli, tensorboard_threads, write_palette_mask
 from wsss.models import loading
 from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
 from wsss.errors import WsssError
@@ -92,6 +92,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         stage1.train(cut)
+    assert not tensorboard_threads()  # the interrupted run closed its event writer (an API caller's process goes on)
     last = load_checkpoint(tmp_path / "cut" / "stage1_luad_last.pth")
     assert last["epoch"] == 0 and last["optimizer"]["state"]  # momentum buffers saved
     assert not (tmp_path / "cut" / "stage1_checkpoint_trained_on_luad.pth").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, tiny_checkpoint
+from helpers import run_cli, tensorboard_threads, tiny_checkpoint
 from wsss.models import loading
 from wsss.config import STAGE2_PRESETS, Stage2Config, from_dict, resolve, to_dict
 from wsss.data.datasets import InputNorm
@@ -156,6 +156,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     monkeypatch.setattr(stage2, "train_one_epoch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         stage2.train(cut)
+    assert not tensorboard_threads()  # the interrupted run closed its event writer (an API caller's process goes on)
     with pytest.raises(WsssError, match="--resume"):
         stage2.train(cut)
     monkeypatch.setattr(stage2, "train_one_epoch", real_epoch)

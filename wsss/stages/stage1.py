@@ -11,6 +11,7 @@ Outputs in ``OUT`` (``<d>`` is the dataset spec's name):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Collection
@@ -204,10 +205,9 @@ def train(cfg: Stage1Config, resume: bool = False, force: bool = False, given: C
             check_same_spec(recorded_spec(state, paths.last), spec, paths.last)
         samples, pipeline = _prepare(cfg, spec, paths, owner, state)
         dist = Distributed(cfg.device)
-        try:
-            return _train(cfg, spec, paths, state, dist, samples, pipeline)
-        finally:
-            dist.close()
+        with contextlib.ExitStack() as cleanup:  # closed however the run ends: an API caller's process goes on
+            cleanup.callback(dist.close)
+            return _train(cfg, spec, paths, state, dist, samples, pipeline, cleanup)
 
 
 def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Owner,
@@ -241,7 +241,7 @@ def training_inputs(cfg: Stage1Config, samples) -> dict:
 
 
 def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict | None, dist: Distributed,
-           samples, pipeline: InputPipeline) -> dict:
+           samples, pipeline: InputPipeline, cleanup: contextlib.ExitStack) -> dict:
     cfg = start_training(cfg, dist)  # the config records the precision the run computes in
     if state is None and dist.is_main:
         warn_random_init(cfg)
@@ -250,6 +250,7 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     if state is not None and state.get("frozen_pretrained"):
         model.freeze_pretrained()
     batches = train_loader(cfg, samples, dist, pipeline)
+    cleanup.callback(batches.close)  # its workers too
     steps_per_epoch = check_batches(batches, len(samples), cfg.batch_size)
     optimizer, scheduler = build_optimizer(model, cfg, cfg.epochs * steps_per_epoch)
     refitting = state is not None and bool(state.get("refit"))  # resumed inside the refit epochs
@@ -260,6 +261,8 @@ def _train(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, state: dict
     ddp_model = distributed(model, dist)
     schedule = PdaSchedule(cfg.pda_start, cfg.pda_decay, cfg.pda_floor, cfg.pda_first_epoch)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
+    if writer is not None:
+        cleanup.callback(writer.close)  # its thread would outlive a run that fails
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
         log.info("stage 1: %d patches, %d steps/epoch, device %s, precision %s, world size %d",

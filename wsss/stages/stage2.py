@@ -13,6 +13,7 @@ Outputs (``<d>`` is the dataset spec's name)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -370,10 +371,9 @@ def train(cfg: Stage2Config, resume: bool = False, force: bool = False, given: C
                           read_from=input_folders(cfg.data), enabled=main) as reports:
             dataset, norm = _prepare(cfg, spec, paths, owner, reports, state)
             dist = Distributed(cfg.device)
-            try:
-                return _train(cfg, spec, paths, state, dist, dataset, norm)
-            finally:
-                dist.close()
+            with contextlib.ExitStack() as cleanup:  # closed however the run ends: an API caller's process goes on
+                cleanup.callback(dist.close)
+                return _train(cfg, spec, paths, state, dist, dataset, norm, cleanup)
 
 
 def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ownership.Owner,
@@ -436,7 +436,7 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
-           dataset: PseudoMaskDataset, norm: InputNorm) -> dict:
+           dataset: PseudoMaskDataset, norm: InputNorm, cleanup: contextlib.ExitStack) -> dict:
     cfg = start_training(cfg, dist)  # the config records the precision the run computes in
     gate = _gate_classifier(cfg, spec)
     val_samples = split_masks(cfg.data, "val")
@@ -447,6 +447,7 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     model = build_model(cfg if state is None else replace(cfg, init_weights=None), spec).to(dist.device)
     model = model.to(memory_format=memory_format(dist.device, cfg.precision))
     batches = train_loader(cfg, dataset, dist)
+    cleanup.callback(batches.close)  # its workers too
     steps_per_epoch = check_batches(batches, len(dataset), cfg.batch_size)
     if not cfg.drop_last and drops_last_batch(len(dataset) // dist.world_size, cfg.batch_size, False):
         log.info("the last batch of every epoch would hold one patch, which BatchNorm cannot train on: left out")
@@ -460,6 +461,8 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     kept = model if ema is None else ema.module  # what is validated, saved as the model and tested
     train_model = distributed(model, dist, sync_batchnorm=True)
     writer = tensorboard_writer(paths.logs) if dist.is_main else None
+    if writer is not None:
+        cleanup.callback(writer.close)  # its thread would outlive a run that fails
     if dist.is_main:
         cfglib.save_json(cfg, paths.config)
         log.info("stage 2: %d patches, PM layers %s (weights %s), %d steps/epoch, device %s, precision %s, "
