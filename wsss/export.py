@@ -68,11 +68,11 @@ class Normalise(nn.Module):
 
     def __init__(self, norm: InputNorm) -> None:
         super().__init__()
-        from wsss.data.stain import ReinhardGraph
+        from wsss.data.stain import REINHARD_METHODS, ReinhardGraph
 
         self.stain = None
         if norm.stain is not None:
-            if norm.stain.method not in ("reinhard", "reinhard-mean"):  # Macenko: eigenvectors and percentiles
+            if norm.stain.method not in REINHARD_METHODS:  # Macenko: eigenvectors and percentiles
                 raise WsssError(f"this model normalises stain with {norm.stain.method} before its input scaling; "
                                 "an exported graph can carry reinhard and reinhard-mean only, so it is not exported")
             self.stain = ReinhardGraph(norm.stain)

@@ -66,6 +66,12 @@ ALPHA = 1.0
 """Percentile of the angles taken as the extreme stain directions (Macenko: 1 and 99)."""
 MIN_STAINED = 0.01
 """A patch with a smaller fraction of stained pixels is mostly glass: it passes through unchanged."""
+STAINED_MAX_BYTE = LIGHT * math.exp(-BETA) - 1.0
+"""A pixel is stained when every channel's byte is at most this (``OD >= BETA`` without a logarithm)."""
+MIN_LAB_STD = 1e-3
+"""A patch with a LAB channel spread no larger than this is flat: Reinhard would divide by it."""
+REINHARD_METHODS = ("reinhard", "reinhard-mean")
+"""The methods fitted on LAB statistics, which also have a graph form (:class:`ReinhardGraph`)."""
 FIT_MIN_STAINED = 0.3
 """When fitting a target, a patch (or a tile of ``--stain-target``) with a smaller stained fraction is
 glass-dominated and skipped."""
@@ -85,7 +91,7 @@ def optical_density(image: np.ndarray) -> np.ndarray:
 def stained_fraction(image: np.ndarray) -> float:
     """Fraction of the pixels of ``image`` (H, W, 3) uint8 stained in every channel (OD >= :data:`BETA`)."""
     # OD >= BETA  <=>  I + 1 <= LIGHT·exp(-BETA): one comparison of the bytes, no logarithm
-    return float((image.reshape(-1, 3) <= LIGHT * math.exp(-BETA) - 1.0).all(axis=1).mean())
+    return float((image.reshape(-1, 3) <= STAINED_MAX_BYTE).all(axis=1).mean())
 
 
 class FitFailed(Exception):
@@ -138,7 +144,7 @@ def _lab_channels(image: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.n
         channels = list(lab_split(rgb2lab(image.astype("float32") / 255)))
         stats = np.array([get_mean_std(c) for c in channels])
     means, stds = stats[:, 0], stats[:, 1]
-    if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > 1e-3).all()):
+    if not (np.isfinite(means).all() and np.isfinite(stds).all() and (stds > MIN_LAB_STD).all()):
         raise FitFailed("flat image")
     return channels, means, stds
 
@@ -172,7 +178,7 @@ class StainNorm:
             he = np.asarray(self.stain_matrix, dtype=float)
             mc = np.asarray(self.max_concentration, dtype=float)
             ok = he.shape == (3, 2) and mc.shape == (2,) and np.isfinite(he).all() and (mc > 0).all()
-        elif self.method in ("reinhard", "reinhard-mean"):
+        elif self.method in REINHARD_METHODS:
             mean = np.asarray(self.lab_mean, dtype=float)
             std = np.asarray(self.lab_std, dtype=float)
             ok = mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all()
@@ -260,7 +266,7 @@ class ReinhardGraph:
     """
 
     def __init__(self, target: StainNorm) -> None:
-        if target.method not in ("reinhard", "reinhard-mean"):
+        if target.method not in REINHARD_METHODS:
             raise WsssError(f"{target.method} stain normalisation has no graph form (only reinhard and reinhard-mean)")
         self.target = target
 
@@ -273,7 +279,7 @@ class ReinhardGraph:
         to_xyz = torch.tensor(_rgb2xyz, dtype=torch.float32, device=x.device)
         from_xyz = torch.linalg.inv(torch.tensor(_rgb2xyz, dtype=torch.float64)).to(torch.float32).to(x.device)
         white = torch.tensor((0.95047, 1.0, 1.08883), dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        stained = (x <= LIGHT * math.exp(-BETA) - 1.0).all(dim=1).float().mean(dim=(1, 2))
+        stained = (x <= STAINED_MAX_BYTE).all(dim=1).float().mean(dim=(1, 2))
         v = x / 255.0
         linear = torch.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
         xyz = torch.einsum("ij,bjhw->bihw", to_xyz, linear) / white
@@ -285,14 +291,14 @@ class ReinhardGraph:
         target_mean = torch.tensor(t.lab_mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
         target_std = std if t.method == "reinhard-mean" else torch.tensor(
             t.lab_std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-        lab = (lab - mean) / std.clamp(min=1e-3) * target_std + target_mean
+        lab = (lab - mean) / std.clamp(min=MIN_LAB_STD) * target_std + target_mean
         y = (lab[:, 0] + 16.0) / 116.0
         xyz = torch.stack([lab[:, 1] / 500.0 + y, y, y - lab[:, 2] / 200.0], dim=1)
         xyz = torch.where(xyz > 0.2068966, xyz ** 3, (xyz - 16.0 / 116.0) / 7.787) * white
         rgb = torch.einsum("ij,bjhw->bihw", from_xyz, xyz)
         rgb = torch.where(rgb > 0.0031308, 1.055 * rgb.clamp(min=0.0031308) ** (1 / 2.4) - 0.055, rgb * 12.92)
         out = torch.floor(rgb.clamp(0.0, 1.0) * 255.0)
-        ok = (stained >= MIN_STAINED) & (std > 1e-3).flatten(1).all(dim=1)
+        ok = (stained >= MIN_STAINED) & (std > MIN_LAB_STD).flatten(1).all(dim=1)
         return torch.where(ok.view(-1, 1, 1, 1), out, x)
 
 
