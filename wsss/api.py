@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from wsss.data import stain
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.png import check_rgb_mode
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
@@ -193,7 +194,9 @@ class Segmenter:
         factor = self._factor(mpp)
         s = self.settings
         check_image_size(Path(name), rgb, s.tile, factor=factor)
-        seg = segment_image(rgb, self.predictor, self.spec, s.tile, s.overlap, s.batch_size, probs=True,
+        side = max(1, round(s.tile / factor)) if factor else s.tile
+        predictor = self.predictor.for_set(lambda: stain.measure_images([rgb], side), name)  # reinhard-set
+        seg = segment_image(rgb, predictor, self.spec, s.tile, s.overlap, s.batch_size, probs=True,
                             progress=progress, factor=factor)
         return Result(seg.labels, seg.probs, self.classes, self.palette, self.background_index, seg,
                       self.spec.flat_palette())
@@ -287,7 +290,9 @@ class Classifier:
         size = self.loaded.image_size
         if size is None and len({a.shape for a in rgb}) > 1:
             raise WsssError("patches of different sizes need a classifier that records its input size")
-        x = torch.stack([to_tensor(resize_rgb(a, size), self.loaded.norm) for a in rgb])
+        resized = [resize_rgb(a, size) for a in rgb]
+        norm = self.loaded.norm.for_set(lambda: stain.measure_set(resized), f"these {len(rgb)} patches")  # reinhard-set
+        x = torch.stack([to_tensor(a, norm) for a in resized])
         return x.to(self.device), [a.shape[:2] for a in rgb]
 
     @torch.no_grad()

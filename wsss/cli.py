@@ -79,10 +79,11 @@ ConfigOpt = typer.Option(
 PrintConfigOpt = typer.Option(
     False, "--print-config", help="Print the resolved configuration as a --config file's table and exit.")
 StainNormOpt = typer.Option(
-    None, "--stain-norm", help="none (the reference), macenko, reinhard or reinhard-mean (LAB means only, each patch "
-                               "keeping its own spread): a stain target fitted on the training set "
-                               "(median over up to 200 patches, glass-dominated ones skipped) is stored in the "
-                               "checkpoint and every command that runs the model maps its input onto it.")
+    None, "--stain-norm", help="none (the reference), macenko, reinhard, reinhard-mean (LAB means only, each patch "
+                               "keeping its own spread) or reinhard-set (one LAB shift per set: an evaluation split, "
+                               "the images of a predict call, a slide): a stain target fitted on the training set "
+                               "(up to 200 patches) is stored in the checkpoint and every command that runs the "
+                               "model maps its input onto it.")
 StainTargetOpt = typer.Option(
     None, "--stain-target", help="Fit the --stain-norm target on this RGB image (its tissue tiles) instead of the "
                                  "training set.")

@@ -22,7 +22,7 @@ class ColourSettings:
     (keyword-only, so that each stage keeps its own field order for the rest)."""
 
     stain_jitter: float = 0.0  # HED stain augmentation strength (0: off, the reference)
-    stain_norm: str = "none"  # none (the reference), macenko, reinhard or reinhard-mean: fitted target stored in the checkpoint
+    stain_norm: str = "none"  # none (the reference), macenko, reinhard, reinhard-mean, reinhard-set: target in the checkpoint
     stain_target: Path | None = None  # fit the target on this image instead of the training set
     # stronger stain/scanner augmentation (wsss.data.augment.ColourAugment); 0: off
     hed_scale: float = 0.0
@@ -124,7 +124,7 @@ def check_stain_options(cfg: Any) -> None:
         if not isinstance(cfg.stain_target, Path):
             object.__setattr__(cfg, "stain_target", Path(cfg.stain_target))
         if cfg.stain_norm == "none":
-            raise WsssError("--stain-target needs --stain-norm macenko, reinhard or reinhard-mean")
+            raise WsssError("--stain-target needs --stain-norm macenko, reinhard, reinhard-mean or reinhard-set")
     for option, value, high in (("--hed-scale", cfg.hed_scale, 1.0), ("--hed-shift", cfg.hed_shift, 1.0),
                                 ("--lab-jitter", cfg.lab_jitter, 3.0), ("--light-jitter", cfg.light_jitter, 0.5),
                                 ("--blur-jitter", cfg.blur_jitter, 5.0)):

@@ -68,10 +68,10 @@ class Normalise(nn.Module):
 
     def __init__(self, norm: InputNorm) -> None:
         super().__init__()
-        from wsss.data.stain import REINHARD_METHODS, ReinhardGraph
+        from wsss.data.stain import REINHARD_METHODS, SET_METHOD, ReinhardGraph
 
         self.stain = None
-        if norm.stain is not None:
+        if norm.stain is not None and norm.stain.method != SET_METHOD:  # reinhard-set: the caller's (sidecar)
             if norm.stain.method not in REINHARD_METHODS:  # Macenko: eigenvectors and percentiles
                 raise WsssError(f"this model normalises stain with {norm.stain.method} before its input scaling; "
                                 "an exported graph can carry reinhard and reinhard-mean only, so it is not exported")
@@ -192,6 +192,12 @@ def _stain(norm: InputNorm) -> dict | None:
     """The sidecar's word on a stain target: in the graph, before the scaling (None: no stain step)."""
     if norm.stain is None:
         return None
+    if norm.needs_set:
+        return {**norm.stain.to_dict(), "in_graph": False,
+                "meaning": "not in the model: before it, shift every image of a set (a slide, the images of one "
+                           "batch job) in CIE LAB (D65; L 0-100) by lab_mean minus the set's mean of each image's "
+                           "(or window's) LAB channel means, images with under 1% stained pixels left out of that "
+                           "mean, as wsss does; with fewer than 16 stained images in the set, no shift"}
     return {**norm.stain.to_dict(), "in_graph": True,
             "meaning": "each image is mapped onto this LAB target before the scaling, inside the model; an image "
                        "with under 1% stained pixels or a flat LAB channel passes through unchanged"}

@@ -5,9 +5,10 @@ Python API (:mod:`wsss.api`)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +18,7 @@ import torch
 from wsss.data.datasets import InputNorm, resize_rgb, to_tensor
 from wsss.data.scale import recorded_scale, resampled_size
 from wsss.data.specs import DatasetSpec
+from wsss.data.stain import SetColour
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
 from wsss.models.loading import (
@@ -204,6 +206,16 @@ class TilePredictor(Predictor):
         self.seg.model.eval().to(self.device, memory_format=self.memory_format)
         if self.gate is not None:
             self.gate.model.eval().to(self.device, memory_format=self.memory_format)
+
+    def for_set(self, colour: Callable[[], SetColour], what: str) -> "TilePredictor":
+        """This predictor with each model's input normalisation bound to the set of images whose colour
+        ``colour()`` measures (``reinhard-set``, measured once, only when a model needs it); itself
+        when neither does. The models are shared, not copied."""
+        if not (self.seg.norm.needs_set or (self.gate is not None and self.gate.norm.needs_set)):
+            return self
+        once = functools.cache(colour)
+        gate = None if self.gate is None else replace(self.gate, norm=self.gate.norm.for_set(once, what))
+        return replace(self, seg=replace(self.seg, norm=self.seg.norm.for_set(once, what)), gate=gate)
 
     def prepare(self, tiles: Sequence[np.ndarray]) -> PreparedWindows:
         """Resize and normalise windows of one size ``(h, w, 3)`` uint8 for both models (CPU work);

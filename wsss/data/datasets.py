@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from wsss.data import augment
 from wsss.data.layout import MaskedSample, TrainSample
 from wsss.data.png import read_class_mask, read_rgb
 from wsss.data.specs import DatasetSpec
-from wsss.data.stain import StainNorm
+from wsss.data.stain import SET_METHOD, SetColour, StainNorm
 from wsss.errors import WsssError
 
 
@@ -36,6 +36,19 @@ class InputNorm:
         if self.stain is not None:
             d["stain"] = self.stain.to_dict()
         return d
+
+    @property
+    def needs_set(self) -> bool:
+        """Whether the stain step shifts a whole set by what it measures on that set (``reinhard-set``):
+        then every command binds it to its set with :meth:`for_set` before it runs the model."""
+        return self.stain is not None and self.stain.method == SET_METHOD
+
+    def for_set(self, colour: Callable[[], SetColour], what: str = "this set") -> "InputNorm":
+        """This normalisation bound to the set whose colour ``colour()`` measures (called only when
+        :attr:`needs_set`); otherwise itself."""
+        if not self.needs_set:
+            return self
+        return replace(self, stain=self.stain.for_set(colour(), what))
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "InputNorm":

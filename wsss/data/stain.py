@@ -22,6 +22,15 @@ remember it.
   rule on single-class synthetic patches' LAB means and spreads: 0.79 right as they are, 0.55 after
   Reinhard, 0.77 after this; docs/stain.md), which full Reinhard equalises away; the means carry most
   of what another lab's stain changes.
+* **Reinhard, one shift per set** (``reinhard-set``): the target is the training set's mean colour
+  (the mean over its patches of each patch's LAB means); a command measures the same on the set it
+  runs on -- an evaluation split, the images of one ``predict`` call, one slide -- and shifts every
+  patch of it in LAB by one vector, the target minus that mean. A lab's colour cast moves every patch
+  alike and is removed; what tells patches apart, their own mean colour included, is kept (a patch's
+  mean colour is a class cue that per-patch normalisation removes: docs/stain.md). The training set
+  is its own reference: its shift is zero and training is exactly that of ``none``. A set too small to
+  measure (fewer than :data:`MIN_SET_PATCHES` stained patches or tiles), where its tissue mix rather
+  than its stain would set the mean, is left as it is (one log line).
 
 Macenko is written out here (40 lines) rather than taken from torchstain, whose algorithm, constants
 and ordering rule it follows (the tests compare the two: within one grey level). Two reasons. Its
@@ -46,7 +55,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +64,7 @@ from wsss.errors import WsssError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "macenko", "reinhard", "reinhard-mean")
+METHODS = ("none", "macenko", "reinhard", "reinhard-mean", "reinhard-set")
 """``--stain-norm`` choices; ``none`` records no target."""
 
 LIGHT = 256.0
@@ -71,7 +80,12 @@ STAINED_MAX_BYTE = LIGHT * math.exp(-BETA) - 1.0
 MIN_LAB_STD = 1e-3
 """A patch with a LAB channel spread no larger than this is flat: Reinhard would divide by it."""
 REINHARD_METHODS = ("reinhard", "reinhard-mean")
-"""The methods fitted on LAB statistics, which also have a graph form (:class:`ReinhardGraph`)."""
+"""The per-patch methods fitted on LAB statistics, which also have a graph form (:class:`ReinhardGraph`)."""
+SET_METHOD = "reinhard-set"
+"""The method that shifts a whole set by one LAB vector, measured on that set (:meth:`StainNorm.for_set`)."""
+MIN_SET_PATCHES = 16
+"""A set with fewer stained patches or tiles is not aligned: its mean colour would say more about its
+tissue mix than about its stain."""
 FIT_MIN_STAINED = 0.3
 """When fitting a target, a patch (or a tile of ``--stain-target``) with a smaller stained fraction is
 glass-dominated and skipped."""
@@ -172,6 +186,8 @@ class StainNorm:
     lab_std: tuple[float, float, float] | None = None
     patches: int = 0
     source: str = ""
+    set_shift: tuple[float, float, float] | None = None
+    """``reinhard-set`` only: the LAB shift of the set being processed (:meth:`for_set`); never stored."""
 
     def __post_init__(self) -> None:
         if self.method == "macenko":
@@ -182,6 +198,9 @@ class StainNorm:
             mean = np.asarray(self.lab_mean, dtype=float)
             std = np.asarray(self.lab_std, dtype=float)
             ok = mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all()
+        elif self.method == SET_METHOD:
+            mean = np.asarray(self.lab_mean, dtype=float)
+            ok = mean.shape == (3,) and np.isfinite(mean).all()
         else:
             raise WsssError(f"unknown stain normalisation {self.method!r}; use one of {', '.join(METHODS[1:])}")
         if not ok:
@@ -193,6 +212,8 @@ class StainNorm:
         if self.method == "macenko":
             d["stain_matrix"] = [list(row) for row in self.stain_matrix]
             d["max_concentration"] = list(self.max_concentration)
+        elif self.method == SET_METHOD:
+            d["lab_mean"] = list(self.lab_mean)
         else:
             d["lab_mean"] = list(self.lab_mean)
             d["lab_std"] = list(self.lab_std)
@@ -225,8 +246,26 @@ class StainNorm:
         _COUNTS["normalised"] += 1
         return out
 
+    def for_set(self, colour: "SetColour", what: str = "this set") -> "StainNorm":
+        """This target bound to a set of patches whose colour ``colour`` was measured (:func:`measure_set`):
+        ``reinhard-set`` shifts each of them by the target minus the set's mean (none when too few of
+        them are stained); the per-patch methods are returned as they are."""
+        if self.method != SET_METHOD:
+            return self
+        if colour.mean is None or colour.patches < MIN_SET_PATCHES:
+            log.warning("reinhard-set: %s has %d stained patches or tiles, %d needed to measure its colour; it is "
+                        "not aligned", what, colour.patches, MIN_SET_PATCHES)
+            return replace(self, set_shift=(0.0, 0.0, 0.0))
+        shift = tuple(float(t - m) for t, m in zip(self.lab_mean, colour.mean))
+        log.info("reinhard-set: %s (%d stained patches or tiles) has mean LAB %s; shifted by %s onto the training "
+                 "set's", what, colour.patches, ", ".join(f"{v:.1f}" for v in colour.mean),
+                 ", ".join(f"{v:+.2f}" for v in shift))
+        return replace(self, set_shift=shift)
+
     def transform(self, image: np.ndarray) -> np.ndarray:
         """``image`` (H, W, 3) uint8 mapped onto the target; raises :class:`FitFailed` (uncounted)."""
+        if self.method == SET_METHOD:
+            return self._shift(image)
         if self.method == "macenko":
             _, max_c, conc = macenko_fit(image)
             target_he = np.asarray(self.stain_matrix)
@@ -250,7 +289,27 @@ class StainNorm:
             out = (lab2rgb(lab) * 255).astype("uint8")
         return np.ascontiguousarray(out.reshape(image.shape))
 
+    def _shift(self, image: np.ndarray) -> np.ndarray:
+        """``reinhard-set``: ``image`` shifted in LAB by the bound set's shift (the LAB round trip of
+        :meth:`transform`'s Reinhard path, each channel plus a constant); unchanged when it is zero."""
+        if self.set_shift is None:
+            raise WsssError("a reinhard-set stain target was applied before its set's colour was measured "
+                            "(a wsss bug: please report it)")
+        if not any(self.set_shift):
+            return image
+        from torchstain.numpy.utils.lab2rgb import lab2rgb
+        from torchstain.numpy.utils.split import lab_merge
+
+        channels, _, _ = _lab_channels(image)
+        with np.errstate(all="ignore"):
+            lab = lab_merge(*(c + np.float32(s) for c, s in zip(channels, self.set_shift)))
+            out = (lab2rgb(lab) * 255).astype("uint8")
+        return np.ascontiguousarray(out.reshape(image.shape))
+
     def describe(self) -> str:
+        if self.method == SET_METHOD:
+            return (f"reinhard-set colour reference (mean LAB {', '.join(f'{v:.1f}' for v in self.lab_mean)}) measured "
+                    f"on {self.patches} patches or tiles of {self.source}")
         return f"{self.method} stain normalisation fitted on {self.patches} patches or tiles of {self.source}"
 
 
@@ -328,6 +387,15 @@ def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "pat
     Raises WsssError when fewer than :data:`MIN_FIT_PATCHES` images are usable."""
     if method not in METHODS[1:]:
         raise WsssError(f"--stain-norm must be one of {', '.join(METHODS)}, not {method!r}")
+    if method == SET_METHOD:
+        colour = measure_set(images)
+        if colour.patches < MIN_FIT_PATCHES:
+            raise WsssError(f"cannot measure a reinhard-set colour reference on {source}: {colour.patches} of its "
+                            f"{colour.seen} {unit} are stained (at least {MIN_STAINED:.0%} of the pixels with OD >= "
+                            f"{BETA} in every channel), {MIN_FIT_PATCHES} needed; it is mostly glass")
+        target = StainNorm(SET_METHOD, lab_mean=colour.mean, patches=colour.patches, source=source)
+        log.info("%s (%d of %d %s skipped as glass)", target.describe(), colour.seen - colour.patches, colour.seen, unit)
+        return target
     estimates, seen = [], 0
     for image in images:
         seen += 1
@@ -356,6 +424,48 @@ def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "pat
                            patches=len(estimates), source=source)
     log.info("%s (%d of %d %s skipped as glass-dominated)", target.describe(), seen - len(estimates), seen, unit)
     return target
+
+
+@dataclass(frozen=True)
+class SetColour:
+    """The colour of a set of patches or tiles: the mean over its stained ones (at least
+    :data:`MIN_STAINED` stained pixels, no flat LAB channel) of each one's LAB channel means (None when
+    none is), how many were stained and how many were seen."""
+
+    mean: tuple[float, float, float] | None
+    patches: int
+    seen: int
+
+
+def measure_set(images: Iterable[np.ndarray]) -> SetColour:
+    """:class:`SetColour` of ``images`` (H, W, 3) uint8. A patch's glass counts in its mean like its
+    tissue; only patches under 1% stained are left out (a stain fit's 30% rule would bias the set's mean
+    towards dense tissue: measured worse, docs/stain.md)."""
+    means, seen = [], 0
+    for image in images:
+        seen += 1
+        try:
+            means.append(reinhard_fit(image)[0])
+        except FitFailed:
+            continue
+    mean = tuple(float(v) for v in np.mean(means, axis=0)) if means else None
+    return SetColour(mean, len(means), seen)
+
+
+def measure_paths(paths: Sequence[Path], image_size: int | None) -> SetColour:
+    """:class:`SetColour` of up to :data:`FIT_PATCHES` of the patches ``paths`` (evenly spaced over the
+    sorted list), each as the model sees it (resized to ``image_size``)."""
+    from wsss.data.datasets import resize_rgb
+    from wsss.data.png import read_rgb
+
+    return measure_set(resize_rgb(read_rgb(p), image_size) for p in spaced(sorted(paths)))
+
+
+def measure_images(images: Sequence[np.ndarray], side: int) -> SetColour:
+    """:class:`SetColour` of the ``side``-px tiles of ``images`` (each a whole image when smaller than a
+    tile), at most :data:`FIT_PATCHES` in all, shared evenly between the images."""
+    per_image = max(1, FIT_PATCHES // max(1, len(images)))
+    return measure_set(t for image in images for t in tiles(image, side, per_image))
 
 
 @dataclass(frozen=True)
@@ -424,7 +534,8 @@ def tiles(image: np.ndarray, side: int, n: int = FIT_PATCHES) -> list[np.ndarray
 
 def fit_training_set(method: str, paths: Sequence[Path], image_size: int | None) -> StainNorm:
     """The target fitted on up to :data:`FIT_PATCHES` training patches, each as the model sees it
-    (resized to ``image_size``)."""
+    (resized to ``image_size``); for ``reinhard-set`` their :func:`measure_paths` colour, so that the
+    training set measured again is shifted by exactly zero."""
     from wsss.data.datasets import resize_rgb
     from wsss.data.png import read_rgb
 

@@ -241,6 +241,24 @@ def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: 
     return summary_row(path, mask, spec)
 
 
+def images_colour(paths: Sequence[Path], tile: int, factor: float | None) -> stain.SetColour:
+    """``reinhard-set``: the colour of the images ``paths`` (one set), over at most
+    :data:`~wsss.data.stain.FIT_PATCHES` windows of ``tile`` model pixels shared between them; an image
+    that cannot be read is left out (its prediction reports it)."""
+    side = max(1, round(tile / factor)) if factor else tile
+    per_image = max(1, stain.FIT_PATCHES // len(paths))
+
+    def windows():
+        for path in paths:
+            try:
+                image = read_image(path)
+            except WsssError:
+                continue
+            yield from stain.tiles(image, side, per_image)
+
+    return stain.measure_set(windows())
+
+
 def summary_row(path: Path, mask: np.ndarray, spec: DatasetSpec) -> dict:
     """``{"image", "width", "height", <class>..., "background"}`` with area fractions per class."""
     fractions = class_fractions(mask, max(spec.num_classes, spec.background_index) + 1)
@@ -286,6 +304,8 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     images = collect_images(cfg.inputs)
     cfg, factor = with_model_scale(cfg)
     predictor, spec = load_models(cfg)
+    predictor = predictor.for_set(lambda: images_colour(images, cfg.tile, factor),
+                                  f"the {len(images)} input image{'s' if len(images) > 1 else ''}")
     now = settings(cfg, spec)
     with owned_folder(cfg.out, "predict", force=cfg.force, read_from=input_folders_of(images, cfg.inputs)) as owner:
         previous = _previous_settings(owner, now, cfg.force)

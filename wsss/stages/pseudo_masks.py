@@ -260,7 +260,8 @@ def _write_all(cfg: PseudoMaskConfig, spec: DatasetSpec, layers: Sequence[str], 
     precision = resolve_precision(cfg.precision, device)
     model = clf.model.to(device, memory_format=memory_format(device, precision)).eval()
     loader = DataLoader(
-        PatchesToMask(samples, spec, layers, out, clf.norm, clf.image_size, cfg.force, cfg.white_rule, reusable),
+        PatchesToMask(samples, spec, layers, out, clf.norm.for_set(
+            lambda: stain.measure_paths([s.path for s in samples], clf.image_size), "the training set"), clf.image_size, cfg.force, cfg.white_rule, reusable),
         batch_size=cfg.batch_size, num_workers=cfg.workers, collate_fn=_keep_list, pin_memory=device.type == "cuda",
     )
     writer = _MaskWriter(samples, out, spec, layers, owner)

@@ -404,6 +404,7 @@ def evaluate_cams(model, data: Path, split: str, spec: DatasetSpec, *, norm: Inp
     classifier run in ``precision`` (resolved); the CAMs are upsampled and normalised in fp32."""
     samples = list_masked(data, split)
     validate.require(validate.masked_problems(samples, spec), data, spec.name)
+    norm = norm.for_set(lambda: stain.measure_paths([s.image for s in samples], image_size), f"the {split} split")
     loader = DataLoader(MaskedDataset(samples, image_size, norm, spec), batch_size=batch_size, num_workers=workers,
                         pin_memory=device.type == "cuda")
     meter = ConfusionMeter(spec.num_classes, spec.background_index)

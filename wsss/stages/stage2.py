@@ -119,10 +119,13 @@ def evaluate_samples(
     after the image, with the pixels the ground truth marks as background (not evaluated) set to the
     spec's background index.
     """
-    sizes, norms = [seg.image_size], [seg.norm]
+    def bound(norm: InputNorm, size: int | None) -> InputNorm:  # reinhard-set: measured on these samples
+        return norm.for_set(lambda: stain.measure_paths([s.image for s in samples], size), f"the {desc} set")
+
+    sizes, norms = [seg.image_size], [bound(seg.norm, seg.image_size)]
     if gate is not None:
         sizes.append(gate.image_size)
-        norms.append(gate.norm)
+        norms.append(bound(gate.norm, gate.image_size))
         gate.model.eval().to(device, memory_format=memory_format(device, precision))
     loader = DataLoader(MultiViewMaskedDataset(samples, sizes, norms, spec), batch_size=batch_size,
                         num_workers=workers, worker_init_fn=seed_worker, pin_memory=device.type == "cuda")

@@ -64,7 +64,8 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.inference import (
-    check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings, window_for,
+    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
+    window_for,
 )
 from wsss.runs.journal import Journal
 from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
@@ -551,6 +552,25 @@ def segment_slide(slide: Slide, grid: Grid, predictor: Predictor, spec: DatasetS
 # --------------------------------------------------------------------------- outputs
 
 
+def slide_colour(slide: Slide, grid: Grid, threshold: int, cfg: WsiConfig) -> stain.SetColour:
+    """``reinhard-set``: a slide's colour over its windows that reach ``--min-tissue`` (and are stained),
+    of at most four times :data:`~wsss.data.stain.FIT_PATCHES` windows read, evenly spaced over the
+    window grid, each read as :func:`segment_slide` reads it."""
+    width, height = grid.size
+    windows = WindowGrid(height, width, cfg.tile, cfg.overlap)
+    (x0, y0, _, _), (sx, sy) = grid.box, grid.scale
+    corners = [(y, x) for y in windows.ys for x in windows.xs]
+
+    def tissue_windows():
+        for y, x in stain.spaced(corners, 4 * stain.FIT_PATCHES):
+            box = (x0 + x / sx, y0 + y / sy, x0 + (x + windows.tw) / sx, y0 + (y + windows.th) / sy)
+            window = read_resampled(slide, grid.level, box, (windows.tw, windows.th))
+            if (saturation(window) > threshold).mean() >= cfg.min_tissue:
+                yield window
+
+    return stain.measure_set(tissue_windows())
+
+
 def sample_labels(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``labels`` ``(H, W)`` shrunk to ``size`` = ``(w, h)`` by taking the pixel under each centre."""
     height, width = labels.shape
@@ -754,6 +774,8 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
         resumed = state.rows_done
         if resumed:
             log.info("continuing %s from window row %d", job.path, resumed + 1)
+        if isinstance(predictor, TilePredictor):  # reinhard-set: the slide is the set
+            predictor = predictor.for_set(lambda: slide_colour(slide, grid, threshold, cfg), job.path.name)
         segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
         stain.log_counts(f"windows of {job.path.name}")
         if state.state["segmented"] == 0:
