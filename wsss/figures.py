@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from PIL import Image
 from wsss.cam.cam import DEFAULT_CAM_THRESHOLD, minmax_normalise, upsample_cams
 from wsss.cam.gradcam import GRADCAM_LAYERS, multi_layer_gradcam
 from wsss.cam.pseudo_mask import PmMethod, parse_layers, patch_item, pseudo_masks
+from wsss.data import stain
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.layout import MaskedSample, TrainSample, list_masked, list_train
 from wsss.data.png import read_class_mask, read_mask, read_rgb
@@ -98,10 +100,12 @@ def pick_per_class(labels: Sequence[Sequence[int]], num_classes: int) -> dict[in
 # --------------------------------------------------------------------------- model outputs
 
 
-def _load(stage1_checkpoint: Path, spec: DatasetSpec,
-          device: str | torch.device) -> tuple[LoadedClassifier, torch.device]:
-    """The stage-1 classifier in eval mode on ``device`` (``auto``, ``cpu``, ``cuda`` or a torch device)."""
+def _load(stage1_checkpoint: Path, spec: DatasetSpec, device: str | torch.device, images: Sequence[Path],
+          what: str) -> tuple[LoadedClassifier, torch.device]:
+    """The stage-1 classifier in eval mode on ``device`` (``auto``, ``cpu``, ``cuda`` or a torch device),
+    its input normalisation bound to the set ``images`` its patches are drawn from (``reinhard-set``)."""
     clf = load_classifier(stage1_checkpoint, spec)
+    clf = replace(clf, norm=clf.norm.for_set(lambda: stain.measure_paths(images, clf.image_size), what))
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     clf.model.to(device).eval()
     return clf, device
@@ -192,7 +196,7 @@ def examples_figure(
     samples = list_masked(data, "test")
     picked = [samples[i] for i in pick_covering(_test_labels(samples, spec), len(samples), n)]
     columns = existing_pred_dirs(pred_dirs)
-    clf, device = _load(stage1_checkpoint, spec, device)
+    clf, device = _load(stage1_checkpoint, spec, device, [s.image for s in samples], "the test split")
     rows = [_example_row(sample, clf, layers, columns, spec, device, method) for sample in picked]
     titles = ["image", "ground truth", *(f"PM {layer}" for layer in layers), *columns]
     row_titles = [wrap_name(sample.image.stem) for sample in picked]
@@ -236,7 +240,7 @@ def cam_figure(
     missing = [spec.classes[c] for c in range(spec.num_classes) if c not in chosen]
     if missing:
         log.info("figures: no training patch is labelled %s; cams.png leaves it out", ", ".join(missing))
-    clf, device = _load(stage1_checkpoint, spec, device)
+    clf, device = _load(stage1_checkpoint, spec, device, [s.path for s in samples], "the training set")
     rows, row_titles = [], []
     for c, index in chosen.items():
         row, prob = _cam_row(samples[index], c, clf, layers, device)

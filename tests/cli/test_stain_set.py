@@ -229,3 +229,15 @@ def test_the_python_api_measures_the_image_or_patches_of_each_call(set_ckpts, sh
     patches = [patch(s, "pale", size=32) for s in range(3)]
     api.load_classifier(set_ckpts["s1"], device="cpu").classify(patches)
     assert_shifts(shifts, "stage 1", patches, 3)
+
+
+def test_figures_measure_the_split_their_patches_come_from(synth16, set_ckpts, shifts, tmp_path):
+    from wsss import figures
+
+    figures.cam_figure(LUAD, synth16, set_ckpts["s1"], tmp_path / "cams.png")
+    train = read((synth16 / "train").glob("*.png"))
+    assert shifts and all(np.allclose(s, expected_shift(train), atol=0.1) for _, s in shifts)
+    shifts.clear()
+    figures.examples_figure(LUAD, synth16, set_ckpts["s1"], {}, tmp_path / "examples.png", n=2)
+    test = read((synth16 / "test" / "img").glob("*.png"))
+    assert shifts and all(np.allclose(s, expected_shift(test), atol=0.1) for _, s in shifts)
