@@ -1,17 +1,19 @@
 """``--stain-norm reinhard-set`` in the stain transfer matrix, without training anything again.
 
-A chain trained with ``--stain-norm reinhard-set`` trains exactly as one trained with ``none``: the
+A chain trained with ``--stain-norm reinhard-set`` trains exactly as one trained without it: the
 training set is its own colour reference, shifted by zero (tests/cli/test_stain_set.py checks the
-weights are identical). So the ``none`` configuration's models of a ``bench/stain_transfer.py`` root,
-given the colour reference that training would have recorded (the training set's mean LAB, fitted
-here by the same function), *are* the ``reinhard-set`` models. Each is scored with ``wsss evaluate
+weights are identical). So the models of a ``bench/stain_transfer.py`` configuration without a stain
+normalisation (``none``, ``scanner``, ...), given the colour reference that training would have
+recorded (the training set's mean LAB, fitted here by the same function), *are* the models of
+``reinhard-set`` plus that configuration's options. Each is scored with ``wsss evaluate
 --gate`` on every look's test split, which measures that split's colour and shifts it onto the
 reference (the real code path, nothing copied or pre-shifted here).
 
     python bench/colour_alignment.py --root runs/stain-task1 --seeds 0,1,2
+    python bench/colour_alignment.py --root runs/stain-task1 --config scanner   # reinhard-set+scanner
 
-Writes ROOT/runs/reinhard-set/seed<K>/ (the two checkpoints and eval/<look>.json), adds the
-``reinhard-set`` rows to ROOT/transfer.json and rewrites ROOT/transfer.md.
+Writes ROOT/runs/<name>/seed<K>/ (the two checkpoints and eval/<look>.json; name ``reinhard-set``, or
+``reinhard-set+<config>``), adds its rows to ROOT/transfer.json and rewrites ROOT/transfer.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from wsss.data.layout import list_train  # noqa: E402
 from wsss.data.specs import LUAD  # noqa: E402
 from wsss.runtime import load_checkpoint, save_checkpoint  # noqa: E402
 
-NAME = "reinhard-set"
+METHOD = "reinhard-set"
 
 
 def with_reference(src: Path, dst: Path, train: list[Path]) -> Path:
@@ -40,10 +42,10 @@ def with_reference(src: Path, dst: Path, train: list[Path]) -> Path:
         return dst
     ckpt = load_checkpoint(src)
     if ckpt["input_norm"].get("stain") or ckpt["config"].get("stain_norm", "none") != "none":
-        sys.exit(f"{src} was trained with a stain option; only the none configuration's models can be used")
-    target = stain.fit_training_set(NAME, train, ckpt.get("image_size"))
+        sys.exit(f"{src} was trained with a stain normalisation; only configurations without one can be used")
+    target = stain.fit_training_set(METHOD, train, ckpt.get("image_size"))
     ckpt["input_norm"]["stain"] = target.to_dict()
-    ckpt["config"]["stain_norm"] = NAME
+    ckpt["config"]["stain_norm"] = METHOD
     dst.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(dst, ckpt)
     return dst
@@ -52,8 +54,10 @@ def with_reference(src: Path, dst: Path, train: list[Path]) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, required=True, help="a bench/stain_transfer.py root")
-    parser.add_argument("--seeds", default="0", help="seeds of its none configuration, comma-separated")
+    parser.add_argument("--seeds", default="0", help="seeds of the configuration, comma-separated")
+    parser.add_argument("--config", default="none", help="a configuration of that root without a stain normalisation")
     args = parser.parse_args()
+    name = METHOD if args.config == "none" else f"{METHOD}+{args.config}"
     data = args.root / "data"
     folders = {look: data / look for look in LOOKS}
     train = [s.path for s in list_train(folders["default"], LUAD)]
@@ -61,18 +65,18 @@ def main() -> None:
     results = json.loads(results_path.read_text())
     log = args.root / "log.txt"
     for seed in (int(s) for s in args.seeds.split(",")):
-        none = args.root / "runs" / "none" / f"seed{seed}"
-        run = args.root / "runs" / NAME / f"seed{seed}"
-        s1 = with_reference(none / "stage1" / "stage1_checkpoint_trained_on_luad.pth",
+        source = args.root / "runs" / args.config / f"seed{seed}"
+        run = args.root / "runs" / name / f"seed{seed}"
+        s1 = with_reference(source / "stage1" / "stage1_checkpoint_trained_on_luad.pth",
                             run / "stage1" / "stage1_checkpoint_trained_on_luad.pth", train)
-        s2 = with_reference(none / "stage2" / "stage2_checkpoint_trained_on_luad.pth",
+        s2 = with_reference(source / "stage2" / "stage2_checkpoint_trained_on_luad.pth",
                             run / "stage2" / "stage2_checkpoint_trained_on_luad.pth", train)
-        results.setdefault(NAME, {})[str(seed)] = evaluate(run, s1, s2, folders, log)
+        results.setdefault(name, {})[str(seed)] = evaluate(run, s1, s2, folders, log)
         results_path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"{NAME} seed {seed}: " + ", ".join(f"{k} {v['gate']:.3f}" for k, v in results[NAME][str(seed)].items()),
+        print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['gate']:.3f}" for k, v in results[name][str(seed)].items()),
               flush=True)
-    order = [*CONFIGS, NAME]
-    text = table({name: results[name] for name in order if name in results})
+    order = [*CONFIGS, *sorted(k for k in results if k not in CONFIGS)]
+    text = table({k: results[k] for k in order if k in results})
     md = args.root / "transfer.md"
     settings = md.read_text().split("\n\n")[0] if md.is_file() else ""
     md.write_text(f"{settings}\n\n{text}\n")
