@@ -95,6 +95,14 @@ MIN_FIT_PATCHES = 3
 """A target needs at least this many usable (not glass-dominated) patches."""
 
 _COUNTS: Counter = Counter()
+_LOGGED: set = set()
+
+
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` once per process (the gate's classifier and the segmenter bind to the same set)."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        log.log(level, message)
 
 
 def optical_density(image: np.ndarray) -> np.ndarray:
@@ -253,13 +261,13 @@ class StainNorm:
         if self.method != SET_METHOD:
             return self
         if colour.mean is None or colour.patches < MIN_SET_PATCHES:
-            log.warning("reinhard-set: %s has %d stained patches or tiles, %d needed to measure its colour; it is "
-                        "not aligned", what, colour.patches, MIN_SET_PATCHES)
+            _log_once(logging.WARNING, f"reinhard-set: {what} has {colour.patches} stained patches or tiles, "
+                      f"{MIN_SET_PATCHES} needed to measure its colour; it is not aligned")
             return replace(self, set_shift=(0.0, 0.0, 0.0))
         shift = tuple(float(t - m) for t, m in zip(self.lab_mean, colour.mean))
-        log.info("reinhard-set: %s (%d stained patches or tiles) has mean LAB %s; shifted by %s onto the training "
-                 "set's", what, colour.patches, ", ".join(f"{v:.1f}" for v in colour.mean),
-                 ", ".join(f"{v:+.2f}" for v in shift))
+        _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles) has mean LAB "
+                  f"{', '.join(f'{v:.1f}' for v in colour.mean)}; shifted by {', '.join(f'{v:+.2f}' for v in shift)} "
+                  "onto the training set's")
         return replace(self, set_shift=shift)
 
     def transform(self, image: np.ndarray) -> np.ndarray:

@@ -120,7 +120,7 @@ def evaluate_samples(
     spec's background index.
     """
     def bound(norm: InputNorm, size: int | None) -> InputNorm:  # reinhard-set: measured on these samples
-        return norm.for_set(lambda: stain.measure_paths([s.image for s in samples], size), f"the {desc} set")
+        return norm.for_set(lambda: stain.measure_paths([s.image for s in samples], size), f"the {desc} patches")
 
     sizes, norms = [seg.image_size], [bound(seg.norm, seg.image_size)]
     if gate is not None:
