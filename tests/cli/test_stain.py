@@ -315,6 +315,7 @@ def test_train_stage1_stores_the_fitted_target_and_a_resumed_run_keeps_it(synth1
     ("grey", "grayscale"),
     ("text", "cannot read image"),
     ("glass", "mostly glass"),
+    ("glass-set", "mostly glass"),
     ("no-method", "--stain-target needs --stain-norm"),
     ("vahadane", "--stain-norm must be one of none, macenko, reinhard"),
 ])
@@ -332,7 +333,8 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         glass = np.full((256, 256, 3), 244, np.uint8)
         glass[:20, :20] = (120, 60, 140)
         Image.fromarray(glass).save(target)
-    method = {"no-method": [], "vahadane": ["--stain-norm", "vahadane"]}.get(case, ["--stain-norm", "macenko"])
+    method = {"no-method": [], "vahadane": ["--stain-norm", "vahadane"],
+              "glass-set": ["--stain-norm", "reinhard-set"]}.get(case, ["--stain-norm", "macenko"])
     out = tmp_path / "out"
     args = [command, "--dataset", "luad", "--data", data, "--preset", "cpu", "--image-size", 32, "--epochs", 1,
             "--out", out, "--stain-target", target, *method, "--device", "cpu"]
