@@ -29,6 +29,7 @@ from wsss.runtime import load_checkpoint, save_checkpoint
 from wsss.stages import stage1, stage2
 
 TARGET = (62.0, 24.0, -12.0)  # far from any synthetic look: every set gets a visible shift
+SPREAD = (1.0, 1.0, 1.0)  # a narrow training set: any such shift is significant
 
 
 def patch(seed: int, look: str = "default", size: int = 48) -> np.ndarray:
@@ -62,6 +63,35 @@ def test_a_set_is_shifted_onto_the_reference_and_keeps_the_differences_between_i
     assert np.abs(before.mean(0) - after.mean(0)).max() > 3  # it did move
 
 
+def test_a_set_is_shifted_only_when_its_mean_is_significantly_off_the_training_sets():
+    """z: the per-channel difference over its standard error, spread × sqrt(1/n + 1/n_reference),
+    computed here by hand; shifted when the norm of z exceeds 4.03 (chi, 3 dof, 0.999)."""
+    target = StainNorm("reinhard-set", lab_mean=(60.0, 20.0, -10.0), lab_std=(8.0, 6.0, 4.0), patches=200, source="t")
+    se = np.array([8.0, 6.0, 4.0]) * np.sqrt(1 / 80 + 1 / 200)  # (1.058, 0.794, 0.529)
+    for offset, shifted in (((1.5, -0.3, 0.8), False),  # |z| = 2.2: a test split's sampling noise
+                            ((3.4, 5.9, 6.4), True),  # |z| = 14.7: another lab
+                            ((3.9, 1.0, 0.5), False),  # |z| = 3.96
+                            ((4.0, 1.0, 0.5), True)):  # |z| = 4.06
+        assert (np.linalg.norm(np.asarray(offset) / se) > 4.03) == shifted  # the case is what it says
+        mean = tuple(np.asarray(target.lab_mean) - offset)
+        bound = target.for_set(stain.SetColour(mean, 80, 80, (8.0, 6.0, 4.0)), "a set")
+        assert np.allclose(bound.set_shift, offset if shifted else (0, 0, 0))
+
+
+def test_a_sample_of_the_training_look_is_left_as_it_is_and_another_labs_is_shifted(tmp_path):
+    paths = []
+    for s in range(60):
+        paths.append(tmp_path / f"p{s}.png")
+        Image.fromarray(patch(s)).save(paths[-1])
+    target = stain.fit_training_set("reinhard-set", paths, None)
+    assert np.allclose(target.lab_std, np.std([srgb_to_lab(patch(s)).reshape(-1, 3).mean(0) for s in range(60)], 0),
+                       atol=0.1)
+    same = target.for_set(stain.measure_set(patch(s) for s in range(500, 540)), "more default-look patches")
+    assert same.set_shift == (0.0, 0.0, 0.0)
+    other = target.for_set(stain.measure_set(patch(s, "lab-b") for s in range(500, 540)), "lab-b")
+    assert np.linalg.norm(other.set_shift) > 5
+
+
 def test_the_training_set_itself_is_shifted_by_exactly_zero_and_left_as_it_is(tmp_path):
     paths = []
     for s in range(30):
@@ -75,7 +105,7 @@ def test_the_training_set_itself_is_shifted_by_exactly_zero_and_left_as_it_is(tm
 
 
 def test_too_small_a_set_and_glass_are_left_as_they_are(caplog):
-    target = StainNorm("reinhard-set", lab_mean=TARGET, patches=50, source="t")
+    target = StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=50, source="t")
     few = [patch(s, "lab-b") for s in range(stain.MIN_SET_PATCHES - 1)]
     bound = target.for_set(stain.measure_set(few), "a few patches")
     assert bound.set_shift == (0.0, 0.0, 0.0) and "not aligned" in caplog.text
@@ -88,10 +118,10 @@ def test_too_small_a_set_and_glass_are_left_as_they_are(caplog):
 
 
 def test_an_unbound_target_is_refused_and_the_shift_is_never_stored():
-    target = StainNorm("reinhard-set", lab_mean=TARGET, patches=50, source="t")
+    target = StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=50, source="t")
     with pytest.raises(WsssError, match="before its set's colour was measured"):
         target.transform(patch(0))
-    bound = target.for_set(stain.SetColour((50.0, 10.0, 0.0), 40, 40))
+    bound = target.for_set(stain.SetColour((50.0, 10.0, 0.0), 40, 40, (1.0, 1.0, 1.0)))
     d = InputNorm(stain=bound).to_dict()
     assert "set_shift" not in d["stain"] and InputNorm.from_dict(d).stain == target
 
@@ -106,7 +136,7 @@ def set_ckpts(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg1 = Stage1Config(dataset="luad", data=Path("."), width=0.125, image_size=32, stain_norm="reinhard-set")
     s1 = root / "s1.pth"
-    target = lambda tag: StainNorm("reinhard-set", lab_mean=TARGET, patches=9, source=tag)
+    target = lambda tag: StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=9, source=tag)
     save_checkpoint(s1, stage1.checkpoint_state(ResNet38Classifier(4, width=0.125), cfg1, LUAD, 0,
                                                 InputNorm(stain=target("stage 1"))))
     cfg2 = Stage2Config(dataset="luad", data=Path("."), backbone="resnet18", head_channels=8, image_size=32,

@@ -86,6 +86,11 @@ SET_METHOD = "reinhard-set"
 MIN_SET_PATCHES = 16
 """A set with fewer stained patches or tiles is not aligned: its mean colour would say more about its
 tissue mix than about its stain."""
+SET_SIGNIFICANCE = 4.03
+"""A set is shifted only when its mean LAB differs from the training set's by more than this many
+standard errors (the norm of the per-channel z-scores, :func:`set_noise`): the 0.999 quantile of a
+chi distribution with 3 degrees of freedom (sqrt(16.27)), so that a random sample of training-like
+patches is shifted once in a thousand sets, by chance."""
 FIT_MIN_STAINED = 0.3
 """When fitting a target, a patch (or a tile of ``--stain-target``) with a smaller stained fraction is
 glass-dominated and skipped."""
@@ -208,7 +213,9 @@ class StainNorm:
             ok = mean.shape == std.shape == (3,) and np.isfinite(mean).all() and (std > 0).all()
         elif self.method == SET_METHOD:
             mean = np.asarray(self.lab_mean, dtype=float)
-            ok = mean.shape == (3,) and np.isfinite(mean).all()
+            spread = np.asarray(self.lab_std, dtype=float)
+            ok = mean.shape == spread.shape == (3,) and np.isfinite(mean).all() and (spread > 0).all() \
+                and self.patches > 0
         else:
             raise WsssError(f"unknown stain normalisation {self.method!r}; use one of {', '.join(METHODS[1:])}")
         if not ok:
@@ -220,8 +227,6 @@ class StainNorm:
         if self.method == "macenko":
             d["stain_matrix"] = [list(row) for row in self.stain_matrix]
             d["max_concentration"] = list(self.max_concentration)
-        elif self.method == SET_METHOD:
-            d["lab_mean"] = list(self.lab_mean)
         else:
             d["lab_mean"] = list(self.lab_mean)
             d["lab_std"] = list(self.lab_std)
@@ -264,11 +269,17 @@ class StainNorm:
             _log_once(logging.WARNING, f"reinhard-set: {what} has {colour.patches} stained patches or tiles, "
                       f"{MIN_SET_PATCHES} needed to measure its colour; it is not aligned")
             return replace(self, set_shift=(0.0, 0.0, 0.0))
-        shift = tuple(float(t - m) for t, m in zip(self.lab_mean, colour.mean))
-        _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles) has mean LAB "
-                  f"{', '.join(f'{v:.1f}' for v in colour.mean)}; shifted by {', '.join(f'{v:+.2f}' for v in shift)} "
-                  "onto the training set's")
-        return replace(self, set_shift=shift)
+        shift = np.asarray(self.lab_mean) - np.asarray(colour.mean)
+        z = float(np.linalg.norm(shift / set_noise(self, colour.patches)))
+        mean = ", ".join(f"{v:.1f}" for v in colour.mean)
+        if z <= SET_SIGNIFICANCE:
+            _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles, mean LAB {mean}) "
+                      f"is within what a sample of the training set gives (z = {z:.1f} <= {SET_SIGNIFICANCE:.2f}): "
+                      "not shifted")
+            return replace(self, set_shift=(0.0, 0.0, 0.0))
+        _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles) has mean LAB {mean} "
+                  f"(z = {z:.1f}); shifted by {', '.join(f'{v:+.2f}' for v in shift)} onto the training set's")
+        return replace(self, set_shift=tuple(float(v) for v in shift))
 
     def transform(self, image: np.ndarray) -> np.ndarray:
         """``image`` (H, W, 3) uint8 mapped onto the target; raises :class:`FitFailed` (uncounted)."""
@@ -401,7 +412,8 @@ def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "pat
             raise WsssError(f"cannot measure a reinhard-set colour reference on {source}: {colour.patches} of its "
                             f"{colour.seen} {unit} are stained (at least {MIN_STAINED:.0%} of the pixels with OD >= "
                             f"{BETA} in every channel), {MIN_FIT_PATCHES} needed; it is mostly glass")
-        target = StainNorm(SET_METHOD, lab_mean=colour.mean, patches=colour.patches, source=source)
+        target = StainNorm(SET_METHOD, lab_mean=colour.mean, lab_std=colour.spread, patches=colour.patches,
+                           source=source)
         log.info("%s (%d of %d %s skipped as glass)", target.describe(), colour.seen - colour.patches, colour.seen, unit)
         return target
     estimates, seen = [], 0
@@ -434,6 +446,13 @@ def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "pat
     return target
 
 
+def set_noise(target: StainNorm, patches: int) -> np.ndarray:
+    """The standard error ``(3,)`` of the difference between the training set's mean LAB (over
+    ``target.patches`` patches) and that of a random sample of ``patches`` patches like them: the spread
+    of the training patches' LAB means times sqrt(1/patches + 1/target.patches)."""
+    return np.asarray(target.lab_std) * math.sqrt(1.0 / patches + 1.0 / target.patches)
+
+
 @dataclass(frozen=True)
 class SetColour:
     """The colour of a set of patches or tiles: the mean over its stained ones (at least
@@ -443,6 +462,8 @@ class SetColour:
     mean: tuple[float, float, float] | None
     patches: int
     seen: int
+    spread: tuple[float, float, float] | None = None
+    """The standard deviation over the stained patches of their LAB means (None when none is)."""
 
 
 def measure_set(images: Iterable[np.ndarray]) -> SetColour:
@@ -456,8 +477,10 @@ def measure_set(images: Iterable[np.ndarray]) -> SetColour:
             means.append(reinhard_fit(image)[0])
         except FitFailed:
             continue
-    mean = tuple(float(v) for v in np.mean(means, axis=0)) if means else None
-    return SetColour(mean, len(means), seen)
+    if not means:
+        return SetColour(None, 0, seen)
+    return SetColour(tuple(float(v) for v in np.mean(means, axis=0)), len(means), seen,
+                     tuple(float(v) for v in np.std(means, axis=0)))
 
 
 def measure_paths(paths: Sequence[Path], image_size: int | None) -> SetColour:
