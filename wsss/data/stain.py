@@ -28,9 +28,12 @@ remember it.
   patch of it in LAB by one vector, the target minus that mean. A lab's colour cast moves every patch
   alike and is removed; what tells patches apart, their own mean colour included, is kept (a patch's
   mean colour is a class cue that per-patch normalisation removes: docs/stain.md). The training set
-  is its own reference: its shift is zero and training is exactly that of ``none``. A set too small to
-  measure (fewer than :data:`MIN_SET_PATCHES` stained patches or tiles), where its tissue mix rather
-  than its stain would set the mean, is left as it is (one log line).
+  is its own reference: its shift is zero and training is exactly that of ``none``. A set is shifted
+  only when its mean is significantly off the reference's (:data:`SET_SIGNIFICANCE` standard errors,
+  from the spread of the training patches' means the target records): a test split drawn like the
+  training set differs by sampling alone and is left as it is. A set too small to measure (fewer
+  than :data:`MIN_SET_PATCHES` stained patches or tiles), where its tissue mix rather than its stain
+  would set the mean, is left as it is too (one log line).
 
 Macenko is written out here (40 lines) rather than taken from torchstain, whose algorithm, constants
 and ordering rule it follows (the tests compare the two: within one grey level). Two reasons. Its
