@@ -461,13 +461,17 @@ STAGE1_PRESETS: dict[str, dict[str, Any]] = _PRESETS["stage1"]
 PM_PRESETS: dict[str, dict[str, Any]] = _PRESETS["pm"]
 STAGE2_PRESETS: dict[str, dict[str, Any]] = _PRESETS["stage2"]
 
+NOT_ABLATED = frozenset({"stain_norm"})
+"""Preset settings with no ablation row: ``reinhard-set`` trains exactly as ``none`` (a row would train
+the same chain again); what it does to each look is the stain bench's (docs/stain.md)."""
 IMPROVEMENTS: dict[str, dict[str, Any]] = {
     step: {k: v for k, v in presets["cpu"].items()
-           if presets["cpu-paper"].get(k) != v and k not in RULES[step] and k not in RUNTIME_FIELDS}
+           if presets["cpu-paper"].get(k) != v and k not in RULES[step] and k not in RUNTIME_FIELDS | NOT_ABLATED}
     for step, presets in _PRESETS.items()
 }
 """What the ``cpu`` preset changes from ``cpu-paper`` (the reference at the same scale), per step,
-rules and how it runs (precision, workers) aside: one ablation row each (``wsss reproduce --ablations``)."""
+rules, how it runs (precision, workers) and :data:`NOT_ABLATED` aside: one ablation row each
+(``wsss reproduce --ablations``)."""
 
 
 def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],
