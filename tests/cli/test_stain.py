@@ -333,7 +333,7 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         glass = np.full((256, 256, 3), 244, np.uint8)
         glass[:20, :20] = (120, 60, 140)
         Image.fromarray(glass).save(target)
-    method = {"no-method": [], "vahadane": ["--stain-norm", "vahadane"],
+    method = {"no-method": ["--stain-norm", "none"], "vahadane": ["--stain-norm", "vahadane"],
               "glass-set": ["--stain-norm", "reinhard-set"]}.get(case, ["--stain-norm", "macenko"])
     out = tmp_path / "out"
     args = [command, "--dataset", "luad", "--data", data, "--preset", "cpu", "--image-size", 32, "--epochs", 1,

@@ -133,7 +133,8 @@ def test_options_reach_both_stages_and_no_preset_turns_them_on(synth16, tmp_path
     assert (colour.hed_scale, colour.hed_shift, colour.lab, colour.light, colour.blur, colour.jpeg) == (
         0.2, 0.03, 1.0, 0.1, 1.0, 40)
     assert colour.lab_stats is not None and colour.lab_stats.patches == 16
-    assert seen[0].norm.stain is None
+    assert seen[0].norm.stain.method == "reinhard-set"  # the preset's, and it trains as none: shift zero
+    assert seen[0].norm.stain.set_shift == (0.0, 0.0, 0.0)
 
 
 @pytest.mark.parametrize("option, value, fragment", [

@@ -264,23 +264,24 @@ class StainNorm:
 
     def for_set(self, colour: "SetColour", what: str = "this set") -> "StainNorm":
         """This target bound to a set of patches whose colour ``colour`` was measured (:func:`measure_set`):
-        ``reinhard-set`` shifts each of them by the target minus the set's mean (none when too few of
-        them are stained); the per-patch methods are returned as they are."""
+        ``reinhard-set`` shifts each of them by the target minus the set's mean when that is significant
+        (:data:`SET_SIGNIFICANCE`) and enough of them are stained (:data:`MIN_SET_PATCHES`), else by zero;
+        the per-patch methods are returned as they are."""
         if self.method != SET_METHOD:
             return self
         if colour.mean is None or colour.patches < MIN_SET_PATCHES:
-            _log_once(logging.WARNING, f"reinhard-set: {what} has {colour.patches} stained patches or tiles, "
-                      f"{MIN_SET_PATCHES} needed to measure its colour; it is not aligned")
+            _log_once(logging.INFO, f"reinhard-set: {what}: {colour.patches} stained patches or tiles, "
+                      f"{MIN_SET_PATCHES} needed to measure a set's colour; not shifted")
             return replace(self, set_shift=(0.0, 0.0, 0.0))
         shift = np.asarray(self.lab_mean) - np.asarray(colour.mean)
         z = float(np.linalg.norm(shift / set_noise(self, colour.patches)))
         mean = ", ".join(f"{v:.1f}" for v in colour.mean)
         if z <= SET_SIGNIFICANCE:
-            _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles, mean LAB {mean}) "
-                      f"is within what a sample of the training set gives (z = {z:.1f} <= {SET_SIGNIFICANCE:.2f}): "
+            _log_once(logging.INFO, f"reinhard-set: {what}: mean LAB {mean} over {colour.patches} stained patches or "
+                      f"tiles, within what a sample of the training set gives (z = {z:.1f} <= {SET_SIGNIFICANCE:.2f}); "
                       "not shifted")
             return replace(self, set_shift=(0.0, 0.0, 0.0))
-        _log_once(logging.INFO, f"reinhard-set: {what} ({colour.patches} stained patches or tiles) has mean LAB {mean} "
+        _log_once(logging.INFO, f"reinhard-set: {what}: mean LAB {mean} over {colour.patches} stained patches or tiles "
                   f"(z = {z:.1f}); shifted by {', '.join(f'{v:+.2f}' for v in shift)} onto the training set's")
         return replace(self, set_shift=tuple(float(v) for v in shift))
 
