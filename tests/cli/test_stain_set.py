@@ -65,15 +65,15 @@ def test_a_set_is_shifted_onto_the_reference_and_keeps_the_differences_between_i
 
 def test_a_set_is_shifted_only_when_its_mean_is_significantly_off_the_training_sets():
     """z: the per-channel difference over its standard error, spread × sqrt(1/n + 1/n_reference) with n
-    the set's size capped at 16, computed here by hand; shifted when the norm of z exceeds 4.03 (chi,
+    the set's size capped at 32, computed here by hand; shifted when the norm of z exceeds 4.03 (chi,
     3 dof, 0.999)."""
     target = StainNorm("reinhard-set", lab_mean=(60.0, 20.0, -10.0), lab_std=(8.0, 6.0, 4.0), patches=200, source="t")
-    for n in (10 ** 4, 16):  # any set of 16 or more patches is judged as one of 16
-        se = np.array([8.0, 6.0, 4.0]) * np.sqrt(1 / 16 + 1 / 200)  # (2.08, 1.56, 1.04)
-        for offset, shifted in (((3.0, -0.6, 1.6), False),  # |z| = 2.1: a test split's sampling noise
-                                ((3.4, 5.9, 6.4), True),  # |z| = 7.4: another lab
-                                ((7.95, 1.0, 1.0), False),  # |z| = 4.00
-                                ((8.05, 1.0, 1.0), True)):  # |z| = 4.04
+    for n in (10 ** 4, 32):  # any set of 32 or more patches is judged as one of 32
+        se = np.array([8.0, 6.0, 4.0]) * np.sqrt(1 / 32 + 1 / 200)  # (1.52, 1.14, 0.76)
+        for offset, shifted in (((3.0, -0.6, 1.6), False),  # |z| = 2.9: a test split's sampling noise
+                                ((3.4, 5.9, 6.4), True),  # |z| = 10.1: another lab
+                                ((5.6, 1.0, 1.0), False),  # |z| = 4.00
+                                ((5.7, 1.0, 1.0), True)):  # |z| = 4.06
             assert (np.linalg.norm(np.asarray(offset) / se) > 4.03) == shifted  # the case is what it says
             mean = tuple(np.asarray(target.lab_mean) - offset)
             bound = target.for_set(stain.SetColour(mean, n, n, (8.0, 6.0, 4.0)), f"a set of {n}")
