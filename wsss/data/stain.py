@@ -94,7 +94,7 @@ SET_MAX_PATCHES = 32
 varies from set to set more than sampling would (a slide is not a random sample of the training
 patches). Measured without the cap: sets of about 100 patches mostly of one tissue, in the training
 lab's colours, were 4.4-5.5 standard errors off and lost up to 0.031 mIoU when shifted; counted as 32
-they are 2.5-3.1 off, and another lab's test splits of 80 stay 7 or more off (docs/stain.md)."""
+they are at most 3.7 off, and another lab's test splits of 80 stay 7 or more off (docs/stain.md)."""
 SET_SIGNIFICANCE = 4.03
 """A set is shifted only when its mean LAB differs from the training set's by more than this many
 standard errors (the norm of the per-channel z-scores, :func:`set_noise`): the 0.999 quantile of a
