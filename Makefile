@@ -74,11 +74,13 @@ quality: venv
 
 # The stain transfer matrix (docs/stain.md): the cpu preset trained on the default synthetic look
 # (make reproduce's 1000/100/100 patches of 112 px) with each configuration, tested on every
-# stain/scanner look; about 12 min per configuration and seed on one core; a rerun continues.
+# stain/scanner look; about 12 min per configuration and seed on one core; a rerun continues. Then the
+# presets' reinhard-set on the none configuration's weights (it trains exactly as none).
 STAIN_ROOT ?= runs/stain
 STAIN_CONFIGS ?= none,reinhard,reinhard+scanner,reinhard+scanner2,reinhard-mean+scanner
 stain: venv
 	$(PY) bench/stain_transfer.py --root $(STAIN_ROOT) --seeds $(SEEDS) --configs $(STAIN_CONFIGS) --counts 1000,100,100
+	$(PY) bench/colour_alignment.py --root $(STAIN_ROOT) --seeds $(SEEDS)
 
 bench: venv
 	@for script in bench/stage1_speed.py bench/pm_speed.py bench/stage2_speed.py bench/predict_speed.py \
