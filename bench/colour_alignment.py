@@ -40,6 +40,8 @@ def with_reference(src: Path, dst: Path, train: list[Path]) -> Path:
     the colour reference of its training set recorded, nothing else changed."""
     if dst.is_file():
         return dst
+    if not src.is_file():
+        sys.exit(f"{src} is missing: run bench/stain_transfer.py with that configuration and seed first")
     ckpt = load_checkpoint(src)
     if ckpt["input_norm"].get("stain") or ckpt["config"].get("stain_norm", "none") != "none":
         sys.exit(f"{src} was trained with a stain normalisation; only configurations without one can be used")
@@ -59,6 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     name = METHOD if args.config == "none" else f"{METHOD}+{args.config}"
     data = args.root / "data"
+    if not (args.root / "transfer.json").is_file():
+        sys.exit(f"{args.root} is not a bench/stain_transfer.py root (no transfer.json): run that first")
     folders = {look: data / look for look in LOOKS}
     train = [s.path for s in list_train(folders["default"], LUAD)]
     results_path = args.root / "transfer.json"
