@@ -259,7 +259,10 @@ class StainNorm:
             raise WsssError("the recorded stain target is malformed") from None
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """``image`` (H, W, 3) uint8 mapped onto the target, or unchanged when its fit fails (counted)."""
+        """``image`` (H, W, 3) uint8 mapped onto the target, or unchanged when its fit fails (counted); a
+        ``reinhard-set`` target whose set is not shifted returns it as it is, uncounted (nothing to log)."""
+        if self.method == SET_METHOD and self.set_shift is not None and not any(self.set_shift):
+            return image
         try:
             out = self.transform(image)
         except FitFailed:
