@@ -28,7 +28,7 @@ from wsss.data.png import check_rgb_mode
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
-from wsss.data.scale import resample_factor
+from wsss.data.scale import image_side, resample_factor
 from wsss.inference import (
     Segmentation, TilePredictor, check_tta, check_window_options, load_models, model_scale, segment_image, window_batch,
     window_for,
@@ -194,8 +194,8 @@ class Segmenter:
         factor = self._factor(mpp)
         s = self.settings
         check_image_size(Path(name), rgb, s.tile, factor=factor)
-        side = max(1, round(s.tile / factor)) if factor else s.tile
-        predictor = self.predictor.for_set(lambda: stain.measure_images([rgb], side), name)  # reinhard-set
+        predictor = self.predictor.for_set(  # reinhard-set: this image is the set
+            lambda: stain.measure_images([rgb], 1, image_side(s.tile, factor)), name)
         seg = segment_image(rgb, predictor, self.spec, s.tile, s.overlap, s.batch_size, probs=True,
                             progress=progress, factor=factor)
         return Result(seg.labels, seg.probs, self.classes, self.palette, self.background_index, seg,

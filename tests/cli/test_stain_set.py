@@ -80,11 +80,16 @@ def test_a_set_is_shifted_only_when_its_mean_is_significantly_off_the_training_s
             assert np.allclose(bound.set_shift, offset if shifted else (0, 0, 0))
 
 
+def saved_patches(folder: Path, n: int) -> list[Path]:
+    """Default-look patches of seeds 0..n-1 written as PNGs into ``folder``."""
+    paths = [folder / f"p{s}.png" for s in range(n)]
+    for s, path in enumerate(paths):
+        Image.fromarray(patch(s)).save(path)
+    return paths
+
+
 def test_a_sample_of_the_training_look_is_left_as_it_is_and_another_labs_is_shifted(tmp_path):
-    paths = []
-    for s in range(60):
-        paths.append(tmp_path / f"p{s}.png")
-        Image.fromarray(patch(s)).save(paths[-1])
+    paths = saved_patches(tmp_path, 60)
     target = stain.fit_training_set("reinhard-set", paths, None)
     assert np.allclose(target.lab_std, np.std([srgb_to_lab(patch(s)).reshape(-1, 3).mean(0) for s in range(60)], 0),
                        atol=0.1)
@@ -95,10 +100,7 @@ def test_a_sample_of_the_training_look_is_left_as_it_is_and_another_labs_is_shif
 
 
 def test_the_training_set_itself_is_shifted_by_exactly_zero_and_left_as_it_is(tmp_path):
-    paths = []
-    for s in range(30):
-        paths.append(tmp_path / f"p{s}.png")
-        Image.fromarray(patch(s)).save(paths[-1])
+    paths = saved_patches(tmp_path, 30)
     target = stain.fit_training_set("reinhard-set", paths, None)
     bound = target.for_set(stain.measure_paths(paths, None), "the training set")
     assert bound.set_shift == (0.0, 0.0, 0.0)

@@ -113,3 +113,9 @@ def resample_factor(image_mpp: float | None, model_mpp: float | None) -> float |
 def resampled_size(size: tuple[int, int], factor: float) -> tuple[int, int]:
     """``(w, h)`` of a ``size`` image resampled by ``factor``, at least 1 px a side."""
     return tuple(max(1, int(math.floor(side * factor + 0.5))) for side in size)
+
+
+def image_side(model_side: int, factor: float | None) -> int:
+    """The image pixels a window of ``model_side`` model pixels covers when the image is resampled by
+    ``factor`` (model pixels per image pixel; None: as it is)."""
+    return max(1, round(model_side / factor)) if factor else model_side

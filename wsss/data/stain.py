@@ -506,10 +506,11 @@ def measure_paths(paths: Sequence[Path], image_size: int | None) -> SetColour:
     return measure_set(resize_rgb(read_rgb(p), image_size) for p in spaced(sorted(paths)))
 
 
-def measure_images(images: Sequence[np.ndarray], side: int) -> SetColour:
+def measure_images(images: Iterable[np.ndarray], count: int, side: int) -> SetColour:
     """:class:`SetColour` of the ``side``-px tiles of ``images`` (each a whole image when smaller than a
-    tile), at most :data:`FIT_PATCHES` in all, shared evenly between the images."""
-    per_image = max(1, FIT_PATCHES // max(1, len(images)))
+    tile; ``count`` of them, read one at a time), at most :data:`FIT_PATCHES` in all, shared evenly
+    between the images."""
+    per_image = max(1, FIT_PATCHES // max(1, count))
     return measure_set(t for image in images for t in tiles(image, side, per_image))
 
 

@@ -381,8 +381,9 @@ def input_pipeline(cfg: Any, paths: list[Path], state: dict | None) -> InputPipe
             target = stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
         else:
             target = stain.fit_training_set(cfg.stain_norm, paths, cfg.image_size)
-        # reinhard-set: the training patches are a set like any other (shift zero unless --stain-target)
-        target = target.for_set(stain.measure_paths(paths, cfg.image_size), "the training set")
+        if target.method == stain.SET_METHOD:
+            # the training patches are a set like any other: shift zero, unless --stain-target
+            target = target.for_set(stain.measure_paths(paths, cfg.image_size), "the training set")
     lab = stain.lab_statistics(paths, cfg.image_size) if cfg.lab_jitter > 0 else None
     colour = ColourAugment(cfg.hed_scale, cfg.hed_shift, cfg.lab_jitter, cfg.light_jitter, cfg.blur_jitter,
                            cfg.jpeg_jitter, lab)

@@ -37,7 +37,7 @@ from PIL import Image, UnidentifiedImageError
 
 from wsss.data import stain
 from wsss.data.png import check_rgb_mode, write_mask, write_rgb
-from wsss.data.scale import resample_factor, resampled_size
+from wsss.data.scale import image_side, resample_factor, resampled_size
 from wsss.data.specs import DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
@@ -245,18 +245,14 @@ def images_colour(paths: Sequence[Path], tile: int, factor: float | None) -> sta
     """``reinhard-set``: the colour of the images ``paths`` (one set), over at most
     :data:`~wsss.data.stain.FIT_PATCHES` windows of ``tile`` model pixels shared between them; an image
     that cannot be read is left out (its prediction reports it)."""
-    side = max(1, round(tile / factor)) if factor else tile
-    per_image = max(1, stain.FIT_PATCHES // len(paths))
-
-    def windows():
+    def readable():
         for path in paths:
             try:
-                image = read_image(path)
+                yield read_image(path)
             except WsssError:
                 continue
-            yield from stain.tiles(image, side, per_image)
 
-    return stain.measure_set(windows())
+    return stain.measure_images(readable(), len(paths), image_side(tile, factor))
 
 
 def summary_row(path: Path, mask: np.ndarray, spec: DatasetSpec) -> dict:
