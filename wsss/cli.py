@@ -969,7 +969,12 @@ def _predict_cohort(cfg) -> None:
     for row in result.rows:
         if row["status"] != "done":
             typer.echo(f"  {row['slide']}: {row['status']}: {row['error']}", err=True)
-    if failed:
+    if failed and result.worker.world > 1:
+        # torchrun stops every rank as soon as one exits non-zero: a rank whose failures are in its table
+        # ends normally, so that the others finish their slides; cohort-summary gives the cohort's status
+        typer.echo(f"{result.worker.describe()}: exit status 0 under torchrun (a non-zero one stops the other "
+                   f"ranks); `wsss cohort-summary {cfg.out}` exits 1 while any slide failed", err=True)
+    elif failed:
         raise typer.Exit(1)
 
 
