@@ -28,10 +28,11 @@ from pathlib import Path
 
 LOOKS = ("default", "lab-b", "pale", "dark", "jpeg", "blur")
 
-NORM = {m: ["--stain-norm", m] for m in ("macenko", "reinhard", "reinhard-mean")}
+NORM = {m: ["--stain-norm", m] for m in ("macenko", "reinhard", "reinhard-mean", "reinhard-set")}
 HED = ["--hed-scale", "0.3", "--hed-shift", "0.05"]
 SCANNER = ["--light-jitter", "0.15", "--blur-jitter", "1.5", "--jpeg-jitter", "40"]
 AUG = [*HED, "--lab-jitter", "1", *SCANNER]
+BLUR_JPEG = ["--blur-jitter", "1.5", "--jpeg-jitter", "40"]  # the scanner's sharpness and compression, no light
 
 # Training options per configuration: (stage 1, stage 2). A stain target is each model's own; a "2"
 # suffix means the augmentation is given to stage 2 only (strong augmentation keeps the thin stage-1
@@ -56,6 +57,10 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "reinhard-mean": (NORM["reinhard-mean"], NORM["reinhard-mean"]),
     "reinhard-mean+scanner": (NORM["reinhard-mean"] + SCANNER, NORM["reinhard-mean"] + SCANNER),
     "reinhard-mean+scanner2": (NORM["reinhard-mean"], NORM["reinhard-mean"] + SCANNER),
+    "reinhard-set": (NORM["reinhard-set"], NORM["reinhard-set"]),
+    "reinhard-set+blur-jpeg": (NORM["reinhard-set"] + BLUR_JPEG, NORM["reinhard-set"] + BLUR_JPEG),
+    # the gate's classifier sees blur and JPEG, the segmenter JPEG only (blur costs it texture cues)
+    "reinhard-set+blur-jpeg1+jpeg2": (NORM["reinhard-set"] + BLUR_JPEG, NORM["reinhard-set"] + ["--jpeg-jitter", "40"]),
 }
 
 
