@@ -57,6 +57,7 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "reinhard-mean": (NORM["reinhard-mean"], NORM["reinhard-mean"]),
     "reinhard-mean+scanner": (NORM["reinhard-mean"] + SCANNER, NORM["reinhard-mean"] + SCANNER),
     "reinhard-mean+scanner2": (NORM["reinhard-mean"], NORM["reinhard-mean"] + SCANNER),
+    # trains exactly as none: bench/colour_alignment.py scores it on none's weights without training
     "reinhard-set": (NORM["reinhard-set"], NORM["reinhard-set"]),
     "reinhard-set+blur-jpeg": (NORM["reinhard-set"] + BLUR_JPEG, NORM["reinhard-set"] + BLUR_JPEG),
     # the gate's classifier sees blur and JPEG, the segmenter JPEG only (blur costs it texture cues)
@@ -173,17 +174,23 @@ def main() -> None:
             *(["--mpp", args.mpp] if args.mpp is not None else [])]
     folders = make_data(root, counts, args.size, args.data_seed, log, task)
     results_path = root / "transfer.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     for name in configs:
         for seed in seeds:
             run = root / "runs" / name / f"seed{seed}"
             started = time.perf_counter()
             precision = ["--precision", args.precision] if args.precision else []
             s1, s2 = train_chain(run, folders["default"], CONFIGS[name], seed, precision, log)
-            results.setdefault(name, {})[str(seed)] = evaluate(run, s1, s2, folders, log)
-            results_path.write_text(json.dumps(results, indent=2) + "\n")
+            scores = evaluate(run, s1, s2, folders, log)
+            # read again just before writing: another invocation on the same root (other seeds or
+            # configurations, run beside this one) may have added its results since this one started
+            results = json.loads(results_path.read_text()) if results_path.is_file() else {}
+            results.setdefault(name, {})[str(seed)] = scores
+            partial = results_path.with_suffix(".json.partial")
+            partial.write_text(json.dumps(results, indent=2) + "\n")
+            partial.replace(results_path)
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['gate']:.3f}" for k, v in results[name][str(seed)].items())
                   + f" ({time.perf_counter() - started:.0f} s)", flush=True)
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
     ordered = {name: results[name] for name in CONFIGS if name in results}
     text = table(ordered)
     settings = (f"synthetic data {args.counts} at {args.size} px (seed {args.data_seed}"
