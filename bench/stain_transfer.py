@@ -173,6 +173,8 @@ def main() -> None:
     task = [*(["--task-seed", args.task_seed] if args.task_seed is not None else []),
             *(["--mpp", args.mpp] if args.mpp is not None else [])]
     folders = make_data(root, counts, args.size, args.data_seed, log, task)
+    from wsss.runtime import atomic_path
+
     results_path = root / "transfer.json"
     for name in configs:
         for seed in seeds:
@@ -185,9 +187,8 @@ def main() -> None:
             # configurations, run beside this one) may have added its results since this one started
             results = json.loads(results_path.read_text()) if results_path.is_file() else {}
             results.setdefault(name, {})[str(seed)] = scores
-            partial = results_path.with_suffix(".json.partial")
-            partial.write_text(json.dumps(results, indent=2) + "\n")
-            partial.replace(results_path)
+            with atomic_path(results_path, owned=False) as tmp:
+                tmp.write_text(json.dumps(results, indent=2) + "\n")
             print(f"{name} seed {seed}: " + ", ".join(f"{k} {v['gate']:.3f}" for k, v in results[name][str(seed)].items())
                   + f" ({time.perf_counter() - started:.0f} s)", flush=True)
     results = json.loads(results_path.read_text()) if results_path.is_file() else {}
