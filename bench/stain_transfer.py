@@ -62,6 +62,10 @@ CONFIGS: dict[str, tuple[list[str], list[str]]] = {
     "reinhard-set+blur-jpeg": (NORM["reinhard-set"] + BLUR_JPEG, NORM["reinhard-set"] + BLUR_JPEG),
     # the gate's classifier sees blur and JPEG, the segmenter JPEG only (blur costs it texture cues)
     "reinhard-set+blur-jpeg1+jpeg2": (NORM["reinhard-set"] + BLUR_JPEG, NORM["reinhard-set"] + ["--jpeg-jitter", "40"]),
+    # milder: the gate's classifier needs blur only (JPEG does not fool it), σ up to 1 px (the blur look's
+    # 1.5 px at 224 px is 0.75 px at 112); the segmenter JPEG
+    "reinhard-set+blur1+jpeg2": (NORM["reinhard-set"] + ["--blur-jitter", "1"],
+                                 NORM["reinhard-set"] + ["--jpeg-jitter", "40"]),
 }
 
 

@@ -73,7 +73,7 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
 ConfigOpt = typer.Option(
-    None, "--config", help="A TOML file whose [stage1], [pseudo_masks] and [stage2] tables set configuration keys "
+    None, "--config", help="A TOML file whose \\[stage1], \\[pseudo_masks] and \\[stage2] tables set configuration keys "  # \\[: Rich would take [stage1] for markup
                            "as --print-config writes them (each command reads its own table, reproduce all three; "
                            "the presets are such files): over the preset, under the options given here.")
 PrintConfigOpt = typer.Option(
@@ -132,7 +132,14 @@ GateThresholdOpt = typer.Option(
     DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated.")
 ImageSizeOpt = typer.Option(None, "--image-size", min=16, help="Resize patches to this side.")
 InputNormOpt = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet.")
-JsonOutOpt = typer.Option(None, "--json", help="Write the metrics here.")
+def _json_file(path: Optional[Path]) -> Optional[Path]:
+    """``--json``: a folder is refused before any work is done, not after it."""
+    if path is not None and path.is_dir():
+        raise WsssError(f"--json {path} is a folder; give the name of the file to write")
+    return path
+
+
+JsonOutOpt = typer.Option(None, "--json", help="Write the metrics here.", callback=_json_file)
 OutOpt = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go.")
 PmDirOpt = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM).")
 PrecisionFp32Opt = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32.")
@@ -254,7 +261,7 @@ def check_data(
     root: Path = typer.Argument(..., help="Dataset folder (train/, val/ or valid/, test/)."),
     dataset: str = DatasetOpt,
     labels_csv: Optional[Path] = LabelsCsvOpt,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.", callback=_json_file),
 ) -> None:
     """Count patches, labels and mask pixels; list every problem. Exit 1 if there is any."""
     from wsss.data.check import check_dataset, format_report, report_to_json
@@ -505,7 +512,7 @@ def eval_pm(
     dataset: str = DatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder with train_gt/ (synthetic data)."),
     pm_dir: Optional[Path] = PmDirOpt,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layer: metrics} here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layer: metrics} here.", callback=_json_file),
 ) -> None:
     """Score each layer's pseudo-masks against the true training masks in DATA/train_gt/."""
     from wsss.data.specs import get_spec

@@ -66,3 +66,9 @@ def test_every_command_with_options_groups_them(capsys, monkeypatch):
             continue
         found.pop("--help")  # click's own, in the default box
         assert found and set(found.values()) <= set(ORDER), (command, found)
+
+
+def test_the_config_help_names_its_toml_tables(capsys, monkeypatch):
+    """Rich reads "[stage1]" as markup and drops it unless escaped: the help read "whose ,  and  tables"."""
+    text = re.sub(r"[│\s]+", " ", help_of(capsys, monkeypatch, "train-stage1"))
+    assert "whose [stage1], [pseudo_masks] and [stage2] tables" in text

@@ -5,6 +5,9 @@ command that runs a model applying that model's own target, and bad targets endi
 from __future__ import annotations
 
 import shutil
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -311,9 +314,24 @@ def test_train_stage1_stores_the_fitted_target_and_a_resumed_run_keeps_it(synth1
 
 
 
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header says ``width`` × ``height`` RGB pixels, with a few bytes of image data: what a
+    decompression bomb, or a huge export cut short, looks like to a reader."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64)))
+                     + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("case, fragment", [
     ("grey", "grayscale"),
     ("text", "cannot read image"),
+    ("huge", "exceeds limit"),  # 400 Mpx: above PIL's limit
+    ("large", "cannot read image"),  # 100 Mpx: PIL only warns (on stderr) and the data is cut short
+    ("small", "too small to fit a stain target on: it holds 1 tile(s) of the model's 32 px, 3 needed"),
+    ("folder", "is a folder"),
     ("glass", "mostly glass"),
     ("glass-set", "mostly glass"),
     ("no-method", "--stain-target needs --stain-norm"),
@@ -329,6 +347,12 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         Image.fromarray(np.full((64, 64), 128, np.uint8)).save(target)
     elif case == "text":
         target.write_text("not an image")
+    elif case in ("huge", "large"):
+        png_header(target, *((20000, 20000) if case == "huge" else (10000, 10000)))
+    elif case == "small":
+        Image.fromarray(patch(0, size=32)[0]).save(target)
+    elif case == "folder":
+        target.mkdir()
     else:
         glass = np.full((256, 256, 3), 244, np.uint8)
         glass[:20, :20] = (120, 60, 140)
@@ -343,6 +367,91 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         (tmp_path / "pm" / "PM_gt").symlink_to(data / "train_gt", target_is_directory=True)
         args += ["--no-gate", "--pm-dir", tmp_path / "pm", "--pm-layers", "gt", "--pm-weights", 1,
                  "--report", tmp_path / "report"]
-    err = assert_one_line_error(capsys, monkeypatch, *args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # printed on a user's terminal
+        err = assert_one_line_error(capsys, monkeypatch, *args)
     assert fragment in err
     assert not any(p.suffix in (".pth", ".json") for p in out.rglob("*")) if out.exists() else True
+
+
+@pytest.mark.parametrize("field", ["stain", "mean"])
+def test_a_malformed_recorded_normalisation_names_its_checkpoint(synth16, stained_ckpts, tmp_path, capsys,
+                                                                 monkeypatch, field):
+    """Two checkpoints are loaded together (stage 2 and the gate's): the line says which one is bad."""
+    ckpt = load_checkpoint(stained_ckpts["s1"])
+    if field == "stain":
+        ckpt["input_norm"]["stain"]["max_concentration"] = [float("nan"), 1.0]
+    else:
+        ckpt["input_norm"]["mean"] = [float("nan"), 0.0, 0.0]  # accepted silently before: every input NaN
+    bad = tmp_path / "bad.pth"
+    save_checkpoint(bad, ckpt)
+    err = assert_one_line_error(capsys, monkeypatch, "evaluate", "--data", synth16, "--checkpoint",
+                                stained_ckpts["s2"], "--gate", "--stage1-checkpoint", bad, "--device", "cpu")
+    assert f"{bad}: the recorded" in err and "malformed" in err
+    err = assert_one_line_error(capsys, monkeypatch, "eval-cam", "--data", synth16, "--checkpoint", bad,
+                                "--device", "cpu")
+    assert f"{bad}: the recorded" in err
+
+
+def test_a_stain_target_is_read_once_and_not_again_when_the_run_resumes(synth16, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "target.png"
+    Image.fromarray(np.concatenate([patch(s, size=32)[0] for s in range(4)], axis=1)).save(target)
+    reads = []
+    original = stain.fit_image
+    monkeypatch.setattr(stain, "fit_image", lambda *a: reads.append(a) or original(*a))
+    out = tmp_path / "s1"
+    args = ["train-stage1", "--dataset", "luad", "--data", synth16, "--preset", "cpu", "--image-size", 32,
+            "--epochs", 2, "--out", out, "--stain-norm", "macenko", "--stain-target", target, "--device", "cpu"]
+    real_epoch = stage1.train_one_epoch
+
+    def interrupted(*a, **kw):
+        if a[-1] == 1:  # the second epoch
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
+    code, _, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 130 and len(reads) == 1, err  # fitted once (it was fitted twice: a check, then the run)
+    fitted = InputNorm.from_dict(load_checkpoint(out / "stage1_luad_last.pth")["input_norm"]).stain
+    assert fitted.source == str(target) and fitted.patches == 4
+
+    # The target image is gone (or replaced): the resumed run goes on with the target it recorded.
+    target.unlink()
+    monkeypatch.setattr(stage1, "train_one_epoch", real_epoch)
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--resume")
+    assert code == 0, err
+    assert len(reads) == 1
+    assert loading.load_classifier(out / "stage1_checkpoint_trained_on_luad.pth").norm.stain == fitted
+
+
+def test_a_wrong_gate_checkpoint_fails_before_any_colour_is_measured(synth16, stained_ckpts, tmp_path, capsys,
+                                                                     monkeypatch):
+    measured = []
+    monkeypatch.setattr(stain, "measure_paths", lambda *a: measured.append(a))
+    monkeypatch.setattr(stain, "fit_training_set", lambda *a: measured.append(a))
+    pm = tmp_path / "pm"
+    pm.mkdir()
+    (pm / "PM_gt").symlink_to(synth16 / "train_gt", target_is_directory=True)
+    err = assert_one_line_error(capsys, monkeypatch, "train-stage2", "--dataset", "luad", "--data", synth16,
+                                "--preset", "cpu", "--image-size", 32, "--epochs", 1, "--pm-dir", pm, "--pm-layers",
+                                "gt", "--pm-weights", 1, "--stage1-checkpoint", stained_ckpts["s2"], "--gate",
+                                "--out", tmp_path / "s2", "--report", tmp_path / "report", "--device", "cpu")
+    assert "is a stage-2 checkpoint; a stage-1 checkpoint is needed" in err
+    assert measured == []
+
+
+def test_an_empty_stain_target_in_a_config_file_is_one_line(synth16, tmp_path, capsys, monkeypatch):
+    """An empty path is the current folder (it read as "[Errno 21] Is a directory")."""
+    config = tmp_path / "c.toml"
+    config.write_text('[stage1]\nstain_norm = "macenko"\nstain_target = ""\n')
+    err = assert_one_line_error(capsys, monkeypatch, "train-stage1", "--dataset", "luad", "--data", synth16,
+                                "--config", config, "--out", tmp_path / "s1", "--device", "cpu")
+    assert ". is a folder, not an image: --stain-target names one image file" in err
+
+
+def test_json_naming_a_folder_is_refused_before_the_work(synth16, stained_ckpts, tmp_path, capsys, monkeypatch):
+    ran = []
+    monkeypatch.setattr(stage1, "evaluate_cams", lambda *a, **kw: ran.append(a))
+    err = assert_one_line_error(capsys, monkeypatch, "eval-cam", "--data", synth16, "--checkpoint",
+                                stained_ckpts["s1"], "--json", tmp_path, "--device", "cpu")
+    assert f"--json {tmp_path} is a folder" in err and ran == []

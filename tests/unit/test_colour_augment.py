@@ -118,8 +118,8 @@ def test_options_reach_both_stages_and_no_preset_turns_them_on(synth16, tmp_path
     seen = []
     original = common.input_pipeline
 
-    def recording(cfg, paths, state):
-        seen.append(original(cfg, paths, state))
+    def recording(cfg, paths, state, fitted=None):
+        seen.append(original(cfg, paths, state, fitted))
         return seen[-1]
 
     monkeypatch.setattr("wsss.stages.stage1.input_pipeline", recording)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -56,7 +57,13 @@ class InputNorm:
         if not d:
             return cls()
         stain = StainNorm.from_dict(d["stain"]) if d.get("stain") else None
-        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]), stain)
+        try:
+            mean, std = (tuple(float(v) for v in d[k]) for k in ("mean", "std"))
+        except (KeyError, TypeError, ValueError):
+            mean = std = ()
+        if not (len(mean) == len(std) == 3 and all(math.isfinite(v) for v in mean + std) and min(std) > 0):
+            raise WsssError("the recorded input normalisation (mean, std) is malformed")
+        return cls(mean, std, stain)
 
 
 INPUT_NORMS = {

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,21 @@ from wsss.runtime import atomic_path
 # Single-channel modes, with or without alpha; every "I;16…" variant too.
 _GREY_MODES = ("1", "L", "LA", "La", "I", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "PA")
+
+
+# What PIL raises for a file it cannot read as an image; an image of more than PIL's
+# MAX_IMAGE_PIXELS (a decompression bomb, or just a huge export) is one of them.
+READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def open_image(path: str | Path) -> Iterator[Image.Image]:
+    """``Image.open(path)`` without PIL's DecompressionBombWarning (printed to stderr above half of
+    PIL's pixel limit): an image that large is read, one above the limit is a read error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            yield img
 
 
 def check_rgb_mode(img: Image.Image, path: str | Path) -> None:
@@ -35,11 +53,11 @@ def check_rgb_mode(img: Image.Image, path: str | Path) -> None:
 def image_problem(path: str | Path) -> str | None:
     """What is wrong with an image file as an RGB patch, from its header alone; None when nothing."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             check_rgb_mode(img, path)
     except WsssError as exc:
         return str(exc)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         return f"cannot read image {path}: {exc}"
     return None
 
@@ -48,13 +66,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """Read an image as ``(H, W, 3)`` uint8 RGB. Raises :class:`WsssError` when unreadable or not
     an RGB image (:func:`check_rgb_mode`)."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             check_rgb_mode(img, path)
             img.load()
             if img.mode != "RGB":
                 img = img.convert("RGB")
             return np.asarray(img, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         raise WsssError(f"cannot read image {path}: {exc}") from None
 
 
@@ -65,12 +83,12 @@ def read_mask(path: str | Path) -> np.ndarray:
     colours would have to be mapped back to classes.
     """
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             img.load()
             if img.mode not in ("P", "L"):
                 raise WsssError(f"mask {path} is mode {img.mode}, expected a palette ('P') PNG")
             return np.asarray(img, dtype=np.uint8).copy()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         raise WsssError(f"cannot read mask {path}: {exc}") from None
 
 
@@ -129,9 +147,9 @@ def write_class_mask(path: str | Path, mask: np.ndarray, spec: DatasetSpec) -> N
 def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` from the header alone; raises :class:`WsssError` when unreadable."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             return img.size
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         raise WsssError(f"cannot read image {path}: {exc}") from None
 
 

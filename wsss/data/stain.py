@@ -594,5 +594,13 @@ def fit_image(method: str, path: Path, side: int | None) -> StainNorm:
     pathologist's reference; WsssError when it is not an RGB image or is mostly glass."""
     from wsss.data.png import read_rgb
 
+    if Path(path).is_dir():
+        raise WsssError(f"{path} is a folder, not an image: --stain-target names one image file")
     image = read_rgb(path)
-    return fit(method, tiles(image, side or 224), str(path), "tiles")
+    side = side or 224
+    chosen = tiles(image, side)
+    if len(chosen) < MIN_FIT_PATCHES:
+        h, w = image.shape[:2]
+        raise WsssError(f"{path} is {w}×{h} px, too small to fit a stain target on: it holds {len(chosen)} tile(s) "
+                        f"of the model's {side} px, {MIN_FIT_PATCHES} needed (e.g. {MIN_FIT_PATCHES * side}×{side} px)")
+    return fit(method, chosen, str(path), "tiles")

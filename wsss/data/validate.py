@@ -12,10 +12,8 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from wsss.data.layout import MaskedSample, TrainSample
-from wsss.data.png import check_mask_values, check_rgb_mode, read_class_mask, read_mask
+from wsss.data.png import READ_ERRORS, check_mask_values, check_rgb_mode, open_image, read_class_mask, read_mask
 from wsss.data.specs import DatasetSpec
 from wsss.errors import WsssError
 
@@ -73,23 +71,23 @@ def label_style_problem(path: Path, allowed: Sequence[str] | None, dataset: str)
 def image_header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """``((width, height), None)`` of an RGB image from its header, or ``(None, problem)``."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             check_rgb_mode(img, path)
             return img.size, None
     except WsssError as exc:
         return None, str(exc)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         return None, f"cannot read image {path}: {exc}"
 
 
 def mask_header(path: Path) -> tuple[tuple[int, int] | None, str | None]:
     """``((width, height), None)`` of a class-index mask (palette or greyscale) from its header."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if img.mode not in ("P", "L"):
                 return None, f"mask {path} is mode {img.mode}, expected a palette ('P') PNG"
             return img.size, None
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+    except READ_ERRORS as exc:
         return None, f"cannot read mask {path}: {exc}"
 
 

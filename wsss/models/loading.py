@@ -65,6 +65,15 @@ class LoadedClassifier:
     cam_tie_rule: str = "reference"
 
 
+def recorded_input_norm(ckpt: dict, path: Path) -> InputNorm:
+    """The input normalisation (stain target included) a checkpoint records; a malformed record is a
+    user error naming the file (two checkpoints are often loaded together: the gate's and stage 2's)."""
+    try:
+        return InputNorm.from_dict(ckpt.get("input_norm"))
+    except WsssError as exc:
+        raise WsssError(f"{path}: {exc}") from None
+
+
 def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> LoadedClassifier:
     """A stage-1 classifier from our checkpoint or a published WSSS-Tissue state_dict (``[0,1]`` input).
 
@@ -80,7 +89,7 @@ def load_classifier(path: Path, spec: DatasetSpec | int | None = None) -> Loaded
         model.load_state_dict(ckpt["model"])
         # A checkpoint of a wsss that recorded no tie rule was evaluated with ours.
         tie_rule = (ckpt.get("config") or {}).get("cam_tie_rule", "ours")
-        return LoadedClassifier(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")),
+        return LoadedClassifier(model.eval(), recorded_input_norm(ckpt, path),
                                 ckpt.get("image_size"), ckpt.get("class_names"), recorded_spec(ckpt, path), tie_rule)
     state = {k.removeprefix("module."): v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if "fc8.weight" not in state or "conv1a.weight" not in state:
@@ -139,7 +148,7 @@ def load_segmenter(path: Path, spec: DatasetSpec | int | None = None) -> LoadedS
         model.load_state_dict(ckpt["model"])
         config = ckpt.get("config") or {}
         # A checkpoint of a wsss that recorded no gate mode was tested with ours.
-        return LoadedSegmenter(model.eval(), InputNorm.from_dict(ckpt.get("input_norm")), ckpt.get("image_size"),
+        return LoadedSegmenter(model.eval(), recorded_input_norm(ckpt, path), ckpt.get("image_size"),
                                ckpt.get("class_names"), config.get("batch_size"), recorded_spec(ckpt, path),
                                config.get("gate_mode", "mask"), config.get("gate_threshold", DEFAULT_GATE_THRESHOLD))
     raw = state_dict_of(ckpt, path)

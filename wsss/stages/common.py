@@ -363,23 +363,22 @@ class InputPipeline:
     colour: Any  # wsss.data.augment.ColourAugment
 
 
-def input_pipeline(cfg: Any, paths: list[Path], state: dict | None) -> InputPipeline:
+def input_pipeline(cfg: Any, paths: list[Path], state: dict | None, fitted: Any = None) -> InputPipeline:
     """The input normalisation and colour augmentation of a training run (either stage).
 
-    The stain target is the one a resumed run's checkpoint recorded, else fitted now on ``--stain-target``
-    or on the training patches ``paths`` (each as the model sees it, at ``cfg.image_size``)."""
+    The stain target is the one a resumed run's checkpoint recorded, else ``fitted`` (what
+    :func:`check_stain_target` fitted on ``--stain-target``), else fitted now on the training patches
+    ``paths`` (each as the model sees it, at ``cfg.image_size``)."""
     from wsss.data import stain
     from wsss.data.augment import ColourAugment
-    from wsss.data.datasets import InputNorm, get_input_norm
+    from wsss.data.datasets import get_input_norm
 
     target = None
     if cfg.stain_norm != "none":
-        recorded = InputNorm.from_dict(state.get("input_norm")).stain if state is not None else None
-        if recorded is not None and recorded.method == cfg.stain_norm:
-            target = recorded
-        elif cfg.stain_target is not None:
+        target = recorded_stain_target(cfg, state) or fitted
+        if target is None and cfg.stain_target is not None:
             target = stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
-        else:
+        elif target is None:
             target = stain.fit_training_set(cfg.stain_norm, paths, cfg.image_size)
         if target.method == stain.SET_METHOD:
             # the training patches are a set like any other: shift zero, unless --stain-target
@@ -390,13 +389,30 @@ def input_pipeline(cfg: Any, paths: list[Path], state: dict | None) -> InputPipe
     return InputPipeline(replace(get_input_norm(cfg.input_norm), stain=target), colour)
 
 
-def check_stain_target(cfg: Any) -> None:
-    """Fit ``--stain-target`` once before a run claims its outputs, so that an image that is not RGB or
-    is mostly glass ends in one line with nothing written."""
-    if cfg.stain_norm != "none" and cfg.stain_target is not None:
-        from wsss.data import stain
+def recorded_stain_target(cfg: Any, state: dict | None) -> Any:
+    """The stain target (of ``cfg.stain_norm``'s method) a resumed run's last checkpoint recorded; None
+    for a new run."""
+    if state is None or cfg.stain_norm == "none":
+        return None
+    from wsss.data.datasets import InputNorm
 
-        stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
+    try:
+        recorded = InputNorm.from_dict(state.get("input_norm")).stain
+    except WsssError as exc:
+        raise WsssError(f"the run's last checkpoint: {exc}") from None
+    return recorded if recorded is not None and recorded.method == cfg.stain_norm else None
+
+
+def check_stain_target(cfg: Any, state: dict | None = None) -> Any:
+    """``--stain-target`` fitted before a run claims its outputs, so that an image that is not RGB, is
+    too small or is mostly glass ends in one line with nothing written; returned for
+    :func:`input_pipeline` (fitted once). None without one, or when a resumed run recorded its target
+    (the file is not read again: the run goes on with the target it started with)."""
+    if cfg.stain_norm == "none" or cfg.stain_target is None or recorded_stain_target(cfg, state) is not None:
+        return None
+    from wsss.data import stain
+
+    return stain.fit_image(cfg.stain_norm, Path(cfg.stain_target), cfg.image_size)
 
 
 # --------------------------------------------------------------------------- the training skeleton

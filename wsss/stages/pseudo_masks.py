@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from wsss import config as cfglib
@@ -31,7 +30,7 @@ from wsss.data import stain
 from wsss.cam.gradcam import GRADCAM_LAYERS, class_pixel_counts
 from wsss.data.datasets import InputNorm
 from wsss.data.layout import TrainSample, default_pm_dir, list_images, list_train, pseudo_mask_path, train_gt_dir
-from wsss.data.png import check_mask_values, image_size, read_mask, read_rgb, write_mask
+from wsss.data.png import READ_ERRORS, check_mask_values, image_size, open_image, read_mask, read_rgb, write_mask
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.metrics import ConfusionMeter, format_table
@@ -57,12 +56,12 @@ def existing_mask(path: Path, size: tuple[int, int], spec: DatasetSpec) -> np.nd
     """The (H, W) mask at ``path`` if it is a complete palette PNG of ``size`` = (H, W) holding only
     class and background values of ``spec``; None when it is missing, truncated, corrupt or does not fit."""
     try:
-        with Image.open(path) as img:
+        with open_image(path) as img:
             if img.mode != "P" or img.size != (size[1], size[0]):
                 return None
             img.load()  # decodes every row: a truncated file raises here
             mask = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError):
+    except READ_ERRORS:
         return None
     if not mask.size:
         return None

@@ -216,7 +216,7 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
     to write, and every training patch and evaluation mask is valid. Returns the training samples and
     how they become model inputs (the stain target fitted, or the resumed run's)."""
     samples = list_train(cfg.data, spec)
-    check_stain_target(cfg)
+    fitted = check_stain_target(cfg, state)
     inputs = training_inputs(cfg, samples)
     check_same_inputs(owner, inputs, ("train",), state is not None)
     owner.begin(cfglib.to_dict(cfg), inputs)
@@ -226,7 +226,7 @@ def _prepare(cfg: Stage1Config, spec: DatasetSpec, paths: Stage1Paths, owner: Ow
         problems += validate.masked_problems(list_masked(cfg.data, split), spec)
     validate.require(problems, cfg.data, spec.name)
     dataset_scale(spec, cfg.data)  # sources of the patches' µm/px that disagree fail here, not after an epoch
-    return samples, input_pipeline(cfg, [s.path for s in samples], state)
+    return samples, input_pipeline(cfg, [s.path for s in samples], state, fitted)
 
 
 def training_inputs(cfg: Stage1Config, samples) -> dict:

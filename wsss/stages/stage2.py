@@ -372,21 +372,24 @@ def train(cfg: Stage2Config, resume: bool = False, force: bool = False, given: C
         paths = Stage2Paths.of(cfg)
         with owned_folder(paths.report, "train-stage2", key=key, force=force, option="--report",
                           read_from=input_folders(cfg.data), enabled=main) as reports:
-            dataset, norm = _prepare(cfg, spec, paths, owner, reports, state)
+            dataset, norm, gate = _prepare(cfg, spec, paths, owner, reports, state)
             dist = Distributed(cfg.device)
             with contextlib.ExitStack() as cleanup:  # closed however the run ends: an API caller's process goes on
                 cleanup.callback(dist.close)
-                return _train(cfg, spec, paths, state, dist, dataset, norm, cleanup)
+                return _train(cfg, spec, paths, state, dist, dataset, norm, gate, cleanup)
 
 
 def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ownership.Owner,
-             reports: ownership.Owner, state: dict | None) -> tuple[PseudoMaskDataset, InputNorm]:
+             reports: ownership.Owner, state: dict | None
+             ) -> tuple[PseudoMaskDataset, InputNorm, LoadedClassifier | None]:
     """Before the first epoch: a resumed run reads what it read before, the outputs are ours to
-    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set and the
-    model's input normalisation (its stain target fitted, or the resumed run's)."""
+    write, and every patch, pseudo-mask and val/test mask is valid. Returns the training set, the
+    model's input normalisation (its stain target fitted, or the resumed run's) and the gate's
+    classifier (None without the gate)."""
     samples = list_train(cfg.data, spec)
     mask_paths = pseudo_mask_paths(samples, _pm_dir(cfg), cfg.pm_layers, spec.name)
-    check_stain_target(cfg)
+    gate = _gate_classifier(cfg, spec)  # a wrong checkpoint fails before any colour is measured
+    fitted = check_stain_target(cfg, state)
     inputs = training_inputs(cfg, samples, mask_paths)
     check_same_inputs(owner, inputs, ("train", "pseudo_masks"), state is not None)
     for held in (owner, reports):
@@ -396,8 +399,8 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     reports.claim([paths.metrics, *(d / f"{s.image.stem}.png" for s in test_samples
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
     _check_inputs(cfg, spec, samples, mask_paths, test_samples)
-    pipeline = input_pipeline(cfg, [s.path for s in samples], state)
-    return _training_set(cfg, spec, samples, mask_paths, pipeline), pipeline.norm
+    pipeline = input_pipeline(cfg, [s.path for s in samples], state, fitted)
+    return _training_set(cfg, spec, samples, mask_paths, pipeline), pipeline.norm, gate
 
 
 def split_masks(root: Path, split: str) -> list[MaskedSample]:
@@ -439,9 +442,9 @@ def _check_inputs(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, tes
 
 
 def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict | None, dist: Distributed,
-           dataset: PseudoMaskDataset, norm: InputNorm, cleanup: contextlib.ExitStack) -> dict:
+           dataset: PseudoMaskDataset, norm: InputNorm, gate: LoadedClassifier | None,
+           cleanup: contextlib.ExitStack) -> dict:
     cfg = start_training(cfg, dist)  # the config records the precision the run computes in
-    gate = _gate_classifier(cfg, spec)
     val_samples = split_masks(cfg.data, "val")
     if not val_samples and dist.is_main:
         log.info(without_masks(cfg.data, ["val"], "stage 2 keeps its last epoch (nothing to choose the best by)"))
