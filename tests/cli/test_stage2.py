@@ -167,6 +167,17 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
         assert torch.equal(tensor, resumed["model"][name]), name
 
 
+def test_the_gate_changes_the_test_not_the_trained_segmenter(tiny_data, stage1_ckpt, tmp_path):
+    """The gate is a test-time step: the same seed trains the same weights with and without it (the
+    gate's classifier was built from the seeded random stream, so --gate moved stage 2's start)."""
+    gated = stage2.train(tiny_cfg(tiny_data, tmp_path / "gate", epochs=1, gate=True, stage1_checkpoint=stage1_ckpt))
+    plain = stage2.train(tiny_cfg(tiny_data, tmp_path / "plain", epochs=1))
+    assert gated["metrics"]["test_gate"] is not None and plain["metrics"]["test_gate"] is None
+    a = load_checkpoint(tmp_path / "gate" / "ckpt" / "stage2_checkpoint_trained_on_luad.pth")["model"]
+    b = load_checkpoint(tmp_path / "plain" / "ckpt" / "stage2_checkpoint_trained_on_luad.pth")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_cli_train_with_gate_then_evaluate_reproduces(tiny_data, stage1_ckpt, tmp_path, capsys, monkeypatch):
     code, out, err = run_cli(capsys, monkeypatch, "train-stage2", "--dataset", "luad", "--data", tiny_data,
                              "--stage1-checkpoint", stage1_ckpt, "--gate", "--epochs", "1", "--out", tmp_path / "ckpt",

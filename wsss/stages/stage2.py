@@ -388,7 +388,9 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
     classifier (None without the gate)."""
     samples = list_train(cfg.data, spec)
     mask_paths = pseudo_mask_paths(samples, _pm_dir(cfg), cfg.pm_layers, spec.name)
-    gate = _gate_classifier(cfg, spec)  # a wrong checkpoint fails before any colour is measured
+    # Before any colour is measured (a wrong checkpoint fails first) and before the run is seeded (building
+    # the classifier draws random initial weights): the segmenter trains the same with and without the gate.
+    gate = _gate_classifier(cfg, spec)
     fitted = check_stain_target(cfg, state)
     inputs = training_inputs(cfg, samples, mask_paths)
     check_same_inputs(owner, inputs, ("train", "pseudo_masks"), state is not None)
