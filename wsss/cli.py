@@ -73,7 +73,8 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "cpu (CPU scale with our measured improvements; make reproduce) or best (full size with them). "
                "Options given explicitly override the preset.")
 ConfigOpt = typer.Option(
-    None, "--config", help="A TOML file whose \\[stage1], \\[pseudo_masks] and \\[stage2] tables set configuration keys "  # \\[: Rich would take [stage1] for markup
+    # "\\[": Rich (typer's help) would take [stage1] for markup and drop it
+    None, "--config", help="A TOML file whose \\[stage1], \\[pseudo_masks] and \\[stage2] tables set configuration keys "
                            "as --print-config writes them (each command reads its own table, reproduce all three; "
                            "the presets are such files): over the preset, under the options given here.")
 PrintConfigOpt = typer.Option(
@@ -132,6 +133,8 @@ GateThresholdOpt = typer.Option(
     DEFAULT_GATE_THRESHOLD, "--gate-threshold", help="Classes with probability <= this are gated.")
 ImageSizeOpt = typer.Option(None, "--image-size", min=16, help="Resize patches to this side.")
 InputNormOpt = typer.Option(None, "--input-norm", help="none ([0,1], reference) or imagenet.")
+
+
 def _json_file(path: Optional[Path]) -> Optional[Path]:
     """``--json``: a folder is refused before any work is done, not after it."""
     if path is not None and path.is_dir():
