@@ -305,3 +305,17 @@ def tensorboard_threads() -> list:
     import threading
 
     return [t for t in threading.enumerate() if type(t).__module__.startswith("tensorboardX") and t.is_alive()]
+
+
+def interrupt_at_epoch(monkeypatch: pytest.MonkeyPatch, module, epoch: int = 1) -> Callable:
+    """Make ``module.train_one_epoch`` stop the run (as Ctrl-C would) when epoch index ``epoch`` starts
+    (0-based: 1 saves the first epoch); returns the real function, to put back for the resume."""
+    real = module.train_one_epoch
+
+    def stopping(*args, **kwargs):  # the epoch index is the last positional (stage 2 passes ema= by keyword)
+        if args[-1] == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "train_one_epoch", stopping)
+    return real

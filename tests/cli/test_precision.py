@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import S1, S2, run_cli, tiny_reproduce
+from helpers import S1, S2, interrupt_at_epoch, run_cli, tiny_reproduce
 from wsss import config as cfglib
 from wsss import runtime
 from wsss.config import Stage1Config
@@ -25,18 +25,6 @@ from wsss.stages import common, stage1, stage2
 from wsss.stages.reproduce import run as run_reproduce
 
 S1_ONE_EPOCH = (*S1[:4], "--epochs", "1", *S1[6:])
-
-
-def _first_epoch_only(monkeypatch, module) -> None:
-    """The run stops (as Ctrl-C would) when its second epoch starts: epoch 1 of 2 is saved."""
-    real = module.train_one_epoch
-
-    def stop_at_epoch_2(*args, **kwargs):  # stage 2 passes ema= by keyword
-        if args[-1] == 1:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module, "train_one_epoch", stop_at_epoch_2)
 
 
 # --------------------------------------------------------------------------- the option
@@ -252,7 +240,7 @@ def _stage1_args(synth16: Path, out: Path) -> tuple:
 def test_resume_may_change_the_precision(synth16, tmp_path, capsys, monkeypatch):
     args = _stage1_args(synth16, tmp_path)
     with monkeypatch.context() as m:
-        _first_epoch_only(m, stage1)
+        interrupt_at_epoch(m, stage1)
         code, _, _ = run_cli(capsys, monkeypatch, *args)
     assert code == 130
     assert json.loads((tmp_path / "stage1_luad_config.json").read_text())["precision"] == "fp32"
@@ -268,7 +256,7 @@ def test_resuming_in_fp16_a_stage1_run_saved_without_it_starts_a_fresh_scaler(sy
     empty state, which GradScaler.load_state_dict refuses: the resumed run must start a fresh one."""
     args = _stage1_args(synth16, tmp_path)
     with monkeypatch.context() as m:
-        _first_epoch_only(m, stage1)
+        interrupt_at_epoch(m, stage1)
         assert run_cli(capsys, monkeypatch, *args)[0] == 130
     assert torch.load(tmp_path / "stage1_luad_last.pth", weights_only=True)["scaler"] == {}
     code, _, err = run_cli(capsys, monkeypatch, *args, "--resume", "--precision", "fp16")
@@ -286,7 +274,7 @@ def test_resuming_in_fp16_a_stage2_run_saved_without_it_starts_a_fresh_scaler(sy
     args = ("train-stage2", "--dataset", "luad", "--data", root, *S2[:6], "--epochs", "2", *S2[8:],
             "--out", tmp_path / "ckpt", "--report", tmp_path / "report")
     with monkeypatch.context() as m:
-        _first_epoch_only(m, stage2)
+        interrupt_at_epoch(m, stage2)
         assert run_cli(capsys, monkeypatch, *args)[0] == 130
     code, _, err = run_cli(capsys, monkeypatch, *args, "--resume", "--precision", "fp16")
     assert code == 0, err
@@ -300,7 +288,7 @@ def test_an_fp16_run_resumes_to_the_same_model_and_scaler(synth16, tmp_path, cap
     assert run_cli(capsys, monkeypatch, *whole, "--precision", "fp16")[0] == 0
     cut = _stage1_args(synth16, tmp_path / "cut")
     with monkeypatch.context() as m:
-        _first_epoch_only(m, stage1)
+        interrupt_at_epoch(m, stage1)
         assert run_cli(capsys, monkeypatch, *cut, "--precision", "fp16")[0] == 130
     assert run_cli(capsys, monkeypatch, *cut, "--precision", "fp16", "--resume")[0] == 0
     a = torch.load(tmp_path / "whole" / "stage1_luad_last.pth", weights_only=True)

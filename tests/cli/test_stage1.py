@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from helpers import model_weights, run_cli, tensorboard_threads, write_palette_mask
+from helpers import interrupt_at_epoch, model_weights, run_cli, tensorboard_threads, write_palette_mask
 from wsss.models import loading
 from wsss.config import STAGE1_PRESETS, Stage1Config, resolve
 from wsss.errors import WsssError
@@ -82,14 +82,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     reference = load_checkpoint(tmp_path / "full" / "stage1_checkpoint_trained_on_luad.pth")
 
     cut = tiny_cfg(tiny_data, tmp_path / "cut", eval_splits=())
-    real_epoch = stage1.train_one_epoch
-
-    def interrupted(*args, **kw):
-        if args[-1] == 1:  # the second epoch
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
-
-    monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
+    real_epoch = interrupt_at_epoch(monkeypatch, stage1, 1)
     with pytest.raises(KeyboardInterrupt):
         stage1.train(cut)
     assert not tensorboard_threads()  # the interrupted run closed its event writer (an API caller's process goes on)
@@ -153,14 +146,7 @@ def test_a_run_interrupted_in_its_refit_epochs_resumes_to_the_same_model(tiny_da
     monkeypatch.setattr(stage1, "FIT_LABEL_ACC", 1.01)  # no run fits
     cfg = dict(eval_splits=(), refit_epochs=3)  # not 2: the refit schedule differs from the first one
     stage1.train(tiny_cfg(tiny_data, tmp_path / "full", **cfg))
-    real_epoch = stage1.train_one_epoch
-
-    def interrupted(*args, **kw):
-        if args[-1] == 3:  # the second refit epoch
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
-
-    monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
+    real_epoch = interrupt_at_epoch(monkeypatch, stage1, 3)  # the second refit epoch
     with pytest.raises(KeyboardInterrupt):
         stage1.train(tiny_cfg(tiny_data, tmp_path / "cut", **cfg))
     last = load_checkpoint(tmp_path / "cut" / "stage1_luad_last.pth")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import run_cli, tensorboard_threads, tiny_checkpoint
+from helpers import interrupt_at_epoch, run_cli, tensorboard_threads, tiny_checkpoint
 from wsss.models import loading
 from wsss.config import STAGE2_PRESETS, Stage2Config, from_dict, resolve, to_dict
 from wsss.data.datasets import InputNorm
@@ -146,14 +146,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_data, tmp_path
     reference = load_checkpoint(tmp_path / "full" / "ckpt" / "stage2_luad_last.pth")
 
     cut = tiny_cfg(tiny_data, tmp_path / "cut")
-    real_epoch = stage2.train_one_epoch
-
-    def interrupted(*args, **kw):
-        if args[-1] == 1:  # the second epoch
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kw)
-
-    monkeypatch.setattr(stage2, "train_one_epoch", interrupted)
+    real_epoch = interrupt_at_epoch(monkeypatch, stage2, 1)
     with pytest.raises(KeyboardInterrupt):
         stage2.train(cut)
     assert not tensorboard_threads()  # the interrupted run closed its event writer (an API caller's process goes on)
@@ -326,14 +319,7 @@ def test_ema_keeps_the_average_of_the_weights_seen_after_every_step(tiny_data, t
     assert any(not torch.equal(last["model"][k].float(), average[k]) for k in average)  # the raw weights differ
 
     monkeypatch.undo()
-    real_epoch = stage2.train_one_epoch
-
-    def stop_at_second_epoch(*args, **kwargs):
-        if args[-1] == 1:  # the epoch index
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(stage2, "train_one_epoch", stop_at_second_epoch)
+    interrupt_at_epoch(monkeypatch, stage2, 1)
     with pytest.raises(KeyboardInterrupt):
         stage2.train(tiny_cfg(tiny_data, tmp_path / "b", ema=decay, epochs=2))
     monkeypatch.undo()

@@ -16,7 +16,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, interrupt_at_epoch, run_cli
 from colour_oracle import srgb_to_lab, stain_od
 from wsss.models import loading
 from wsss.config import Stage1Config, Stage2Config
@@ -402,14 +402,7 @@ def test_a_stain_target_is_read_once_and_not_again_when_the_run_resumes(synth16,
     out = tmp_path / "s1"
     args = ["train-stage1", "--dataset", "luad", "--data", synth16, "--preset", "cpu", "--image-size", 32,
             "--epochs", 2, "--out", out, "--stain-norm", "macenko", "--stain-target", target, "--device", "cpu"]
-    real_epoch = stage1.train_one_epoch
-
-    def interrupted(*a, **kw):
-        if a[-1] == 1:  # the second epoch
-            raise KeyboardInterrupt
-        return real_epoch(*a, **kw)
-
-    monkeypatch.setattr(stage1, "train_one_epoch", interrupted)
+    real_epoch = interrupt_at_epoch(monkeypatch, stage1, 1)
     code, _, err = run_cli(capsys, monkeypatch, *args)
     assert code == 130 and len(reads) == 1, err  # fitted once (it was fitted twice: a check, then the run)
     fitted = InputNorm.from_dict(load_checkpoint(out / "stage1_luad_last.pth")["input_norm"]).stain
