@@ -4,8 +4,10 @@ command that runs a model applying that model's own target, and bad targets endi
 
 from __future__ import annotations
 
+import os
 import shutil
 import struct
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -332,6 +334,7 @@ def png_header(path: Path, width: int, height: int) -> None:
     ("large", "cannot read image"),  # 100 Mpx: PIL only warns (on stderr) and the data is cut short
     ("small", "too small to fit a stain target on: it holds 1 tile(s) of the model's 32 px, 3 needed"),
     ("folder", "is a folder"),
+    ("fifo", "not a regular file"),  # would block the read until something writes to it
     ("glass", "mostly glass"),
     ("glass-set", "mostly glass"),
     ("no-method", "--stain-target needs --stain-norm"),
@@ -353,6 +356,12 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
         Image.fromarray(patch(0, size=32)[0]).save(target)
     elif case == "folder":
         target.mkdir()
+    elif case == "fifo":
+        os.mkfifo(target)
+        # Unblocks a reader that opens the FIFO anyway (the bug), so the test fails instead of hanging.
+        writer = threading.Timer(30, lambda: target.write_bytes(b"not an image"))
+        writer.daemon = True
+        writer.start()
     else:
         glass = np.full((256, 256, 3), 244, np.uint8)
         glass[:20, :20] = (120, 60, 140)
@@ -370,6 +379,8 @@ def test_bad_stain_targets_end_in_one_line_and_write_nothing(synth16, tmp_path, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)  # printed on a user's terminal
         err = assert_one_line_error(capsys, monkeypatch, *args)
+    if case == "fifo":
+        writer.cancel()
     assert fragment in err
     assert not any(p.suffix in (".pth", ".json") for p in out.rglob("*")) if out.exists() else True
 

@@ -28,7 +28,10 @@ READ_ERRORS = (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.D
 @contextlib.contextmanager
 def open_image(path: str | Path) -> Iterator[Image.Image]:
     """``Image.open(path)`` without PIL's DecompressionBombWarning (printed to stderr above half of
-    PIL's pixel limit): an image that large is read, one above the limit is a read error."""
+    PIL's pixel limit): an image that large is read, one above the limit is a read error. Only a
+    regular file is opened: a folder, a FIFO or a device is a read error (a FIFO would block)."""
+    if Path(path).exists() and not Path(path).is_file():
+        raise OSError("not a regular file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
