@@ -128,6 +128,19 @@ def test_tiff_mpp_from_resolution_tags(tmp_path):
         assert S.tiff_mpp(tif.pages[0].tags) is None
 
 
+def test_aperio_mpp_read_by_tifffile(tmp_path):
+    """An .svs forced through tifffile takes its µm/px from the Aperio description, as OpenSlide does."""
+    description = ("Aperio Image Library v11.2.1 \n46000x32914 [0,100 46000x32914] (256x256) JPEG/RGB Q=30"
+                   "|AppMag = 20|MPP = 0.4990|Left = 25.69")
+    path = tmp_path / "aperio.svs"
+    tifffile.imwrite(path, np.zeros((64, 64, 3), np.uint8), tile=(32, 32), photometric="rgb", description=description)
+    with S.open_slide(path, "tifffile") as s:
+        assert s.mpp == pytest.approx((0.499, 0.499))
+    assert S.aperio_mpp("Aperio Image Library|AppMag = 20") is None
+    assert S.aperio_mpp("Aperio Image Library|MPP = n/a") is None
+    assert S.aperio_mpp("ImageJ=1.5|MPP = 0.5") is None
+
+
 def test_rgba_on_white():
     rgba = np.array([[[10, 20, 30, 255], [10, 20, 30, 0], [0, 100, 200, 51]]], dtype=np.uint8)
     # alpha 51 = 0.2: 0.2 · colour + 0.8 · 255

@@ -8,7 +8,8 @@
   ``imagecodecs`` package), so TIFFs work without OpenSlide.
 
 µm per pixel: OpenSlide's ``openslide.mpp-x/y``, or the TIFF resolution tags; an OME-TIFF's
-``PhysicalSizeX/Y`` take precedence over the tags (either reader).
+``PhysicalSizeX/Y`` take precedence over the tags (either reader), as does an Aperio description's
+``MPP`` with tifffile (an .svs read with ``--reader tifffile``; its JPEG tiles need imagecodecs).
 
 ``auto`` takes OpenSlide when it is installed and recognises the file, else tifffile for ``.tif``
 and ``.tiff``. Coordinates: :meth:`Slide.read` takes the level's own pixels; ``downsamples[level]``
@@ -190,7 +191,7 @@ class TiffSlide(Slide):
         (w0, h0) = (pages[0].imagewidth, pages[0].imagelength)
         dims = [(p.imagewidth, p.imagelength) for p in pages]
         downsamples = [(w0 / w + h0 / h) / 2 for w, h in dims]
-        mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else None
+        mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else aperio_mpp(pages[0].description)
         super().__init__(path, dims, downsamples, mpp or tiff_mpp(pages[0].tags))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -258,6 +259,18 @@ def tiff_mpp(tags) -> tuple[float, float] | None:
         return per_unit * den / num if num else None
 
     return _mpp_pair(mpp(xres.value), mpp(yres.value))
+
+
+def aperio_mpp(description: str | None) -> tuple[float, float] | None:
+    """Microns per pixel from an Aperio (.svs) ImageDescription: ``Aperio ...|MPP = 0.499|...``, one
+    value for both axes (as OpenSlide's ``aperio.MPP``); None for other descriptions."""
+    if not description or not description.startswith("Aperio"):
+        return None
+    for field in description.split("|")[1:]:
+        key, _, value = field.partition("=")
+        if key.strip() == "MPP":
+            return _mpp_pair(value, value)
+    return None
 
 
 _MICRONS_PER_OME_UNIT = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "mm": 1e3, "cm": 1e4,
