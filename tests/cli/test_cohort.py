@@ -85,6 +85,20 @@ def test_collect_slides_from_folders_files_and_manifests(cohort_dir, tmp_path):
     assert [j.path.relative_to(cohort_dir).as_posix() for j in jobs] == ["a.tif", "b.tif", "c.tif", "d.tif",
                                                                           "sub/e.tif", "sub/f.tif"]
     assert [(j.name, j.out) for j in jobs[:2]] == [("a", out / "a"), ("b", out / "b")]
+    # an earlier run's outputs written into another folder inside the searched one: recorded as ours in
+    # that folder's manifest, so not slides either; a user's TIFF beside them is
+    from wsss.runs.owner import owned_folder
+
+    earlier = cohort_dir / "earlier"
+    with owned_folder(earlier, "predict-wsi") as owner:
+        write_slide(earlier / "b_mask.ome.tif", _pixels(9))
+        owner.record(earlier / "b_mask.ome.tif")
+    write_slide(earlier / "g.tif", _pixels(10))
+    jobs = C.collect_slides([cohort_dir], out)
+    assert [j.path.relative_to(cohort_dir).as_posix() for j in jobs] == ["a.tif", "b.tif", "c.tif", "d.tif",
+                                                                          "earlier/g.tif", "sub/e.tif", "sub/f.tif"]
+    with pytest.raises(WsssError, match="is the output folder or inside it"):
+        C.collect_slides([out], out)
     manifest = tmp_path / "m.csv"
     manifest.write_text(f"path,mpp,roi,note\n{cohort_dir / 'a.tif'},0.25,\"0,0,100,50\",x\n../m_rel/b.tif,,,\n")
     write_slide(tmp_path.parent / "m_rel" / "b.tif", _pixels(2))
@@ -94,6 +108,7 @@ def test_collect_slides_from_folders_files_and_manifests(cohort_dir, tmp_path):
     import shutil
 
     shutil.rmtree(out)
+    shutil.rmtree(earlier)
 
 
 def test_bad_cohort_inputs_end_in_one_clear_line(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):

@@ -36,6 +36,7 @@ from wsss.errors import WsssError
 from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.runs.lock import LockHeld, acquire
+from wsss.runs.owner import Manifest, manifest_record
 from wsss.wsi.predict_wsi import (
     SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
 )
@@ -64,6 +65,9 @@ def collect_slides(inputs: Sequence[Path], out: Path) -> list[SlideJob]:
     jobs: list[SlideJob] = []
     for path in map(Path, inputs):
         if path.is_dir():
+            if path.resolve().is_relative_to(out.resolve()):
+                raise WsssError(f"{path} is the output folder or inside it (--out {out}), where no slide is "
+                                "searched; choose another --out")
             found = [SlideJob(p, out / slide_name(p), slide_name(p)) for p in folder_slides(path, out)]
             if not found:
                 raise WsssError(f"{path} holds no slides ({', '.join(SLIDE_SUFFIXES)})")
@@ -79,14 +83,23 @@ def collect_slides(inputs: Sequence[Path], out: Path) -> list[SlideJob]:
 
 
 def folder_slides(folder: Path, out: Path) -> list[Path]:
+    """The slide files under ``folder``, OUT and what wsss wrote (the label, probability and tissue
+    OME-TIFFs of an earlier run into another folder, recorded in their folder's manifest) left out."""
     out = out.resolve()
-    found = []
+    found, ours, manifests = [], 0, {}
     for p in folder.rglob("*"):
         if p.name.startswith(".") or not p.is_file() or not p.name.lower().endswith(SLIDE_SUFFIXES):
             continue
         if p.resolve().is_relative_to(out):
             continue  # our own label images (OME-TIFF) when OUT is inside the folder
+        if p.parent not in manifests:
+            manifests[p.parent] = Manifest.read(p.parent)
+        if manifest_record(manifests[p.parent], p.parent, p) is not None:
+            ours += 1
+            continue
         found.append(p)
+    if ours:
+        log.info("%s: %d image%s that wsss wrote left out", folder, ours, "s" if ours > 1 else "")
     return sorted(found)
 
 
