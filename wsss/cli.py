@@ -145,6 +145,10 @@ def _json_file(path: Optional[Path]) -> Optional[Path]:
 JsonOutOpt = typer.Option(None, "--json", help="Write the metrics here.", callback=_json_file)
 OutOpt = typer.Option(Path("checkpoints"), "--out", help="Where checkpoints, config and logs go.")
 PmDirOpt = typer.Option(None, "--pm-dir", help="Pseudo-mask folder (default: DATA/train_PM).")
+SlideMppOpt = typer.Option(
+    None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a file's own value wins, "
+                              "with a warning; a manifest's mpp column overrides both); a slide without either is "
+                              "refused when a µm/px is to be read.")
 PrecisionFp32Opt = typer.Option(None, "--precision", help=PRECISION_HELP + " Default fp32.")
 PrecisionOpt = typer.Option(None, "--precision", help=PRECISION_HELP)
 PresetOpt = typer.Option(None, "--preset", help=PRESET_HELP)
@@ -313,8 +317,7 @@ def extract_patches(
         0.0, "--val-fraction", help="Instead of names: this fraction of the slides (patients) go to val, drawn by --seed."),
     test_fraction: float = typer.Option(0.0, "--test-fraction", help="... and this fraction to test."),
     seed: int = typer.Option(0, "--seed", help="Seed of the drawn split and of the contact sheet's samples."),
-    slide_mpp: Optional[float] = typer.Option(
-        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp wins)."),
+    slide_mpp: Optional[float] = SlideMppOpt,
     bounds_offset: bool = typer.Option(
         True, "--bounds-offset/--no-bounds-offset",
         help="Annotations of slides with openslide.bounds-* (MIRAX, ...) are in QuPath's cropped picture of them, "
@@ -870,9 +873,7 @@ def predict_wsi(
     mpp: Optional[float] = typer.Option(
         None, "--mpp", help="Microns per pixel to segment at: the nearest finer level, resized. Default: the µm/px "
                             "the checkpoint was trained at (level 0 when it records none)."),
-    slide_mpp: Optional[float] = typer.Option(
-        None, "--slide-mpp", help="The slides' level-0 µm/px, for files that do not record it (a manifest's mpp "
-                                  "column wins); a slide without either is refused when a µm/px is to be read."),
+    slide_mpp: Optional[float] = SlideMppOpt,
     roi: Optional[str] = typer.Option(None, "--roi", help="Region x,y,w,h in level-0 pixels (default: the slide)."),
     tile: Optional[int] = typer.Option(
         None, "--tile", min=16, help="Window side in processed pixels. Default: the checkpoint's training patch size "

@@ -115,7 +115,7 @@ def _slide(path: Path, mpp: float | None) -> Path:
     return write_pyramid(path, image, mpp=mpp)
 
 
-def test_predict_wsi_reads_slides_at_the_models_mpp(tmp_path, capsys, monkeypatch):
+def test_predict_wsi_reads_slides_at_the_models_mpp(tmp_path, capsys, monkeypatch, caplog):
     model = _segmenter(tmp_path / "model.pth", _dataset(tmp_path / "data", 32, 1.0))
     slide = _slide(tmp_path / "slide.tif", 0.5)
 
@@ -135,6 +135,15 @@ def test_predict_wsi_reads_slides_at_the_models_mpp(tmp_path, capsys, monkeypatc
     assert "bare.tif does not record its µm/px, which reading it at the model's µm/px (1) needs: pass --slide-mpp" in err
     s = summary("given", bare, "--slide-mpp", 0.25)
     assert (s["level"], s["mpp"]) == (2, [1.0, 1.0])  # level 2 of a 0.25 µm/px scan
+    # a slide that records its µm/px keeps it: --slide-mpp is for those that do not (a warning says so)
+    caplog.clear()
+    code, _, err = run_cli(capsys, monkeypatch, "predict-wsi", slide, "--slide-mpp", 0.25, "--checkpoint", model,
+                           "--out", tmp_path / "recorded", "--device", "cpu")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 0 and any("slide.tif records 0.5 µm/px; --slide-mpp 0.25 is for slides that record none" in w
+                             for w in warnings), (err, warnings)
+    s = json.loads(next((tmp_path / "recorded").glob("*_summary.json")).read_text())
+    assert (s["level"], s["mpp"]) == (1, [1.0, 1.0])
     fine = _segmenter(tmp_path / "fine.pth", _dataset(tmp_path / "data-fine", 32, 0.25))
     code, _, err = run_cli(capsys, monkeypatch, "predict-wsi", slide, "--checkpoint", fine, "--out", tmp_path / "f",
                            "--device", "cpu")

@@ -702,12 +702,17 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
 
 
 def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slide:
-    """The job's slide, with the manifest's µm/px (else ``slide_mpp``, ``--slide-mpp``) in place of
-    the file's when given."""
+    """The job's slide, with the manifest's µm/px in place of the file's when given; ``slide_mpp``
+    (``--slide-mpp``) only for a file that records none (one that records another is warned about)."""
     slide = open_slide(job.path, reader)
-    mpp = job.mpp if job.mpp is not None else slide_mpp
-    if mpp is not None:
-        slide.mpp = (mpp, mpp)
+    if job.mpp is not None:
+        slide.mpp = (job.mpp, job.mpp)
+    elif slide_mpp is not None and slide.mpp is None:
+        slide.mpp = (slide_mpp, slide_mpp)
+    elif slide_mpp is not None and not all(math.isclose(v, slide_mpp, rel_tol=MPP_TOLERANCE) for v in slide.mpp):
+        log.warning("warning: %s records %s µm/px; --slide-mpp %g is for slides that record none, so the "
+                    "recorded value is used (a manifest's mpp column overrides it)", job.path,
+                    "×".join(f"{v:g}" for v in dict.fromkeys(slide.mpp)), slide_mpp)
     return slide
 
 
