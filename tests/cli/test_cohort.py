@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from helpers import dead_pid, run_cli, spy_on_models, tiny_checkpoint
+from helpers import assert_one_line_error, dead_pid, run_cli, spy_on_models, tiny_checkpoint
 from wsss.errors import WsssError
 from wsss.wsi import cohort as C
 from wsss.runs import lock as K
@@ -355,6 +355,38 @@ def test_a_slide_whose_outputs_are_the_users_fails_and_the_others_go_on(cohort_d
     monkeypatch.setattr(C, "run_slide", lambda job, *a, **k: segmented.append(job.name) or run_slide(job, *a, **k))
     code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8)
     assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and segmented == ["a", "b"]
+
+
+@pytest.mark.parametrize("table, extra", [("cohort.csv", ()), ("cohort-part-0-of-2.csv", ("--shard", "0/2")),
+                                          ("cohort.csv", ("--shard", "1/2"))])
+def test_the_users_cohort_tables_are_not_replaced(cohort_dir, ckpt, tmp_path, capsys, monkeypatch, table, extra):
+    """A table in OUT that wsss did not write stops the run before any slide (one line), unless --force;
+    cohort-summary does not replace a user's cohort.csv either."""
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = out / table
+    mine.write_text("the user's own table\n")
+    args = _args([cohort_dir / f"{n}.tif" for n in "ab"], ckpt, out, "--min-tissue", 0, *extra)
+    err = assert_one_line_error(capsys, monkeypatch, *args)
+    assert f"{mine} exists and was not written by wsss" in err and "--force" in err
+    assert mine.read_text() == "the user's own table\n" and not (out / "a").exists()
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--force")
+    assert code == 0, err
+    if table == "cohort.csv" and extra:  # shard 1 of 2 alone: its part table; cohort.csv once both are in
+        assert (out / "cohort-part-1-of-2.csv").read_text().startswith("slide,")
+    else:
+        assert mine.read_text().startswith("slide,")
+
+
+def test_cohort_summary_does_not_replace_the_users_table(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, monkeypatch, *_args([cohort_dir / "a.tif"], ckpt, out, "--shard", "0/2"))
+    assert code == 0 and (out / "cohort-part-0-of-2.csv").is_file(), err
+    mine = out / "cohort.csv"
+    mine.write_text("the user's own table\n")
+    err = assert_one_line_error(capsys, monkeypatch, "cohort-summary", out)
+    assert f"{mine} exists and was not written by wsss" in err
+    assert mine.read_text() == "the user's own table\n"
 
 
 def test_a_slide_locked_by_a_live_process_is_left_alone(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):

@@ -27,7 +27,8 @@ import io
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from wsss.errors import WsssError
 from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.runs.lock import LockHeld, acquire
-from wsss.runs.owner import Manifest, manifest_record
+from wsss.runs.owner import Manifest, Owner, manifest_record, owned_folder
 from wsss.wsi.predict_wsi import (
     SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
 )
@@ -268,15 +269,29 @@ def other_row(job: SlideJob, status: str, error: str, seconds: float = 0.0) -> d
             "error": " ".join(error.split())}
 
 
-def write_table(path: Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
-    """A cohort table, rows sorted by slide, written atomically."""
+def write_table(path: Path, rows: Sequence[dict], columns: Sequence[str], shared: Owner | None = None) -> None:
+    """A cohort table, rows sorted by slide, written atomically (checked and recorded by the owner of
+    its folder). ``shared``: ``cohort.csv`` of a sharded run, which another worker may have written
+    since this one read the manifest: checked when the run began (:func:`claim_tables`), recorded here."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore", restval="")
     writer.writeheader()
     for row in sorted(rows, key=lambda r: r["slide"]):
         writer.writerow(row)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, owned=shared is None) as tmp:
         tmp.write_text(buffer.getvalue(), encoding="utf-8")
+        if shared is not None:
+            shared.record(path, written=tmp)
+
+
+@contextmanager
+def owned_tables(out: Path, command: str, tables: Sequence[Path], force: bool) -> Iterator[Owner]:
+    """Hold ``out``'s cohort tables for this process (a lock of their own: the workers of a sharded run
+    share the folder) and refuse, before any work, to replace tables wsss did not write there."""
+    scope = "-".join(p.stem for p in tables)
+    with owned_folder(out, command, key=f"{command} {scope}", force=force, scope=scope) as owner:
+        owner.claim(tables, "cohort tables")
+        yield owner
 
 
 def read_table(path: Path) -> tuple[list[str], list[dict]]:
@@ -312,9 +327,10 @@ def summarise_folder(out: Path) -> tuple[Path, list[dict]]:
     table = out / TABLE
     columns, rows = merge_parts(out)
     if rows:
-        with acquire(out / MERGE_LOCK, f"merging the tables of {out}", wait=MERGE_WAIT):
+        with owned_tables(out, "cohort-summary", [table], force=False) as owner, \
+                acquire(out / MERGE_LOCK, f"merging the tables of {out}", wait=MERGE_WAIT):
             columns, rows = merge_parts(out)
-            write_table(table, list(rows.values()), columns)
+            write_table(table, list(rows.values()), columns, shared=owner)
     elif not table.is_file():
         raise WsssError(f"{out} holds no cohort tables ({TABLE} or cohort-part-*-of-*.csv)")
     return table, read_table(table)[1]
@@ -392,16 +408,18 @@ def run(cfg: WsiConfig, progress: bool = True, env: dict | None = None) -> Cohor
     columns = table_columns(spec)
     result = CohortResult(worker, total=len(jobs))
     result.table = cfg.out / (TABLE if worker.count == 1 else part_name(worker))
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    write_table(result.table, [], columns)  # a fresh table: rows of an earlier run are not this run's
-    for job in mine:
-        result.rows.append(process(job, cfg, predictor, spec, progress))
-        write_table(result.table, result.rows, columns)
-    result.merged = result.table if worker.count == 1 else merge_if_complete(cfg.out, jobs, worker, columns)
+    with owned_tables(cfg.out, "predict-wsi", list(dict.fromkeys([result.table, cfg.out / TABLE])), cfg.force) as owner:
+        write_table(result.table, [], columns)  # a fresh table: rows of an earlier run are not this run's
+        for job in mine:
+            result.rows.append(process(job, cfg, predictor, spec, progress))
+            write_table(result.table, result.rows, columns)
+        result.merged = (result.table if worker.count == 1
+                         else merge_if_complete(cfg.out, jobs, worker, columns, owner))
     return result
 
 
-def merge_if_complete(out: Path, jobs: Sequence[SlideJob], worker: Worker, columns: Sequence[str]) -> Path | None:
+def merge_if_complete(out: Path, jobs: Sequence[SlideJob], worker: Worker, columns: Sequence[str],
+                      owner: Owner) -> Path | None:
     """When the part tables of this run's ``count`` workers list every slide of the cohort, merge
     them into ``cohort.csv`` (under a lock, so that two workers finishing together cannot write an
     older view last); None while some worker is still going."""
@@ -414,5 +432,5 @@ def merge_if_complete(out: Path, jobs: Sequence[SlideJob], worker: Worker, colum
         _, rows = merge_parts(out, worker.count)
         if not wanted <= set(rows):
             return None
-        write_table(out / TABLE, [rows[s] for s in wanted], columns)
+        write_table(out / TABLE, [rows[s] for s in wanted], columns, shared=owner)
     return out / TABLE
