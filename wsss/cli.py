@@ -74,9 +74,10 @@ PRESET_HELP = ("paper (the default: what the reference code computed), cpu-paper
                "Options given explicitly override the preset.")
 ConfigOpt = typer.Option(
     # "\\[": Rich (typer's help) would take [stage1] for markup and drop it
-    None, "--config", help="A TOML file whose \\[stage1], \\[pseudo_masks] and \\[stage2] tables set configuration keys "
-                           "as --print-config writes them (each command reads its own table, reproduce all three; "
-                           "the presets are such files): over the preset, under the options given here.")
+    None, "--config", help="A TOML file whose tables set configuration keys as --print-config writes them, each "
+                           "command its own (\\[stage1], \\[pseudo_masks], \\[stage2], \\[predict], \\[predict_wsi]; "
+                           "reproduce the first three; the presets are such files): over the preset, under the options "
+                           "given here.")
 PrintConfigOpt = typer.Option(
     False, "--print-config", help="Print the resolved configuration as a --config file's table and exit.")
 StainNormOpt = typer.Option(

@@ -260,6 +260,8 @@ def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, 
     spec is a user error."""
     seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
     gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
+    if not cfg.gate and cfg.stage1_checkpoint is not None:
+        log.warning("warning: --stage1-checkpoint is used only with --gate; segmenting without the gate")
     device = resolve_device(cfg.device, local_rank)
     predictor = TilePredictor(seg, cfg.tile, device, gate, cfg.gate_threshold,
                               resolve_precision(cfg.precision, device), cfg.gate_mode, cfg.tta)

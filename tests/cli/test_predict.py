@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import csv
 import re
 from pathlib import Path
@@ -336,6 +337,14 @@ def test_dataset_comes_from_the_checkpoint_or_the_option(ckpts, tmp_path, capsys
     assert palette[:15] == BCSS.flat_palette()[:15] and mask.max() < 4
     assert "TUM,STR,LYM,NEC,background" in (tmp_path / "pb" / "summary.csv").read_text()
 
+
+
+def test_a_stage1_checkpoint_without_gate_is_warned_about(ckpts, tmp_path, capsys, monkeypatch, caplog):
+    _save(tmp_path / "x.png", _random_image(48, 48))
+    code, _, err = run_cli(capsys, monkeypatch, "predict", tmp_path / "x.png", "--tile", TILE, "--device", "cpu",
+                           "--checkpoint", ckpts["s2"], "--stage1-checkpoint", ckpts["s1"], "--out", tmp_path / "o")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 0 and "warning: --stage1-checkpoint is used only with --gate; segmenting without the gate" in warnings
 
 
 def test_bad_inputs_end_in_one_clear_line(ckpts, tmp_path, capsys, monkeypatch):

@@ -251,6 +251,8 @@ def test_export_leaves_the_shift_to_the_caller_and_says_so(set_ckpts, tmp_path, 
     assert sidecar["input"]["stain"]["in_graph"] is False
     assert sidecar["input"]["stain"]["lab_mean"] == list(TARGET)
     assert "set's mean" in sidecar["input"]["stain"]["meaning"]
+    # the whole rule, significance included (docs/stain.md: z above 4.03, a set counted as 32 at most)
+    assert "above 4.03" in sidecar["input"]["stain"]["meaning"] and "32 at most" in sidecar["input"]["stain"]["meaning"]
 
 
 def test_the_python_api_measures_the_image_or_patches_of_each_call(set_ckpts, shifts):
