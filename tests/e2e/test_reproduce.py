@@ -137,11 +137,13 @@ def test_ablations_run_in_their_own_folders_and_add_rows(tmp_path, tiny_presets)
     rows = result["ablations"]
     # the tiny preset has none of our improvements (it is the paper's recipe at a tiny scale), so each
     # improvement row turns one on
-    ours = [("stage 1 --refit-epochs 6 (ours)", "stage1_refit_epochs_6"),
+    ours = [("stage 1 --blur-jitter 1 (ours)", "stage1_blur_jitter_1"),
+            ("stage 1 --refit-epochs 6 (ours)", "stage1_refit_epochs_6"),
             ("stage 1 --momentum 0.9 (ours)", "stage1_momentum_0.9"), ("stage 1 --augment d4 (ours)", "stage1_augment_d4"),
             ("stage 1 --no-pda (ours)", "stage1_pda_False"), ("stage 1 --dropout 0 (ours)", "stage1_dropout_0"),
             ("stage 1 --lr 0.02 (ours)", "stage1_lr_0.02"),
             ("pseudo-masks --white-rule glass (ours)", "pm_white_rule_glass"),
+            ("stage 2 --jpeg-jitter 40 (ours)", "stage2_jpeg_jitter_40"),
             ("stage 2 --loss-reduction mean (ours)", "stage2_loss_reduction_mean"),
             ("stage 2 --augment d4 (ours)", "stage2_augment_d4"),
             ("stage 2 --mosaic 0.5 (ours)", "stage2_mosaic_0.5"),
