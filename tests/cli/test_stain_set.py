@@ -36,11 +36,28 @@ def patch(seed: int, look: str = "default", size: int = 48) -> np.ndarray:
     return synth.make_patch(np.random.default_rng(seed), size, synth.LOOKS[look])[0]
 
 
-def oracle_set_mean(images) -> np.ndarray:
-    """The mean over ``images`` of each one's mean L*, a*, b* (from the definition), glass left out
-    (under 1% of the pixels at most 219 in every channel, i.e. OD >= 0.15)."""
-    means = [srgb_to_lab(im).reshape(-1, 3).mean(axis=0) for im in images if (im.reshape(-1, 3) <= 219).all(1).mean() >= 0.01]
-    return np.mean(means, axis=0)
+def oracle_glass(image) -> np.ndarray:
+    """Flat bool: glass, a luma (0.299 R + 0.587 G + 0.114 B) above 200 with max - min of R, G, B at most 16."""
+    pixels = image.reshape(-1, 3)
+    luma = pixels.astype(float) @ np.array([0.299, 0.587, 0.114])
+    return (luma > 200) & (pixels.max(1).astype(int) - pixels.min(1) <= 16)
+
+
+def oracle_tissue_means(images, glass_of=None) -> np.ndarray:
+    """Each image's mean L*, a*, b* (from the definition) over its tissue pixels (not
+    :func:`oracle_glass`; of the images ``glass_of`` when given), for the images with at least 1% of the
+    pixels at most 219 in every channel (OD >= 0.15)."""
+    means = []
+    for im, ref in zip(images, glass_of or images):
+        if (ref.reshape(-1, 3) <= 219).all(1).mean() < 0.01:
+            continue
+        means.append(srgb_to_lab(im).reshape(-1, 3)[~oracle_glass(ref)].mean(axis=0))
+    return np.stack(means)
+
+
+def oracle_set_mean(images, glass_of=None) -> np.ndarray:
+    """The set's colour: the mean over ``images`` of :func:`oracle_tissue_means`."""
+    return oracle_tissue_means(images, glass_of).mean(axis=0)
 
 
 def test_a_set_is_shifted_onto_the_reference_and_keeps_the_differences_between_its_patches():
@@ -52,8 +69,9 @@ def test_a_set_is_shifted_onto_the_reference_and_keeps_the_differences_between_i
     bound = target.for_set(stain.measure_set(other), "lab-b")
     assert np.allclose(bound.set_shift, np.asarray(target.lab_mean) - oracle_set_mean(other), atol=0.1)
     out = [bound(im) for im in other]
-    # the set now has the reference's mean colour (the shifted patches' own means, from the definition)...
-    assert np.allclose(oracle_set_mean(out), target.lab_mean, atol=0.6)
+    # the set's tissue now has the reference's mean colour (the shifted patches' own means over the
+    # pixels that were tissue, from the definition)...
+    assert np.allclose(oracle_set_mean(out, glass_of=other), target.lab_mean, atol=0.6)
     # ... and each patch kept what told it apart: its mean colour minus the set's, and its spread
     before = np.stack([srgb_to_lab(im).reshape(-1, 3).mean(0) for im in other])
     after = np.stack([srgb_to_lab(im).reshape(-1, 3).mean(0) for im in out])
@@ -88,11 +106,49 @@ def saved_patches(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def test_a_sets_colour_does_not_depend_on_how_much_glass_its_windows_hold():
+    """A slide's windows at its tissue's edge are mostly glass: the same tissue with glass beside it
+    has the same colour, so the shift does not depend on --min-tissue, --roi or the scale."""
+    tissue = [patch(s) for s in range(30)]
+    rng = np.random.default_rng(0)
+    edged = []
+    for im in tissue:
+        im = im.copy()
+        im[:, : im.shape[1] * 3 // 4] = 236 + rng.integers(-4, 5, (im.shape[0], im.shape[1] * 3 // 4, 1))  # glass
+        edged.append(im)
+    target = StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=50, source="t", pixels="tissue")
+    whole = target.for_set(stain.measure_set(tissue), "tissue").set_shift
+    edges = target.for_set(stain.measure_set(edged), "edges").set_shift
+    assert np.allclose(whole, np.asarray(TARGET) - oracle_set_mean(tissue), atol=0.1)
+    assert np.allclose(edges, np.asarray(TARGET) - oracle_set_mean(edged), atol=0.1)
+    assert np.abs(np.subtract(whole, edges)).max() < 1.5  # the glass moved the all-pixel mean by far more:
+    all_pixels = lambda ims: np.mean([srgb_to_lab(im).reshape(-1, 3).mean(0) for im in ims], axis=0)
+    assert np.abs(all_pixels(tissue) - all_pixels(edged)).max() > 10
+
+
+def test_a_reference_recorded_before_tissue_pixels_measures_sets_over_all_pixels():
+    """Checkpoints written before the reference left glass out record no ``pixels``: their sets are
+    measured as their reference was, each patch's mean over all its pixels; ``pixels`` round-trips."""
+    images = [patch(s, "lab-b") for s in range(100, 120)]
+    glassy = [im for im in images if oracle_glass(im).mean() > 0.05]
+    assert len(glassy) >= 3  # the two measures differ on this set
+    old = {"method": "reinhard-set", "lab_mean": list(TARGET), "lab_std": list(SPREAD), "patches": 50, "source": "t"}
+    bound = StainNorm.from_dict(old).for_set(stain.measure_set(images), "lab-b")
+    all_pixels = np.mean([srgb_to_lab(im).reshape(-1, 3).mean(0) for im in images], axis=0)
+    assert np.allclose(bound.set_shift, np.asarray(TARGET) - all_pixels, atol=0.1)
+    new = StainNorm.from_dict({**old, "pixels": "tissue"})
+    assert new.to_dict()["pixels"] == "tissue" and StainNorm.from_dict(new.to_dict()) == new
+    assert np.allclose(new.for_set(stain.measure_set(images), "lab-b").set_shift,
+                       np.asarray(TARGET) - oracle_set_mean(images), atol=0.1)
+    with pytest.raises(WsssError, match="malformed"):
+        StainNorm.from_dict({**old, "pixels": "glass"})
+
+
 def test_a_sample_of_the_training_look_is_left_as_it_is_and_another_labs_is_shifted(tmp_path):
     paths = saved_patches(tmp_path, 60)
     target = stain.fit_training_set("reinhard-set", paths, None)
-    assert np.allclose(target.lab_std, np.std([srgb_to_lab(patch(s)).reshape(-1, 3).mean(0) for s in range(60)], 0),
-                       atol=0.1)
+    assert np.allclose(target.lab_std, oracle_tissue_means([patch(s) for s in range(60)]).std(0), atol=0.1)
+    assert target.pixels == "tissue"
     same = target.for_set(stain.measure_set(patch(s) for s in range(500, 540)), "more default-look patches")
     assert same.set_shift == (0.0, 0.0, 0.0)
     other = target.for_set(stain.measure_set(patch(s, "lab-b") for s in range(500, 540)), "lab-b")
@@ -141,7 +197,8 @@ def set_ckpts(tmp_path_factory) -> dict[str, Path]:
     torch.manual_seed(0)
     cfg1 = Stage1Config(dataset="luad", data=Path("."), width=0.125, image_size=32, stain_norm="reinhard-set")
     s1 = root / "s1.pth"
-    target = lambda tag: StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=9, source=tag)
+    target = lambda tag: StainNorm("reinhard-set", lab_mean=TARGET, lab_std=SPREAD, patches=9, source=tag,
+                                   pixels="tissue")
     save_checkpoint(s1, stage1.checkpoint_state(ResNet38Classifier(4, width=0.125), cfg1, LUAD, 0,
                                                 InputNorm(stain=target("stage 1"))))
     cfg2 = Stage2Config(dataset="luad", data=Path("."), backbone="resnet18", head_channels=8, image_size=32,

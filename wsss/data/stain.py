@@ -100,6 +100,11 @@ SET_SIGNIFICANCE = 4.03
 standard errors (the norm of the per-channel z-scores, :func:`set_noise`): the 0.999 quantile of a
 chi distribution with 3 degrees of freedom (sqrt(16.27)), so that a random sample of training-like
 patches is shifted once in a thousand sets, by chance."""
+PIXEL_RULES = ("all", "tissue")
+"""What a ``reinhard-set`` colour is the mean of in each patch (:attr:`StainNorm.pixels`)."""
+GLASS_GREY = 200
+"""A pixel brighter than this grey value (and nearly colourless) is glass (:func:`tissue_pixels`); the
+pseudo-masks' white threshold."""
 FIT_MIN_STAINED = 0.3
 """When fitting a target, a patch (or a tile of ``--stain-target``) with a smaller stained fraction is
 glass-dominated and skipped."""
@@ -210,6 +215,10 @@ class StainNorm:
     source: str = ""
     set_shift: tuple[float, float, float] | None = None
     """``reinhard-set`` only: the LAB shift of the set being processed (:meth:`for_set`); never stored."""
+    pixels: str = "all"
+    """``reinhard-set`` only: which pixels of a patch its colour is the mean of — ``tissue`` (glass left out,
+    :func:`tissue_pixels`; references measured since 2026-12-06) or ``all`` (earlier checkpoints, which
+    record none): a set is measured the way the reference was."""
 
     def __post_init__(self) -> None:
         if self.method == "macenko":
@@ -239,6 +248,8 @@ class StainNorm:
         else:
             d["lab_mean"] = list(self.lab_mean)
             d["lab_std"] = list(self.lab_std)
+        if self.method == SET_METHOD:
+            d["pixels"] = self.pixels
         return d
 
     @classmethod
@@ -252,9 +263,12 @@ class StainNorm:
             return tuple(tuple(float(v) for v in row) for row in a) if a.ndim == 2 else tuple(float(v) for v in a)
 
         try:
+            pixels = str(d.get("pixels", "all"))
+            if pixels not in PIXEL_RULES:
+                raise ValueError(pixels)
             return cls(str(d["method"]), floats("stain_matrix", (3, 2)), floats("max_concentration", (2,)),
                        floats("lab_mean", (3,)), floats("lab_std", (3,)), int(d.get("patches", 0)),
-                       str(d.get("source", "")))
+                       str(d.get("source", "")), pixels=pixels)
         except (KeyError, TypeError, ValueError):
             raise WsssError("the recorded stain target is malformed") from None
 
@@ -278,6 +292,7 @@ class StainNorm:
         the per-patch methods are returned as they are."""
         if self.method != SET_METHOD:
             return self
+        colour = colour.of(self.pixels)
         if colour.mean is None or colour.patches < MIN_SET_PATCHES:
             _log_once(logging.INFO, f"reinhard-set: {what}: {colour.patches} stained patches or tiles, "
                       f"{MIN_SET_PATCHES} needed to measure a set's colour; not shifted")
@@ -420,13 +435,13 @@ def fit(method: str, images: Iterable[np.ndarray], source: str, unit: str = "pat
     if method not in METHODS[1:]:
         raise WsssError(f"--stain-norm must be one of {', '.join(METHODS)}, not {method!r}")
     if method == SET_METHOD:
-        colour = measure_set(images)
+        colour = measure_set(images).of("tissue")
         if colour.patches < MIN_FIT_PATCHES:
             raise WsssError(f"cannot measure a reinhard-set colour reference on {source}: {colour.patches} of its "
                             f"{colour.seen} {unit} are stained (at least {MIN_STAINED:.0%} of the pixels with OD >= "
                             f"{BETA} in every channel), {MIN_FIT_PATCHES} needed; it is mostly glass")
         target = StainNorm(SET_METHOD, lab_mean=colour.mean, lab_std=colour.spread, patches=colour.patches,
-                           source=source)
+                           source=source, pixels="tissue")
         log.info("%s (%d of %d %s skipped as glass)", target.describe(), colour.seen - colour.patches, colour.seen, unit)
         return target
     estimates, seen = [], 0
@@ -478,23 +493,46 @@ class SetColour:
     seen: int
     spread: tuple[float, float, float] | None = None
     """The standard deviation over the stained patches of their LAB means (None when none is)."""
+    tissue: "SetColour | None" = None
+    """The same with each patch's mean over its tissue pixels only (:func:`tissue_pixels`)."""
+
+    def of(self, pixels: str) -> "SetColour":
+        """This colour as measured over ``pixels`` (``all`` or ``tissue``) of each patch."""
+        return self if pixels == "all" or self.tissue is None else self.tissue
 
 
-def measure_set(images: Iterable[np.ndarray]) -> SetColour:
-    """:class:`SetColour` of ``images`` (H, W, 3) uint8. A patch's glass counts in its mean like its
-    tissue; only patches under 1% stained are left out (a stain fit's 30% rule would bias the set's mean
-    towards dense tissue: measured worse, docs/stain.md)."""
-    means, seen = [], 0
-    for image in images:
-        seen += 1
-        try:
-            means.append(reinhard_fit(image)[0])
-        except FitFailed:
-            continue
+def tissue_pixels(image: np.ndarray) -> np.ndarray:
+    """``(H, W)`` bool: the pixels that are not glass, glass being bright and colourless (the ``glass``
+    white rule of the pseudo-masks, :func:`wsss.data.background.white_mask`, without its blob filter)."""
+    from wsss.data.background import GLASS_MAX_CHROMA, chroma, to_grey
+
+    return ~((to_grey(image) > GLASS_GREY) & (chroma(image) <= GLASS_MAX_CHROMA))
+
+
+def _colour(means: list, seen: int) -> SetColour:
     if not means:
         return SetColour(None, 0, seen)
     return SetColour(tuple(float(v) for v in np.mean(means, axis=0)), len(means), seen,
                      tuple(float(v) for v in np.std(means, axis=0)))
+
+
+def measure_set(images: Iterable[np.ndarray]) -> SetColour:
+    """:class:`SetColour` of ``images`` (H, W, 3) uint8, patches under 1% stained left out (a stain fit's
+    30% rule would bias the set's mean towards dense tissue: measured worse, docs/stain.md), each
+    patch's LAB means taken over all its pixels and (``tissue``) over its tissue pixels only: the
+    glass of a patch or a slide's window says how much of it is glass, not what colour its stain is."""
+    means, tissue_means, seen = [], [], 0
+    for image in images:
+        seen += 1
+        try:
+            channels, patch_means, _ = _lab_channels(image)
+        except FitFailed:
+            continue
+        means.append(patch_means.astype(float))
+        tissue = tissue_pixels(image)
+        if tissue.any():
+            tissue_means.append(np.array([float(c.reshape(tissue.shape)[tissue].mean()) for c in channels]))
+    return replace(_colour(means, seen), tissue=_colour(tissue_means, seen))
 
 
 def measure_paths(paths: Sequence[Path], image_size: int | None) -> SetColour:
