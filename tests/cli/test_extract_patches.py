@@ -323,6 +323,21 @@ def test_bad_input_is_one_clear_line(slides, tri_spec, tmp_path, capsys, monkeyp
                                                       "--out", tmp_path / "bare-ok", "--slide-mpp", 0.5)
 
 
+def test_force_with_fewer_slides_leaves_no_empty_split_behind(slides, tri_spec, tmp_path, capsys, monkeypatch):
+    """An earlier extraction with val and test slides, replaced (--force) by one of train slides only:
+    its val/ and test/ folders go with their patches (an empty val/img stopped check-data and training)."""
+    out = tmp_path / "data"
+    base = ("--dataset", tri_spec, "--out", out, "--patch", 32, "--min-tissue", 0.5, "--class-map", slides / "map.csv")
+    code, _, err = run_cli(capsys, monkeypatch, "extract-patches", slides, *base, "--val-slides", "s1",
+                           "--test-slides", "s2")
+    assert code == 0 and (out / "val" / "img").is_dir() and (out / "test" / "mask").is_dir(), err
+    code, _, err = run_cli(capsys, monkeypatch, "extract-patches", slides / "s0.tif", *base, "--force")
+    assert code == 0, err
+    assert not (out / "val").exists() and not (out / "test").exists() and any((out / "train").iterdir())
+    code, _, err = run_cli(capsys, monkeypatch, "check-data", out, "--dataset", tri_spec)
+    assert code == 0, err
+
+
 def test_a_self_intersecting_polygon_is_repaired_and_counted(slides, tri_spec, tmp_path, capsys, monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     folder = tmp_path / "s"

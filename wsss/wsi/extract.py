@@ -441,6 +441,8 @@ def run(cfg: ExtractConfig, progress: bool = False) -> ExtractResult:
         _prepare_out(Path(cfg.out), cfg.force)
         tally = Tally(spec, cfg.seed)
         records, failures = [], []
+        note_saved(f"0 of {len(jobs)} slides cut into {cfg.out}, the patches of the first kept there (dataset.json is "
+                   "written at the end; run the command again with --force to start over)")
         for job in jobs:
             record = {"slide": str(job.path), "name": job.name, "patient": job.patient, "split": splits[job.name]}
             try:
@@ -527,6 +529,10 @@ def _prepare_out(out: Path, force: bool) -> None:
             if left:
                 raise WsssError(f"{folder} holds images wsss did not write (e.g. {left[0].name}); choose an empty "
                                 "--out")
+    # an earlier extraction's split folders that this one may not fill: an empty val/img stops training
+    for folder in [*_layout_dirs(out), out / "val", out / "test"]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _layout_dirs(out: Path) -> list[Path]:
