@@ -62,6 +62,15 @@ def test_class_maps(tmp_path):
     path.write_text("qupath,class\nTumor,TUM\ntumor,NEC\n")
     with pytest.raises(WsssError, match="line 3: 'tumor' is listed twice"):
         A.read_class_map(path, SPEC)
+    # without a header row: its first mapping is not taken for one
+    path.write_text("Tumor,TUM\nStroma,\n")
+    lookup = A.read_class_map(path, SPEC)
+    found = _parse([qupath_object("Tumor", [rectangle(0, 0, 1, 1)]), qupath_object("Stroma", [rectangle(0, 0, 1, 1)])],
+                   lookup)
+    assert [r.cls for r in found.regions] == [0] and found.skipped_classes == {"Stroma": 1}
+    path.write_text("Tumor,TUM\ntumor,NEC\n")
+    with pytest.raises(WsssError, match="line 2: 'tumor' is listed twice"):
+        A.read_class_map(path, SPEC)
 
 
 @pytest.mark.parametrize("data,message", [

@@ -111,7 +111,8 @@ def read_class_map(path: Path, spec: DatasetSpec) -> ClassLookup:
         Immune cells,LYM
         Ignore,
 
-    A target that is not a class of the spec, or a name listed twice, is a user error."""
+    The header may be left out (a first row mapping onto a class of the spec is read as a mapping). A
+    target that is not a class of the spec, or a name listed twice, is a user error."""
     path = Path(path)
     if not path.is_file():
         raise WsssError(f"class map not found: {path}")
@@ -120,11 +121,13 @@ def read_class_map(path: Path, spec: DatasetSpec) -> ClassLookup:
             rows = [r for r in csv.reader(f) if any(cell.strip() for cell in r)]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise WsssError(f"cannot read class map {path}: {exc}") from None
-    if len(rows) < 2:
-        raise WsssError(f"class map {path} maps nothing: a header row, then rows of QuPath name,class")
     classes = {name.lower(): i for i, name in enumerate(spec.classes)}
+    # a first row whose second cell is a class of the spec is a mapping, not the header: no header row
+    start = 0 if rows and len(rows[0]) > 1 and rows[0][1].strip().lower() in classes else 1
+    if len(rows) <= start:
+        raise WsssError(f"class map {path} maps nothing: a header row, then rows of QuPath name,class")
     mapping: dict[str, int | None] = {}
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in enumerate(rows[start:], start=start + 1):
         cells = [c.strip() for c in row] + [""]
         name, target = cells[0], cells[1]
         where = f"class map {path}, line {line}"
