@@ -31,6 +31,9 @@ from wsss.tiling import Predictor, predict_mask, probability_bands
 
 log = logging.getLogger(__name__)
 
+GATE_TWICE = " (each counted twice: for the segmenter and for the gate)"
+"""How the stain normalisation's count of windows reads when the gate's classifier normalises them too."""
+
 
 def check_window_options(tile: int | None, overlap: int | None, batch_size: int, gate: bool,
                          stage1_checkpoint: Path | None) -> None:

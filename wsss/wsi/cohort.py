@@ -403,7 +403,8 @@ def run(cfg: WsiConfig, progress: bool = True, env: dict | None = None) -> Cohor
     cfg = with_model_scale(cfg)
     worker = worker_from_env(cfg.shard, env)
     mine = worker.share(jobs)
-    log.info("%d slides in the cohort; %s takes %d", len(jobs), worker.describe(), len(mine))
+    log.info("%d slide%s in the cohort; %s takes %d", len(jobs), "" if len(jobs) == 1 else "s", worker.describe(),
+             len(mine))
     predictor, spec = load_models(cfg, worker.local_rank)
     columns = table_columns(spec)
     result = CohortResult(worker, total=len(jobs))

@@ -64,7 +64,7 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.inference import (
-    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
+    GATE_TWICE, TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
     window_for,
 )
 from wsss.runs.journal import Journal
@@ -782,7 +782,7 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
         if isinstance(predictor, TilePredictor):  # reinhard-set: the slide is the set
             predictor = predictor.for_set(lambda: slide_colour(slide, grid, threshold, cfg), job.path.name)
         segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
-        stain.log_counts(f"windows of {job.path.name}")
+        stain.log_counts(f"windows of {job.path.name}{GATE_TWICE if cfg.gate else ''}")
         if state.state["segmented"] == 0:
             state.remove()
             raise WsssError(f"{job.path}: no tissue (no window reaches --min-tissue {cfg.min_tissue:g} of "
