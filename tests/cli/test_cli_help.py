@@ -70,5 +70,6 @@ def test_every_command_with_options_groups_them(capsys, monkeypatch):
 
 def test_the_config_help_names_its_toml_tables(capsys, monkeypatch):
     """Rich reads "[stage1]" as markup and drops it unless escaped: the help read "whose ,  and  tables"."""
-    text = re.sub(r"[│\s]+", " ", help_of(capsys, monkeypatch, "train-stage1"))
-    assert "whose [stage1], [pseudo_masks] and [stage2] tables" in text
+    for command in ("train-stage1", "predict-wsi"):
+        text = re.sub(r"[│\s]+", " ", help_of(capsys, monkeypatch, command))
+        assert "each command its own ([stage1], [pseudo_masks], [stage2], [predict], [predict_wsi];" in text, command
