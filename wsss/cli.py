@@ -1022,12 +1022,13 @@ def export_model(
 @app.command("cohort-summary")
 def cohort_summary(
     out: Path = typer.Argument(..., help="The --out folder of predict-wsi cohort runs (shards, ranks)."),
+    force: bool = typer.Option(False, "--force", help="Replace a cohort.csv in OUT that wsss did not write."),
 ) -> None:
     """Merge the per-shard and per-rank tables of a cohort into OUT/cohort.csv and count the slides by
     status; exit status 1 if any slide failed."""
     from wsss.wsi.cohort import summarise_folder
 
-    table, rows = summarise_folder(out)
+    table, rows = summarise_folder(out, force)
     counts = {status: sum(row["status"] == status for row in rows) for status in ("done", "failed", "locked")}
     typer.echo(f"{table}: {len(rows)} slides: " + ", ".join(f"{n} {status}" for status, n in counts.items()))
     for row in rows:

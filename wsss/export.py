@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss.data import stain
+from wsss.data.background import GLASS_MAX_CHROMA
 from wsss.data.datasets import InputNorm
 from wsss.data.specs import BACKGROUND_NAME
 from wsss.errors import WsssError
@@ -197,14 +198,22 @@ def _stain(norm: InputNorm) -> dict | None:
         return {**norm.stain.to_dict(), "in_graph": False,
                 "meaning": "not in the model: before it, shift every image of a set (a slide, the images of one "
                            "batch job) in CIE LAB (D65; L 0-100) by lab_mean minus the set's mean of each image's "
-                           "(or window's) LAB channel means, images with under 1% stained pixels left out of that "
-                           f"mean, as wsss does; with fewer than {stain.MIN_SET_PATCHES} stained images in the set, "
+                           f"(or window's) LAB channel means{_over_pixels(norm.stain.pixels)}, images with under 1% "
+                           f"stained pixels left out of that mean, as wsss does; with fewer than {stain.MIN_SET_PATCHES} stained images in the set, "
                            "no shift; and no shift unless significant: the norm over L, a, b of (set mean - lab_mean)"
                            f" / (lab_std * sqrt(1/n + 1/patches)) above {stain.SET_SIGNIFICANCE}, n the set's stained "
                            f"images counted as {stain.SET_MAX_PATCHES} at most"}
     return {**norm.stain.to_dict(), "in_graph": True,
             "meaning": "each image is mapped onto this LAB target before the scaling, inside the model; an image "
                        "with under 1% stained pixels or a flat LAB channel passes through unchanged"}
+
+
+def _over_pixels(pixels: str) -> str:
+    """How a reinhard-set reference's patch means were taken, in the sidecar's words."""
+    if pixels == "all":
+        return " over all its pixels"
+    return (f" over its tissue pixels (glass left out: ITU-R 601 grey above {stain.GLASS_GREY} with max - min of R, "
+            f"G, B at most {GLASS_MAX_CHROMA})")
 
 
 def _positive(value):

@@ -31,8 +31,12 @@ from wsss.tiling import Predictor, predict_mask, probability_bands
 
 log = logging.getLogger(__name__)
 
-GATE_TWICE = " (each counted twice: for the segmenter and for the gate)"
-"""How the stain normalisation's count of windows reads when the gate's classifier normalises them too."""
+def windows_counted(predictor: Predictor, what: str = "windows") -> str:
+    """How the stain normalisation's count of windows reads: twice each when the gate's classifier
+    normalises them too."""
+    both = (isinstance(predictor, TilePredictor) and predictor.gate is not None
+            and predictor.gate.norm.stain is not None and predictor.seg.norm.stain is not None)
+    return f"{what} (each counted twice: for the segmenter and for the gate)" if both else what
 
 
 def check_window_options(tile: int | None, overlap: int | None, batch_size: int, gate: bool,

@@ -378,6 +378,18 @@ def test_the_users_cohort_tables_are_not_replaced(cohort_dir, ckpt, tmp_path, ca
         assert mine.read_text().startswith("slide,")
 
 
+def test_tables_an_earlier_wsss_wrote_unrecorded_are_adopted(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
+    """Before the cohort tables were recorded in OUT's manifest, wsss wrote them unrecorded: a rerun
+    (the documented way to retry failed slides) takes them as its own, by their header."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cohort.csv").write_text("slide,status,seconds,tiles,TE_um2,TE_fraction,error\nx.tif,failed,0,0,,,gone\n")
+    code, _, err = run_cli(capsys, monkeypatch, *_args([cohort_dir / f"{n}.tif" for n in "ab"], ckpt, out,
+                                                       "--min-tissue", 0))
+    assert code == 0, err
+    assert [Path(r["slide"]).name for r in _table(out / "cohort.csv")] == ["a.tif", "b.tif"]
+
+
 def test_cohort_summary_does_not_replace_the_users_table(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, monkeypatch, *_args([cohort_dir / "a.tif"], ckpt, out, "--shard", "0/2"))
@@ -385,8 +397,10 @@ def test_cohort_summary_does_not_replace_the_users_table(cohort_dir, ckpt, tmp_p
     mine = out / "cohort.csv"
     mine.write_text("the user's own table\n")
     err = assert_one_line_error(capsys, monkeypatch, "cohort-summary", out)
-    assert f"{mine} exists and was not written by wsss" in err
+    assert f"{mine} exists and was not written by wsss" in err and "choose another OUT, or pass --force" in err
     assert mine.read_text() == "the user's own table\n"
+    code, _, err = run_cli(capsys, monkeypatch, "cohort-summary", out, "--force")
+    assert code == 0 and mine.read_text().startswith("slide,status,seconds,tiles,"), err
 
 
 def test_a_slide_locked_by_a_live_process_is_left_alone(cohort_dir, ckpt, tmp_path, capsys, monkeypatch):

@@ -71,6 +71,9 @@ def test_class_maps(tmp_path):
     path.write_text("Tumor,TUM\ntumor,NEC\n")
     with pytest.raises(WsssError, match="line 2: 'tumor' is listed twice"):
         A.read_class_map(path, SPEC)
+    path.write_text("Stroma,\nTumor,TUM\n")  # a first row that skips a class is a mapping too
+    found = _parse([qupath_object("Stroma", [rectangle(0, 0, 1, 1)])], A.read_class_map(path, SPEC))
+    assert found.regions == [] and found.skipped_classes == {"Stroma": 1}
 
 
 @pytest.mark.parametrize("data,message", [

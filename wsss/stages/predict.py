@@ -42,8 +42,8 @@ from wsss.data.specs import DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.inference import (
-    GATE_TWICE, TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, segment_image,
-    upgrade_settings, window_for,
+    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, segment_image,
+    upgrade_settings, window_for, windows_counted,
 )
 from wsss.runs.journal import diff_settings
 from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder
@@ -319,7 +319,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
                 failures.append(str(exc))
                 log.debug("skipping %s: %s", path, exc)
             note_saved(f"{len(rows)} of {len(images)} images segmented into {cfg.out} (a rerun does them all again)")
-        stain.log_counts("windows" + (GATE_TWICE if cfg.gate else ""))
+        stain.log_counts(windows_counted(predictor))
         written = None
         if rows:
             written = summary

@@ -122,10 +122,12 @@ def read_class_map(path: Path, spec: DatasetSpec) -> ClassLookup:
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise WsssError(f"cannot read class map {path}: {exc}") from None
     classes = {name.lower(): i for i, name in enumerate(spec.classes)}
-    # a first row whose second cell is a class of the spec is a mapping, not the header: no header row
-    start = 0 if rows and len(rows[0]) > 1 and rows[0][1].strip().lower() in classes else 1
+    # the header's second cell names the column; a first row mapping onto a class of the spec, or onto
+    # nothing (skipped objects), is a mapping: the file has no header row
+    second = rows[0][1].strip().lower() if rows and len(rows[0]) > 1 else ""
+    start = 1 if second and second not in classes else 0
     if len(rows) <= start:
-        raise WsssError(f"class map {path} maps nothing: a header row, then rows of QuPath name,class")
+        raise WsssError(f"class map {path} maps nothing: rows of QuPath name,class (after a header row, if any)")
     mapping: dict[str, int | None] = {}
     for line, row in enumerate(rows[start:], start=start + 1):
         cells = [c.strip() for c in row] + [""]

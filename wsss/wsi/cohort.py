@@ -284,14 +284,31 @@ def write_table(path: Path, rows: Sequence[dict], columns: Sequence[str], shared
             shared.record(path, written=tmp)
 
 
+TABLE_HEADER = "slide,status,seconds,tiles,"
+"""How every cohort table wsss writes begins (:func:`table_columns`)."""
+
+
 @contextmanager
-def owned_tables(out: Path, command: str, tables: Sequence[Path], force: bool) -> Iterator[Owner]:
+def owned_tables(out: Path, command: str, tables: Sequence[Path], force: bool,
+                 option: str = "--out") -> Iterator[Owner]:
     """Hold ``out``'s cohort tables for this process (a lock of their own: the workers of a sharded run
-    share the folder) and refuse, before any work, to replace tables wsss did not write there."""
-    scope = "-".join(p.stem for p in tables)
-    with owned_folder(out, command, key=f"{command} {scope}", force=force, scope=scope) as owner:
+    share the folder) and refuse, before any work, to replace tables wsss did not write there. A table
+    an earlier wsss wrote before the tables were recorded (its header is a cohort table's) is adopted."""
+    scope = "tables-" + "-".join(p.stem for p in tables)  # not a slide's name (the slides' own locks)
+    with owned_folder(out, command, key=f"{command} {scope}", force=force, scope=scope, option=option) as owner:
+        for table in tables:
+            if table.is_file() and not owner.ours(table) and _is_cohort_table(table):
+                owner.record(table)
         owner.claim(tables, "cohort tables")
         yield owner
+
+
+def _is_cohort_table(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith(TABLE_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def read_table(path: Path) -> tuple[list[str], list[dict]]:
@@ -319,7 +336,7 @@ def merge_parts(out: Path, count: int | None = None) -> tuple[list[str], dict[st
     return columns, rows
 
 
-def summarise_folder(out: Path) -> tuple[Path, list[dict]]:
+def summarise_folder(out: Path, force: bool = False) -> tuple[Path, list[dict]]:
     """``wsss cohort-summary OUT``: merge every part table into ``OUT/cohort.csv`` (or read it when
     there are none); returns it and its rows."""
     if not out.is_dir():
@@ -327,7 +344,7 @@ def summarise_folder(out: Path) -> tuple[Path, list[dict]]:
     table = out / TABLE
     columns, rows = merge_parts(out)
     if rows:
-        with owned_tables(out, "cohort-summary", [table], force=False) as owner, \
+        with owned_tables(out, "cohort-summary", [table], force=force, option="OUT") as owner, \
                 acquire(out / MERGE_LOCK, f"merging the tables of {out}", wait=MERGE_WAIT):
             columns, rows = merge_parts(out)
             write_table(table, list(rows.values()), columns, shared=owner)

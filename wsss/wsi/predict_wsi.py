@@ -64,8 +64,8 @@ from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.metrics import write_json
 from wsss.inference import (
-    GATE_TWICE, TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
-    window_for,
+    TilePredictor, check_tta, check_window_options, load_models, model_scale, run_precision, upgrade_settings,
+    window_for, windows_counted,
 )
 from wsss.runs.journal import Journal
 from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
@@ -701,6 +701,9 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
 # --------------------------------------------------------------------------- the run
 
 
+_WARNED_MPP: set = set()
+
+
 def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slide:
     """The job's slide, with the manifest's µm/px in place of the file's when given; ``slide_mpp``
     (``--slide-mpp``) only for a file that records none (one that records another is warned about)."""
@@ -709,7 +712,9 @@ def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slid
         slide.mpp = (job.mpp, job.mpp)
     elif slide_mpp is not None and slide.mpp is None:
         slide.mpp = (slide_mpp, slide_mpp)
-    elif slide_mpp is not None and not all(math.isclose(v, slide_mpp, rel_tol=MPP_TOLERANCE) for v in slide.mpp):
+    elif (slide_mpp is not None and not all(math.isclose(v, slide_mpp, rel_tol=MPP_TOLERANCE) for v in slide.mpp)
+          and (job.path, slide_mpp) not in _WARNED_MPP):  # once, though a run opens a slide twice
+        _WARNED_MPP.add((job.path, slide_mpp))
         log.warning("warning: %s records %s µm/px; --slide-mpp %g is for slides that record none, so the "
                     "recorded value is used (a manifest's mpp column overrides it)", job.path,
                     "×".join(f"{v:g}" for v in dict.fromkeys(slide.mpp)), slide_mpp)
@@ -782,7 +787,7 @@ def run_slide(job: SlideJob, cfg: WsiConfig, predictor: Predictor, spec: Dataset
         if isinstance(predictor, TilePredictor):  # reinhard-set: the slide is the set
             predictor = predictor.for_set(lambda: slide_colour(slide, grid, threshold, cfg), job.path.name)
         segment_slide(slide, grid, predictor, spec, threshold, cfg, state, progress)
-        stain.log_counts(f"windows of {job.path.name}{GATE_TWICE if cfg.gate else ''}")
+        stain.log_counts(windows_counted(predictor, f"windows of {job.path.name}"))
         if state.state["segmented"] == 0:
             state.remove()
             raise WsssError(f"{job.path}: no tissue (no window reaches --min-tissue {cfg.min_tissue:g} of "
