@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from wsss.data import stain
-from wsss.data.background import GLASS_MAX_CHROMA
+from wsss.data.background import GLASS_MAX_CHROMA, WHITE_GREY
 from wsss.data.datasets import InputNorm
 from wsss.data.specs import BACKGROUND_NAME
 from wsss.errors import WsssError
@@ -212,7 +212,7 @@ def _over_pixels(pixels: str) -> str:
     """How a reinhard-set reference's patch means were taken, in the sidecar's words."""
     if pixels == "all":
         return " over all its pixels"
-    return (f" over its tissue pixels (glass left out: ITU-R 601 grey above {stain.GLASS_GREY} with max - min of R, "
+    return (f" over its tissue pixels (glass left out: ITU-R 601 grey above {WHITE_GREY} with max - min of R, "
             f"G, B at most {GLASS_MAX_CHROMA})")
 
 

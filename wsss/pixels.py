@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 from scipy import ndimage
 
-from wsss.data.background import to_grey
+from wsss.data.background import WHITE_GREY, to_grey
 from wsss.data.specs import DatasetSpec
 from wsss.viz import legend, overlay
 
@@ -27,7 +27,7 @@ def row_blocks(height: int, width: int, block_pixels: int = BLOCK_PIXELS) -> Ite
         yield slice(top, min(top + step, height))
 
 
-def white_background(image: np.ndarray, threshold: int = 200, min_size: int = 50,
+def white_background(image: np.ndarray, threshold: int = WHITE_GREY, min_size: int = 50,
                      block_pixels: int = BLOCK_PIXELS) -> np.ndarray:
     """Boolean ``(H, W)`` white-background mask, equal to :func:`wsss.data.background.white_mask`
     (grey > ``threshold``; 4-connected white blobs under ``min_size`` px are tissue) but computed a

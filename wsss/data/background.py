@@ -28,6 +28,8 @@ def to_grey(image: np.ndarray) -> np.ndarray:
 
 
 WHITE_RULES = ("grey", "glass")
+WHITE_GREY = 200
+"""A pixel brighter than this grey value is white (the reference's threshold)."""
 GLASS_MAX_CHROMA = 16
 """Largest max − min over R, G, B (of 255) of a glass pixel under the ``glass`` rule."""
 
@@ -37,7 +39,12 @@ def chroma(image: np.ndarray) -> np.ndarray:
     return (image.max(axis=-1).astype(np.int16) - image.min(axis=-1)).astype(np.uint8)
 
 
-def white_mask(image: np.ndarray, threshold: int = 200, min_size: int = 50, rule: str = "grey") -> np.ndarray:
+def glass_pixels(image: np.ndarray, threshold: int = WHITE_GREY) -> np.ndarray:
+    """``(H, W)`` bool: bright (grey above ``threshold``) and nearly colourless pixels, each on its own."""
+    return (to_grey(image) > threshold) & (chroma(image) <= GLASS_MAX_CHROMA)
+
+
+def white_mask(image: np.ndarray, threshold: int = WHITE_GREY, min_size: int = 50, rule: str = "grey") -> np.ndarray:
     """Boolean ``(H, W)`` mask of white background in an ``(H, W, 3)`` uint8 image.
 
     A pixel is white when its grey value exceeds ``threshold`` (and, for ``rule="glass"``, its
@@ -46,9 +53,7 @@ def white_mask(image: np.ndarray, threshold: int = 200, min_size: int = 50, rule
     """
     if rule not in WHITE_RULES:
         raise ValueError(f"unknown white rule {rule!r}")
-    white = to_grey(image) > threshold
-    if rule == "glass":
-        white &= chroma(image) <= GLASS_MAX_CHROMA
+    white = glass_pixels(image, threshold) if rule == "glass" else to_grey(image) > threshold
     labels, n = ndimage.label(white, structure=_FOUR_CONNECTED)
     if n == 0:
         return white

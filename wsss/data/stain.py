@@ -102,9 +102,6 @@ chi distribution with 3 degrees of freedom (sqrt(16.27)), so that a random sampl
 patches is shifted once in a thousand sets, by chance."""
 PIXEL_RULES = ("all", "tissue")
 """What a ``reinhard-set`` colour is the mean of in each patch (:attr:`StainNorm.pixels`)."""
-GLASS_GREY = 200
-"""A pixel brighter than this grey value (and nearly colourless) is glass (:func:`tissue_pixels`); the
-pseudo-masks' white threshold."""
 FIT_MIN_STAINED = 0.3
 """When fitting a target, a patch (or a tile of ``--stain-target``) with a smaller stained fraction is
 glass-dominated and skipped."""
@@ -504,9 +501,9 @@ class SetColour:
 def tissue_pixels(image: np.ndarray) -> np.ndarray:
     """``(H, W)`` bool: the pixels that are not glass, glass being bright and colourless (the ``glass``
     white rule of the pseudo-masks, :func:`wsss.data.background.white_mask`, without its blob filter)."""
-    from wsss.data.background import GLASS_MAX_CHROMA, chroma, to_grey
+    from wsss.data.background import glass_pixels
 
-    return ~((to_grey(image) > GLASS_GREY) & (chroma(image) <= GLASS_MAX_CHROMA))
+    return ~glass_pixels(image)
 
 
 def _colour(means: list, seen: int) -> SetColour:
