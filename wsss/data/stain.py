@@ -23,7 +23,8 @@ remember it.
   Reinhard, 0.77 after this; docs/stain.md), which full Reinhard equalises away; the means carry most
   of what another lab's stain changes.
 * **Reinhard, one shift per set** (``reinhard-set``): the target is the training set's mean colour
-  (the mean over its patches of each patch's LAB means); a command measures the same on the set it
+  (the mean over its patches of each patch's LAB means over its tissue pixels, glass left out: a
+  window at a slide's edge is mostly glass, which says nothing of its stain); a command measures the same on the set it
   runs on -- an evaluation split, the images of one ``predict`` call, one slide -- and shifts every
   patch of it in LAB by one vector, the target minus that mean. A lab's colour cast moves every patch
   alike and is removed; what tells patches apart, their own mean colour included, is kept (a patch's
@@ -526,9 +527,9 @@ def measure_set(images: Iterable[np.ndarray]) -> SetColour:
         except FitFailed:
             continue
         means.append(patch_means.astype(float))
-        tissue = tissue_pixels(image)
+        tissue = tissue_pixels(image).ravel()
         if tissue.any():
-            tissue_means.append(np.array([float(c.reshape(tissue.shape)[tissue].mean()) for c in channels]))
+            tissue_means.append(np.array([float(c.ravel()[tissue].mean()) for c in channels]))
     return replace(_colour(means, seen), tissue=_colour(tissue_means, seen))
 
 
