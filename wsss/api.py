@@ -28,12 +28,13 @@ from wsss.data.png import check_rgb_mode
 from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
-from wsss.data.scale import image_side, resample_factor
+from wsss.data.scale import image_side, resample_factor, same_mpp
 from wsss.inference import (
     Segmentation, TilePredictor, check_tta, check_window_options, load_models, model_scale, segment_image, window_batch,
     window_for,
 )
 from wsss.runtime import autocast, check_precision, resolve_device, resolve_precision
+from wsss.wsi.slide import image_file_mpp
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,11 @@ class Segmenter:
 
         name = str(image) if isinstance(image, (str, Path)) else "image"
         rgb = as_rgb(image)
-        factor = self._factor(mpp)
+        factor = self._factor(self._image_mpp(image, mpp))
         s = self.settings
         check_image_size(Path(name), rgb, s.tile, factor=factor)
         predictor = self.predictor.for_set(  # reinhard-set: this image is the set
-            lambda: stain.measure_images([rgb], 1, image_side(s.tile, factor)), name)
+            lambda: stain.measure_images([(rgb, image_side(s.tile, factor))], 1), name)
         seg = segment_image(rgb, predictor, self.spec, s.tile, s.overlap, s.batch_size, probs=True,
                             progress=progress, factor=factor)
         return Result(seg.labels, seg.probs, self.classes, self.palette, self.background_index, seg,
@@ -230,6 +231,17 @@ class Segmenter:
             tile=s.tile, overlap=s.overlap, batch_size=s.batch_size, device=s.device, precision=s.precision,
             tta=s.tta, **options)
         return predict_wsi.run(cfg, progress=progress, models=(self.predictor, self.spec)).summary
+
+    @staticmethod
+    def _image_mpp(image: ImageLike, mpp: float | None) -> float | None:
+        """The µm/px an image file records (``wsss predict``'s rule), else ``mpp``."""
+        recorded = image_file_mpp(Path(image)) if isinstance(image, (str, Path)) else None
+        if recorded is None:
+            return mpp
+        if mpp is not None and not same_mpp(recorded, mpp):
+            log.warning("warning: %s records %g µm/px; mpp %g is for images that record none, so the recorded "
+                        "value is used", image, recorded, mpp)
+        return recorded
 
     def _factor(self, mpp: float | None) -> float | None:
         """Model pixels per image pixel for an image of ``mpp`` µm/px (None: as it is)."""

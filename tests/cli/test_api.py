@@ -91,7 +91,10 @@ def test_predict_slide_equals_predict_wsi(thin_ckpts, tmp_path, capsys, monkeypa
     assert {k: v for k, v in summary.items() if k != "seconds"} == {k: v for k, v in cli.items() if k != "seconds"}
     for name in ("slide_mask.png", "slide_probs.ome.tif"):
         assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
-    assert model.predict_slide(slide, level=1, roi=(40, 20, 400, 300), reader="tifffile")["classes"] == cli["classes"]
+    # roi as a list (JSON, a user's code) is the same region
+    assert model.predict_slide(slide, level=1, roi=[40, 20, 400, 300], reader="tifffile")["classes"] == cli["classes"]
+    with pytest.raises(wsss.WsssError, match="--roi needs x,y,w,h"):
+        model.predict_slide(slide, roi=[40, 20, 400])
     with pytest.raises(wsss.WsssError, match="does not take tile"):
         model.predict_slide(slide, tile=32)
 

@@ -81,8 +81,8 @@ def test_predict_takes_the_checkpoints_patch_size_as_its_window(model96, tmp_pat
     assert image.shape == (96, 96, 3) and (tile, overlap) == (96, 32)
     assert np.asarray(Image.open(tmp_path / "o" / "image_mask.png")).shape == (96, 96)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert warnings == ["warning: the images' µm/px is not known: they are taken to be at the model's 1 µm/px "
-                        "(pass --mpp to have them resampled to it)"]
+    assert warnings == ["warning: the images' µm/px is not known (--mpp, or recorded in the file): they are taken to "
+                        "be at the model's 1 µm/px (pass --mpp to have them resampled to it)"]
 
 
 def test_predict_resamples_images_to_the_models_mpp(model96, thin_ckpts, tmp_path, capsys, monkeypatch, caplog):
@@ -105,6 +105,60 @@ def test_predict_resamples_images_to_the_models_mpp(model96, thin_ckpts, tmp_pat
     code, _, err = run_cli(capsys, monkeypatch, "predict", tmp_path / "half.png", "--checkpoint", model96, "--out",
                            tmp_path / "q", "--device", "cpu", "--mpp", 0)
     assert code == 1 and "--mpp is µm per pixel, a number from 0.05 to 100, not 0.0" in err
+
+
+def _tiff(path: Path, **kwargs) -> Path:
+    """A 200 × 160 px RGB TIFF written by tifffile with ``kwargs`` (its µm/px records)."""
+    import tifffile
+
+    tifffile.imwrite(path, np.full((160, 200, 3), (200, 100, 180), np.uint8), photometric="rgb", **kwargs)
+    return path
+
+
+def test_predict_reads_the_mpp_a_tiff_records(model96, tmp_path, capsys, monkeypatch, caplog):
+    """OME-XML, ImageJ's calibration and resolution tags in centimetres give an image's µm/px (the
+    model is at 1 µm/px: 200 × 160 px at 0.5 µm/px is 100 × 80 there); a 300-dpi tag is a print
+    resolution, not taken; --mpp fills in for images that record none and does not override one that
+    does (one warning)."""
+    ome = _tiff(tmp_path / "ome.ome.tif", metadata={"axes": "YXS", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+    imagej = _tiff(tmp_path / "ij.tif", imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"})
+    cm = _tiff(tmp_path / "cm.tif", resolution=(5000.0, 5000.0), resolutionunit="CENTIMETER")  # 2 µm/px
+    dpi = _tiff(tmp_path / "dpi.tif", resolution=(300.0, 300.0), resolutionunit="INCH")  # 84.7 µm/px: not a scan
+    calls = record_calls(monkeypatch, inference, "predict_mask", inference.predict_mask)
+    code, _, err = run_cli(capsys, monkeypatch, "predict", ome, imagej, cm, dpi, "--checkpoint", model96, "--out",
+                           tmp_path / "o", "--device", "cpu", "--mpp", 0.5)
+    assert code == 0, err
+    seen = [c[0][0].shape[:2] for c in calls]
+    assert seen == [(80, 100), (80, 100), (320, 400), (80, 100)]  # dpi.tif: --mpp 0.5
+    assert np.asarray(Image.open(tmp_path / "o" / "cm_mask.png")).shape == (160, 200)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert "cm.tif records 2 µm/px; --mpp 0.5 is for images that record none, so the recorded value is used" \
+        in warnings[0]
+    # without --mpp only dpi.tif is unknown: taken at the model's µm/px, one warning naming how many
+    caplog.clear()
+    calls.clear()
+    code, _, err = run_cli(capsys, monkeypatch, "predict", cm, dpi, "--checkpoint", model96, "--out", tmp_path / "p",
+                           "--device", "cpu")
+    assert code == 0, err
+    assert [c[0][0].shape[:2] for c in calls] == [(320, 400), (160, 200)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: 1 of the 2 images' µm/px is not known")
+    # the Python API reads it too
+    from wsss.api import load_model
+
+    probs_calls = record_calls(monkeypatch, inference, "_labels_and_probs", inference._labels_and_probs)
+    assert load_model(model96, device="cpu").predict(cm).labels.shape == (160, 200)
+    assert probs_calls[-1][0][0].shape[:2] == (320, 400)
+
+
+def test_predict_refuses_a_whole_slide_image(model96, tmp_path, capsys, monkeypatch):
+    svs = tmp_path / "slide.svs"
+    svs.write_bytes(b"II*\x00")
+    code, _, err = run_cli(capsys, monkeypatch, "predict", svs, "--checkpoint", model96, "--out", tmp_path / "o")
+    assert code == 1 and err.count("error:") == 1 and "slide.svs is a whole-slide image: segment it with wsss " \
+        "predict-wsi" in err
+    assert not (tmp_path / "o").exists()
 
 
 def _slide(path: Path, mpp: float | None) -> Path:

@@ -126,6 +126,17 @@ def test_tiff_mpp_from_resolution_tags(tmp_path):
         assert S.tiff_mpp(tif.pages[0].tags) == pytest.approx((0.25, 0.4))
     with tifffile.TiffFile(tmp_path / "none.tif") as tif:
         assert S.tiff_mpp(tif.pages[0].tags) is None
+    # 72 dpi is 352.8 µm/px: a screen's resolution, not a scan's; a slide that records only that records none
+    tifffile.imwrite(tmp_path / "dpi.tif", image, resolution=(72.0, 72.0), resolutionunit="INCH")
+    with tifffile.TiffFile(tmp_path / "dpi.tif") as tif:
+        assert S.tiff_mpp(tif.pages[0].tags) is None
+    with S.open_slide(tmp_path / "dpi.tif", "tifffile") as slide:
+        assert slide.mpp is None
+    # ImageJ/Fiji: pixels per "micron" (or "\u00B5m", as it writes µ) with ResolutionUnit "none"
+    for unit in ("micron", "\\u00B5m", "mm"):
+        tifffile.imwrite(tmp_path / "ij.tif", image, imagej=True, resolution=(4.0, 4.0), metadata={"unit": unit})
+        with S.open_slide(tmp_path / "ij.tif", "tifffile") as slide:
+            assert slide.mpp == pytest.approx((250.0, 250.0) if unit == "mm" else (0.25, 0.25))
 
 
 def test_aperio_mpp_read_by_tifffile(tmp_path):

@@ -542,12 +542,12 @@ def measure_paths(paths: Sequence[Path], image_size: int | None) -> SetColour:
     return measure_set(resize_rgb(read_rgb(p), image_size) for p in spaced(sorted(paths)))
 
 
-def measure_images(images: Iterable[np.ndarray], count: int, side: int) -> SetColour:
-    """:class:`SetColour` of the ``side``-px tiles of ``images`` (each a whole image when smaller than a
-    tile; ``count`` of them, read one at a time), at most :data:`FIT_PATCHES` in all, shared evenly
-    between the images."""
+def measure_images(images: Iterable[tuple[np.ndarray, int]], count: int) -> SetColour:
+    """:class:`SetColour` of ``count`` images given as ``(image, side)`` (read one at a time), each
+    cut into ``side``-px tiles (the whole image when smaller than one), at most
+    :data:`FIT_PATCHES` tiles in all, shared evenly between the images."""
     per_image = max(1, FIT_PATCHES // max(1, count))
-    return measure_set(t for image in images for t in tiles(image, side, per_image))
+    return measure_set(t for image, side in images for t in tiles(image, side, per_image))
 
 
 @dataclass(frozen=True)

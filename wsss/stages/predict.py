@@ -16,10 +16,12 @@ Each image is segmented by the sliding window of :mod:`wsss.tiling` with the til
 :mod:`wsss.inference`; each window is resized by ``image_size / tile`` when the checkpoint records
 the input size it was trained at, so tissue appears at the scale the model learned.
 
-Magnification: ``--mpp`` is the images' µm per pixel. When the checkpoint records the µm/px of its
-training patches (:mod:`wsss.data.scale`), every image is resampled to it first and its mask back to
-the image's size; when either is unknown the images are taken as they are, with one warning. The
-window (``--tile``) defaults to the checkpoint's training patch size.
+Magnification: an image's µm per pixel is what the file records (a TIFF's OME-XML, Aperio, ImageJ or
+microscope-range resolution tags: :func:`wsss.wsi.slide.image_file_mpp`), else ``--mpp``. When the
+checkpoint records the µm/px of its training patches (:mod:`wsss.data.scale`), every image is
+resampled to it first and its mask back to the image's size; when either is unknown the images are
+taken as they are, with one warning. The window (``--tile``) defaults to the checkpoint's training
+patch size.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from PIL import Image, UnidentifiedImageError
 
 from wsss.data import stain
 from wsss.data.png import check_rgb_mode, write_mask, write_rgb
-from wsss.data.scale import image_side, resample_factor, resampled_size
+from wsss.data.scale import image_side, resample_factor, resampled_size, same_mpp
 from wsss.data.specs import DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
@@ -50,11 +52,14 @@ from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folde
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_png
+from wsss.wsi.slide import image_file_mpp
 from wsss.wsi.tissue import image_tissue
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi", ".isyntax")
+"""Whole-slide formats: ``wsss predict`` refuses them for ``wsss predict-wsi`` (levels, tissue, µm/px)."""
 SUMMARY_NAME = "summary.csv"
 
 MAX_PIXELS = 1_000_000_000
@@ -120,6 +125,8 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
             found = _folder_images(path)
             if not found:
                 raise WsssError(f"{path} holds no PNG, JPEG or TIFF images")
+        elif path.suffix.lower() in SLIDE_SUFFIXES and path.exists():
+            raise WsssError(f"{path} is a whole-slide image: segment it with wsss predict-wsi")
         elif path.exists():
             found = [path]
         else:
@@ -241,18 +248,18 @@ def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: 
     return summary_row(path, mask, spec)
 
 
-def images_colour(paths: Sequence[Path], tile: int, factor: float | None) -> stain.SetColour:
-    """``reinhard-set``: the colour of the images ``paths`` (one set), over at most
-    :data:`~wsss.data.stain.FIT_PATCHES` windows of ``tile`` model pixels shared between them; an image
-    that cannot be read is left out (its prediction reports it)."""
+def images_colour(factors: dict[Path, float | None], tile: int) -> stain.SetColour:
+    """``reinhard-set``: the colour of the images (one set; ``factors``: each image's model pixels per
+    image pixel), over at most :data:`~wsss.data.stain.FIT_PATCHES` windows of ``tile`` model pixels
+    shared between them; an image that cannot be read is left out (its prediction reports it)."""
     def readable():
-        for path in paths:
+        for path, factor in factors.items():
             try:
-                yield read_image(path)
+                yield read_image(path), image_side(tile, factor)
             except WsssError:
                 continue
 
-    return stain.measure_images(readable(), len(paths), image_side(tile, factor))
+    return stain.measure_images(readable(), len(factors))
 
 
 def summary_row(path: Path, mask: np.ndarray, spec: DatasetSpec) -> dict:
@@ -298,9 +305,9 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     did not write are not replaced, nor predictions made with other settings, unless ``cfg.force``."""
     check_output_folder(cfg.out)
     images = collect_images(cfg.inputs)
-    cfg, factor = with_model_scale(cfg)
+    cfg, factors = with_model_scale(cfg, images)
     predictor, spec = load_models(cfg)
-    predictor = predictor.for_set(lambda: images_colour(images, cfg.tile, factor),
+    predictor = predictor.for_set(lambda: images_colour(factors, cfg.tile),
                                   f"the {len(images)} input image{'s' if len(images) > 1 else ''}")
     now = settings(cfg, spec)
     with owned_folder(cfg.out, "predict", force=cfg.force, read_from=input_folders_of(images, cfg.inputs)) as owner:
@@ -314,7 +321,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         note_saved(f"no image finished yet in {cfg.out}")
         for path in progress_bar(images, progress and len(images) > 1, desc="predict"):
             try:
-                rows.append(predict_image(path, predictor, spec, cfg, progress, factor))
+                rows.append(predict_image(path, predictor, spec, cfg, progress, factors[path]))
             except WsssError as exc:
                 failures.append(str(exc))
                 log.debug("skipping %s: %s", path, exc)
@@ -328,31 +335,48 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     return PredictResult(rows, failures, len(images), written)
 
 
-def with_model_scale(cfg: PredictConfig) -> tuple[PredictConfig, float | None]:
+def with_model_scale(cfg: PredictConfig, images: Sequence[Path]) -> tuple[PredictConfig, dict[Path, float | None]]:
     """The configuration with the window the checkpoint was trained with (unless ``--tile`` gives
-    one), and the factor images are resampled by to the model's µm/px (None: as they are, with one
-    warning saying what is not known)."""
+    one), and for each image the factor it is resampled by to the model's µm/px (None: as it is).
+
+    An image's µm/px is what its file records (:func:`~wsss.wsi.slide.image_file_mpp`), else
+    ``--mpp``; a recorded value that ``--mpp`` contradicts is kept, with one warning, as
+    ``predict-wsi --slide-mpp`` does. Images whose scale is not known get one warning in all."""
     model_mpp, patch_size = model_scale(cfg.checkpoint)
     tile, overlap = window_for(cfg.tile, cfg.overlap, patch_size)
     cfg = replace(cfg, tile=tile, overlap=overlap)
-    factor = resample_factor(cfg.mpp, model_mpp)
-    if factor is None:
-        log.warning("warning: %s", unknown_scale(cfg.mpp, model_mpp, cfg.checkpoint))
-    elif factor != 1.0:
-        log.info("images at %g µm/px are resampled by %.4g to the model's %g µm/px", cfg.mpp, factor, model_mpp)
-    return cfg, factor
+    recorded = {path: image_file_mpp(path) for path in images}
+    kept = [(path, mpp) for path, mpp in recorded.items() if mpp is not None and cfg.mpp is not None
+            and not same_mpp(mpp, cfg.mpp)]
+    if kept:
+        path, mpp = kept[0]
+        others = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        log.warning("warning: %s records %g µm/px%s; --mpp %g is for images that record none, so the recorded "
+                    "value is used", path, mpp, others, cfg.mpp)
+    image_mpp = {path: cfg.mpp if mpp is None else mpp for path, mpp in recorded.items()}
+    factors = {path: resample_factor(mpp, model_mpp) for path, mpp in image_mpp.items()}
+    unknown = [path for path, factor in factors.items() if factor is None]
+    if unknown:
+        images_known = any(mpp is not None for mpp in image_mpp.values())
+        log.warning("warning: %s", unknown_scale(model_mpp, cfg.checkpoint, len(unknown), len(images), images_known))
+    for mpp in sorted({image_mpp[p] for p, f in factors.items() if f not in (None, 1.0)}):
+        log.info("images at %g µm/px are resampled by %.4g to the model's %g µm/px", mpp,
+                 resample_factor(mpp, model_mpp), model_mpp)
+    return cfg, factors
 
 
-def unknown_scale(image_mpp: float | None, model_mpp: float | None, checkpoint: Path) -> str:
-    """What is not known about the images' and the model's µm/px, and what is done instead."""
-    if model_mpp is None and image_mpp is None:
+def unknown_scale(model_mpp: float | None, checkpoint: Path, unknown: int, total: int, images_known: bool) -> str:
+    """What is not known about the images' and the model's µm/px, and what is done instead:
+    ``unknown`` of the ``total`` images have none; ``images_known``: some image has one."""
+    if model_mpp is None and not images_known:
         return (f"neither the images' µm/px (--mpp) nor that of the model is known ({checkpoint} records none): "
                 "the images are segmented as they are, which is right only at the training patches' magnification")
     if model_mpp is None:
-        return (f"{checkpoint} does not record the µm/px it was trained at: --mpp {image_mpp:g} is not used, the "
-                "images are segmented as they are")
-    return (f"the images' µm/px is not known: they are taken to be at the model's {model_mpp:g} µm/px (pass --mpp "
-            "to have them resampled to it)")
+        return (f"{checkpoint} does not record the µm/px it was trained at: the images' µm/px (--mpp or their "
+                "files') is not used, the images are segmented as they are")
+    which = "the images'" if unknown == total else f"{unknown} of the {total} images'"
+    return (f"{which} µm/px is not known (--mpp, or recorded in the file): they are taken to be at the model's "
+            f"{model_mpp:g} µm/px (pass --mpp to have them resampled to it)")
 
 
 def _previous_settings(owner: Owner, now: dict, force: bool) -> bool:

@@ -151,7 +151,15 @@ class WsiConfig:
             raise WsssError(f"--mpp must be positive, not {self.mpp}")
         if self.slide_mpp is not None:
             check_mpp(self.slide_mpp, "--slide-mpp")
-        if self.roi is not None and (len(self.roi) != 4 or min(self.roi[:2]) < 0 or min(self.roi[2:]) < 1):
+        if self.roi is not None:  # any sequence of four whole numbers (a list from the Python API, JSON)
+            try:
+                roi = tuple(self.roi)
+                if all(float(v).is_integer() and not isinstance(v, bool) for v in roi):
+                    object.__setattr__(self, "roi", tuple(int(v) for v in roi))
+            except (TypeError, ValueError):
+                pass
+        if self.roi is not None and (not isinstance(self.roi, tuple) or len(self.roi) != 4 or min(self.roi[:2]) < 0
+                                     or min(self.roi[2:]) < 1):
             raise WsssError(f"--roi needs x,y,w,h with x, y >= 0 and w, h >= 1 (level-0 pixels), not {self.roi}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise WsssError(f"--min-tissue is a fraction from 0 to 1, not {self.min_tissue}")

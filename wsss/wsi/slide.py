@@ -191,8 +191,7 @@ class TiffSlide(Slide):
         (w0, h0) = (pages[0].imagewidth, pages[0].imagelength)
         dims = [(p.imagewidth, p.imagelength) for p in pages]
         downsamples = [(w0 / w + h0 / h) / 2 for w, h in dims]
-        mpp = ome_mpp(self._tif.ome_metadata) if self._tif.is_ome else aperio_mpp(pages[0].description)
-        super().__init__(path, dims, downsamples, mpp or tiff_mpp(pages[0].tags))
+        super().__init__(path, dims, downsamples, tiff_file_mpp(self._tif))
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         self._check_box(level, x, y, w, h)
@@ -246,19 +245,55 @@ def _check_rgb_page(page, path: Path) -> None:
         raise WsssError(f"{path} is a volume (depth {page.imagedepth}); a 2-D slide is needed")
 
 
+TAG_MPP_MAX = 10.0
+"""Resolution tags that give more µm/px than this are a print or screen resolution, not a
+microscope's, and are taken as no record: 72 to 1200 dpi is 353 to 21 µm/px, and a 1× objective's
+pixel is about 10 µm."""
+
+
 def tiff_mpp(tags) -> tuple[float, float] | None:
     """Microns per pixel ``(x, y)`` from TIFF resolution tags (pixels per inch or per centimetre);
-    None without them or with ResolutionUnit "none"."""
-    unit, xres, yres = (tags.get(name) for name in ("ResolutionUnit", "XResolution", "YResolution"))
-    if unit is None or xres is None or yres is None or int(unit.value) not in _MICRONS_PER_UNIT:
+    None without them, with ResolutionUnit "none", or above :data:`TAG_MPP_MAX` (a dpi)."""
+    unit = tags.get("ResolutionUnit")
+    if unit is None or int(unit.value) not in _MICRONS_PER_UNIT:
         return None
-    per_unit = _MICRONS_PER_UNIT[int(unit.value)]
+    pair = _resolution_mpp(tags, _MICRONS_PER_UNIT[int(unit.value)])
+    return pair if pair is not None and max(pair) <= TAG_MPP_MAX else None
+
+
+def _resolution_mpp(tags, microns_per_unit: float) -> tuple[float, float] | None:
+    """``(x, y)`` µm/px of X/YResolution given in pixels per unit of ``microns_per_unit`` µm."""
+    xres, yres = tags.get("XResolution"), tags.get("YResolution")
+    if xres is None or yres is None:
+        return None
 
     def mpp(value) -> float | None:
         num, den = value if isinstance(value, tuple) else (value, 1)
-        return per_unit * den / num if num else None
+        return microns_per_unit * den / num if num else None
 
     return _mpp_pair(mpp(xres.value), mpp(yres.value))
+
+
+_MICRONS_PER_IMAGEJ_UNIT = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "\\u00B5m": 1.0, "\\u00b5m": 1.0,  # ImageJ writes µ escaped
+                            "nm": 1e-3, "mm": 1e3, "cm": 1e4}
+
+
+def imagej_mpp(metadata: dict | None, tags) -> tuple[float, float] | None:
+    """Microns per pixel of an ImageJ/Fiji TIFF: its description's ``unit`` (micron, µm, mm, ...) and
+    X/YResolution in pixels per that unit; None for other files or units (``pixel``, ``inch``)."""
+    unit = (metadata or {}).get("unit")
+    if not isinstance(unit, str) or unit not in _MICRONS_PER_IMAGEJ_UNIT:
+        return None
+    return _resolution_mpp(tags, _MICRONS_PER_IMAGEJ_UNIT[unit])
+
+
+def tiff_file_mpp(tif) -> tuple[float, float] | None:
+    """Microns per pixel ``(x, y)`` an open ``tifffile.TiffFile`` records, the first found of: an
+    OME-TIFF's ``PhysicalSizeX/Y``, an Aperio description's ``MPP``, ImageJ's calibration, the
+    resolution tags (:func:`tiff_mpp`)."""
+    page = tif.pages[0]
+    return ((ome_mpp(tif.ome_metadata) if tif.is_ome else None) or aperio_mpp(page.description)
+            or (imagej_mpp(tif.imagej_metadata, page.tags) if tif.is_imagej else None) or tiff_mpp(page.tags))
 
 
 def aperio_mpp(description: str | None) -> tuple[float, float] | None:
@@ -304,16 +339,31 @@ def ome_mpp(xml: str | None) -> tuple[float, float] | None:
     return _mpp_pair(size("X"), size("Y"))
 
 
-def _tiff_ome_mpp(path: Path) -> tuple[float, float] | None:
-    """The OME-XML µm/px of a TIFF that OpenSlide opened (its generic TIFF driver reads only the
-    resolution tags, which OME-TIFF writers often leave out)."""
+def recorded_tiff_mpp(path: Path, otherwise=None) -> tuple[float, float] | None:
+    """:func:`tiff_file_mpp` of the TIFF at ``path``; ``otherwise`` when tifffile cannot parse it
+    (OpenSlide's generic TIFF driver reads the resolution tags only, and knows more TIFF variants)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return ome_mpp(tif.ome_metadata) if tif.is_ome else None
-    except (tifffile.TiffFileError, OSError, ValueError):
+            return tiff_file_mpp(tif)
+    except (tifffile.TiffFileError, OSError, ValueError, IndexError):
+        return otherwise
+
+
+def image_file_mpp(path: Path) -> float | None:
+    """The µm/px an image file (``wsss predict``'s input) records: TIFFs only (:func:`tiff_file_mpp`;
+    what a PNG or JPEG records is a print resolution at most); None when it records none, differs
+    between the axes, or lies outside :data:`~wsss.data.specs.MPP_RANGE`."""
+    from wsss.data.scale import same_mpp
+    from wsss.data.specs import MPP_RANGE
+
+    if Path(path).suffix.lower() not in TIFF_SUFFIXES:
         return None
+    pair = recorded_tiff_mpp(Path(path))
+    if pair is None or not same_mpp(*pair) or not MPP_RANGE[0] <= pair[0] <= MPP_RANGE[1]:
+        return None
+    return pair[0]
 
 
 # --------------------------------------------------------------------------- opening
@@ -346,7 +396,7 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
                 raise WsssError(problem)
         slide = OpenSlideSlide(path, openslide)
         if path.suffix.lower() in TIFF_SUFFIXES:
-            slide.mpp = _tiff_ome_mpp(path) or slide.mpp
+            slide.mpp = recorded_tiff_mpp(path, otherwise=slide.mpp)
         return slide
     if reader == "tifffile" or path.suffix.lower() in TIFF_SUFFIXES:
         return TiffSlide(path)
