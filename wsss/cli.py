@@ -60,6 +60,8 @@ def _root(
 
 DATASET_HELP = "Dataset spec: luad, bcss or the path of a TOML spec file (docs/own-data.md)."
 DatasetOpt = typer.Option(..., "--dataset", help=DATASET_HELP)
+DataDatasetOpt = typer.Option(
+    None, "--dataset", help=DATASET_HELP[:-1] + "; default: the data folder's spec.toml (wsss extract-patches writes one).")
 CheckpointDatasetOpt = typer.Option(
     None, "--dataset", help="luad, bcss or a TOML spec file (default: the spec recorded in the checkpoint; needed for "
                             "published checkpoints; refused when it differs from the record).")
@@ -267,16 +269,17 @@ def synth(
 @app.command("check-data")
 def check_data(
     root: Path = typer.Argument(..., help="Dataset folder (train/, val/ or valid/, test/)."),
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = DataDatasetOpt,
     labels_csv: Optional[Path] = LabelsCsvOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON.", callback=_json_file),
 ) -> None:
     """Count patches, labels and mask pixels; list every problem. Exit 1 if there is any."""
+    from wsss.config import folder_spec
     from wsss.data.check import check_dataset, format_report, report_to_json
     from wsss.data.specs import get_spec
     from wsss.metrics import write_json
 
-    spec = get_spec(dataset, labels_csv)
+    spec = get_spec(dataset or folder_spec(root), labels_csv)
     report = check_dataset(root, spec, progress=sys.stderr.isatty())
     typer.echo(format_report(report, spec))
     if json_out is not None:
@@ -330,8 +333,9 @@ def extract_patches(
     patches with their labels in their names, val/test patches with masks, split by slide.
 
     A slide that cannot be used (unreadable, no µm/px, annotations missing or outside it) is listed
-    and the others go on (exit status 1). Check the result with wsss check-data OUT --dataset
-    OUT/spec.toml and OUT/contact_sheet.png."""
+    and the others go on (exit status 1). Check the result with wsss check-data OUT (its spec is
+    OUT/spec.toml, which the commands reading OUT take when --dataset is not given) and
+    OUT/contact_sheet.png."""
     from wsss.wsi.extract import ExtractConfig, command_line, run as run_extract
 
     cfg = ExtractConfig(
@@ -346,7 +350,7 @@ def extract_patches(
     done = sum(r["status"] == "done" for r in s["slides"])
     typer.echo(f"{done} of {len(s['slides'])} slides at {s['mpp']:g} µm/px, {s['patch_size']} px patches: "
                + ", ".join(f"{s['counts'][k]} {k}" for k in ("train", "val", "test"))
-               + f"; written to {out} (check: wsss check-data {out} --dataset {out / 'spec.toml'}; "
+               + f"; written to {out} (check: wsss check-data {out}; "
                f"{out / 'contact_sheet.png'})")
     if result.failures:
         typer.echo(f"{len(result.failures)} slide{'s' if len(result.failures) != 1 else ''} failed:", err=True)
@@ -358,7 +362,7 @@ def extract_patches(
 @app.command("train-stage1")
 @option_group("colour", COLOUR_OPTIONS)
 def train_stage1(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = DataDatasetOpt,
     data: Path = DataOpt,
     out: Path = OutOpt,
     labels_csv: Optional[Path] = LabelsCsvOpt,
@@ -516,17 +520,18 @@ def generate_pm(
 
 @app.command("eval-pm")
 def eval_pm(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = DataDatasetOpt,
     data: Path = typer.Option(..., "--data", help="Dataset folder with train_gt/ (synthetic data)."),
     pm_dir: Optional[Path] = PmDirOpt,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write {layer: metrics} here.", callback=_json_file),
 ) -> None:
     """Score each layer's pseudo-masks against the true training masks in DATA/train_gt/."""
+    from wsss.config import folder_spec
     from wsss.data.specs import get_spec
     from wsss.metrics import write_json
     from wsss.stages.pseudo_masks import evaluate, format_evaluation
 
-    results = evaluate(data, get_spec(dataset), pm_dir)
+    results = evaluate(data, get_spec(dataset or folder_spec(data)), pm_dir)
     typer.echo(format_evaluation(results))
     if json_out is not None:
         write_json(json_out, results)
@@ -535,7 +540,7 @@ def eval_pm(
 @app.command("train-stage2")
 @option_group("colour", COLOUR_OPTIONS)
 def train_stage2(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = DataDatasetOpt,
     data: Path = DataOpt,
     stage1_checkpoint: Optional[Path] = typer.Option(
         None, "--stage1-checkpoint", help="Stage-1 classifier for the gate (ours or WSSS-Tissue's)."),
@@ -698,7 +703,7 @@ def figures(
 
 @app.command()
 def reproduce(
-    dataset: str = DatasetOpt,
+    dataset: Optional[str] = DataDatasetOpt,
     data: Path = DataOpt,
     synth: bool = typer.Option(False, "--synth", help="Generate the synthetic dataset into DATA first (once)."),
     run: Optional[str] = typer.Option(
@@ -752,7 +757,9 @@ def reproduce(
     Re-running continues where an earlier run stopped."""
     from wsss.stages.reproduce import ReproduceConfig, default_run, format_report, run as run_pipeline
     from wsss.stages.reproduce import print_config as resolved_config
+    from wsss.config import folder_spec
 
+    dataset = dataset or folder_spec(data)
     cfg = ReproduceConfig(
         dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
         preset=preset, config_file=config_file, out=out, report=report, synth=synth, stage1_init=stage1_init,

@@ -474,17 +474,31 @@ rules, how it runs (precision, workers) and :data:`NOT_ABLATED` aside: one ablat
 (``wsss reproduce --ablations``)."""
 
 
+def folder_spec(data: str | Path) -> str:
+    """The spec of the dataset in ``data`` when ``--dataset`` is not given: ``DATA/spec.toml``
+    (``wsss extract-patches`` writes it); a folder without one is a user error."""
+    from wsss.data.specs import FOLDER_SPEC
+
+    path = Path(data) / FOLDER_SPEC
+    if not path.is_file():
+        raise WsssError(f"--dataset is needed (luad, bcss or a TOML spec file): {data} holds no {FOLDER_SPEC}")
+    return str(path)
+
+
 def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],
                     config_file: Path | None, table: str, keep_none: tuple[str, ...] = ()) -> tuple[Any, frozenset[str]]:
     """A command's configuration: ``cls``'s defaults, then the preset (``--preset``, else the file's
     ``preset`` key), then the ``--config`` file's ``[table]``, then the options given on the command
     line (not None, except the fields in ``keep_none``, whose None means something: generate-pm's
-    dataset None is the checkpoint's). Returns it with the names of the fields the user set."""
+    dataset None is the checkpoint's). A dataset given nowhere is the data folder's
+    (:func:`folder_spec`). Returns it with the names of the fields the user set."""
     from_file = read_config_table(config_file, table, cls) if config_file is not None else {}
     if preset is None:
         preset = from_file.get("preset")
     from_file.pop("preset", None)
     chosen = {**from_file, **{k: v for k, v in options.items() if v is not None}}
+    if chosen.get("dataset") is None and "dataset" not in keep_none and options.get("data") is not None:
+        chosen["dataset"] = folder_spec(options["data"])
     config = resolve(cls, presets, preset, keep_none, **chosen, **{k: options[k] for k in keep_none if k not in chosen})
     given = set(chosen)
     if preset is not None:

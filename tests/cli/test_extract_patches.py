@@ -190,8 +190,18 @@ def test_no_patch_crosses_a_split(extracted):
 
 
 def test_the_dataset_checks_and_trains_at_its_mpp(extracted, capsys, monkeypatch):
-    code, out, _ = run_cli(capsys, monkeypatch, "check-data", extracted, "--dataset", extracted / "spec.toml")
+    code, out, _ = run_cli(capsys, monkeypatch, "check-data", extracted)  # --dataset: OUT/spec.toml
     assert code == 0 and "no problems found" in out and "patches at 1 µm/px" in out
+    assert out.startswith("dataset tri: 3 classes (TUM, NEC, LYM)")  # the spec extract-patches wrote, not luad's
+    (extracted / "spec.toml").rename(extracted / "moved.toml")
+    code, _, err = run_cli(capsys, monkeypatch, "check-data", extracted)
+    assert code == 1 and err.count("error:") == 1 and "--dataset is needed (luad, bcss or a TOML spec file): " \
+        f"{extracted} holds no spec.toml" in err
+    out = ("--out", extracted.parent / "x")
+    for command in (("train-stage1", *out), ("train-stage2", *out), ("eval-pm",), ("reproduce", *out)):
+        code, _, err = run_cli(capsys, monkeypatch, *command, "--data", extracted)
+        assert code == 1 and f"{extracted} holds no spec.toml" in err, (command, err)
+    (extracted / "moved.toml").rename(extracted / "spec.toml")
     assert "mpp = 1.0" in (extracted / "spec.toml").read_text()
     with Image.open(extracted / "contact_sheet.png") as sheet:
         assert sheet.width > 6 * 128 and sheet.height > 5 * 128

@@ -84,11 +84,12 @@ def test_slides_to_a_model_whose_geojson_lands_on_held_back_annotations(class_ti
 
     ok("extract-patches", train, "--dataset", tri_spec, "--out", data, "--patch", 32, "--stride", 16)
     spec = data / "spec.toml"
-    ok("train-stage1", "--dataset", spec, "--data", data, "--out", ckpt, "--preset", "cpu", "--epochs", 8,
+    assert spec.is_file()  # train-stage1 and train-stage2 take it as --dataset
+    ok("train-stage1", "--data", data, "--out", ckpt, "--preset", "cpu", "--epochs", 8,
        "--device", "cpu")
     s1 = ckpt / "stage1_checkpoint_trained_on_tri.pth"
     ok("generate-pm", "--data", data, "--checkpoint", s1, "--preset", "cpu", "--device", "cpu", "--workers", 0)
-    ok("train-stage2", "--dataset", spec, "--data", data, "--out", ckpt, "--report", tmp_path / "report",
+    ok("train-stage2", "--data", data, "--out", ckpt, "--report", tmp_path / "report",
        "--preset", "cpu", "--epochs", 4, "--head-channels", 16, "--no-gate", "--device", "cpu")
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["kept"] == "last epoch (no val masks)" and metrics["test"] is None and metrics["best_epoch"] == 4

@@ -274,6 +274,10 @@ def _colour_owner(spec: DatasetSpec, i: int) -> str:
 # --------------------------------------------------------------------------- loading
 
 
+FOLDER_SPEC = "spec.toml"
+"""A dataset folder's own spec (``wsss extract-patches`` writes it): ``--dataset`` when not given."""
+
+
 def load_spec_file(path: str | Path) -> DatasetSpec:
     """Read a TOML spec file; a missing file, a TOML syntax error or a bad spec is one error line."""
     path = Path(path)

@@ -59,7 +59,7 @@ from wsss.data.labels import format_label
 from wsss.data.layout import list_images
 from wsss.data.png import write_class_mask, write_rgb
 from wsss.data.scale import DATASET_JSON
-from wsss.data.specs import DatasetSpec, check_mpp, get_spec
+from wsss.data.specs import FOLDER_SPEC, DatasetSpec, check_mpp, get_spec
 from wsss.data.splits import assign_splits
 from wsss.data.validate import allowed_label_styles
 from wsss.errors import WsssError
@@ -80,7 +80,6 @@ CONTACT_MASKS = 4
 """Validation and test patches on the contact sheet, each beside its mask."""
 LABELS_CSV = "labels.csv"
 PATCHES_CSV = "patches.csv"
-SPEC_TOML = "spec.toml"
 CONTACT_SHEET = "contact_sheet.png"
 ANNOTATION_SUFFIXES = (".geojson", ".json")
 
@@ -551,7 +550,7 @@ def _write_outputs(out: Path, cfg: ExtractConfig, spec: DatasetSpec, tally: Tall
                [[p.split, p.name, p.slide, p.patient or "", f"{p.x:.2f}", f"{p.y:.2f}",
                  f"{cfg.patch * scale[p.slide]:.2f}", f"{p.tissue:.4f}", *(f"{v:.4f}" for v in p.fractions)]
                 for p in tally.rows])
-    with atomic_path(out / SPEC_TOML) as tmp:
+    with atomic_path(out / FOLDER_SPEC) as tmp:
         tmp.write_text(spec.to_toml(), encoding="utf-8")
     write_contact_sheet(out / CONTACT_SHEET, tally, spec)
     counts = Counter(p.split for p in tally.rows)
