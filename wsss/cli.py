@@ -655,12 +655,12 @@ def evaluate(
     json_out: Optional[Path] = JsonOutOpt,
 ) -> None:
     """Score a stage-2 checkpoint on a split, optionally with the stage-1 classification gate."""
+    from wsss.gate import check_gate_checkpoint
     from wsss.metrics import format_table, write_json
     from wsss.runtime import resolve_device
     from wsss.stages.stage2 import evaluate_checkpoint
 
-    if gate and stage1_checkpoint is None:
-        raise WsssError("--gate needs --stage1-checkpoint")
+    check_gate_checkpoint(gate, stage1_checkpoint)
     results = evaluate_checkpoint(dataset, data, checkpoint, split, resolve_device(device),
                                   stage1_checkpoint=stage1_checkpoint if gate else None, threshold=gate_threshold,
                                   batch_size=batch_size, workers=workers,

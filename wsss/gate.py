@@ -6,9 +6,13 @@ functions; no model or file access.
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wsss.errors import WsssError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # the CLI reads the constants below at import, before it needs torch
     from torch import Tensor
@@ -28,6 +32,15 @@ def check_gate_options(mode: str, threshold: float) -> None:
         raise WsssError(f"--gate-mode must be one of {', '.join(GATE_MODES)}, not {mode!r}")
     if not 0.0 <= threshold < 1.0:
         raise WsssError(f"--gate-threshold is a probability in [0, 1), not {threshold:g}")
+
+
+def check_gate_checkpoint(gate: bool, stage1_checkpoint: Path | None) -> None:
+    """``--gate`` needs ``--stage1-checkpoint`` (a user error); the checkpoint without ``--gate`` is
+    not used (one warning), for every command that gates."""
+    if gate and stage1_checkpoint is None:
+        raise WsssError("--gate needs --stage1-checkpoint")
+    if not gate and stage1_checkpoint is not None:
+        log.warning("warning: --stage1-checkpoint is used only with --gate; segmenting without the gate")
 
 
 def gate_logits(logits: Tensor, probs: Tensor, threshold: float, mode: str = "mask") -> Tensor:

@@ -20,7 +20,7 @@ from wsss.data.scale import recorded_scale, resampled_size
 from wsss.data.specs import DatasetSpec
 from wsss.data.stain import SetColour
 from wsss.errors import WsssError
-from wsss.gate import DEFAULT_GATE_THRESHOLD, gate_logits
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_checkpoint, gate_logits
 from wsss.models.loading import (
     LoadedClassifier, LoadedSegmenter, class_probs, load_classifier, segment, segmenter_and_spec,
 )
@@ -266,9 +266,8 @@ def load_models(cfg: ModelOptions, local_rank: int = 0) -> tuple[TilePredictor, 
     differs from the record). A wrong checkpoint, class count or a gate classifier trained on another
     spec is a user error."""
     seg, spec = segmenter_and_spec(cfg.checkpoint, cfg.dataset)
+    check_gate_checkpoint(cfg.gate, cfg.stage1_checkpoint)
     gate = load_classifier(cfg.stage1_checkpoint, spec) if cfg.gate else None
-    if not cfg.gate and cfg.stage1_checkpoint is not None:
-        log.warning("warning: --stage1-checkpoint is used only with --gate; segmenting without the gate")
     device = resolve_device(cfg.device, local_rank)
     predictor = TilePredictor(seg, cfg.tile, device, gate, cfg.gate_threshold,
                               resolve_precision(cfg.precision, device), cfg.gate_mode, cfg.tta)

@@ -6,6 +6,7 @@ loss check every few steps."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -373,3 +374,14 @@ def test_bf16_asked_for_on_a_cpu_without_it_warns_once(native, synth16, tmp_path
     assert code == 0, err
     assert sum("no native bf16" in r.getMessage() for r in caplog.records) == (0 if native else 1)
     assert json.loads((tmp_path / "stage1_luad_config.json").read_text())["precision"] == "bf16"
+
+
+def test_evaluate_warns_of_a_stage1_checkpoint_without_gate(synth16, thin_ckpts, capsys, monkeypatch, caplog):
+    args = ("evaluate", "--dataset", "luad", "--data", synth16, "--checkpoint", thin_ckpts["s2"], "--device", "cpu")
+    code, out, err = run_cli(capsys, monkeypatch, *args, "--stage1-checkpoint", thin_ckpts["s1a"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert code == 0, err
+    assert warnings == ["warning: --stage1-checkpoint is used only with --gate; segmenting without the gate"]
+    assert "with the gate" not in out
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--gate")
+    assert code == 1 and "--gate needs --stage1-checkpoint" in err
