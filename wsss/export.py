@@ -126,6 +126,10 @@ class ExportConfig:
     def __post_init__(self) -> None:
         check_format(self.format)
         check_gate_options(self.gate_mode, self.gate_threshold)
+        other = {"onnx": (".pt", ".pth", ".ts", ".torchscript"), "torchscript": (".onnx",)}[self.format]
+        if self.out.suffix.lower() in other:
+            raise WsssError(f"--out {self.out} names a{' TorchScript' if self.format == 'onnx' else 'n ONNX'} file; "
+                            f"a --format {self.format} model is written as {'.onnx' if self.format == 'onnx' else '.pt'}")
 
     @property
     def sidecar(self) -> Path:

@@ -167,6 +167,10 @@ def test_bad_exports_end_in_one_line_and_write_nothing(thin_ckpts, tmp_path, cap
         "error: --format must be one of torchscript, onnx, not 'tflite'"
     assert "is a stage-1 checkpoint; a stage-2 checkpoint is needed here" in \
         fails(thin_ckpts["s1a"], "--format", "onnx", "--out", tmp_path / "m.onnx")
+    assert fails(thin_ckpts["s2"], "--format", "onnx", "--out", tmp_path / "model.pt") == \
+        f"error: --out {tmp_path / 'model.pt'} names a TorchScript file; a --format onnx model is written as .onnx"
+    assert "names an ONNX file; a --format torchscript model is written as .pt" in \
+        fails(thin_ckpts["s2"], "--format", "torchscript", "--out", tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     (tmp_path / "mine.pt").write_text("not wsss's")
     assert "mine.pt exists; pass --force to replace it" in \
