@@ -213,10 +213,10 @@ class StainNorm:
     source: str = ""
     set_shift: tuple[float, float, float] | None = None
     """``reinhard-set`` only: the LAB shift of the set being processed (:meth:`for_set`); never stored."""
-    pixels: str = "all"
+    pixels: str = "tissue"
     """``reinhard-set`` only: which pixels of a patch its colour is the mean of — ``tissue`` (glass left out,
     :func:`tissue_pixels`; references measured since 2026-12-06) or ``all`` (earlier checkpoints, which
-    record none): a set is measured the way the reference was."""
+    record none: :meth:`from_dict` reads them so): a set is measured the way the reference was."""
 
     def __post_init__(self) -> None:
         if self.method == "macenko":
@@ -261,7 +261,8 @@ class StainNorm:
             return tuple(tuple(float(v) for v in row) for row in a) if a.ndim == 2 else tuple(float(v) for v in a)
 
         try:
-            pixels = str(d.get("pixels", "all"))
+            # a reinhard-set reference recorded before 2026-12-06 has no ``pixels``: all of them
+            pixels = str(d.get("pixels", "all" if d.get("method") == SET_METHOD else cls.pixels))
             if pixels not in PIXEL_RULES:
                 raise ValueError(pixels)
             return cls(str(d["method"]), floats("stain_matrix", (3, 2)), floats("max_concentration", (2,)),
