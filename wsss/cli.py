@@ -972,7 +972,11 @@ def predict_wsi(
     typer.echo(f"{one.name}: level {s['level']} (downsample {s['downsample'][0]:.3g}{at}), "
                f"{s['size'][0]}×{s['size'][1]} px; tiles: {s['tiles']['segmented']} segmented, "
                f"{s['tiles']['skipped']} without tissue skipped")
-    typer.echo("written: " + ", ".join(str(p) for p in result.files))
+    if result.finished_earlier:
+        typer.echo("finished earlier with these models and settings (not segmented again): "
+                   + ", ".join(str(p) for p in result.files))
+    else:
+        typer.echo("written: " + ", ".join(str(p) for p in result.files))
 
 
 def _predict_cohort(cfg) -> None:

@@ -471,9 +471,11 @@ def test_an_interrupted_run_resumes_where_it_stopped(slide, ckpt, tmp_path, caps
     summary = json.loads((out / "slide_summary.json").read_text())
     assert summary["tiles"] == {"total": 20, "segmented": 20, "skipped": 0}
 
+    # the same command once finished: not segmented again
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 0 and spies[-1].calls == 0
     # an unfinished run (3 of 4 rows) with other settings is not continued: all 4 rows again
     spy_load(4)
-    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args))[0] == 130
+    assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args, "--overlap", 4))[0] == 130
     spy_load(None)
     assert run_cli(capsys, monkeypatch, *_args(path, ckpt, out, *args, "--overlap", 8))[0] == 0
     assert len(TL.tile_starts(192, 64, 8)) == 4 and spies[-1].calls == 4
@@ -535,10 +537,18 @@ def test_predict_wsi_never_replaces_a_file_it_did_not_write_unless_forced(slide,
     assert _visible(out) == ["slide.geojson", "slide_mask.png", "slide_overlay.png", "slide_summary.json"]
     mask = (out / "slide_mask.png").read_bytes()
 
-    # the same command again, without --force: every file there is one wsss wrote, so it goes ahead
-    code, _, err = run_cli(capsys, monkeypatch, *args)
+    # the same command again, without --force: every file there is one wsss wrote, and the slide is
+    # finished with these models and settings: not segmented again (as a cohort skips it), files kept
+    stamps = {name: (out / name).stat().st_mtime_ns for name in _visible(out)}
+    code, printed, err = run_cli(capsys, monkeypatch, *args)
     assert code == 0, err
-    assert spies[-1].calls > 0 and (out / "slide_mask.png").read_bytes() == mask
+    assert spies[-1].calls == 0 and (out / "slide_mask.png").read_bytes() == mask
+    assert {name: (out / name).stat().st_mtime_ns for name in _visible(out)} == stamps
+    assert "finished earlier with these models and settings (not segmented again): " in printed
+    # another setting (here --min-tissue) is segmented again
+    code, _, err = run_cli(capsys, monkeypatch, *args, "--min-tissue", 0.2)
+    assert code == 0, err
+    assert spies[-1].calls > 0
 
 
 def test_predict_wsi_removes_only_the_earlier_outputs_it_wrote(slide, ckpt, tmp_path, capsys, monkeypatch):

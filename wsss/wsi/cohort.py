@@ -39,7 +39,7 @@ from wsss.runtime import atomic_path
 from wsss.runs.lock import LockHeld, acquire
 from wsss.runs.owner import Manifest, Owner, manifest_record, owned_folder
 from wsss.wsi.predict_wsi import (
-    SlideJob, WsiConfig, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
+    SlideJob, WsiConfig, finished_summary, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
 )
 
 log = logging.getLogger(__name__)
@@ -369,20 +369,6 @@ class CohortResult:
 
     def count(self, status: str) -> int:
         return sum(row["status"] == status for row in self.rows)
-
-
-def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
-    """The slide's summary when it records ``fingerprint`` (and its files are there), else None."""
-    import json
-
-    try:
-        summary = json.loads(job.summary.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if upgrade_settings(summary.get("fingerprint") or {}) != fingerprint:
-        return None
-    names = [summary.get(k) for k in ("mask", "overlay", "geojson") if summary.get(k)]
-    return summary if all((job.out / n).is_file() for n in names) else None
 
 
 def process(job: SlideJob, cfg: WsiConfig, predictor, spec: DatasetSpec, progress: bool) -> dict:

@@ -239,6 +239,7 @@ class WsiResult:
     summary: dict
     files: list[Path] = field(default_factory=list)
     resumed_rows: int = 0
+    finished_earlier: bool = False  # the same slide, models and settings: its outputs were already there
 
 
 # --------------------------------------------------------------------------- level and region (pure)
@@ -461,6 +462,19 @@ def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict
         "batch_size": cfg.batch_size,
         "tta": cfg.tta,
     }
+
+
+def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
+    """The slide's summary when it records ``fingerprint`` (and its files are there), else None: a
+    finished slide is not segmented again, alone or in a cohort."""
+    try:
+        summary = json.loads(job.summary.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if upgrade_settings(summary.get("fingerprint") or {}) != fingerprint:
+        return None
+    names = [summary.get(k) for k in ("mask", "overlay", "geojson", "probs", "tissue_mask") if summary.get(k)]
+    return summary if all((job.out / n).is_file() for n in names) else None
 
 
 def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
@@ -827,6 +841,9 @@ def run(cfg: WsiConfig, progress: bool = True,
     with owned_slide(job, cfg) as owner:
         owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
         predictor, spec = models if models is not None else load_models(cfg)
+        if (summary := finished_summary(job, job_fingerprint(cfg, job, spec))) is not None:
+            log.info("%s: finished earlier with these models and settings, not segmented again", job.path)
+            return WsiResult(summary, output_files(job, cfg, grid), finished_earlier=True)
         return run_slide(job, cfg, predictor, spec, owner, progress)
 
 
