@@ -442,7 +442,7 @@ def run(cfg: ExtractConfig, progress: bool = False) -> ExtractResult:
         records, failures = [], []
         note_saved(f"0 of {len(jobs)} slides cut into {cfg.out}, the patches of the first kept there (dataset.json is "
                    "written at the end; run the command again with --force to start over)")
-        for job in jobs:
+        for job in progress_bar(jobs, progress and len(jobs) > 1, desc="slides", unit="slide"):
             record = {"slide": str(job.path), "name": job.name, "patient": job.patient, "split": splits[job.name]}
             try:
                 plan = plan_slide(job, splits[job.name], cfg, spec, lookup, mpp)
