@@ -806,9 +806,10 @@ def predict(
         None, "--overlap", min=0, help="Pixels shared by neighbouring windows; their probabilities are blended there. "
                                        "Default: 32, or half the window when that is less."),
     mpp: Optional[float] = typer.Option(
-        None, "--mpp", help="µm per pixel of the input images: they are resampled to the checkpoint's µm/px (and the "
-                            "masks back to the images' size). Without it (or when the checkpoint records none) the "
-                            "images are segmented as they are, with a warning."),
+        None, "--mpp", help="µm per pixel of the input images that do not record one (a TIFF's OME-XML, Aperio, ImageJ "
+                            "or microscope-range resolution tags win, with a warning): images are resampled to the "
+                            "checkpoint's µm/px (and the masks back to their size). An image of unknown µm/px (or a "
+                            "checkpoint that records none) is segmented as it is, with a warning."),
     batch_size: Optional[int] = WindowBatchOpt,
     tta: str = TtaOpt,
     device: str = DeviceAutoOpt,
