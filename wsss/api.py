@@ -182,8 +182,8 @@ class Segmenter:
     def predict(self, image: ImageLike, mpp: float | None = None, progress: bool = False) -> Result:
         """Segment one image of any size by the sliding window of ``wsss predict``.
 
-        ``image``: ``(H, W, 3)`` uint8 RGB, a PIL image or an image file. ``mpp``: its µm per pixel;
-        when the checkpoint records the µm/px it was trained at, the image is resampled to it for the
+        ``image``: ``(H, W, 3)`` uint8 RGB, a PIL image or an image file. ``mpp``: its µm per pixel
+        (a file that records one, read as ``wsss predict`` reads it, gives its own); when the checkpoint records the µm/px it was trained at, the image is resampled to it for the
         model and the results taken back to ``(H, W)``; otherwise ``mpp`` cannot be used and the
         image is segmented as it is (one warning). Returns labels ``(H, W)`` and probabilities
         ``(C, H, W)`` float16. Raises :class:`WsssError` for images ``wsss predict`` refuses.
