@@ -17,9 +17,11 @@ Each row gives images/s in both precisions, their ratio, and FLOP/s as a fractio
 multiply peak measured in the same run (fp32 rows against the fp32 peak, bf16 rows against bf16's).
 
 Loaders: one worker's images/s (items prepared in this process, as a worker does) of the stage-1
-and stage-2 training sets, at the cpu presets' settings (make reproduce's 112-px patches at their own
-size, d4, mosaic) and at the paper's (224-px patches, flips), and how many such workers ~3000
-images/s (what an H100 trains on at 224 px) would take.
+and stage-2 training sets as train-stage1/2 build them (``training_set``: every augmentation of the
+preset, its blur, JPEG and stain normalisation included), at the cpu presets' settings (make
+reproduce's 112-px patches at their own size) and at the paper's (224-px patches, flips), and how
+many such workers ~3000 images/s (what an H100 trains on at 224 px) would take. ``--loaders-only``
+measures these alone.
 
 Pseudo-mask agreement: a stage-1 classifier (``--checkpoint``, or one trained here in fp32 with the
 cpu preset on 400 synthetic 112-px patches, about 5 minutes on one core) makes the pseudo-masks of
@@ -233,22 +235,27 @@ def loader_lines(cpu_root: Path, paper_root: Path, n: int) -> list[str]:
 
     def training_sets(root: Path, preset: str, cache: bool = False
                       ) -> tuple[int | None, ClassificationDataset, PseudoMaskDataset]:
+        # the recipes' own training sets: every augmentation the preset turns on (blur, JPEG, stain
+        # normalisation included), as the workers of train-stage1/2 prepare them
+        from wsss.stages import stage1, stage2
+        from wsss.stages.common import input_pipeline
+
         samples = list_train(root, LUAD)
+        paths = [s.path for s in samples]
         pm = [[root / "train_gt" / s.path.name] * 3 for s in samples]  # true masks stand in for 3 PM layers
         s1 = resolve(Stage1Config, STAGE1_PRESETS, preset, dataset="luad", data=root)
         s2 = resolve(Stage2Config, STAGE2_PRESETS, preset, dataset="luad", data=root)
         return (training_patch_size(root),
-                ClassificationDataset(samples, s1.image_size, None, augment=True, geometric=s1.augment,
-                                      stain=s1.stain_jitter, cache=DecodedCache() if cache else None),
-                PseudoMaskDataset(samples, pm, s2.image_size, None, LUAD, geometric=s2.augment, stain=s2.stain_jitter,
-                                  mosaic=s2.mosaic, cache=DecodedCache() if cache else None))
+                stage1.training_set(s1, samples, input_pipeline(s1, paths, None), DecodedCache() if cache else None),
+                stage2.training_set(s2, LUAD, samples, pm, input_pipeline(s2, paths, None),
+                                    DecodedCache() if cache else None))
 
     cpu_size, cpu_s1, cpu_s2 = training_sets(cpu_root, "cpu")
     paper_size, paper_s1, paper_s2 = training_sets(paper_root, "paper")
     sets = {
-        f"stage-1, cpu preset ({cpu_size}px, d4)": cpu_s1,
+        f"stage-1, cpu preset ({cpu_size}px, d4, blur)": cpu_s1,
         f"stage-1, paper ({paper_size}px, flips)": paper_s1,
-        f"stage-2, cpu preset ({cpu_size}px, d4, mosaic)": cpu_s2,
+        f"stage-2, cpu preset ({cpu_size}px, d4, mosaic, JPEG)": cpu_s2,
         f"stage-2, paper ({paper_size}px, hflip, blur)": paper_s2,
     }
     lines = []
@@ -327,6 +334,7 @@ def main() -> None:
     parser.add_argument("--train-patches", type=int, default=400, help="patches of the synthetic data made here")
     parser.add_argument("--pm-patches", type=int, default=96)
     parser.add_argument("--loader-items", type=int, default=64)
+    parser.add_argument("--loaders-only", action="store_true", help="only the training loaders' rates")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -335,6 +343,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     print(f"machine: {machine()}; native bf16: {cpu_has_bf16()}")
+    if args.loaders_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = args.data or synthetic(Path(tmp) / "data", args.train_patches, REPRODUCE_PATCH_SIZE)
+            paper_root = synthetic(Path(tmp) / "paper_data", max(args.loader_items, 8), DATASET_PATCH_SIZE)
+            print("\ntraining loaders (uint8 items, one process = one worker):")
+            for line in loader_lines(root, paper_root, args.loader_items):
+                print(line)
+        return
     peaks = {"fp32": gemm_peak(torch.float32), "bf16": gemm_peak(torch.bfloat16)}
     print(f"GEMM peak (1024², best of 10): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} "
           f"GFLOP/s ({peaks['bf16'] / peaks['fp32']:.1f}x)")

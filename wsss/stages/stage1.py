@@ -113,12 +113,18 @@ def build_model(cfg: Stage1Config, spec: DatasetSpec) -> ResNet38Classifier:
 def train_loader(cfg: Stage1Config, samples, dist: Distributed, pipeline: InputPipeline | None = None) -> EpochLoader:
     """The training batches of every epoch: uint8 images (colour-augmented and stain-normalised by
     ``pipeline`` in the workers, scaled on the device), labels, indices."""
-    colour, target = (pipeline.colour, pipeline.norm.stain) if pipeline is not None else (None, None)
-    dataset = ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
-                                    stain=cfg.stain_jitter, colour=colour, stain_norm=target,
-                                    cache=DecodedCache.for_workers(cfg.workers))
+    dataset = training_set(cfg, samples, pipeline, DecodedCache.for_workers(cfg.workers))
     drop_last = len(dataset) // max(dist.world_size, 1) > cfg.batch_size
     return EpochLoader(dataset, cfg.batch_size, cfg.workers, cfg.seed, dist, drop_last)
+
+
+def training_set(cfg: Stage1Config, samples, pipeline: InputPipeline | None = None,
+                 cache: DecodedCache | None = None) -> ClassificationDataset:
+    """The training patches as the workers prepare them: uint8, augmented as ``cfg`` says, colour-
+    augmented and stain-normalised by ``pipeline`` (:func:`~wsss.stages.common.input_pipeline`)."""
+    colour, target = (pipeline.colour, pipeline.norm.stain) if pipeline is not None else (None, None)
+    return ClassificationDataset(samples, cfg.image_size, None, augment=True, geometric=cfg.augment,
+                                 stain=cfg.stain_jitter, colour=colour, stain_norm=target, cache=cache)
 
 
 def training_format(device: torch.device, precision: str) -> torch.memory_format:

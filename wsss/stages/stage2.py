@@ -402,7 +402,8 @@ def _prepare(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, owner: ow
                                     for d in (paths.pred, paths.pred_gate))], "predictions")
     _check_inputs(cfg, spec, samples, mask_paths, test_samples)
     pipeline = input_pipeline(cfg, [s.path for s in samples], state, fitted)
-    return _training_set(cfg, spec, samples, mask_paths, pipeline), pipeline.norm, gate
+    return training_set(cfg, spec, samples, mask_paths, pipeline, DecodedCache.for_workers(cfg.workers)), \
+        pipeline.norm, gate
 
 
 def split_masks(root: Path, split: str) -> list[MaskedSample]:
@@ -516,12 +517,12 @@ def _train(cfg: Stage2Config, spec: DatasetSpec, paths: Stage2Paths, state: dict
     return summary
 
 
-def _training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pipeline: InputPipeline
-                  ) -> PseudoMaskDataset:
+def training_set(cfg: Stage2Config, spec: DatasetSpec, samples, mask_paths, pipeline: InputPipeline,
+                 cache: DecodedCache | None = None) -> PseudoMaskDataset:
     """uint8 patches and pseudo-masks, colour-augmented and mapped onto the stain target in the workers."""
     return PseudoMaskDataset(samples, mask_paths, cfg.image_size, None, spec, geometric=cfg.augment,
                              stain=cfg.stain_jitter, mosaic=cfg.mosaic, colour=pipeline.colour,
-                             stain_norm=pipeline.norm.stain, cache=DecodedCache.for_workers(cfg.workers))
+                             stain_norm=pipeline.norm.stain, cache=cache)
 
 
 def _unwrapped(model):
