@@ -350,7 +350,7 @@ def with_model_scale(cfg: PredictConfig, images: Sequence[Path]) -> tuple[Predic
             and not same_mpp(mpp, cfg.mpp)]
     if kept:
         path, mpp = kept[0]
-        others = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+        others = f" ({len(kept) - 1} more images record a µm/px of their own)" if len(kept) > 1 else ""
         log.warning("warning: %s records %g µm/px%s; --mpp %g is for images that record none, so the recorded "
                     "value is used", path, mpp, others, cfg.mpp)
     image_mpp = {path: cfg.mpp if mpp is None else mpp for path, mpp in recorded.items()}
