@@ -233,7 +233,7 @@ def items_per_second(dataset, n: int) -> float:
 def loader_lines(cpu_root: Path, paper_root: Path, n: int) -> list[str]:
     """Loader rates of the cpu presets on ``cpu_root``'s patches and the paper's on ``paper_root``'s."""
 
-    def training_sets(root: Path, preset: str, cache: bool = False
+    def training_sets(root: Path, preset: str, cache: bool = False, **changes
                       ) -> tuple[int | None, ClassificationDataset, PseudoMaskDataset]:
         # the recipes' own training sets: every augmentation the preset turns on (blur, JPEG, stain
         # normalisation included), as the workers of train-stage1/2 prepare them
@@ -243,8 +243,8 @@ def loader_lines(cpu_root: Path, paper_root: Path, n: int) -> list[str]:
         samples = list_train(root, LUAD)
         paths = [s.path for s in samples]
         pm = [[root / "train_gt" / s.path.name] * 3 for s in samples]  # true masks stand in for 3 PM layers
-        s1 = resolve(Stage1Config, STAGE1_PRESETS, preset, dataset="luad", data=root)
-        s2 = resolve(Stage2Config, STAGE2_PRESETS, preset, dataset="luad", data=root)
+        s1 = resolve(Stage1Config, STAGE1_PRESETS, preset, dataset="luad", data=root, **changes)
+        s2 = resolve(Stage2Config, STAGE2_PRESETS, preset, dataset="luad", data=root, **changes)
         return (training_patch_size(root),
                 stage1.training_set(s1, samples, input_pipeline(s1, paths, None), DecodedCache() if cache else None),
                 stage2.training_set(s2, LUAD, samples, pm, input_pipeline(s2, paths, None),
@@ -258,7 +258,14 @@ def loader_lines(cpu_root: Path, paper_root: Path, n: int) -> list[str]:
         f"stage-2, cpu preset ({cpu_size}px, d4, mosaic, JPEG)": cpu_s2,
         f"stage-2, paper ({paper_size}px, hflip, blur)": paper_s2,
     }
+    # what the presets' blur (stage 1) and JPEG (stage 2) cost a worker, measured beside them
+    _, plain_s1, plain_s2 = training_sets(cpu_root, "cpu", blur_jitter=0.0, jpeg_jitter=0)
     lines = []
+    for name, dataset, plain in (("stage-1 blur", cpu_s1, plain_s1), ("stage-2 JPEG", cpu_s2, plain_s2)):
+        rates = [(items_per_second(dataset, n), items_per_second(plain, n)) for _ in range(3)]
+        with_it, without = (statistics.median(r[i] for r in rates) for i in (0, 1))
+        lines.append(f"  cpu preset's {name}: {1e3 / with_it - 1e3 / without:+.2f} ms an image a worker "
+                     f"({without:.0f} -> {with_it:.0f} img/s; median of 3 alternating rounds)")
     for name, dataset in sets.items():
         rate = items_per_second(dataset, n)
         lines.append(f"  {name:<42} {rate:6.1f} img/s per worker; {GPU_IMAGES_PER_SECOND} img/s takes "
