@@ -355,6 +355,18 @@ def test_a_slide_whose_outputs_are_the_users_fails_and_the_others_go_on(cohort_d
     monkeypatch.setattr(C, "run_slide", lambda job, *a, **k: segmented.append(job.name) or run_slide(job, *a, **k))
     code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8)
     assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and segmented == ["a", "b"]
+    # a finished slide whose output was edited since is not finished: its row fails (the file would be
+    # replaced), and --force segments it again
+    (out / "b" / "b_mask.png").write_bytes(b"edited")
+    segmented.clear()
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8)
+    rows = {Path(r["slide"]).stem: r for r in _table(out / "cohort.csv")}
+    assert code == 1 and "2 slides: 1 done, 1 failed" in stdout and (out / "b" / "b_mask.png").read_bytes() == b"edited"
+    assert rows["b"]["status"] == "failed" and "b_mask.png exists and was not written by wsss" in rows["b"]["error"]
+    segmented.clear()
+    code, stdout, _ = run_cli(capsys, monkeypatch, *args, "--overlap", 8, "--force")
+    assert code == 0 and "2 slides: 2 done, 0 failed" in stdout and segmented == ["b"]
+    assert (out / "b" / "b_mask.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize("table, extra", [("cohort.csv", ()), ("cohort-part-0-of-2.csv", ("--shard", "0/2")),

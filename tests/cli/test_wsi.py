@@ -545,6 +545,14 @@ def test_predict_wsi_never_replaces_a_file_it_did_not_write_unless_forced(slide,
     assert spies[-1].calls == 0 and (out / "slide_mask.png").read_bytes() == mask
     assert {name: (out / name).stat().st_mtime_ns for name in _visible(out)} == stamps
     assert "finished earlier with these models and settings (not segmented again): " in printed
+    # an output edited since is not wsss's any more: the finished slide is refused (its file would be
+    # replaced), and with --force segmented again and the file replaced
+    (out / "slide_mask.png").write_bytes(b"edited")
+    err = assert_one_line_error(capsys, monkeypatch, *args)
+    assert "slide_mask.png exists and was not written by wsss" in err
+    code, printed, err = run_cli(capsys, monkeypatch, *args, "--force")
+    assert code == 0 and spies[-1].calls > 0 and "written: " in printed, err
+    assert (out / "slide_mask.png").read_bytes() == mask
     # another setting (here --min-tissue) is segmented again
     code, _, err = run_cli(capsys, monkeypatch, *args, "--min-tissue", 0.2)
     assert code == 0, err

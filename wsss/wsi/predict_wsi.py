@@ -68,7 +68,9 @@ from wsss.inference import (
     window_for, windows_counted,
 )
 from wsss.runs.journal import Journal
-from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folder, remove_ours
+from wsss.runs.owner import (
+    Manifest, Owner, check_output_folder, file_sha256, manifest_record, owned_folder, remove_ours,
+)
 from wsss.pixels import class_counts, overlay_with_legend, row_blocks, white_background
 from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
@@ -465,8 +467,9 @@ def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict
 
 
 def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
-    """The slide's summary when it records ``fingerprint`` (and its files are there), else None: a
-    finished slide is not segmented again, alone or in a cohort."""
+    """The slide's summary when it records ``fingerprint`` and its files are there as wsss wrote them
+    (the folder's manifest), else None: a finished slide is not segmented again, alone or in a
+    cohort; one whose file was replaced or edited is (its ownership check comes first)."""
     try:
         summary = json.loads(job.summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -474,7 +477,9 @@ def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
     if upgrade_settings(summary.get("fingerprint") or {}) != fingerprint:
         return None
     names = [summary.get(k) for k in ("mask", "overlay", "geojson", "probs", "tissue_mask") if summary.get(k)]
-    return summary if all((job.out / n).is_file() for n in names) else None
+    files = [job.summary, *(job.out / str(n) for n in names)]
+    manifest = Manifest.read(job.out)
+    return summary if all(manifest_record(manifest, job.out, f) is not None for f in files) else None
 
 
 def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
@@ -842,7 +847,7 @@ def run(cfg: WsiConfig, progress: bool = True,
         owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
         predictor, spec = models if models is not None else load_models(cfg)
         if (summary := finished_summary(job, job_fingerprint(cfg, job, spec))) is not None:
-            log.info("%s: finished earlier with these models and settings, not segmented again", job.path)
+            log.debug("%s: finished earlier with these models and settings, not segmented again", job.path)
             return WsiResult(summary, output_files(job, cfg, grid), finished_earlier=True)
         return run_slide(job, cfg, predictor, spec, owner, progress)
 
