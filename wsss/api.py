@@ -25,7 +25,7 @@ from PIL import Image
 from wsss.data import stain
 from wsss.data.datasets import resize_rgb, to_tensor
 from wsss.data.png import check_rgb_mode
-from wsss.data.specs import BACKGROUND_NAME, DatasetSpec
+from wsss.data.specs import BACKGROUND_NAME, DatasetSpec, check_mpp
 from wsss.errors import WsssError
 from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options
 from wsss.data.scale import image_side, resample_factor, same_mpp
@@ -188,8 +188,12 @@ class Segmenter:
         image is segmented as it is (one warning). Returns labels ``(H, W)`` and probabilities
         ``(C, H, W)`` float16. Raises :class:`WsssError` for images ``wsss predict`` refuses.
         """
-        from wsss.stages.predict import check_image_size
+        from wsss.stages.predict import check_image_size, check_not_a_slide
 
+        if isinstance(image, (str, Path)):
+            check_not_a_slide(Path(image))
+        if mpp is not None:
+            check_mpp(mpp, "mpp")
         name = str(image) if isinstance(image, (str, Path)) else "image"
         rgb = as_rgb(image)
         factor = self._factor(self._image_mpp(image, mpp))
@@ -247,8 +251,6 @@ class Segmenter:
         """Model pixels per image pixel for an image of ``mpp`` µm/px (None: as it is)."""
         if mpp is None:
             return None
-        if not mpp > 0:
-            raise WsssError(f"mpp must be positive, not {mpp}")
         if self.mpp is None:
             log.warning("warning: %s does not record the µm/px it was trained at: mpp %g is not used, the image "
                         "is segmented as it is", self.settings.checkpoint, mpp)

@@ -117,6 +117,13 @@ def test_an_image_at_another_magnification_is_resampled_to_the_models(thin_ckpts
     assert np.array_equal(result.labels[~white], argmax[rows[:, None], cols[None, :]][~white])
     plain = wsss.load_model(thin_ckpts["s2"], device="cpu", tile=TILE, overlap=OVERLAP)  # records no µm/px
     assert np.array_equal(plain.predict(image, mpp=1.0).labels, plain.predict(image).labels)
+    # mpp as `wsss predict --mpp` takes it; a whole-slide file is predict_slide's
+    for bad in (-1, 1e6, "0.5"):
+        with pytest.raises(wsss.WsssError, match=f"mpp is µm per pixel, a number from 0.05 to 100, not {bad!r}"):
+            model.predict(image, mpp=bad)
+    (tmp_path / "x.svs").write_bytes(b"II*\x00")
+    with pytest.raises(wsss.WsssError, match="x.svs is a whole-slide image: segment it with wsss predict-wsi"):
+        model.predict(tmp_path / "x.svs")
 
 
 # --------------------------------------------------------------------------- the classifier

@@ -159,6 +159,9 @@ def test_predict_refuses_a_whole_slide_image(model96, tmp_path, capsys, monkeypa
     assert code == 1 and err.count("error:") == 1 and "slide.svs is a whole-slide image: segment it with wsss " \
         "predict-wsi" in err
     assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(capsys, monkeypatch, "predict", tmp_path, "--checkpoint", model96, "--out", tmp_path / "o")
+    assert code == 1 and "holds no PNG, JPEG or TIFF images (it holds whole-slide images: segment them with wsss " \
+        "predict-wsi)" in err
 
 
 def _slide(path: Path, mpp: float | None) -> Path:

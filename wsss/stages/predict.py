@@ -124,10 +124,11 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
         if path.is_dir():
             found = _folder_images(path)
             if not found:
-                raise WsssError(f"{path} holds no PNG, JPEG or TIFF images")
-        elif path.suffix.lower() in SLIDE_SUFFIXES and path.exists():
-            raise WsssError(f"{path} is a whole-slide image: segment it with wsss predict-wsi")
+                slides = any(p.suffix.lower() in SLIDE_SUFFIXES for p in path.iterdir())
+                raise WsssError(f"{path} holds no PNG, JPEG or TIFF images"
+                                + (" (it holds whole-slide images: segment them with wsss predict-wsi)" if slides else ""))
         elif path.exists():
+            check_not_a_slide(path)
             found = [path]
         else:
             raise WsssError(f"input not found: {path}")
@@ -139,6 +140,12 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
         raise WsssError("no input images given")
     _check_output_names(images)
     return images
+
+
+def check_not_a_slide(path: Path) -> None:
+    """A whole-slide file (:data:`SLIDE_SUFFIXES`) is refused: levels, tissue and µm/px are predict-wsi's."""
+    if Path(path).suffix.lower() in SLIDE_SUFFIXES:
+        raise WsssError(f"{path} is a whole-slide image: segment it with wsss predict-wsi")
 
 
 def _folder_images(folder: Path) -> list[Path]:
