@@ -757,9 +757,9 @@ def reproduce(
     Re-running continues where an earlier run stopped."""
     from wsss.stages.reproduce import ReproduceConfig, default_run, format_report, run as run_pipeline
     from wsss.stages.reproduce import print_config as resolved_config
-    from wsss.config import folder_spec
+    from wsss.config import reproduce_dataset
 
-    dataset = dataset or folder_spec(data)
+    dataset = reproduce_dataset(dataset, data, config_file)
     cfg = ReproduceConfig(
         dataset=dataset, data=data, run=run or default_run(dataset, synth), labels_csv=labels_csv,
         preset=preset, config_file=config_file, out=out, report=report, synth=synth, stage1_init=stage1_init,

@@ -480,9 +480,29 @@ def folder_spec(data: str | Path) -> str:
     from wsss.data.specs import FOLDER_SPEC
 
     path = Path(data) / FOLDER_SPEC
+    if not Path(data).is_dir():
+        raise WsssError(f"--dataset is needed (luad, bcss or a TOML spec file) when the data folder holds no "
+                        f"{FOLDER_SPEC}, and {data} does not exist")
     if not path.is_file():
         raise WsssError(f"--dataset is needed (luad, bcss or a TOML spec file): {data} holds no {FOLDER_SPEC}")
     return str(path)
+
+
+def reproduce_dataset(dataset: str | None, data: str | Path, config_file: Path | None) -> str:
+    """``wsss reproduce``'s one dataset: ``--dataset``, else the one the ``--config`` file's tables
+    name (they must agree), else the data folder's (:func:`folder_spec`)."""
+    if dataset is not None:
+        return dataset
+    if config_file is not None:
+        tables = (("stage1", Stage1Config), ("pseudo_masks", PseudoMaskConfig), ("stage2", Stage2Config))
+        named = {str(read_config_table(config_file, t, cls)["dataset"]) for t, cls in tables
+                 if read_config_table(config_file, t, cls).get("dataset") is not None}
+        if len(named) > 1:
+            raise WsssError(f"{config_file} names several datasets ({', '.join(sorted(named))}): reproduce runs one, "
+                            "pass --dataset")
+        if named:
+            return named.pop()
+    return folder_spec(data)
 
 
 def resolve_command(cls: type, presets: dict[str, dict[str, Any]], preset: str | None, options: dict[str, Any],

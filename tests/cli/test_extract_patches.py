@@ -201,6 +201,17 @@ def test_the_dataset_checks_and_trains_at_its_mpp(extracted, capsys, monkeypatch
     for command in (("train-stage1", *out), ("train-stage2", *out), ("eval-pm",), ("reproduce", *out)):
         code, _, err = run_cli(capsys, monkeypatch, *command, "--data", extracted)
         assert code == 1 and f"{extracted} holds no spec.toml" in err, (command, err)
+    code, _, err = run_cli(capsys, monkeypatch, "check-data", extracted.parent / "nowhere")
+    assert code == 1 and err.count("error:") == 1 and "nowhere does not exist" in err
+    # reproduce runs one dataset: the one a --config file's tables name, when --dataset is not given
+    config = extracted.parent / "c.toml"
+    config.write_text('[stage1]\ndataset = "bcss"\n[stage2]\ndataset = "bcss"\n')
+    code, printed, err = run_cli(capsys, monkeypatch, "reproduce", "--data", extracted, "--config", config,
+                                 "--print-config")
+    assert code == 0 and 'dataset = "bcss"' in printed and "luad" not in printed, err
+    config.write_text('[stage1]\ndataset = "bcss"\n[stage2]\ndataset = "luad"\n')
+    code, _, err = run_cli(capsys, monkeypatch, "reproduce", "--data", extracted, "--config", config, "--print-config")
+    assert code == 1 and "names several datasets (bcss, luad): reproduce runs one, pass --dataset" in err
     (extracted / "moved.toml").rename(extracted / "spec.toml")
     assert "mpp = 1.0" in (extracted / "spec.toml").read_text()
     with Image.open(extracted / "contact_sheet.png") as sheet:
