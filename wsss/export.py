@@ -243,6 +243,10 @@ def _outputs(result) -> list[Tensor]:
 def export(cfg: ExportConfig) -> ExportResult:
     """Write the model and its sidecar (atomically; existing files only with ``force``), then check
     the model against PyTorch."""
+    other = _sidecar_of(cfg.sidecar)
+    if other is not None and other != cfg.out.name and not cfg.force:
+        raise WsssError(f"{cfg.sidecar} is the sidecar of {other}, exported earlier (a model's sidecar is its --out "
+                        "with the suffix .json): give this export another name, or pass --force to replace it")
     for path in (cfg.out, cfg.sidecar):
         if path.exists() and not cfg.force:
             raise WsssError(f"{path} exists; pass --force to replace it")
@@ -263,6 +267,16 @@ def export(cfg: ExportConfig) -> ExportResult:
     with atomic_path(cfg.sidecar) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
     return ExportResult(cfg.out, cfg.sidecar, difference, tuple(probe.shape))
+
+
+def _sidecar_of(path: Path) -> str | None:
+    """The model file an existing sidecar describes (its ``file``); None when there is none or it is
+    not one of ours."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record.get("file") if isinstance(record, dict) and isinstance(record.get("file"), str) else None
 
 
 def _check(difference: float, what: str, tolerance: float = TOLERANCE) -> float:

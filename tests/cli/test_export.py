@@ -172,6 +172,17 @@ def test_bad_exports_end_in_one_line_and_write_nothing(thin_ckpts, tmp_path, cap
     assert "names an ONNX file; a --format torchscript model is written as .pt" in \
         fails(thin_ckpts["s2"], "--format", "torchscript", "--out", tmp_path / "model.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # two formats under one name would share m.json: the second export says whose sidecar it is
+    code, _, err = run_cli(capsys, monkeypatch, "export", thin_ckpts["s2"], "--format", "torchscript", "--out",
+                           tmp_path / "m.pt")
+    assert code == 0, err
+    sidecar = (tmp_path / "m.json").read_text()
+    assert fails(thin_ckpts["s2"], "--format", "onnx", "--out", tmp_path / "m.onnx") == \
+        f"error: {tmp_path / 'm.json'} is the sidecar of m.pt, exported earlier (a model's sidecar is its --out with " \
+        "the suffix .json): give this export another name, or pass --force to replace it"
+    assert (tmp_path / "m.json").read_text() == sidecar and not (tmp_path / "m.onnx").exists()
+    for name in ("m.pt", "m.json"):
+        (tmp_path / name).unlink()
     (tmp_path / "mine.pt").write_text("not wsss's")
     assert "mine.pt exists; pass --force to replace it" in \
         fails(thin_ckpts["s2"], "--format", "torchscript", "--out", tmp_path / "mine.pt")
