@@ -239,7 +239,9 @@ class Segmenter:
     @staticmethod
     def _image_mpp(image: ImageLike, mpp: float | None) -> float | None:
         """The µm/px an image file records (``wsss predict``'s rule), else ``mpp``."""
-        recorded = image_file_mpp(Path(image)) if isinstance(image, (str, Path)) else None
+        recorded, problem = image_file_mpp(Path(image)) if isinstance(image, (str, Path)) else (None, None)
+        if problem:
+            log.warning("warning: %s: taken as not recorded (mpp, if given, is used instead)", problem)
         if recorded is None:
             return mpp
         if mpp is not None and not same_mpp(recorded, mpp):

@@ -147,6 +147,17 @@ def test_predict_reads_the_mpp_a_tiff_records(model96, tmp_path, capsys, monkeyp
     # the Python API reads it too
     from wsss.api import load_model
 
+    # a record that cannot be used (pixels that are not square) is named, and --mpp used instead
+    aniso = _tiff(tmp_path / "aniso.tif", resolution=(5000.0, 2500.0), resolutionunit="CENTIMETER")  # 2 × 4 µm/px
+    caplog.clear()
+    calls.clear()
+    code, _, err = run_cli(capsys, monkeypatch, "predict", aniso, "--checkpoint", model96, "--out", tmp_path / "a",
+                           "--device", "cpu", "--mpp", 0.5)
+    assert code == 0, err
+    assert [c[0][0].shape[:2] for c in calls] == [(80, 100)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"warning: {aniso} records 2×4 µm/px (pixels that are not square): taken as not recorded "
+                        "(--mpp, if given, is used instead)"]
     probs_calls = record_calls(monkeypatch, inference, "_labels_and_probs", inference._labels_and_probs)
     assert load_model(model96, device="cpu").predict(cm).labels.shape == (160, 200)
     assert probs_calls[-1][0][0].shape[:2] == (320, 400)

@@ -352,7 +352,12 @@ def with_model_scale(cfg: PredictConfig, images: Sequence[Path]) -> tuple[Predic
     model_mpp, patch_size = model_scale(cfg.checkpoint)
     tile, overlap = window_for(cfg.tile, cfg.overlap, patch_size)
     cfg = replace(cfg, tile=tile, overlap=overlap)
-    recorded = {path: image_file_mpp(path) for path in images}
+    read = {path: image_file_mpp(path) for path in images}
+    recorded = {path: mpp for path, (mpp, _) in read.items()}
+    unusable = [problem for _, problem in read.values() if problem]
+    if unusable:
+        others = f" ({len(unusable) - 1} more images record a µm/px that cannot be used)" if len(unusable) > 1 else ""
+        log.warning("warning: %s%s: taken as not recorded (--mpp, if given, is used instead)", unusable[0], others)
     kept = [(path, mpp) for path, mpp in recorded.items() if mpp is not None and cfg.mpp is not None
             and not same_mpp(mpp, cfg.mpp)]
     if kept:

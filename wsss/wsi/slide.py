@@ -351,19 +351,24 @@ def recorded_tiff_mpp(path: Path, otherwise=None) -> tuple[float, float] | None:
         return otherwise
 
 
-def image_file_mpp(path: Path) -> float | None:
-    """The µm/px an image file (``wsss predict``'s input) records: TIFFs only (:func:`tiff_file_mpp`;
-    what a PNG or JPEG records is a print resolution at most); None when it records none, differs
-    between the axes, or lies outside :data:`~wsss.data.specs.MPP_RANGE`."""
+def image_file_mpp(path: Path) -> tuple[float | None, str | None]:
+    """The µm/px an image file (``wsss predict``'s input) records, and why a recorded value is not
+    used: TIFFs only (:func:`tiff_file_mpp`; what a PNG or JPEG records is a print resolution at
+    most). ``(None, None)`` when it records none; ``(None, reason)`` when the value differs between
+    the axes or lies outside :data:`~wsss.data.specs.MPP_RANGE`."""
     from wsss.data.scale import same_mpp
     from wsss.data.specs import MPP_RANGE
 
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
-        return None
+        return None, None
     pair = recorded_tiff_mpp(Path(path))
-    if pair is None or not same_mpp(*pair) or not MPP_RANGE[0] <= pair[0] <= MPP_RANGE[1]:
-        return None
-    return pair[0]
+    if pair is None:
+        return None, None
+    if not same_mpp(*pair):
+        return None, f"{path} records {pair[0]:g}×{pair[1]:g} µm/px (pixels that are not square)"
+    if not MPP_RANGE[0] <= pair[0] <= MPP_RANGE[1]:
+        return None, f"{path} records {pair[0]:g} µm/px (outside {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g})"
+    return pair[0], None
 
 
 # --------------------------------------------------------------------------- opening
