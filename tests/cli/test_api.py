@@ -92,7 +92,8 @@ def test_predict_slide_equals_predict_wsi(thin_ckpts, tmp_path, capsys, monkeypa
     for name in ("slide_mask.png", "slide_probs.ome.tif"):
         assert (tmp_path / "api" / name).read_bytes() == (tmp_path / "cli" / name).read_bytes()
     # roi as a list (JSON, a user's code) is the same region
-    assert model.predict_slide(slide, level=1, roi=[40, 20, 400, 300], reader="tifffile")["classes"] == cli["classes"]
+    for roi in ([40, 20, 400, 300], "40,20,400,300"):
+        assert model.predict_slide(slide, level=1, roi=roi, reader="tifffile")["classes"] == cli["classes"]
     with pytest.raises(wsss.WsssError, match="--roi needs x,y,w,h"):
         model.predict_slide(slide, roi=[40, 20, 400])
     with pytest.raises(wsss.WsssError, match="does not take tile"):

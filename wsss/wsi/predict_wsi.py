@@ -153,11 +153,11 @@ class WsiConfig:
             raise WsssError(f"--mpp must be positive, not {self.mpp}")
         if self.slide_mpp is not None:
             check_mpp(self.slide_mpp, "--slide-mpp")
-        if self.roi is not None:  # any sequence of four whole numbers (a list from the Python API, JSON)
+        if self.roi is not None:  # four whole numbers: a sequence (the Python API, JSON) or "x,y,w,h"
             try:
-                roi = tuple(self.roi)
-                if all(float(v).is_integer() and not isinstance(v, bool) for v in roi):
-                    object.__setattr__(self, "roi", tuple(int(v) for v in roi))
+                roi = tuple(self.roi.split(",")) if isinstance(self.roi, str) else tuple(self.roi)
+                if all(not isinstance(v, bool) and float(v).is_integer() for v in roi):
+                    object.__setattr__(self, "roi", tuple(int(float(v)) for v in roi))
             except (TypeError, ValueError):
                 pass
         if self.roi is not None and (not isinstance(self.roi, tuple) or len(self.roi) != 4 or min(self.roi[:2]) < 0
