@@ -34,13 +34,13 @@ CONFIGS = ("none", "reinhard-set")
 
 def predict(slide: Path, run: Path, out: Path, log: Path) -> np.ndarray:
     """The label image of ``slide`` by the models of ``run`` (stage 2, gated by stage 1)."""
-    from wsss.wsi.predict_wsi import slide_name
+    from wsss.wsi.slide import output_stem
 
     # segmented every time (seconds): a reference refitted since the last run gives other masks
     wsss(["predict-wsi", slide, "--checkpoint", run / "stage2" / "stage2_checkpoint_trained_on_luad.pth",
           "--gate", "--stage1-checkpoint", run / "stage1" / "stage1_checkpoint_trained_on_luad.pth",
           "--out", out, "--device", "cpu", "--mask-format", "png"], log)
-    mask = out / f"{slide_name(slide)}_mask.png"
+    mask = out / f"{output_stem(slide)}_mask.png"
     with Image.open(mask) as img:
         return np.asarray(img)
 

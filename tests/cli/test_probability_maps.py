@@ -82,10 +82,12 @@ def test_predict_writes_probabilities_whose_argmax_is_the_mask_and_a_tissue_mask
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, monkeypatch, "predict", tmp_path / "a.png", "--checkpoint", thin_ckpts["s2"],
                            "--out", out, "--tile", TILE, "--overlap", OVERLAP, "--device", "cpu", "--save-probs",
-                           "--save-tissue-mask")
+                           "--save-tissue-mask", "--mpp", 0.5)
     assert code == 0, err
     meta, series, levels = ome(out / "a_probs.ome.tif")
     assert series.axes == "CYX" and levels[0].shape == (4, 64, 64) and levels[0].dtype == np.uint8
+    pixels = meta["Image"]["Pixels"]  # the image's µm/px (--mpp here), for QuPath
+    assert (pixels["PhysicalSizeX"], pixels["PhysicalSizeY"]) == (0.5, 0.5)
     channels = meta["Image"]["Pixels"]["Channel"]
     assert [c["Name"] for c in channels] == list(LUAD.classes)
     with Image.open(out / "a_mask.png") as img:

@@ -52,7 +52,7 @@ from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folde
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_png
-from wsss.wsi.slide import image_file_mpp
+from wsss.wsi.slide import image_file_mpp, output_stem
 from wsss.wsi.tissue import image_tissue
 
 log = logging.getLogger(__name__)
@@ -159,9 +159,9 @@ def _check_output_names(images: Sequence[Path]) -> None:
     """Two inputs with the same name stem would write the same output files."""
     by_stem: dict[str, Path] = {}
     for image in images:
-        other = by_stem.setdefault(image.stem, image)
+        other = by_stem.setdefault(output_stem(image), image)
         if other != image:
-            raise WsssError(f"{other} and {image} would both be written as {image.stem}_mask.png; rename one")
+            raise WsssError(f"{other} and {image} would both be written as {output_stem(image)}_mask.png; rename one")
 
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -196,15 +196,15 @@ def _pixels(img: Image.Image) -> np.ndarray:
 
 def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
     """``(OUT/<name>_mask.png, OUT/<name>_overlay.png)``."""
-    return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
+    return out / f"{output_stem(image)}_mask.png", out / f"{output_stem(image)}_overlay.png"
 
 
 def probs_path(out: Path, image: Path) -> Path:
-    return out / f"{image.stem}_probs.ome.tif"
+    return out / f"{output_stem(image)}_probs.ome.tif"
 
 
 def tissue_path(out: Path, image: Path) -> Path:
-    return out / f"{image.stem}_tissue.png"
+    return out / f"{output_stem(image)}_tissue.png"
 
 
 def optional_outputs(cfg: PredictConfig, image: Path) -> list[Path]:
@@ -233,10 +233,11 @@ def check_image_size(path: Path, image: np.ndarray, tile: int, factor: float | N
 
 
 def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: PredictConfig,
-                  progress: bool = False, factor: float | None = None) -> dict:
+                  progress: bool = False, factor: float | None = None, mpp: float | None = None) -> dict:
     """Segment one image and write its mask and overlay; returns its summary row. ``factor``: model
     pixels per image pixel (:func:`wsss.data.scale.resample_factor`); the image is resampled by it
-    for the model and labels (and probabilities) taken back to the image's size."""
+    for the model and labels (and probabilities) taken back to the image's size. ``mpp``: the
+    image's µm/px, recorded in its probability image (None: not known)."""
     image = read_image(path)
     check_image_size(path, image, cfg.tile, factor=factor)
     segmentation = segment_image(image, predictor, spec, cfg.tile, cfg.overlap, cfg.batch_size, cfg.save_probs,
@@ -245,7 +246,8 @@ def predict_image(path: Path, predictor: TilePredictor, spec: DatasetSpec, cfg: 
     mask_path, overlay_path = output_paths(cfg.out, path)
     write_mask(mask_path, mask, spec.flat_palette())
     if cfg.save_probs:
-        write_probability_image(probs_path(cfg.out, path), segmentation.probs_uint8(), spec, None)
+        write_probability_image(probs_path(cfg.out, path), segmentation.probs_uint8(), spec,
+                                (mpp, mpp) if mpp is not None else None)
     del segmentation
     if cfg.save_tissue_mask:
         write_tissue_png(tissue_path(cfg.out, path), image_tissue(image)[0])
@@ -312,7 +314,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     did not write are not replaced, nor predictions made with other settings, unless ``cfg.force``."""
     check_output_folder(cfg.out)
     images = collect_images(cfg.inputs)
-    cfg, factors = with_model_scale(cfg, images)
+    cfg, factors, mpps = with_model_scale(cfg, images)
     predictor, spec = load_models(cfg)
     predictor = predictor.for_set(lambda: images_colour(factors, cfg.tile),
                                   f"the {len(images)} input image{'s' if len(images) > 1 else ''}")
@@ -328,7 +330,7 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
         note_saved(f"no image finished yet in {cfg.out}")
         for path in progress_bar(images, progress and len(images) > 1, desc="predict"):
             try:
-                rows.append(predict_image(path, predictor, spec, cfg, progress, factors[path]))
+                rows.append(predict_image(path, predictor, spec, cfg, progress, factors[path], mpps[path]))
             except WsssError as exc:
                 failures.append(str(exc))
                 log.debug("skipping %s: %s", path, exc)
@@ -342,9 +344,11 @@ def run(cfg: PredictConfig, progress: bool = True) -> PredictResult:
     return PredictResult(rows, failures, len(images), written)
 
 
-def with_model_scale(cfg: PredictConfig, images: Sequence[Path]) -> tuple[PredictConfig, dict[Path, float | None]]:
+def with_model_scale(cfg: PredictConfig, images: Sequence[Path]
+                     ) -> tuple[PredictConfig, dict[Path, float | None], dict[Path, float | None]]:
     """The configuration with the window the checkpoint was trained with (unless ``--tile`` gives
-    one), and for each image the factor it is resampled by to the model's µm/px (None: as it is).
+    one), and for each image the factor it is resampled by to the model's µm/px (None: as it is)
+    and its µm/px (None: not known).
 
     An image's µm/px is what its file records (:func:`~wsss.wsi.slide.image_file_mpp`), else
     ``--mpp``; a recorded value that ``--mpp`` contradicts is kept, with one warning, as
@@ -374,7 +378,7 @@ def with_model_scale(cfg: PredictConfig, images: Sequence[Path]) -> tuple[Predic
     for mpp in sorted({image_mpp[p] for p, f in factors.items() if f not in (None, 1.0)}):
         log.info("images at %g µm/px are resampled by %.4g to the model's %g µm/px", mpp,
                  resample_factor(mpp, model_mpp), model_mpp)
-    return cfg, factors
+    return cfg, factors, image_mpp
 
 
 def unknown_scale(model_mpp: float | None, checkpoint: Path, unknown: int, total: int, images_known: bool) -> str:

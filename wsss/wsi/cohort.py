@@ -38,8 +38,9 @@ from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.runs.lock import LockHeld, acquire
 from wsss.runs.owner import Manifest, Owner, manifest_record, owned_folder
+from wsss.wsi.slide import output_stem
 from wsss.wsi.predict_wsi import (
-    SlideJob, WsiConfig, finished_summary, job_fingerprint, owned_slide, run_slide, slide_name, with_model_scale,
+    SlideJob, WsiConfig, finished_summary, job_fingerprint, owned_slide, run_slide, with_model_scale,
 )
 
 log = logging.getLogger(__name__)
@@ -69,13 +70,13 @@ def collect_slides(inputs: Sequence[Path], out: Path) -> list[SlideJob]:
             if path.resolve().is_relative_to(out.resolve()):
                 raise WsssError(f"{path} is the output folder or inside it (--out {out}), where no slide is "
                                 "searched; choose another --out")
-            found = [SlideJob(p, out / slide_name(p), slide_name(p)) for p in folder_slides(path, out)]
+            found = [SlideJob(p, out / output_stem(p), output_stem(p)) for p in folder_slides(path, out)]
             if not found:
                 raise WsssError(f"{path} holds no slides ({', '.join(SLIDE_SUFFIXES)})")
         elif path.suffix.lower() == ".csv" and path.is_file():
             found = read_manifest(path, out)
         elif path.is_file():
-            found = [SlideJob(path, out / slide_name(path), slide_name(path))]
+            found = [SlideJob(path, out / output_stem(path), output_stem(path))]
         else:
             raise WsssError(f"slide not found: {path}")
         jobs.extend(found)
@@ -125,7 +126,7 @@ def read_manifest(path: Path, out: Path) -> list[SlideJob]:
         slide = Path(row["path"]) if Path(row["path"]).is_absolute() else path.parent / row["path"]
         if not slide.is_file():
             raise WsssError(f"manifest {path}, line {line}: slide not found: {slide}")
-        jobs.append(SlideJob(slide, out / slide_name(slide), slide_name(slide), _mpp(row.get("mpp"), path, line),
+        jobs.append(SlideJob(slide, out / output_stem(slide), output_stem(slide), _mpp(row.get("mpp"), path, line),
                              _roi(row.get("roi"), path, line), row.get("patient") or None))
     if not jobs:
         raise WsssError(f"manifest {path} lists no slides")

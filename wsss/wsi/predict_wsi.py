@@ -81,7 +81,7 @@ from wsss.wsi.channel_image import write_probability_image, write_tissue_image, 
 from wsss.wsi.label_image import check_mask_format, label_image_path, label_kind, write_label_image
 from wsss.wsi.placement import Placement
 from wsss.wsi.geojson import GeoJsonOptions, class_features, write_geojson
-from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, read_resampled, read_thumbnail
+from wsss.wsi.slide import READERS, Slide, fit_size, open_slide, output_stem, read_resampled, read_thumbnail
 from wsss.wsi.tissue import saturation, tissue_fractions, tissue_threshold
 
 log = logging.getLogger(__name__)
@@ -223,15 +223,6 @@ class SlideJob:
     def tissue(self, kind: str) -> Path:
         """The tissue mask of label-image kind ``kind`` (``png`` or ``ome-tiff``)."""
         return self.file(f"_tissue{'.png' if kind == 'png' else '.ome.tif'}")
-
-
-def slide_name(path: Path) -> str:
-    """Output file-name stem of a slide: its name without the extension (``x.ome.tif`` → ``x``)."""
-    name = Path(path).name
-    for suffix in (".ome.tiff", ".ome.tif"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return Path(path).stem
 
 
 @dataclass
@@ -839,7 +830,7 @@ def run(cfg: WsiConfig, progress: bool = True,
     ``cfg``, already loaded (the Python API's :meth:`wsss.api.Segmenter.predict_slide`)."""
     check_output_folder(cfg.out)
     path = cfg.inputs[0]
-    job = SlideJob(path, cfg.out, slide_name(path))
+    job = SlideJob(path, cfg.out, output_stem(path))
     with open_job(job, cfg.reader, cfg.slide_mpp) as slide:  # a slide that cannot be used fails before the models load
         cfg = with_model_scale(cfg)
         grid = slide_grid(slide, job, cfg)

@@ -374,6 +374,16 @@ def image_file_mpp(path: Path) -> tuple[float | None, str | None]:
 # --------------------------------------------------------------------------- opening
 
 
+def output_stem(path: Path) -> str:
+    """The stem of a slide's or image's output files: its name without the extension, OME-TIFF's
+    two included (``x.ome.tif`` → ``x``)."""
+    name = Path(path).name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
 def _import_openslide() -> ModuleType | None:
     """The ``openslide`` module, or None when it (or its library) is not installed."""
     try:
