@@ -131,7 +131,7 @@ def test_predict_reads_the_mpp_a_tiff_records(model96, tmp_path, capsys, monkeyp
     seen = [c[0][0].shape[:2] for c in calls]
     assert seen == [(80, 100), (80, 100), (320, 400), (80, 100)]  # dpi.tif: --mpp 0.5
     assert np.asarray(Image.open(tmp_path / "o" / "cm_mask.png")).shape == (160, 200)
-    assert (tmp_path / "o" / "ome_mask.png").is_file()  # x.ome.tif's outputs are x_..., as predict-wsi names them
+    assert (tmp_path / "o" / "ome.ome_mask.png").is_file()  # <name>.<ext> → <name>_mask.png, as documented
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert "cm.tif records 2 µm/px; --mpp 0.5 is for images that record none, so the recorded value is used" \

@@ -22,7 +22,7 @@ from PIL import Image
 
 from helpers import (
     tiny_checkpoint,
-    HAVE_OPENSLIDE, assert_one_line_error, live_lock, run_cli, slide_pixels, spy_on_models, write_lock,
+    HAVE_OPENSLIDE, SLIDE_MPP, assert_one_line_error, live_lock, run_cli, slide_pixels, spy_on_models, write_lock,
     write_pyramid_levels,
 )
 from wsss.models import loading
@@ -95,6 +95,40 @@ def test_readers_give_levels_mpp_and_pixels(slide, reader):
         assert np.array_equal(s.read(0, 0, 0, 512, 384), levels[0])
         with pytest.raises(ValueError, match="outside level 2"):
             s.read(2, 100, 0, 29, 10)
+
+
+@pytest.mark.skipif(not HAVE_OPENSLIDE, reason="OpenSlide is not installed")
+def test_openslide_keeps_a_vendors_mpp_and_filters_a_generic_tiffs_dpi(tmp_path, monkeypatch):
+    """A TIFF OpenSlide reads: what tifffile finds in it comes first; else OpenSlide's own µm/px, kept
+    for a vendor's format (Philips, Ventana: their metadata, not the resolution tags) and, for a
+    generic TIFF (taken from the resolution tags), dropped when it is a print resolution."""
+    import openslide
+
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, slide_pixels(seed=1)[:256, :256], photometric="rgb", tile=(128, 128))
+    properties = openslide.OpenSlide.properties
+
+    def reporting(vendor: str, mpp: str):
+        def props(self):
+            return {**properties.fget(self), "openslide.vendor": vendor, "openslide.mpp-x": mpp,
+                    "openslide.mpp-y": mpp}
+        monkeypatch.setattr(openslide.OpenSlide, "properties", property(props))
+
+    reporting("philips", "0.242")
+    with S.open_slide(path, "openslide") as s:
+        assert s.mpp == pytest.approx((0.242, 0.242))
+    reporting("generic-tiff", "352.777")  # 72 dpi
+    with S.open_slide(path, "openslide") as s:
+        assert s.mpp is None
+    reporting("generic-tiff", "0.5")
+    with S.open_slide(path, "openslide") as s:
+        assert s.mpp == pytest.approx((0.5, 0.5))
+    # tifffile's record (OME-XML here) comes first
+    tifffile.imwrite(path, slide_pixels(seed=1)[:256, :256], photometric="rgb", tile=(128, 128), ome=True,
+                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25})
+    reporting("philips", "0.242")
+    with S.open_slide(path, "openslide") as s:
+        assert s.mpp == pytest.approx((0.25, 0.25))
 
 
 def test_auto_reader_and_tiffs_without_openslide(slide, tmp_path, monkeypatch):
@@ -557,6 +591,32 @@ def test_predict_wsi_never_replaces_a_file_it_did_not_write_unless_forced(slide,
     code, _, err = run_cli(capsys, monkeypatch, *args, "--min-tissue", 0.2)
     assert code == 0, err
     assert spies[-1].calls > 0
+
+
+def test_a_finished_slide_read_at_another_level_now_is_segmented_again(slide, ckpt, tmp_path, capsys, monkeypatch):
+    """The same options can pick another level when the slide's µm/px is read otherwise (a newer rule
+    for its metadata): the finished outputs are of the old level, so the slide is segmented again."""
+    path, _ = slide
+    spies, spy_load = spy_on_models(monkeypatch, W)
+    args = _args(path, ckpt, tmp_path / "out", "--mpp", 2 * SLIDE_MPP)
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0
+    summary = json.loads((tmp_path / "out" / "slide_summary.json").read_text())
+    assert summary["level"] == 1
+    spy_load(None)
+    assert run_cli(capsys, monkeypatch, *args)[0] == 0 and spies[-1].calls == 0  # finished: skipped
+    open_job = W.open_job
+
+    def read_otherwise(*a, **k):  # the slide's µm/px now read as twice as coarse: level 0 is 2 × SLIDE_MPP
+        slide = open_job(*a, **k)
+        slide.mpp = (2 * SLIDE_MPP, 2 * SLIDE_MPP)
+        return slide
+
+    monkeypatch.setattr(W, "open_job", read_otherwise)
+    spy_load(None)
+    code, printed, err = run_cli(capsys, monkeypatch, *args)
+    assert code == 0 and spies[-1].calls > 0 and "written: " in printed, err
+    assert json.loads((tmp_path / "out" / "slide_summary.json").read_text())["level"] == 0
 
 
 def test_predict_wsi_removes_only_the_earlier_outputs_it_wrote(slide, ckpt, tmp_path, capsys, monkeypatch):

@@ -52,14 +52,12 @@ from wsss.runs.owner import Owner, check_output_folder, file_sha256, owned_folde
 from wsss.pixels import class_fractions, overlay_with_legend, row_blocks
 from wsss.runtime import atomic_path, check_precision, note_saved, progress_bar
 from wsss.wsi.channel_image import write_probability_image, write_tissue_png
-from wsss.wsi.slide import image_file_mpp, output_stem
+from wsss.wsi.slide import WSI_ONLY_SUFFIXES, image_file_mpp
 from wsss.wsi.tissue import image_tissue
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".czi", ".isyntax")
-"""Whole-slide formats: ``wsss predict`` refuses them for ``wsss predict-wsi`` (levels, tissue, µm/px)."""
 SUMMARY_NAME = "summary.csv"
 
 MAX_PIXELS = 1_000_000_000
@@ -124,7 +122,7 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
         if path.is_dir():
             found = _folder_images(path)
             if not found:
-                slides = any(p.suffix.lower() in SLIDE_SUFFIXES for p in path.iterdir())
+                slides = any(p.suffix.lower() in WSI_ONLY_SUFFIXES for p in path.iterdir())
                 raise WsssError(f"{path} holds no PNG, JPEG or TIFF images"
                                 + (" (it holds whole-slide images: segment them with wsss predict-wsi)" if slides else ""))
         elif path.exists():
@@ -143,8 +141,9 @@ def collect_images(inputs: Sequence[Path]) -> list[Path]:
 
 
 def check_not_a_slide(path: Path) -> None:
-    """A whole-slide file (:data:`SLIDE_SUFFIXES`) is refused: levels, tissue and µm/px are predict-wsi's."""
-    if Path(path).suffix.lower() in SLIDE_SUFFIXES:
+    """A whole-slide file (:data:`~wsss.wsi.slide.WSI_ONLY_SUFFIXES`) is refused: levels, tissue and µm/px are
+    predict-wsi's."""
+    if Path(path).suffix.lower() in WSI_ONLY_SUFFIXES:
         raise WsssError(f"{path} is a whole-slide image: segment it with wsss predict-wsi")
 
 
@@ -159,9 +158,9 @@ def _check_output_names(images: Sequence[Path]) -> None:
     """Two inputs with the same name stem would write the same output files."""
     by_stem: dict[str, Path] = {}
     for image in images:
-        other = by_stem.setdefault(output_stem(image), image)
+        other = by_stem.setdefault(image.stem, image)
         if other != image:
-            raise WsssError(f"{other} and {image} would both be written as {output_stem(image)}_mask.png; rename one")
+            raise WsssError(f"{other} and {image} would both be written as {image.stem}_mask.png; rename one")
 
 
 def read_image(path: Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
@@ -196,15 +195,15 @@ def _pixels(img: Image.Image) -> np.ndarray:
 
 def output_paths(out: Path, image: Path) -> tuple[Path, Path]:
     """``(OUT/<name>_mask.png, OUT/<name>_overlay.png)``."""
-    return out / f"{output_stem(image)}_mask.png", out / f"{output_stem(image)}_overlay.png"
+    return out / f"{image.stem}_mask.png", out / f"{image.stem}_overlay.png"
 
 
 def probs_path(out: Path, image: Path) -> Path:
-    return out / f"{output_stem(image)}_probs.ome.tif"
+    return out / f"{image.stem}_probs.ome.tif"
 
 
 def tissue_path(out: Path, image: Path) -> Path:
-    return out / f"{output_stem(image)}_tissue.png"
+    return out / f"{image.stem}_tissue.png"
 
 
 def optional_outputs(cfg: PredictConfig, image: Path) -> list[Path]:

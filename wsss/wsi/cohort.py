@@ -38,16 +38,13 @@ from wsss.inference import load_models, upgrade_settings
 from wsss.runtime import atomic_path
 from wsss.runs.lock import LockHeld, acquire
 from wsss.runs.owner import Manifest, Owner, manifest_record, owned_folder
-from wsss.wsi.slide import output_stem
+from wsss.wsi.slide import SLIDE_SUFFIXES, output_stem
 from wsss.wsi.predict_wsi import (
-    SlideJob, WsiConfig, finished_summary, job_fingerprint, owned_slide, run_slide, with_model_scale,
+    SlideJob, WsiConfig, finished_slide, owned_slide, run_slide, with_model_scale,
 )
 
 log = logging.getLogger(__name__)
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi")
-"""Extensions a folder is searched for: OpenSlide's formats (a DICOM slide is a folder of ``.dcm``
-files; name one of them) and the TIFFs tifffile reads."""
 
 TABLE = "cohort.csv"
 PART_PATTERN = re.compile(r"cohort-part-(\d+)-of-(\d+)\.csv$")
@@ -376,13 +373,12 @@ def process(job: SlideJob, cfg: WsiConfig, predictor, spec: DatasetSpec, progres
     """One slide of the share: skipped when finished, else its folder held (the slide's lock, the
     manifest: files there that wsss did not write are not replaced), segmented and written; its
     failure is its row's error, never the run's."""
-    fingerprint = job_fingerprint(cfg, job, spec)
-    if (summary := finished_summary(job, fingerprint)) is not None:
+    if (summary := finished_slide(job, cfg, spec)) is not None:
         log.info("%s: finished earlier, skipped", job.path)
         return summary_row(job, summary)
     try:
         with owned_slide(job, cfg) as owner:
-            if (summary := finished_summary(job, fingerprint)) is not None:  # finished while we looked
+            if (summary := finished_slide(job, cfg, spec)) is not None:  # finished while we looked
                 return summary_row(job, summary)
             result = run_slide(job, cfg, predictor, spec, owner, progress)
     except LockHeld as exc:

@@ -457,20 +457,40 @@ def labels_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict
     }
 
 
-def finished_summary(job: SlideJob, fingerprint: dict) -> dict | None:
+def finished_summary(job: SlideJob, fingerprint: dict, grid: Grid | None = None) -> dict | None:
     """The slide's summary when it records ``fingerprint`` and its files are there as wsss wrote them
     (the folder's manifest), else None: a finished slide is not segmented again, alone or in a
-    cohort; one whose file was replaced or edited is (its ownership check comes first)."""
+    cohort; one whose file was replaced or edited is (its ownership check comes first). ``grid``
+    (known once the slide is open): the summary's level, region and size must be its own too, so
+    that a slide whose µm/px is read otherwise now is segmented again."""
     try:
         summary = json.loads(job.summary.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if upgrade_settings(summary.get("fingerprint") or {}) != fingerprint:
         return None
+    if grid is not None and [summary.get(k) for k in ("level", "region", "size")] != \
+            [grid.level, [round(v, 3) for v in grid.box0], list(grid.size)]:
+        return None
     names = [summary.get(k) for k in ("mask", "overlay", "geojson", "probs", "tissue_mask") if summary.get(k)]
     files = [job.summary, *(job.out / str(n) for n in names)]
     manifest = Manifest.read(job.out)
     return summary if all(manifest_record(manifest, job.out, f) is not None for f in files) else None
+
+
+def finished_slide(job: SlideJob, cfg: WsiConfig, spec: DatasetSpec) -> dict | None:
+    """:func:`finished_summary` of a slide, its grid included: the slide is opened (only when its
+    summary is otherwise that of a finished slide) to see which level and region these options read
+    now; a slide that cannot be opened is not finished (segmenting it says why)."""
+    fingerprint = job_fingerprint(cfg, job, spec)
+    if finished_summary(job, fingerprint) is None:
+        return None
+    try:
+        with open_job(job, cfg.reader, cfg.slide_mpp) as slide:
+            grid = slide_grid(slide, job, cfg)
+    except WsssError:
+        return None
+    return finished_summary(job, fingerprint, grid)
 
 
 def job_fingerprint(cfg: WsiConfig, job: SlideJob, spec: DatasetSpec) -> dict:
@@ -837,7 +857,7 @@ def run(cfg: WsiConfig, progress: bool = True,
     with owned_slide(job, cfg) as owner:
         owner.claim(output_files(job, cfg, grid))  # before the models load (run_slide claims them too)
         predictor, spec = models if models is not None else load_models(cfg)
-        if (summary := finished_summary(job, job_fingerprint(cfg, job, spec))) is not None:
+        if (summary := finished_summary(job, job_fingerprint(cfg, job, spec), grid)) is not None:
             log.debug("%s: finished earlier with these models and settings, not segmented again", job.path)
             return WsiResult(summary, output_files(job, cfg, grid), finished_earlier=True)
         return run_slide(job, cfg, predictor, spec, owner, progress)

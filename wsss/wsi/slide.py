@@ -30,6 +30,11 @@ from wsss.errors import WsssError
 
 READERS = ("auto", "openslide", "tifffile")
 TIFF_SUFFIXES = (".tif", ".tiff")
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi")
+"""Extensions a folder is searched for slides: OpenSlide's formats (a DICOM slide is a folder of
+``.dcm`` files; name one of them) and the TIFFs tifffile reads."""
+WSI_ONLY_SUFFIXES = tuple(s for s in SLIDE_SUFFIXES if s not in TIFF_SUFFIXES)
+"""Whole-slide formats that are not plain images: ``wsss predict`` sends them to ``predict-wsi``."""
 # wsss is not on PyPI: the packages of its `wsi` extra by name (docs/install.md)
 INSTALL_HINT = "pip install openslide-python openslide-bin (the wsi extra: pip install -e '.[wsi]' in a clone)"
 
@@ -95,6 +100,7 @@ class OpenSlideSlide(Slide):
             raise WsssError(f"cannot read slide {path}: {exc}") from None
         props = self._slide.properties
         mpp = _mpp_pair(props.get(openslide.PROPERTY_NAME_MPP_X), props.get(openslide.PROPERTY_NAME_MPP_Y))
+        self.vendor = props.get(openslide.PROPERTY_NAME_VENDOR)
         super().__init__(path, self._slide.level_dimensions, self._slide.level_downsamples, mpp,
                          qupath_offset(props))
         self._error = openslide.OpenSlideError
@@ -411,7 +417,14 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
                 raise WsssError(problem)
         slide = OpenSlideSlide(path, openslide)
         if path.suffix.lower() in TIFF_SUFFIXES:
-            slide.mpp = recorded_tiff_mpp(path, otherwise=slide.mpp)
+            # what tifffile finds (OME-XML, ImageJ, ...) first; else OpenSlide's, which for a generic TIFF
+            # comes from the resolution tags and is filtered as theirs are (a dpi is no record); a vendor's
+            # (Philips, Ventana) comes from its own metadata and is kept
+            recorded = recorded_tiff_mpp(path)
+            if recorded is not None:
+                slide.mpp = recorded
+            elif slide.vendor == "generic-tiff" and slide.mpp is not None and max(slide.mpp) > TAG_MPP_MAX:
+                slide.mpp = None
         return slide
     if reader == "tifffile" or path.suffix.lower() in TIFF_SUFFIXES:
         return TiffSlide(path)
