@@ -254,8 +254,8 @@ class Segmenter:
         if mpp is None:
             return None
         if self.mpp is None:
-            log.warning("warning: %s does not record the µm/px it was trained at: mpp %g is not used, the image "
-                        "is segmented as it is", self.settings.checkpoint, mpp)
+            log.warning("warning: %s does not record the µm/px it was trained at: the image's µm/px (%g) is not "
+                        "used, the image is segmented as it is", self.settings.checkpoint, mpp)
             return None
         return resample_factor(mpp, self.mpp)
 

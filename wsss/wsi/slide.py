@@ -7,9 +7,10 @@
   pages or as SubIFDs, tiled or in strips, uncompressed, deflate or LZW; JPEG tiles need the
   ``imagecodecs`` package), so TIFFs work without OpenSlide.
 
-µm per pixel: OpenSlide's ``openslide.mpp-x/y``, or the TIFF resolution tags; an OME-TIFF's
-``PhysicalSizeX/Y`` take precedence over the tags (either reader), as does an Aperio description's
-``MPP`` with tifffile (an .svs read with ``--reader tifffile``; its JPEG tiles need imagecodecs).
+µm per pixel: for a TIFF (either reader) :func:`tiff_file_mpp` -- OME-XML ``PhysicalSizeX/Y``, an
+Aperio description's ``MPP`` (an .svs read with ``--reader tifffile``; its JPEG tiles need
+imagecodecs), ImageJ's calibration, resolution tags of at most :data:`TAG_MPP_MAX` -- else
+OpenSlide's ``openslide.mpp-x/y`` (a vendor's metadata; a generic TIFF's dpi is filtered likewise).
 
 ``auto`` takes OpenSlide when it is installed and recognises the file, else tifffile for ``.tif``
 and ``.tiff``. Coordinates: :meth:`Slide.read` takes the level's own pixels; ``downsamples[level]``
