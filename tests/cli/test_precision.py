@@ -385,3 +385,16 @@ def test_evaluate_warns_of_a_stage1_checkpoint_without_gate(synth16, thin_ckpts,
     assert "with the gate" not in out
     code, _, err = run_cli(capsys, monkeypatch, *args, "--gate")
     assert code == 1 and "--gate needs --stage1-checkpoint" in err
+
+
+def test_train_stage2_warns_of_a_stage1_checkpoint_without_gate(synth16, thin_ckpts, caplog):
+    from wsss.data.specs import LUAD
+    from wsss.stages import stage2
+
+    cfg = cfglib.Stage2Config(dataset="luad", data=synth16, gate=False, stage1_checkpoint=thin_ckpts["s1a"])
+    assert stage2._gate_classifier(cfg, LUAD) is None
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        "warning: --stage1-checkpoint is used only with --gate; segmenting without the gate"]
+    caplog.clear()
+    assert stage2._gate_classifier(cfglib.Stage2Config(dataset="luad", data=synth16, gate=False), LUAD) is None
+    assert not caplog.records

@@ -152,7 +152,7 @@ def test_auto_reader_and_tiffs_without_openslide(slide, tmp_path, monkeypatch):
         S.open_slide(path, "openslide")
 
 
-def test_tiff_mpp_from_resolution_tags(tmp_path):
+def test_tiff_mpp_from_resolution_tags(tmp_path, caplog):
     image = np.zeros((8, 8, 3), dtype=np.uint8)
     tifffile.imwrite(tmp_path / "inch.tif", image, resolution=(25400 / 0.25, 25400 / 0.4), resolutionunit="INCH")
     tifffile.imwrite(tmp_path / "none.tif", image)  # ResolutionUnit "none"
@@ -169,8 +169,11 @@ def test_tiff_mpp_from_resolution_tags(tmp_path):
     # ImageJ/Fiji: pixels per "micron" (or "\u00B5m", as it writes µ) with ResolutionUnit "none"
     for unit in ("micron", "\\u00B5m", "mm"):
         tifffile.imwrite(tmp_path / "ij.tif", image, imagej=True, resolution=(4.0, 4.0), metadata={"unit": unit})
-        with S.open_slide(tmp_path / "ij.tif", "tifffile") as slide:
-            assert slide.mpp == pytest.approx((250.0, 250.0) if unit == "mm" else (0.25, 0.25))
+        with S.open_slide(tmp_path / "ij.tif", "tifffile") as slide:  # 4 px a mm: 250 µm/px, out of range
+            assert slide.mpp == (None if unit == "mm" else pytest.approx((0.25, 0.25)))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"warning: {tmp_path / 'ij.tif'} records 250×250 µm/px (outside 0.05 to 100): taken as not recorded "
+        "(--slide-mpp or a manifest's mpp gives it)"]
 
 
 def test_aperio_mpp_read_by_tifffile(tmp_path):

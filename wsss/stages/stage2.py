@@ -35,7 +35,7 @@ from wsss.data.seg_datasets import MultiViewMaskedDataset, PseudoMaskDataset, ps
 from wsss.data.scale import dataset_scale
 from wsss.data.specs import DatasetSpec, check_same_spec, get_spec, recorded_spec
 from wsss.errors import Stopped, WsssError
-from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_options, gate_logits
+from wsss.gate import DEFAULT_GATE_THRESHOLD, check_gate_checkpoint, check_gate_options, gate_logits
 from wsss.losses import build_multi_mask_loss
 from wsss.metrics import ConfusionMeter, format_table, write_json
 from wsss.models.deeplab import (
@@ -346,6 +346,7 @@ def finite_score(val: dict, epoch: int, epochs: int, data: Path) -> float:
 def _gate_classifier(cfg: Stage2Config, spec: DatasetSpec) -> LoadedClassifier | None:
     """The stage-1 classifier for the gate, loaded before training so a bad path fails early."""
     if not cfg.gate:
+        check_gate_checkpoint(False, cfg.stage1_checkpoint)  # a checkpoint given with --no-gate: warned about
         return None
     if cfg.stage1_checkpoint is None:
         raise WsssError("the gate needs the stage-1 classifier: pass --stage1-checkpoint (or --no-gate)")

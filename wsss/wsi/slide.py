@@ -19,6 +19,7 @@ is level-0 pixels per level pixel (OpenSlide's convention: the mean over the two
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -28,6 +29,8 @@ import numpy as np
 from PIL import Image
 
 from wsss.errors import WsssError
+
+log = logging.getLogger(__name__)
 
 READERS = ("auto", "openslide", "tifffile")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -402,8 +405,20 @@ def _import_openslide() -> ModuleType | None:
 
 def open_slide(path: Path, reader: str = "auto") -> Slide:
     """Open a slide with ``reader`` (``auto``, ``openslide`` or ``tifffile``); a missing file, an
-    unknown format or a missing OpenSlide is a user error."""
-    path = Path(path)
+    unknown format or a missing OpenSlide is a user error. A recorded µm/px outside
+    :data:`~wsss.data.specs.MPP_RANGE` is taken as no record, with a warning (as ``wsss predict``
+    takes an image's)."""
+    from wsss.data.specs import MPP_RANGE
+
+    slide = _open(Path(path), reader)
+    if slide.mpp is not None and not all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in slide.mpp):
+        log.warning("warning: %s records %s µm/px (outside %g to %g): taken as not recorded (--slide-mpp or a "
+                    "manifest's mpp gives it)", path, "×".join(f"{v:g}" for v in slide.mpp), *MPP_RANGE)
+        slide.mpp = None
+    return slide
+
+
+def _open(path: Path, reader: str) -> Slide:
     if reader not in READERS:
         raise WsssError(f"unknown slide reader {reader!r}; use {', '.join(READERS)}")
     if not path.is_file():
