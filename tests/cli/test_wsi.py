@@ -780,3 +780,18 @@ def test_bad_inputs_end_in_one_clear_line(slide, ckpt, tmp_path, capsys, monkeyp
         S.open_slide(grey, "tifffile")
     monkeypatch.setattr(S, "_import_openslide", lambda: None)
     assert "pip install openslide-python openslide-bin" in assert_one_line_error(capsys, monkeypatch, *_args(tmp_path / "x.svs", ckpt, out))
+
+
+def test_a_tile_tifffile_cannot_decode_is_one_error_line(tmp_path, monkeypatch):
+    """tifffile says ValueError (an unknown compression, imagecodecs missing) or NotImplementedError
+    (e.g. chroma subsampling without JPEG): either is the slide's one error line, naming the remedy."""
+    path = tmp_path / "s.tif"
+    tifffile.imwrite(path, slide_pixels(seed=2)[:128, :128], photometric="rgb", tile=(64, 64))
+    for error in (ValueError("<COMPRESSION.JPEG: 7> requires the 'imagecodecs' package"),
+                  NotImplementedError("chroma subsampling not supported without JPEG compression")):
+        def decode(self, *args, error=error, **kwargs):
+            raise error
+        monkeypatch.setattr(tifffile.TiffPage, "decode", decode)
+        with S.open_slide(path, "tifffile") as slide:
+            with pytest.raises(WsssError, match=f"cannot decode {path} \\(tifffile\\): {error}; pip install imagecodecs"):
+                slide.read(0, 0, 0, 64, 64)

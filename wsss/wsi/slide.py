@@ -227,7 +227,7 @@ class TiffSlide(Slide):
             data = self._tif.filehandle.read(count)
         try:
             seg = page.decode(data, index, jpegtables=page.jpegtables)[0]
-        except (ValueError, RuntimeError, OSError, KeyError, NotImplementedError) as exc:
+        except (ValueError, RuntimeError, OSError, KeyError) as exc:  # RuntimeError: tifffile's NotImplemented too
             raise WsssError(f"cannot decode {self.path} (tifffile): {exc}; pip install imagecodecs, "
                             f"or read it with OpenSlide ({INSTALL_HINT})") from None
         if seg is None:
