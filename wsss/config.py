@@ -495,8 +495,8 @@ def reproduce_dataset(dataset: str | None, data: str | Path, config_file: Path |
         return dataset
     if config_file is not None:
         tables = (("stage1", Stage1Config), ("pseudo_masks", PseudoMaskConfig), ("stage2", Stage2Config))
-        named = {str(read_config_table(config_file, t, cls)["dataset"]) for t, cls in tables
-                 if read_config_table(config_file, t, cls).get("dataset") is not None}
+        values = (read_config_table(config_file, t, cls).get("dataset") for t, cls in tables)
+        named = {str(v) for v in values if v is not None}
         if len(named) > 1:
             raise WsssError(f"{config_file} names several datasets ({', '.join(sorted(named))}): reproduce runs one, "
                             "pass --dataset")

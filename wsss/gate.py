@@ -34,12 +34,12 @@ def check_gate_options(mode: str, threshold: float) -> None:
         raise WsssError(f"--gate-threshold is a probability in [0, 1), not {threshold:g}")
 
 
-def check_gate_checkpoint(gate: bool, stage1_checkpoint: Path | None) -> None:
+def check_gate_checkpoint(gate: bool, stage1_checkpoint: Path | None, warn: bool = True) -> None:
     """``--gate`` needs ``--stage1-checkpoint`` (a user error); the checkpoint without ``--gate`` is
-    not used (one warning), for every command that gates."""
+    not used (one warning unless ``warn`` is False), for every command that gates."""
     if gate and stage1_checkpoint is None:
         raise WsssError("--gate needs --stage1-checkpoint")
-    if not gate and stage1_checkpoint is not None:
+    if warn and not gate and stage1_checkpoint is not None:
         log.warning("warning: --stage1-checkpoint is used only with --gate; segmenting without the gate")
 
 

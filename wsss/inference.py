@@ -31,6 +31,7 @@ from wsss.tiling import Predictor, predict_mask, probability_bands
 
 log = logging.getLogger(__name__)
 
+
 def windows_counted(predictor: Predictor, what: str = "windows") -> str:
     """How the stain normalisation's count of windows reads: twice each when the gate's classifier
     normalises them too."""
@@ -51,8 +52,7 @@ def check_window_options(tile: int | None, overlap: int | None, batch_size: int,
         raise WsssError(f"--overlap must be at least 0 and smaller than --tile ({tile}), not {overlap}")
     if batch_size < 1:
         raise WsssError(f"--batch-size must be at least 1, not {batch_size}")
-    if gate and stage1_checkpoint is None:
-        raise WsssError("--gate needs --stage1-checkpoint")
+    check_gate_checkpoint(gate, stage1_checkpoint, warn=False)  # validation runs again on every replace()
 
 
 WINDOW_BATCH = {"cpu": 8, "cuda": 64}

@@ -158,6 +158,17 @@ def load_checkpoint(path: str | Path) -> dict:
 _SAVED: dict[str, object] = {}
 
 
+_WARNED: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """``message`` as a warning of ``logger``, the first time this process says it: a run opens one
+    slide several times (the finished check, the lock, the segmentation)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
 def note_saved(what: str, resume_flag: bool = False) -> None:
     """Say what is on disk so far and whether continuing needs ``--resume`` (else: the same command
     again). The CLI prints it when the run is interrupted (Ctrl-C, SIGTERM)."""

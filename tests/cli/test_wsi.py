@@ -172,7 +172,7 @@ def test_tiff_mpp_from_resolution_tags(tmp_path, caplog):
         with S.open_slide(tmp_path / "ij.tif", "tifffile") as slide:  # 4 px a mm: 250 µm/px, out of range
             assert slide.mpp == (None if unit == "mm" else pytest.approx((0.25, 0.25)))
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
-        f"warning: {tmp_path / 'ij.tif'} records 250×250 µm/px (outside 0.05 to 100): taken as not recorded "
+        f"warning: {tmp_path / 'ij.tif'} records 250 µm/px (outside 0.05 to 100): taken as not recorded "
         "(--slide-mpp or a manifest's mpp gives it)"]
 
 

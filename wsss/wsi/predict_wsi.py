@@ -76,7 +76,7 @@ from wsss.probabilities import quantise, to_float16, winners
 from wsss.tiling import (
     Predictor, WindowGrid, WindowRow, as_predictor, blend_groups, final_rows, group_start, prefetch, row_groups, rows_per_group,
 )
-from wsss.runtime import check_precision, note_saved, progress_bar
+from wsss.runtime import check_precision, note_saved, progress_bar, warn_once
 from wsss.wsi.channel_image import write_probability_image, write_tissue_image, write_tissue_png
 from wsss.wsi.label_image import check_mask_format, label_image_path, label_kind, write_label_image
 from wsss.wsi.placement import Placement
@@ -739,9 +739,6 @@ def write_outputs(job: SlideJob, cfg: WsiConfig, slide: Slide, grid: Grid, spec:
 # --------------------------------------------------------------------------- the run
 
 
-_WARNED_MPP: set = set()
-
-
 def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slide:
     """The job's slide, with the manifest's µm/px in place of the file's when given; ``slide_mpp``
     (``--slide-mpp``) only for a file that records none (one that records another is warned about)."""
@@ -750,12 +747,10 @@ def open_job(job: SlideJob, reader: str, slide_mpp: float | None = None) -> Slid
         slide.mpp = (job.mpp, job.mpp)
     elif slide_mpp is not None and slide.mpp is None:
         slide.mpp = (slide_mpp, slide_mpp)
-    elif (slide_mpp is not None and not all(math.isclose(v, slide_mpp, rel_tol=MPP_TOLERANCE) for v in slide.mpp)
-          and (job.path, slide_mpp) not in _WARNED_MPP):  # once, though a run opens a slide twice
-        _WARNED_MPP.add((job.path, slide_mpp))
-        log.warning("warning: %s records %s µm/px; --slide-mpp %g is for slides that record none, so the "
-                    "recorded value is used (a manifest's mpp column overrides it)", job.path,
-                    "×".join(f"{v:g}" for v in dict.fromkeys(slide.mpp)), slide_mpp)
+    elif slide_mpp is not None and not all(math.isclose(v, slide_mpp, rel_tol=MPP_TOLERANCE) for v in slide.mpp):
+        warn_once(log, f"warning: {job.path} records {'×'.join(f'{v:g}' for v in dict.fromkeys(slide.mpp))} µm/px; "
+                       f"--slide-mpp {slide_mpp:g} is for slides that record none, so the recorded value is used "
+                       "(a manifest's mpp column overrides it)")
     return slide
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from wsss.errors import WsssError
+from wsss.runtime import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def _resolution_mpp(tags, microns_per_unit: float) -> tuple[float, float] | None
     return _mpp_pair(mpp(xres.value), mpp(yres.value))
 
 
-_MICRONS_PER_IMAGEJ_UNIT = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0, "\\u00B5m": 1.0, "\\u00b5m": 1.0,  # ImageJ writes µ escaped
+_MICRONS_PER_IMAGEJ_UNIT = {"micron": 1.0, "microns": 1.0, "um": 1.0, "µm": 1.0, "\u03bcm": 1.0,
+                            "\\u00B5m": 1.0, "\\u00b5m": 1.0,  # ImageJ writes µ escaped
                             "nm": 1e-3, "mm": 1e3, "cm": 1e4}
 
 
@@ -349,16 +351,16 @@ def ome_mpp(xml: str | None) -> tuple[float, float] | None:
     return _mpp_pair(size("X"), size("Y"))
 
 
-def recorded_tiff_mpp(path: Path, otherwise=None) -> tuple[float, float] | None:
-    """:func:`tiff_file_mpp` of the TIFF at ``path``; ``otherwise`` when tifffile cannot parse it
-    (OpenSlide's generic TIFF driver reads the resolution tags only, and knows more TIFF variants)."""
+def recorded_tiff_mpp(path: Path) -> tuple[float, float] | None:
+    """:func:`tiff_file_mpp` of the TIFF at ``path``; None also when tifffile cannot parse it
+    (OpenSlide knows more TIFF variants)."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
             return tiff_file_mpp(tif)
     except (tifffile.TiffFileError, OSError, ValueError, IndexError):
-        return otherwise
+        return None
 
 
 def image_file_mpp(path: Path) -> tuple[float | None, str | None]:
@@ -367,7 +369,6 @@ def image_file_mpp(path: Path) -> tuple[float | None, str | None]:
     most). ``(None, None)`` when it records none; ``(None, reason)`` when the value differs between
     the axes or lies outside :data:`~wsss.data.specs.MPP_RANGE`."""
     from wsss.data.scale import same_mpp
-    from wsss.data.specs import MPP_RANGE
 
     if Path(path).suffix.lower() not in TIFF_SUFFIXES:
         return None, None
@@ -376,9 +377,20 @@ def image_file_mpp(path: Path) -> tuple[float | None, str | None]:
         return None, None
     if not same_mpp(*pair):
         return None, f"{path} records {pair[0]:g}×{pair[1]:g} µm/px (pixels that are not square)"
-    if not MPP_RANGE[0] <= pair[0] <= MPP_RANGE[1]:
-        return None, f"{path} records {pair[0]:g} µm/px (outside {MPP_RANGE[0]:g} to {MPP_RANGE[1]:g})"
+    if problem := out_of_range(path, pair):
+        return None, problem
     return pair[0], None
+
+
+def out_of_range(path: Path, mpp: tuple[float, float]) -> str | None:
+    """What is wrong with a recorded µm/px outside :data:`~wsss.data.specs.MPP_RANGE` (None: nothing):
+    the one range for a slide's and an image's record."""
+    from wsss.data.specs import MPP_RANGE
+
+    if all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in mpp):
+        return None
+    return f"{path} records {'×'.join(f'{v:g}' for v in dict.fromkeys(mpp))} µm/px (outside {MPP_RANGE[0]:g} to " \
+        f"{MPP_RANGE[1]:g})"
 
 
 # --------------------------------------------------------------------------- opening
@@ -408,12 +420,9 @@ def open_slide(path: Path, reader: str = "auto") -> Slide:
     unknown format or a missing OpenSlide is a user error. A recorded µm/px outside
     :data:`~wsss.data.specs.MPP_RANGE` is taken as no record, with a warning (as ``wsss predict``
     takes an image's)."""
-    from wsss.data.specs import MPP_RANGE
-
     slide = _open(Path(path), reader)
-    if slide.mpp is not None and not all(MPP_RANGE[0] <= v <= MPP_RANGE[1] for v in slide.mpp):
-        log.warning("warning: %s records %s µm/px (outside %g to %g): taken as not recorded (--slide-mpp or a "
-                    "manifest's mpp gives it)", path, "×".join(f"{v:g}" for v in slide.mpp), *MPP_RANGE)
+    if slide.mpp is not None and (problem := out_of_range(path, slide.mpp)):
+        warn_once(log, f"warning: {problem}: taken as not recorded (--slide-mpp or a manifest's mpp gives it)")
         slide.mpp = None
     return slide
 
